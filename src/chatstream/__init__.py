@@ -1,0 +1,1 @@
+"""ChatStream: a streaming chat service for Hugging Face causal language models."""

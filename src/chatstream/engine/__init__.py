@@ -1,0 +1,13 @@
+"""Generation engines: the contract in ``base``, a continuous-batching engine on transformers, a mock engine."""
+
+from chatstream.engine.base import (
+    Delta,
+    Engine,
+    EngineError,
+    EngineStats,
+    FinishReason,
+    GenerationRequest,
+    RequestStream,
+)
+
+__all__ = ["Delta", "Engine", "EngineError", "EngineStats", "FinishReason", "GenerationRequest", "RequestStream"]

@@ -1,0 +1,169 @@
+"""The engine contract: what the server hands an engine and what it gets back.
+
+An engine owns the model in a thread of its own. The event loop calls :meth:`Engine.add_request` and iterates the
+returned :class:`RequestStream`; the engine thread pushes :class:`Delta` values into it with
+``loop.call_soon_threadsafe``. Nothing here imports the HTTP layer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from chatstream.config import SamplingParams
+
+
+class FinishReason(enum.Enum):
+    """Why a request stopped."""
+
+    STOP = "stop"
+    """EOS, a stop token or a stop string."""
+    LENGTH = "length"
+    """``max_new_tokens`` reached (or the context is full)."""
+    ABORT = "abort"
+    """``abort(request_id)`` was called (client disconnect, shutdown)."""
+    ERROR = "error"
+    """The engine failed on this request; ``Delta.error`` says why."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One generation, as the server hands it to an engine.
+
+    Attributes:
+        request_id: unique id; ``abort`` takes it.
+        prompt: the rendered prompt text; encoded by the engine (in its own thread) unless ``prompt_token_ids``
+            is given.
+        sampling: how to sample and when to stop.
+        prompt_token_ids: already-encoded prompt, used instead of ``prompt`` when not None.
+        output_replacements: (old, new) pairs applied to the streamed output, also when ``old`` is split across
+            tokens (the prompt class's ``get_replacement_when_output``).
+        conversation_id: a stable id of the conversation (e.g. the session id); an engine with a prefix cache keeps
+            this conversation's KV cache after the request so that the next turn prefills only the new tokens.
+        user_input: the user's latest message; only the mock engine reads it ("echo").
+        turn: the conversation's turn number; only the mock engine reads it ("round").
+    """
+
+    request_id: str
+    prompt: str
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    prompt_token_ids: tuple[int, ...] | None = None
+    output_replacements: tuple[tuple[str, str], ...] = ()
+    conversation_id: str | None = None
+    user_input: str | None = None
+    turn: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.request_id:
+            raise ValueError("request_id must be a non-empty string")
+        if self.prompt_token_ids is not None and not isinstance(self.prompt_token_ids, tuple):
+            object.__setattr__(self, "prompt_token_ids", tuple(self.prompt_token_ids))
+        if not isinstance(self.output_replacements, tuple):
+            object.__setattr__(self, "output_replacements", tuple(tuple(p) for p in self.output_replacements))
+
+
+@dataclass(frozen=True)
+class Delta:
+    """What one engine step produced for one request.
+
+    Attributes:
+        text: new text since the previous delta (already free of stop strings and with output replacements
+            applied); may be empty while text is held back.
+        token_ids: the new token ids.
+        finish_reason: set on the last delta of a request, None before.
+        num_prompt_tokens: prompt tokens after truncation (the same on every delta).
+        num_generated_tokens: generated tokens so far.
+        num_cached_tokens: prompt tokens whose KV came from the prefix cache instead of a prefill.
+        error: a message when ``finish_reason`` is ERROR.
+    """
+
+    text: str
+    token_ids: tuple[int, ...] = ()
+    finish_reason: FinishReason | None = None
+    num_prompt_tokens: int = 0
+    num_generated_tokens: int = 0
+    num_cached_tokens: int = 0
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class EngineError(RuntimeError):
+    """The engine cannot serve a request (stopped, or failed)."""
+
+
+class RequestStream:
+    """The async side of one request: an iterator of :class:`Delta` fed from the engine thread.
+
+    Create it on the event loop (it captures the running loop); the engine thread calls :meth:`put_threadsafe`.
+    Iteration ends after the delta that carries a ``finish_reason``.
+    """
+
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.request_id = request_id
+        self._loop = loop or asyncio.get_running_loop()
+        self._queue: asyncio.Queue[Delta] = asyncio.Queue()
+        self._finished = False
+
+    def put_threadsafe(self, delta: Delta) -> None:
+        """Hand a delta to the event loop; callable from any thread."""
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, delta)
+        except RuntimeError:
+            pass  # the loop is closed: nobody is listening any more
+
+    def put_nowait(self, delta: Delta) -> None:
+        """Hand a delta from the event loop's own thread."""
+        self._queue.put_nowait(delta)
+
+    def __aiter__(self) -> AsyncIterator[Delta]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Delta]:
+        while not self._finished:
+            delta = await self._queue.get()
+            if delta.finished:
+                self._finished = True
+            yield delta
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine's load, for /get_load, /metrics and benchmarks."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    num_generated_tokens_total: int = 0
+    num_prompt_tokens_total: int = 0
+    num_cached_tokens_total: int = 0
+    prefix_cache_bytes: int = 0
+    prefix_cache_entries: int = 0
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What every engine (transformers, mock) offers."""
+
+    def start(self) -> None:
+        """Start the engine thread (idempotent)."""
+
+    def stop(self) -> None:
+        """Abort everything and join the engine thread (idempotent)."""
+
+    @property
+    def is_running(self) -> bool:
+        """True between start() and stop()."""
+
+    def add_request(self, request: GenerationRequest) -> RequestStream:
+        """Queue a request; must be called on the event loop. Raises EngineError when stopped."""
+
+    def abort(self, request_id: str) -> None:
+        """Drop the request at the next step; its stream ends with FinishReason.ABORT. Unknown ids are ignored."""
+
+    def stats(self) -> EngineStats:
+        """Current load."""
