@@ -1,0 +1,85 @@
+"""Running one admitted generation: engine stream, abort on cancel, metrics. Shared by every protocol."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from chatstream.engine.base import Delta, Engine, FinishReason, GenerationRequest
+from chatstream.metrics import ChatStreamMetrics
+
+
+@dataclass
+class GenerationOutcome:
+    """What a finished (or interrupted) generation produced, filled in while it streams."""
+
+    text: str = ""
+    finish_reason: FinishReason | None = None
+    num_prompt_tokens: int = 0
+    num_generated_tokens: int = 0
+    num_cached_tokens: int = 0
+    error: str | None = None
+
+
+async def run_generation(
+    engine: Engine,
+    request: GenerationRequest,
+    metrics: ChatStreamMetrics | None,
+    outcome: GenerationOutcome,
+    arrived: float | None = None,
+) -> AsyncIterator[Delta]:
+    """Yield the engine's deltas for ``request`` while recording them in ``outcome`` and ``metrics``.
+
+    If the consumer stops early (client disconnect: the generator is closed or cancelled), the request is aborted
+    in the engine so that its batch row is dropped at the next step.
+    """
+    started = time.monotonic()
+    last = started
+    stream = engine.add_request(request)
+    try:
+        async for delta in stream:
+            now = time.monotonic()
+            if metrics is not None and delta.token_ids:
+                if outcome.num_generated_tokens == 0:
+                    metrics.time_to_first_token.observe(now - started)
+                else:
+                    metrics.inter_token_latency.observe(now - last)
+            last = now
+            _record(outcome, delta)
+            yield delta
+    finally:
+        if outcome.finish_reason is None:
+            engine.abort(request.request_id)
+            outcome.finish_reason = FinishReason.ABORT
+        if metrics is not None:
+            _observe_end(metrics, outcome, arrived if arrived is not None else started)
+
+
+def _record(outcome: GenerationOutcome, delta: Delta) -> None:
+    outcome.text += delta.text
+    outcome.num_prompt_tokens = delta.num_prompt_tokens
+    outcome.num_generated_tokens = delta.num_generated_tokens
+    outcome.num_cached_tokens = delta.num_cached_tokens
+    if delta.finish_reason is not None:
+        outcome.finish_reason = delta.finish_reason
+        outcome.error = delta.error
+
+
+def _observe_end(metrics: ChatStreamMetrics, outcome: GenerationOutcome, arrived: float) -> None:
+    reason = outcome.finish_reason.value if outcome.finish_reason else "abort"
+    metrics.finished.labels(reason=reason).inc()
+    metrics.e2e_latency.observe(time.monotonic() - arrived)
+    metrics.prompt_tokens.inc(outcome.num_prompt_tokens)
+    metrics.cached_prompt_tokens.inc(outcome.num_cached_tokens)
+    metrics.generation_tokens.inc(outcome.num_generated_tokens)
+
+
+async def cancel_quietly(task: asyncio.Task[object]) -> None:
+    """Cancel a task and wait for it, swallowing its CancelledError."""
+    task.cancel()
+    try:
+        await task
+    except (asyncio.CancelledError, Exception):
+        pass
