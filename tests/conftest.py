@@ -1,0 +1,39 @@
+"""Session fixtures shared by the whole suite: a tiny random Llama model and its tokenizer, built offline."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+from tests.tiny_model import build_tiny
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def _tiny_built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, LlamaForCausalLM, PreTrainedTokenizerFast]:
+    path = tmp_path_factory.mktemp("tiny_model")
+    model, tokenizer = build_tiny(path)
+    return path, model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(_tiny_built: tuple[Path, LlamaForCausalLM, PreTrainedTokenizerFast]) -> Path:
+    """A directory holding the tiny model and tokenizer (``from_pretrained`` loads it)."""
+    return _tiny_built[0]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(_tiny_built: tuple[Path, LlamaForCausalLM, PreTrainedTokenizerFast]) -> Iterator[LlamaForCausalLM]:
+    """The tiny model (eval mode, float32, CPU). Shared: tests must not modify it."""
+    yield _tiny_built[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(_tiny_built: tuple[Path, LlamaForCausalLM, PreTrainedTokenizerFast]) -> PreTrainedTokenizerFast:
+    """The tiny byte-level BPE tokenizer (English + Japanese merges, ``</s>`` as EOS, a chat template)."""
+    return _tiny_built[2]

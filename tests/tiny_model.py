@@ -1,0 +1,99 @@
+"""A tiny random Llama-style causal LM and a byte-level BPE tokenizer, built offline and deterministically.
+
+Used by the test suite (see ``tests/conftest.py``) and by ``bench/engine_throughput.py --model tiny``. The tokenizer is
+trained on a small built-in English + Japanese corpus, so multi-byte characters are split across tokens and the
+incremental detokenizer has real work to do.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+SEED = 1234
+VOCAB_SIZE = 512
+SPECIAL_TOKENS = ("<s>", "</s>", "<pad>", "<unk>")
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}</s>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+CORPUS = (
+    "Hello, how are you today? I am fine, thank you.",
+    "The quick brown fox jumps over the lazy dog.",
+    "ChatStream streams tokens from a language model to the browser.",
+    "Once upon a time there was a small model that could only babble.",
+    "User: What is the capital of France?\nAssistant: The capital of France is Paris.",
+    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000 3.14159",
+    "こんにちは、お元気ですか？私は元気です。",
+    "今日は良い天気ですね。散歩に行きましょう。",
+    "日本の首都は東京です。富士山は日本で一番高い山です。",
+    "吾輩は猫である。名前はまだ無い。",
+    "ユーザー: こんにちは\nアシスタント: こんにちは！何かお手伝いできることはありますか？",
+    "絵文字も使えます 😀🎉 and mixed text 日本語 English.",
+)
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer on :data:`CORPUS` (deterministic) and wrap it for transformers."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        min_frequency=1,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(CORPUS) * 4, trainer=trainer)
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+    )
+    wrapped.chat_template = CHAT_TEMPLATE
+    return wrapped
+
+
+def build_model(tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
+    """A 2-layer Llama with a wide random init (logit gaps large enough that greedy ties never happen)."""
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        initializer_range=0.5,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.to(torch.float32).eval()
+
+
+def build_tiny(path: Path | None = None) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
+    """Build the tokenizer and model; save both to ``path`` when given (a directory ``from_pretrained`` can load)."""
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer)
+    if path is not None:
+        path.mkdir(parents=True, exist_ok=True)
+        tokenizer.save_pretrained(path)
+        model.save_pretrained(path)
+    return model, tokenizer
