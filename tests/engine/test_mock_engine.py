@@ -1,0 +1,77 @@
+"""The mock engine streams canned answers through the Engine contract."""
+
+import asyncio
+
+import pytest
+
+from chatstream.config import MockConfig, SamplingParams
+from chatstream.engine.base import EngineError, FinishReason, GenerationRequest
+from chatstream.engine.mock_engine import ROUND_ANSWERS, MockEngine, split_mock_tokens
+
+
+def request(**kw: object) -> GenerationRequest:
+    base = {"request_id": "r1", "prompt": "p"}
+    base.update(kw)
+    return GenerationRequest(**base)  # type: ignore[arg-type]
+
+
+async def collect(engine: MockEngine, req: GenerationRequest) -> tuple[str, list[object]]:
+    text, reasons = "", []
+    async for delta in engine.add_request(req):
+        text += delta.text
+        reasons.append(delta.finish_reason)
+    return text, reasons
+
+
+def test_split_words_and_japanese_characters() -> None:
+    assert split_mock_tokens("one two three") == ["one", " two", " three"]
+    assert split_mock_tokens("こんにちは世界") == list("こんにちは世界")
+
+
+async def test_round_answers_follow_the_turn() -> None:
+    engine = MockEngine(MockConfig(time_per_token_sec=0))
+    engine.start()
+    text, reasons = await collect(engine, request(turn=2))
+    assert text == ROUND_ANSWERS[1]
+    assert reasons[-1] is FinishReason.STOP and all(r is None for r in reasons[:-1])
+
+
+async def test_echo_streams_japanese_per_character() -> None:
+    engine = MockEngine(MockConfig(type="echo", time_per_token_sec=0))
+    engine.start()
+    deltas = [d async for d in engine.add_request(request(user_input="日本語のテスト"))]
+    assert [d.text for d in deltas] == list("日本語のテスト")
+
+
+async def test_max_new_tokens_truncates_with_length() -> None:
+    engine = MockEngine(MockConfig(type="long", time_per_token_sec=0))
+    engine.start()
+    text, reasons = await collect(engine, request(sampling=SamplingParams(max_new_tokens=3)))
+    assert len(split_mock_tokens(text)) == 3
+    assert reasons[-1] is FinishReason.LENGTH
+
+
+async def test_abort_ends_the_stream() -> None:
+    engine = MockEngine(MockConfig(type="long", time_per_token_sec=0.01))
+    engine.start()
+    stream = engine.add_request(request())
+    got = []
+    async for delta in stream:
+        got.append(delta)
+        if len(got) == 2:
+            engine.abort("r1")
+    assert got[-1].finish_reason is FinishReason.ABORT
+    await asyncio.sleep(0)
+    assert engine.stats().num_running == 0
+
+
+async def test_not_started_refuses() -> None:
+    with pytest.raises(EngineError):
+        MockEngine().add_request(request())
+
+
+def test_seed_mock_params_with_builtin_type_key() -> None:
+    assert MockConfig.from_seed_params({type: "long"}).type.value == "long"
+    assert MockConfig.from_seed_params({"type": "echo", "time_per_token_sec": 0}).time_per_token_sec == 0
+    with pytest.raises(ValueError, match="'nope'"):
+        MockConfig.from_seed_params({"type": "nope"})
