@@ -1,0 +1,142 @@
+"""One place that maps failures to HTTP status codes and error bodies.
+
+Handlers raise :class:`ApiError` (or let admission/engine exceptions through :func:`to_api_error`); the two
+renderers give the body each protocol's clients parse:
+
+- native endpoints keep the original package's shapes: ``{"success": false, "message": ...}`` (and the role
+  layer's ``{"success": false, "message": "Forbidden", "detail": "Denied on role layer."}``);
+- OpenAI endpoints use ``{"error": {"message", "type", "param", "code"}}``.
+
+Bad input always becomes a 4xx whose message names the field, never a 500.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+from starlette.responses import JSONResponse
+
+from chatstream.engine.base import EngineError
+from chatstream.scheduler.admission import Draining, QueueFull
+
+ROLE_DENIED_BODY: dict[str, Any] = {"success": False, "message": "Forbidden", "detail": "Denied on role layer."}
+
+
+class ApiError(Exception):
+    """A failure with its HTTP status, a message for the client and (for bad input) the offending field."""
+
+    status: int = 500
+    error_type: str = "server_error"
+    default_code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code if code is not None else self.default_code
+        self.headers = dict(headers or {})
+
+
+class BadRequest(ApiError):
+    """Invalid input; ``param`` names the field."""
+
+    status = 400
+    error_type = "invalid_request_error"
+
+
+class Unauthorized(ApiError):
+    """Missing or wrong API key."""
+
+    status = 401
+    error_type = "invalid_request_error"
+    default_code = "invalid_api_key"
+
+
+class Forbidden(ApiError):
+    """The caller's client role does not allow this API."""
+
+    status = 403
+    error_type = "permission_error"
+    default_code = "forbidden"
+
+
+class NotFound(ApiError):
+    """The thing named by ``param`` does not exist (a model, a message id)."""
+
+    status = 404
+    error_type = "invalid_request_error"
+    default_code = "not_found"
+
+
+class TooManyRequests(ApiError):
+    """The admission queue is full; retry after ``retry_after`` seconds."""
+
+    status = 429
+    error_type = "rate_limit_error"
+    default_code = "queue_full"
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after)})
+        self.retry_after = retry_after
+
+
+class ServiceUnavailable(ApiError):
+    """Starting, draining or the engine stopped."""
+
+    status = 503
+    error_type = "server_error"
+    default_code = "service_unavailable"
+
+
+def to_api_error(exc: BaseException) -> ApiError:
+    """Map any exception a handler may meet to an :class:`ApiError` (unknown ones become a 500)."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, QueueFull):
+        message = f"Too many requests: the queue is full. Retry after {exc.retry_after} s."
+        return TooManyRequests(message, exc.retry_after)
+    if isinstance(exc, Draining):
+        return ServiceUnavailable("The server is shutting down and admits no new requests.", code="draining")
+    if isinstance(exc, EngineError):
+        return ServiceUnavailable(f"The engine cannot serve requests: {exc}", code="engine_unavailable")
+    if isinstance(exc, ValidationError):
+        return bad_request_from_validation(exc)
+    return ApiError("Internal server error.", code="internal_error")
+
+
+def bad_request_from_validation(exc: ValidationError) -> BadRequest:
+    """The first pydantic error as a 400 that names the field (``messages.0.content``)."""
+    first = exc.errors()[0]
+    param = ".".join(str(part) for part in first.get("loc", ()))
+    message = first.get("msg", "invalid value")
+    if param:
+        return BadRequest(f"Invalid value for '{param}': {message}", param=param)
+    return BadRequest(f"Invalid request body: {message}")
+
+
+def openai_error_response(error: BaseException) -> JSONResponse:
+    """The OpenAI error shape with the mapped status (and Retry-After for 429)."""
+    err = to_api_error(error)
+    body = {"error": {"message": err.message, "type": err.error_type, "param": err.param, "code": err.code}}
+    return JSONResponse(body, status_code=err.status, headers=err.headers or None)
+
+
+def native_error_response(error: BaseException) -> JSONResponse:
+    """The original package's shape ``{"success": false, "message": ...}`` with the mapped status."""
+    err = to_api_error(error)
+    if isinstance(err, Forbidden):
+        return role_denied_response()
+    return JSONResponse({"success": False, "message": err.message}, status_code=err.status, headers=err.headers or None)
+
+
+def role_denied_response() -> JSONResponse:
+    """403 exactly as the original's role layer answered."""
+    return JSONResponse(dict(ROLE_DENIED_BODY), status_code=403)
