@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
+from chatstream.config import EngineConfig
 from tests.tiny_model import build_tiny
 
 torch.set_num_threads(1)
@@ -37,3 +39,24 @@ def tiny_model(_tiny_built: tuple[Path, LlamaForCausalLM, PreTrainedTokenizerFas
 def tiny_tokenizer(_tiny_built: tuple[Path, LlamaForCausalLM, PreTrainedTokenizerFast]) -> PreTrainedTokenizerFast:
     """The tiny byte-level BPE tokenizer (English + Japanese merges, ``</s>`` as EOS, a chat template)."""
     return _tiny_built[2]
+
+
+@pytest.fixture
+def make_tiny_engine(
+    tiny_model: LlamaForCausalLM, tiny_tokenizer: PreTrainedTokenizerFast
+) -> Iterator[Callable[..., Any]]:
+    """A factory of started TransformersEngines on the tiny model (``make_tiny_engine(max_batch_size=4)``);
+    every engine it made is stopped after the test."""
+    from chatstream.engine.transformers_engine import TransformersEngine
+
+    engines: list[TransformersEngine] = []
+
+    def make(model: Any = None, **config: Any) -> TransformersEngine:
+        engine = TransformersEngine(model or tiny_model, tiny_tokenizer, EngineConfig(**config))
+        engine.start()
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.stop()

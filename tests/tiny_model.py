@@ -7,11 +7,16 @@ incremental detokenizer has real work to do.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from chatstream.config import SamplingParams
+from chatstream.engine.base import Delta, FinishReason, RequestStream
 
 SEED = 1234
 VOCAB_SIZE = 512
@@ -97,3 +102,54 @@ def build_tiny(path: Path | None = None) -> tuple[LlamaForCausalLM, PreTrainedTo
         tokenizer.save_pretrained(path)
         model.save_pretrained(path)
     return model, tokenizer
+
+
+# ---- helpers for the engine tests -----------------------------------------------------------------------------------
+
+PROMPTS = (
+    "Hello",
+    "The quick brown fox jumps over the lazy dog.",
+    "こんにちは、お元気ですか？",
+    "Once upon a time there was a small model that could only babble. It babbled all day long.",
+    "x",
+    "日本の首都は東京です。富士山は日本で一番高い山です。吾輩は猫である。",
+    "User: What is the capital of France?\nAssistant:",
+    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000 3.14159 and more numbers 42 43 44",
+)
+
+
+def greedy(max_new_tokens: int, **changes: Any) -> SamplingParams:
+    return SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, **changes)
+
+
+@dataclass
+class Collected:
+    """Everything one stream delivered."""
+
+    deltas: list[Delta] = field(default_factory=list)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [t for d in self.deltas for t in d.token_ids]
+
+    @property
+    def text(self) -> str:
+        return "".join(d.text for d in self.deltas)
+
+    @property
+    def finish_reason(self) -> FinishReason | None:
+        return self.deltas[-1].finish_reason if self.deltas else None
+
+
+async def collect(stream: RequestStream) -> Collected:
+    out = Collected()
+    async for delta in stream:
+        out.deltas.append(delta)
+    return out
+
+
+def reference(model: Any, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy tokens of ``model.generate`` for the prompt alone (stops at EOS, which it includes)."""
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=max_new_tokens)
+    return out[0, len(prompt_ids) :].tolist()

@@ -1,0 +1,301 @@
+"""KV cache storage: the running batch's cache (grown in place, joined and filtered by rows) and the per-conversation
+prefix cache kept between turns (LRU, bounded in bytes).
+
+The batch is left-padded: every row's tokens are contiguous and end at the last column, so one column index is one
+step for every row. All layers are kept at full length, also the sliding-window layers of models like Gemma-3; the
+model's own sliding-window mask then applies the window (column distance equals token distance because rows are
+contiguous). Buffers are preallocated with headroom so that a decode step writes one column in place instead of
+concatenating the whole cache.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+logger = logging.getLogger(__name__)
+
+HEADROOM_COLUMNS = 64
+"""Free columns allocated past the current length whenever a buffer is (re)built, so decode steps write in place."""
+
+
+def _round_up(n: int, multiple: int = HEADROOM_COLUMNS) -> int:
+    return -(-n // multiple) * multiple
+
+
+class BufferedLayer(DynamicLayer):
+    """A full-attention cache layer backed by a ``[B, H, capacity, D]`` buffer; ``keys``/``values`` are views of the
+    first ``length`` columns."""
+
+    is_sliding = False
+
+    def __init__(
+        self, key_buffer: torch.Tensor | None = None, value_buffer: torch.Tensor | None = None, length: int = 0
+    ) -> None:
+        super().__init__()
+        self.length = 0
+        if key_buffer is not None and value_buffer is not None:
+            self._set_buffers(key_buffer, value_buffer, length)
+
+    def _set_buffers(self, key_buffer: torch.Tensor, value_buffer: torch.Tensor, length: int) -> None:
+        self.key_buffer, self.value_buffer, self.length = key_buffer, value_buffer, length
+        self.keys = key_buffer[:, :, :length]
+        self.values = value_buffer[:, :, :length]
+        self.device = key_buffer.device
+        self.is_initialized = True
+
+    @property
+    def k(self) -> torch.Tensor:
+        """The cached keys ``[B, H, length, D]`` (a view of the buffer)."""
+        return self.key_buffer[:, :, : self.length]
+
+    @property
+    def v(self) -> torch.Tensor:
+        """The cached values ``[B, H, length, D]`` (a view of the buffer)."""
+        return self.value_buffer[:, :, : self.length]
+
+    @property
+    def capacity(self) -> int:
+        return self.key_buffer.shape[2] if self.is_initialized else 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, h, n, _ = key_states.shape
+        cap = _round_up(n + HEADROOM_COLUMNS)
+        keys = key_states.new_empty((b, h, cap, key_states.shape[3]))
+        values = value_states.new_empty((b, h, cap, value_states.shape[3]))
+        self._set_buffers(keys, values, 0)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object):  # type: ignore[override]
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[2]
+        end = self.length + n
+        if end > self.capacity:
+            self._grow(end)
+        self.key_buffer[:, :, self.length : end].copy_(key_states)
+        self.value_buffer[:, :, self.length : end].copy_(value_states)
+        self._set_buffers(self.key_buffer, self.value_buffer, end)
+        return self.keys, self.values
+
+    def _grow(self, needed: int) -> None:
+        cap = _round_up(max(needed, 2 * self.capacity))
+        keys, values = self.key_buffer, self.value_buffer
+        new_keys = keys.new_empty((*keys.shape[:2], cap, keys.shape[3]))
+        new_values = values.new_empty((*values.shape[:2], cap, values.shape[3]))
+        new_keys[:, :, : self.length].copy_(self.k)
+        new_values[:, :, : self.length].copy_(self.v)
+        self._set_buffers(new_keys, new_values, self.length)
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove < 0 and self.is_initialized:
+            self._set_buffers(self.key_buffer, self.value_buffer, max(0, self.length + tokens_to_remove))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("use BatchKVCache.filter")
+
+
+class BatchKVCache(Cache):
+    """The running batch's KV cache: one :class:`BufferedLayer` per model layer, all of the same length.
+
+    ``filter`` and ``concatenate`` rebuild the buffers (a copy, only when rows leave or join); a decode step only
+    writes one column per layer in place.
+    """
+
+    def __init__(self, num_layers: int, layers: list[BufferedLayer] | None = None) -> None:
+        if layers is None:
+            layers = [BufferedLayer() for _ in range(num_layers)]
+        self.buffered: list[BufferedLayer] = layers
+        super().__init__(layers=list(self.buffered))
+
+    @property
+    def length(self) -> int:
+        return self.buffered[0].length if self.buffered else 0
+
+    def filter(self, rows: torch.Tensor, trim_left: int) -> None:
+        """Keep only ``rows`` (a 1-D index tensor) and drop the first ``trim_left`` columns (all padding)."""
+        new_len = self.length - trim_left
+        cap = _round_up(new_len + HEADROOM_COLUMNS)
+        for layer in self.buffered:
+            layer._set_buffers(_gather(layer.k, rows, trim_left, cap), _gather(layer.v, rows, trim_left, cap), new_len)
+
+    @classmethod
+    def concatenate(cls, caches: Sequence[BatchKVCache]) -> BatchKVCache:
+        """Stack the rows of ``caches``; shorter ones are left-padded with zeros to the longest length."""
+        length = max(c.length for c in caches)
+        cap = _round_up(length + HEADROOM_COLUMNS)
+        layers = []
+        for parts in zip(*(c.buffered for c in caches), strict=True):
+            keys = _right_aligned([p.k for p in parts], length, cap)
+            values = _right_aligned([p.v for p in parts], length, cap)
+            layers.append(BufferedLayer(keys, values, length))
+        return cls(len(layers), layers)
+
+    @classmethod
+    def from_row(cls, row: RowKV, length: int) -> BatchKVCache:
+        """A batch of one row holding the first ``length`` columns of a cached row (for a prefix-cache hit)."""
+        cap = _round_up(length + HEADROOM_COLUMNS)
+        layers = []
+        for keys, values in row.layers:
+            k = keys.new_empty((1, keys.shape[0], cap, keys.shape[2]))
+            v = values.new_empty((1, values.shape[0], cap, values.shape[2]))
+            k[0, :, :length].copy_(keys[:, :length])
+            v[0, :, :length].copy_(values[:, :length])
+            layers.append(BufferedLayer(k, v, length))
+        return cls(len(layers), layers)
+
+    def extract_row(self, row: int, start: int) -> RowKV:
+        """A detached copy of one row's columns from ``start`` (its first real token) to the end."""
+        layers = self.buffered
+        return RowKV(tuple((layer.k[row, :, start:].clone(), layer.v[row, :, start:].clone()) for layer in layers))
+
+
+def _gather(tensor: torch.Tensor, rows: torch.Tensor, trim_left: int, cap: int) -> torch.Tensor:
+    _, h, length, d = tensor.shape
+    out = tensor.new_empty((rows.numel(), h, cap, d))
+    out[:, :, : length - trim_left].copy_(tensor[:, :, trim_left:].index_select(0, rows))
+    return out
+
+
+def _right_aligned(parts: Sequence[torch.Tensor], length: int, cap: int) -> torch.Tensor:
+    first = parts[0]
+    out = first.new_empty((sum(p.shape[0] for p in parts), first.shape[1], cap, first.shape[3]))
+    row = 0
+    for part in parts:
+        n, pad = part.shape[0], length - part.shape[2]
+        if pad:
+            out[row : row + n, :, :pad].zero_()  # padding columns are masked, but must hold finite values
+        out[row : row + n, :, pad:length].copy_(part)
+        row += n
+    return out
+
+
+@dataclass(frozen=True)
+class RowKV:
+    """One sequence's KV, unpadded: per layer ``(keys, values)`` of shape ``[H, n, D]``."""
+
+    layers: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.layers[0][0].shape[1] if self.layers else 0
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.layers)
+
+
+@dataclass(frozen=True)
+class PrefixEntry:
+    """A conversation's KV kept after its last request: ``token_ids[i]`` is the token whose KV is column ``i``."""
+
+    token_ids: tuple[int, ...]
+    kv: RowKV
+
+
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class PrefixCache:
+    """Per-conversation KV caches, least recently used evicted first, bounded by ``max_bytes`` (0 disables)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[str, PrefixEntry] = OrderedDict()
+        self.num_bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_bytes > 0
+
+    def put(self, conversation_id: str, entry: PrefixEntry) -> None:
+        """Keep ``entry`` for the conversation (replacing its previous one); evict the oldest beyond the budget."""
+        self.pop(conversation_id)
+        size = entry.kv.num_bytes
+        if size > self.max_bytes:
+            logger.debug("prefix cache: %s (%d bytes) exceeds the budget", conversation_id, size)
+            return
+        self._entries[conversation_id] = entry
+        self.num_bytes += size
+        while self.num_bytes > self.max_bytes:
+            _, evicted = self._entries.popitem(last=False)
+            self.num_bytes -= evicted.kv.num_bytes
+
+    def peek(self, conversation_id: str) -> PrefixEntry | None:
+        return self._entries.get(conversation_id)
+
+    def pop(self, conversation_id: str) -> PrefixEntry | None:
+        """Take the conversation's entry out of the cache (the next request owns it)."""
+        entry = self._entries.pop(conversation_id, None)
+        if entry is not None:
+            self.num_bytes -= entry.kv.num_bytes
+        return entry
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.num_bytes = 0
+
+
+@dataclass
+class DecodeBatch:
+    """The running rows as tensors: their cache, the 2-D padding mask, the next position and input token per row.
+
+    Row ``i`` here is row ``i`` of the engine's list of running sequences; :meth:`filter` and :meth:`concatenate`
+    keep the two in step (TGI's batch contract).
+    """
+
+    cache: BatchKVCache
+    attention_mask: torch.Tensor  # [B, L] bool, False on left padding
+    positions: torch.Tensor  # [B] int64: the position of the next input token
+    next_tokens: torch.Tensor  # [B] int64: the next input token (the last sampled one)
+
+    @property
+    def size(self) -> int:
+        return int(self.attention_mask.shape[0])
+
+    def filter(self, keep: Sequence[int]) -> None:
+        """Keep the rows ``keep`` (in that order) and drop leading columns that are padding in every kept row."""
+        rows = torch.tensor(list(keep), dtype=torch.long, device=self.attention_mask.device)
+        mask = self.attention_mask.index_select(0, rows)
+        num_real = mask.sum(dim=1)
+        trim = int(mask.shape[1] - int(num_real.max())) if len(keep) else 0
+        self.cache.filter(rows, trim)
+        self.attention_mask = mask[:, trim:].contiguous()
+        self.positions = self.positions.index_select(0, rows)
+        self.next_tokens = self.next_tokens.index_select(0, rows)
+
+    @classmethod
+    def concatenate(cls, batches: Sequence[DecodeBatch]) -> DecodeBatch:
+        """Stack the rows of ``batches`` (left-padding the shorter ones)."""
+        if len(batches) == 1:
+            return batches[0]
+        length = max(b.attention_mask.shape[1] for b in batches)
+        masks = [torch.nn.functional.pad(b.attention_mask, (length - b.attention_mask.shape[1], 0)) for b in batches]
+        return cls(
+            cache=BatchKVCache.concatenate([b.cache for b in batches]),
+            attention_mask=torch.cat(masks),
+            positions=torch.cat([b.positions for b in batches]),
+            next_tokens=torch.cat([b.next_tokens for b in batches]),
+        )
+
+    def num_padding(self, row: int) -> int:
+        """Leading padding columns of ``row``."""
+        return int(self.attention_mask.shape[1] - int(self.attention_mask[row].sum()))

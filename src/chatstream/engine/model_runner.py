@@ -1,0 +1,85 @@
+"""The only code that calls the model: batched prefill of joining sequences and one decode step for the batch."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from chatstream.engine.kv_cache import BatchKVCache, DecodeBatch, RowKV
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    """Runs a transformers causal LM on a left-padded batch with an explicit 2-D mask and position ids.
+
+    Every call returns the logits of the last position only (``logits_to_keep=1``), so the LM head never runs over a
+    whole prompt.
+    """
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.device = model.device
+        self.num_layers = _num_cache_layers(model)
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self.pad_token_id = 0
+
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[DecodeBatch, torch.Tensor]:
+        """Prefill ``prompts`` together (left-padded to the longest); returns their batch and logits ``[n, V]``."""
+        length = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), length), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), length), dtype=torch.bool)
+        for row, prompt in enumerate(prompts):
+            input_ids[row, length - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+            mask[row, length - len(prompt) :] = True
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        position_ids = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
+        cache = BatchKVCache(self.num_layers)
+        logits = self._forward(input_ids, mask, position_ids, cache)
+        positions = position_ids[:, -1] + 1
+        batch = DecodeBatch(cache, mask, positions, torch.zeros_like(positions))
+        return batch, logits
+
+    def prefill_on_prefix(
+        self, prefix: RowKV, num_reused: int, suffix: Sequence[int]
+    ) -> tuple[DecodeBatch, torch.Tensor]:
+        """Prefill one sequence whose first ``num_reused`` tokens' KV come from ``prefix``; only ``suffix`` runs."""
+        cache = BatchKVCache.from_row(prefix, num_reused)
+        total = num_reused + len(suffix)
+        input_ids = torch.tensor([list(suffix)], dtype=torch.long, device=self.device)
+        mask = torch.ones((1, total), dtype=torch.bool, device=self.device)
+        position_ids = torch.arange(num_reused, total, device=self.device).unsqueeze(0)
+        logits = self._forward(input_ids, mask, position_ids, cache)
+        positions = torch.tensor([total], dtype=torch.long, device=self.device)
+        return DecodeBatch(cache, mask, positions, torch.zeros_like(positions)), logits
+
+    def decode(self, batch: DecodeBatch) -> torch.Tensor:
+        """One step for every row: feed ``batch.next_tokens``; returns logits ``[B, V]`` and advances the batch."""
+        ones = torch.ones((batch.size, 1), dtype=torch.bool, device=self.device)
+        batch.attention_mask = torch.cat([batch.attention_mask, ones], dim=1)
+        logits = self._forward(
+            batch.next_tokens.unsqueeze(1), batch.attention_mask, batch.positions.unsqueeze(1), batch.cache
+        )
+        batch.positions = batch.positions + 1
+        return logits
+
+    def _forward(
+        self, input_ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor, cache: BatchKVCache
+    ) -> torch.Tensor:
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1, :]
+
+
+def _num_cache_layers(model: Any) -> int:
+    config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    return int(config.num_hidden_layers)
