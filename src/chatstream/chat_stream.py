@@ -327,7 +327,7 @@ class ChatStream:
                     current = outcome.text.lstrip()
                     if current != shown:
                         pos = "begin" if not shown else "mid"
-                        yield current, current[len(shown):], pos
+                        yield current, current[len(shown) :], pos
                         shown = current
             yield shown, "", "end"
         finally:
@@ -350,7 +350,7 @@ class ChatStream:
 
     def __getattr__(self, name: str) -> Any:
         # The seed's per-endpoint methods (handle_clear_context_request, index, js, ...) live in server/apis.py.
-        if name.startswith("handle_") and name.endswith("_request") or name in ("index", "js"):
+        if (name.startswith("handle_") and name.endswith("_request")) or name in ("index", "js"):
             from chatstream.server import apis
 
             target = getattr(apis, name, None)
@@ -392,8 +392,9 @@ def _model_name(model: Any, mock: bool) -> str:
 
 
 def _default_prompt_class(tokenizer: Any, mock: bool) -> type[AbstractChatPrompt]:
-    from chatstream.prompts import presets
+    from chatstream.prompts.chat_template import ChatTemplatePrompt
+    from chatstream.prompts.presets import ChatPromptPlainUserAssistant
 
     if not mock and getattr(tokenizer, "chat_template", None):
-        return presets.ChatTemplatePrompt
-    return presets.DEFAULT_PROMPT_CLASS
+        return ChatTemplatePrompt
+    return ChatPromptPlainUserAssistant

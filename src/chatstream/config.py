@@ -191,9 +191,7 @@ def _parse_penalty_method(value: str) -> RepetitionPenaltyMethod:
     try:
         return RepetitionPenaltyMethod(value)
     except ValueError:
-        raise ValueError(
-            f"repetition_penalty_method {value!r} must be 'multiplicative' or 'subtractive'"
-        ) from None
+        raise ValueError(f"repetition_penalty_method {value!r} must be 'multiplicative' or 'subtractive'") from None
 
 
 def _check(ok: bool, name: str, value: object, rule: str) -> None:

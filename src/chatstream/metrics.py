@@ -31,20 +31,28 @@ class ChatStreamMetrics:
         )
         self.generation_tokens = Counter("chatstream_generation_tokens", "Tokens generated", registry=r)
         self.time_to_first_token = Histogram(
-            "chatstream_time_to_first_token_seconds", "Time from admission to the first token",
-            buckets=_LATENCY_BUCKETS, registry=r,
+            "chatstream_time_to_first_token_seconds",
+            "Time from admission to the first token",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.inter_token_latency = Histogram(
-            "chatstream_inter_token_latency_seconds", "Time between two streamed deltas",
-            buckets=_TOKEN_LATENCY_BUCKETS, registry=r,
+            "chatstream_inter_token_latency_seconds",
+            "Time between two streamed deltas",
+            buckets=_TOKEN_LATENCY_BUCKETS,
+            registry=r,
         )
         self.e2e_latency = Histogram(
-            "chatstream_e2e_request_latency_seconds", "Time from arrival to the end of the stream",
-            buckets=_LATENCY_BUCKETS, registry=r,
+            "chatstream_e2e_request_latency_seconds",
+            "Time from arrival to the end of the stream",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.queue_time = Histogram(
-            "chatstream_queue_time_seconds", "Time spent waiting for an admission slot",
-            buckets=_LATENCY_BUCKETS, registry=r,
+            "chatstream_queue_time_seconds",
+            "Time spent waiting for an admission slot",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
 
     def render(self) -> bytes:

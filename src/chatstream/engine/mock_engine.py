@@ -118,10 +118,10 @@ class MockEngine:
                 reason = None
                 if count == len(pieces):
                     reason = FinishReason.LENGTH if truncated else FinishReason.STOP
-                stream.put_nowait(Delta(text=piece, token_ids=(count,), finish_reason=reason,
-                                        num_generated_tokens=count))
+                stream.put_nowait(
+                    Delta(text=piece, token_ids=(count,), finish_reason=reason, num_generated_tokens=count)
+                )
             if not pieces:
                 stream.put_nowait(Delta(text="", finish_reason=FinishReason.STOP))
         except asyncio.CancelledError:
             stream.put_nowait(Delta(text="", finish_reason=FinishReason.ABORT, num_generated_tokens=count))
-

@@ -75,9 +75,7 @@ def internal_error(detail: str) -> JSONResponse:
 def too_many_requests(as_http_error: bool, retry_after: int) -> JSONResponse:
     """The seed's rejection: 200 by default (as the original), or 429 with Retry-After."""
     if as_http_error:
-        return JSONResponse(
-            {"error": "too_many_requests"}, status_code=429, headers={"Retry-After": str(retry_after)}
-        )
+        return JSONResponse({"error": "too_many_requests"}, status_code=429, headers={"Retry-After": str(retry_after)})
     return JSONResponse({"error": "too_many_requests"})
 
 

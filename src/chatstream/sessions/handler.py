@@ -57,7 +57,7 @@ def parse_chat_body(raw: bytes | str) -> ChatTurnInput:
     try:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
-        raise BadChatRequest("the request body must be JSON like {\"user_input\": \"...\"}") from None
+        raise BadChatRequest('the request body must be JSON like {"user_input": "..."}') from None
     if not isinstance(data, dict):
         raise BadChatRequest("the request body must be a JSON object")
     regenerate = data.get("regenerate", False)

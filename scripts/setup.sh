@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Idempotent setup of a fresh machine: a virtualenv in .venv with the CPU build of torch, ChatStream and its dev
+# tools, and Debian's chromium for the browser tests. Re-running it only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+# Pinned first: an unpinned torch would pull a CUDA build of several GB.
+python -m pip install -q torch==2.13.0
+python -m pip install -q -e ".[dev]"
+
+if [ "${CHATSTREAM_SKIP_BROWSER:-0}" != "1" ] && ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = "0" ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "note: chromium is not installed; browser tests will be skipped (sudo apt-get install chromium)" >&2
+  fi
+fi
