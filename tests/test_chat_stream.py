@@ -1,0 +1,106 @@
+"""ChatStream itself: constructor defaults and validation, sampling translation, the console chat."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+import torch
+
+from chatstream import ChatPromptTogetherRedPajamaINCITEChat, ChatStream, SimpleSessionRequestHandler
+from chatstream.config import RepetitionPenaltyMethod
+from chatstream.engine.mock_engine import ROUND_ANSWERS
+
+
+def test_seed_defaults() -> None:
+    cs = ChatStream(use_mock_response=True)
+    assert cs.name == "node:0"
+    assert (cs.admission_config.max_concurrency, cs.admission_config.max_queue_size) == (2, 5)
+    assert cs.too_many_request_as_http_error is False
+    s = cs.default_sampling
+    assert (s.max_new_tokens, s.temperature, s.top_k, s.top_p, s.repetition_penalty) == (256, 1.0, 50, 1.0, None)
+    assert s.repetition_penalty_method is RepetitionPenaltyMethod.MULTIPLICATIVE
+    assert cs.engine_config.context_len == 1024
+    assert isinstance(cs.logger, logging.Logger) and cs.logger.name == "chatstream"
+    assert isinstance(cs.request_handler, SimpleSessionRequestHandler)
+    assert cs.request_handler is not ChatStream(use_mock_response=True).request_handler  # one per instance
+    assert cs.num_gpus == 0
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda", "cuda:1", "mps", torch.device("cpu")])
+def test_device_accepts_strings_and_torch_devices(device: Any) -> None:
+    cs = ChatStream(use_mock_response=True, device=device)
+    assert isinstance(cs.device, torch.device)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        ({"device": "gpu7"}, "device"),
+        ({"num_of_concurrent_executions": 0}, "num_of_concurrent_executions"),
+        ({"max_queue_size": -1}, "max_queue_size"),
+        ({"temperature": -0.5}, "temperature"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"repetition_penalty_method": "divide"}, "repetition_penalty_method"),
+        ({"context_len": 1}, "context_len"),
+        ({"mock_params": {"type": "poem"}}, "mock_params"),
+        (
+            {
+                "client_roles": {
+                    "admin": {"apis": {"allow": ["no_such_api"], "auth_method": "nothing", "use_session": True}}
+                }
+            },
+            "no_such_api",
+        ),
+    ],
+)
+def test_bad_options_raise_value_errors_naming_them(kwargs: dict[str, Any], named: str) -> None:
+    with pytest.raises(ValueError, match=named):
+        ChatStream(use_mock_response=True, **kwargs)
+
+
+def test_a_real_engine_needs_model_and_tokenizer() -> None:
+    with pytest.raises(ValueError, match="model and tokenizer"):
+        ChatStream()
+
+
+def test_session_generation_params_override_defaults() -> None:
+    cs = ChatStream(use_mock_response=True, temperature=0.7, top_k=40, top_p=0.9)
+    s = cs.sampling_for_session({"generation_params": {"temperature": 0.2, "top_k_value": 5}})
+    assert (s.temperature, s.top_k, s.top_p) == (0.2, 5, 0.9)
+    assert cs.sampling_for_session({}) == cs.default_sampling
+    assert cs.sampling_for_session({"generation_params": {"top_p_value": 0.0}}).greedy
+
+
+async def test_console_chat_keeps_history_and_reports_positions() -> None:
+    cs = ChatStream(
+        use_mock_response=True,
+        mock_params={"type": "round", "time_per_token_sec": 0},
+        chat_prompt_clazz=ChatPromptTogetherRedPajamaINCITEChat,
+    )
+    for turn in range(2):
+        items = [item async for item in cs.handle_console_input(f"message {turn}")]
+        positions = [pos for _, _, pos in items]
+        assert positions[0] == "begin" and positions[-1] == "end"
+        assert set(positions[1:-1]) <= {"mid"}
+        assert items[-1][0] == ROUND_ANSWERS[turn]
+        assert "".join(new for _, new, _ in items) == ROUND_ANSWERS[turn]
+    assert cs._console_prompt is not None and cs._console_prompt.get_turn() == 2
+
+
+async def test_console_chat_with_the_tiny_model(tiny_model: Any, tiny_tokenizer: Any) -> None:
+    cs = ChatStream(
+        model=tiny_model,
+        tokenizer=tiny_tokenizer,
+        device="cpu",
+        max_new_tokens=8,
+        temperature=0.0,
+        chat_prompt_clazz=ChatPromptTogetherRedPajamaINCITEChat,
+    )
+    try:
+        items = [item async for item in cs.handle_console_input("hello")]
+        assert items[-1][2] == "end"
+        assert items[-1][0] == "".join(new for _, new, _ in items)
+    finally:
+        await cs.shutdown()
