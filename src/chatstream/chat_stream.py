@@ -70,6 +70,7 @@ class ChatStream:
         prefix_cache_bytes: memory for per-conversation KV caches kept between turns (0 disables reuse).
         on_feedback_received: called with a dict by POST /set_feedback.
         model_name: the id reported by /v1/models.
+        token_sampler, probe_mode_enabled: the original's sampler hooks; accepted and ignored (a warning is logged).
     """
 
     def __init__(
@@ -103,9 +104,16 @@ class ChatStream:
         prefix_cache_bytes: int = 512 * 1024 * 1024,
         on_feedback_received: Callable[[dict[str, Any]], Any] | None = None,
         model_name: str | None = None,
+        token_sampler: Any = None,
+        probe_mode_enabled: bool = False,
     ) -> None:
         self.name = name
         self.logger = logger or logging.getLogger("chatstream")
+        if token_sampler is not None or probe_mode_enabled:
+            self.logger.warning(
+                "token_sampler and probe_mode_enabled are accepted for compatibility and ignored: sampling is batched "
+                "in the engine (see SamplingParams)"
+            )
         self.locale = _normalize_locale(locale)
         self.model = model
         self.tokenizer = tokenizer
