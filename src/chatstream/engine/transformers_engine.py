@@ -443,16 +443,16 @@ class _PlainDetokenizer:  # pragma: no cover - stand-in until detokenizer.py lan
         self.tokenizer, self.stop, self.sent, self.stopped = tokenizer, tuple(stop), 0, False
         self.ids: list[int] = []
 
-    def add_tokens(self, token_ids: SequenceABC[int]) -> str:
+    def add_tokens(self, token_ids: SequenceABC[int], final: bool = False) -> str:
         self.ids.extend(token_ids)
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         for s in self.stop:
             if s in text:
                 self.stopped = True
                 text = text[: text.index(s)]
-        safe = text if self.stopped else text.rstrip("\ufffd")
+        safe = text if self.stopped or final else text.rstrip("\ufffd")
         new, self.sent = safe[self.sent :], max(self.sent, len(safe))
         return new
 
     def flush(self) -> str:
-        return "" if self.stopped else self.add_tokens(())
+        return "" if self.stopped else self.add_tokens((), final=True)
