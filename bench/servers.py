@@ -1,0 +1,189 @@
+"""Start, wait for, measure and stop each server under test, one at a time, on 127.0.0.1."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BENCH_DIR = REPO_ROOT / "bench"
+DEFAULT_CACHE = Path(os.environ.get("CHATSTREAM_BENCH_CACHE", Path.home() / ".cache" / "chatstream-bench"))
+GEMMA_TEMPLATE = BENCH_DIR / "gemma_chat_template.jinja"
+
+KINDS = ("ours", "vllm", "original")
+DTYPES = ("bf16", "fp32")
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """One server under test: which implementation, which dtype, which protocols it is measured on."""
+
+    kind: str
+    dtype: str
+    protocols: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"server kind must be one of {KINDS}, got {self.kind!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}-{self.dtype}"
+
+
+# The five servers of issue 5. Ours speaks both protocols and is measured on both: native against the original,
+# OpenAI against vLLM.
+ALL_SERVERS = (
+    ServerSpec("ours", "bf16", ("openai", "native")),
+    ServerSpec("ours", "fp32", ("openai", "native")),
+    ServerSpec("vllm", "bf16", ("openai",)),
+    ServerSpec("vllm", "fp32", ("openai",)),
+    ServerSpec("original", "fp32", ("native",)),
+)
+
+
+@dataclass(frozen=True)
+class LaunchOptions:
+    """What every server is started with for one phase of the benchmark."""
+
+    model_dir: Path
+    max_concurrency: int
+    max_queue: int
+    max_new_tokens: int
+    ignore_eos: bool
+    mock: bool = False
+    cache_dir: Path = DEFAULT_CACHE
+    extra_args: tuple[str, ...] = field(default_factory=tuple)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def peer_python(cache_dir: Path, kind: str) -> Path:
+    """The interpreter of a peer's venv (created by bench/setup_peers.sh)."""
+    venv = cache_dir / f"{kind}-venv"
+    python = venv / "bin" / "python"
+    if not (venv / ".ready").exists():
+        raise FileNotFoundError(f"{kind} venv not ready at {venv}; run: bench/setup_peers.sh {kind}")
+    return python
+
+
+def build_command(spec: ServerSpec, options: LaunchOptions, port: int) -> tuple[list[str], dict[str, str]]:
+    """The argv and extra environment that start ``spec`` on ``port``."""
+    env: dict[str, str] = {}
+    model = str(options.model_dir)
+    if spec.kind == "ours":
+        env["PYTHONPATH"] = str(REPO_ROOT / "src")
+        argv = [sys.executable, "-m", "chatstream.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+        argv += ["--max-concurrency", str(options.max_concurrency), "--max-queue", str(options.max_queue)]
+        argv += ["--mock"] if options.mock else ["--model", model, "--dtype", spec.dtype]
+    elif spec.kind == "vllm":
+        env["VLLM_CPU_KVCACHE_SPACE"] = "4"
+        argv = [str(peer_python(options.cache_dir, "vllm")), "-m", "vllm.entrypoints.openai.api_server"]
+        argv += ["--model", model, "--dtype", "bfloat16" if spec.dtype == "bf16" else "float32"]
+        argv += ["--max-model-len", "2048", "--host", "127.0.0.1", "--port", str(port)]
+        argv += ["--enable-prefix-caching", "--max-num-seqs", str(max(options.max_concurrency, 1))]
+        if _needs_chat_template(options.model_dir):
+            argv += ["--chat-template", str(GEMMA_TEMPLATE)]
+    else:
+        argv = [str(peer_python(options.cache_dir, "original")), str(BENCH_DIR / "original_server.py")]
+        argv += ["--model", model, "--port", str(port), "--concurrency", str(options.max_concurrency)]
+        argv += ["--max-queue", str(options.max_queue), "--max-new-tokens", str(options.max_new_tokens)]
+        argv += ["--ignore-eos"] if options.ignore_eos else []
+    return argv + list(options.extra_args), env
+
+
+def _needs_chat_template(model_dir: Path) -> bool:
+    """True when the checkpoint's tokenizer carries no chat template (the GGUF conversion has none)."""
+    if (model_dir / "chat_template.jinja").exists():
+        return False
+    config = model_dir / "tokenizer_config.json"
+    return not (config.exists() and '"chat_template"' in config.read_text(encoding="utf-8"))
+
+
+class RunningServer:
+    """A server process we started, in its own process group, with its log file."""
+
+    def __init__(self, spec: ServerSpec, options: LaunchOptions, log_dir: Path) -> None:
+        self.spec = spec
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        argv, extra_env = build_command(spec, options, self.port)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = log_dir / f"{spec.name}-{self.port}.log"
+        self._log = self.log_path.open("w", encoding="utf-8")
+        logger.info("starting %s: %s", spec.name, " ".join(argv))
+        self.process = subprocess.Popen(
+            argv,
+            cwd=str(REPO_ROOT),
+            env={**os.environ, **extra_env},
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.ready_s: float | None = None
+
+    def wait_ready(self, timeout_s: float) -> float:
+        """Poll GET /health until it answers 200; returns the seconds it took."""
+        start = time.monotonic()
+        with httpx.Client(timeout=5.0) as client:
+            while time.monotonic() - start < timeout_s:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"{self.spec.name} exited with {self.process.returncode}; see {self.log_path}")
+                try:
+                    if client.get(f"{self.base_url}/health").status_code == 200:
+                        self.ready_s = time.monotonic() - start
+                        return self.ready_s
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.5)
+        raise TimeoutError(f"{self.spec.name} not ready after {timeout_s:.0f}s; see {self.log_path}")
+
+    def rss_mb(self) -> float | None:
+        """Resident memory of the server and all its children (vLLM runs its engine in a child process)."""
+        try:
+            root = psutil.Process(self.process.pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return None
+        total = 0
+        for proc in procs:
+            try:
+                total += proc.memory_info().rss
+            except psutil.NoSuchProcess:
+                continue
+        return total / (1024 * 1024)
+
+    def stop(self, grace_s: float = 20.0) -> None:
+        """SIGTERM our process group, then SIGKILL it if it does not leave in time."""
+        if self.process.poll() is None:
+            self._signal_group(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                self._signal_group(signal.SIGKILL)
+                self.process.wait(timeout=10)
+        self._log.close()
+
+    def _signal_group(self, sig: signal.Signals) -> None:
+        try:
+            os.killpg(self.process.pid, sig)  # the group this Popen created (start_new_session)
+        except ProcessLookupError:
+            pass

@@ -1,0 +1,48 @@
+"""Small statistics used by the benchmark: percentiles, medians across rounds, ratios between servers."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """Return the q-th percentile (0..100) with linear interpolation between closest ranks (numpy's default).
+
+    None for an empty sequence, so a missing measurement never turns into a fake zero.
+    """
+    if not 0.0 <= q <= 100.0:
+        raise ValueError(f"percentile q must be within [0, 100], got {q!r}")
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100.0
+    low = math.floor(rank)
+    high = math.ceil(rank)
+    if low == high:
+        return float(ordered[low])
+    weight = rank - low
+    return float(ordered[low] * (1.0 - weight) + ordered[high] * weight)
+
+
+def median(values: Sequence[float | None]) -> float | None:
+    """Median of the values that are not None (None when there are none)."""
+    present = [v for v in values if v is not None]
+    return percentile(present, 50.0)
+
+
+def ratio(ours: float | None, peer: float | None) -> float | None:
+    """ours / peer, or None where either side is missing or the peer's value is zero."""
+    if ours is None or peer is None or peer == 0:
+        return None
+    return ours / peer
+
+
+def median_of_dicts(rounds: Sequence[dict[str, float | None]]) -> dict[str, float | None]:
+    """Key-wise median over per-round summaries (keys missing from a round count as missing)."""
+    keys: list[str] = []
+    for summary in rounds:
+        for key in summary:
+            if key not in keys:
+                keys.append(key)
+    return {key: median([summary.get(key) for summary in rounds]) for key in keys}
