@@ -95,7 +95,8 @@ def test_linecorp_separates_turns() -> None:
     )
     prompt.set_responder_last_msg("高知県、徳島県、香川県、愛媛県")
     assert _ask(prompt, "次は？") == (
-        "ユーザー: 四国の県名を全て列挙してください。\nシステム: 高知県、徳島県、香川県、愛媛県\nユーザー: 次は？\nシステム: "
+        "ユーザー: 四国の県名を全て列挙してください。\nシステム: 高知県、徳島県、香川県、愛媛県\n"
+        "ユーザー: 次は？\nシステム: "
     )
     assert prompt.get_final_stop_strs() == ["ユーザー: "]
 
