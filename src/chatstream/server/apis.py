@@ -1,0 +1,415 @@
+"""The original package's extra APIs and ``append_apis``: mount them by name on a FastAPI app.
+
+Every handler checks the caller's client role itself (code written for the original mounts them in its own routes,
+e.g. ``return await chat_stream.handle_get_prompt_request(request)``), keeps the original's JSON shapes, and answers
+bad input with a 4xx that names the field.
+"""
+
+from __future__ import annotations
+
+import html
+import inspect
+import json
+import logging
+import urllib.parse
+from collections.abc import Awaitable, Callable, Mapping
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from chatstream.i18n import message
+from chatstream.server.access import API_NAMES
+from chatstream.server.errors import ApiError, BadRequest, NotFound, native_error_response
+from chatstream.server.ops import (
+    handle_get_load_request,
+    handle_get_resource_usage_request,
+    handle_health,
+    handle_metrics,
+)
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from chatstream.chat_stream import ChatStream
+
+__all__ = [
+    "API_METHODS",
+    "API_PATHS",
+    "append_apis",
+    "handle_clear_context_request",
+    "handle_get_generation_params_request",
+    "handle_get_load_request",
+    "handle_get_prompt_request",
+    "handle_get_resource_usage_request",
+    "handle_set_feedback_request",
+    "handle_set_generation_params_request",
+    "index",
+    "js",
+]
+
+logger = logging.getLogger(__name__)
+
+API_PATHS: dict[str, tuple[str, str]] = {
+    "chat_stream": ("POST", "/chat_stream"),
+    "clear_context": ("POST", "/clear_context"),
+    "get_prompt": ("GET", "/get_prompt"),
+    "set_generation_params": ("POST", "/set_generation_params"),
+    "get_generation_params": ("GET", "/get_generation_params"),
+    "set_feedback": ("POST", "/set_feedback"),
+    "get_load": ("GET", "/get_load"),
+    "get_resource_usage": ("GET", "/get_resource_usage"),
+    "webui_index": ("GET", "/"),
+    "webui_js": ("GET", "/chatstream.js"),
+    "health": ("GET", "/health"),
+    "metrics": ("GET", "/metrics"),
+}
+"""Method and path of each API name ("openai" mounts three paths under /v1, see server/openai.py)."""
+
+API_METHODS: dict[str, str] = {name: method for name, (method, _) in API_PATHS.items()}
+
+_OPTION_KEYS = frozenset({"include", "exclude", "all", "web_ui_params", "on_feedback_received", "api_keys"})
+_NO_CACHE = {"Cache-Control": "no-cache, no-store, must-revalidate", "Pragma": "no-cache", "Expires": "0"}
+_NOT_SESSION_HANDLER = "Not supported on current request_handler type."
+WEB_UI_PARAMS_TOKEN = "__CHATSTREAM_WEB_UI_PARAMS__"
+WEB_UI_TITLE_TOKEN = "__CHATSTREAM_TITLE__"
+GENERATION_PARAM_RANGES: dict[str, tuple[float, float, str]] = {
+    "temperature": (0.0, 1.0, "Invalid temperature value. Temperature should be between 0.0 and 1.0."),
+    "top_k_value": (1, 500, "Invalid top_k value. top_k_value should be between 1 and 500."),
+    "top_p_value": (0.0, 1.0, "Invalid top_p value. top_p_value should be between 0.0 and 1.0."),
+}
+
+
+# ----- append_apis -----
+
+
+def select_apis(opts: Mapping[str, Any] | None) -> list[str]:
+    """The API names ``opts`` selects: exactly one of ``include`` / ``exclude`` / ``all`` (none selects nothing).
+
+    Raises ValueError for two of them at once or an unknown API name (named in the message).
+    """
+    opts = opts or {}
+    given = [key for key in ("include", "exclude", "all") if key in opts]
+    if len(given) > 1:
+        raise ValueError(f"append_apis takes only one of 'include', 'exclude', 'all'; got {given}")
+    for key in set(opts) - _OPTION_KEYS:
+        logger.warning("append_apis: unknown option %r ignored", key)
+    if not given:
+        return []
+    key = given[0]
+    if key == "all":
+        if not isinstance(opts["all"], bool):
+            raise ValueError(f"append_apis option 'all' must be true or false, got {opts['all']!r}")
+        return list(API_NAMES) if opts["all"] else []
+    names = opts[key]
+    if isinstance(names, str) or not isinstance(names, list | tuple | set | frozenset):
+        raise ValueError(f"append_apis option {key!r} must be a list of API names, got {names!r}")
+    for name in names:
+        if name not in API_NAMES:
+            raise ValueError(f"append_apis: unknown API name {name!r} in {key!r}; known: {API_NAMES}")
+    return [n for n in API_NAMES if n in names] if key == "include" else [n for n in API_NAMES if n not in names]
+
+
+def append_apis(chat_stream: ChatStream, app: FastAPI, opts: Mapping[str, Any] | None = None) -> list[str]:
+    """Mount the selected APIs on ``app`` (see :func:`select_apis`) and return their names.
+
+    Other options: ``web_ui_params`` (a dict handed to the web UI), ``on_feedback_received`` (overrides the
+    ChatStream's hook for /set_feedback), ``api_keys`` (for the OpenAI API, besides ``chat_stream.api_keys``).
+    """
+    opts = opts or {}
+    selected = select_apis(opts)
+    if not selected:
+        logger.warning(message("no_apis_selected", chat_stream.locale))
+    web_ui_params = dict(opts.get("web_ui_params") or {})
+    feedback_opts = {"on_feedback_received": opts.get("on_feedback_received")}
+    for name in selected:
+        if name == "openai":
+            from chatstream.server.openai import add_openai_routes
+
+            keys = (*tuple(getattr(chat_stream, "api_keys", ()) or ()), *tuple(opts.get("api_keys") or ()))
+            add_openai_routes(app, chat_stream, keys)
+            continue
+        method, path = API_PATHS[name]
+        endpoint = _endpoint(chat_stream, name, web_ui_params, feedback_opts)
+        app.add_api_route(path, endpoint, methods=[method], name=f"chatstream_{name}", include_in_schema=True)
+        logger.debug("API endpoint %s %s (%s) added", method, path, name)
+    return selected
+
+
+def _endpoint(
+    chat_stream: ChatStream, name: str, web_ui_params: dict[str, Any], feedback_opts: dict[str, Any]
+) -> Callable[[Request], Awaitable[Response]]:
+    handlers: dict[str, Callable[[Request], Awaitable[Response]]] = {
+        "chat_stream": lambda r: chat_stream.handle_chat_stream_request(r),
+        "clear_context": lambda r: handle_clear_context_request(chat_stream, r),
+        "get_prompt": lambda r: handle_get_prompt_request(chat_stream, r),
+        "set_generation_params": lambda r: handle_set_generation_params_request(chat_stream, r),
+        "get_generation_params": lambda r: handle_get_generation_params_request(chat_stream, r),
+        "set_feedback": lambda r: handle_set_feedback_request(chat_stream, r, feedback_opts),
+        "get_load": lambda r: handle_get_load_request(chat_stream, r),
+        "get_resource_usage": lambda r: handle_get_resource_usage_request(chat_stream, r),
+        "webui_index": lambda r: index(chat_stream, r, None, {"ui_init_params": web_ui_params}),
+        "webui_js": lambda r: js(chat_stream, r),
+        "health": lambda r: handle_health(chat_stream, r),
+        "metrics": lambda r: handle_metrics(chat_stream, r),
+    }
+    handler = handlers[name]
+
+    async def endpoint(request: Request) -> Response:
+        return await handler(request)
+
+    endpoint.__name__ = f"chatstream_{name}"
+    return endpoint
+
+
+# ----- session helpers -----
+
+
+def _session_of(request: Request) -> tuple[Any, dict[str, Any]] | None:
+    session_mgr = getattr(request.state, "session", None)
+    if session_mgr is None:
+        return None
+    session = session_mgr.get_session()
+    return (session_mgr, session) if isinstance(session, dict) else None
+
+
+def _save(session_mgr: Any) -> None:
+    save = getattr(session_mgr, "save_session", None)
+    if callable(save):
+        save()
+
+
+def _keeps_history_in_session(chat_stream: ChatStream) -> bool:
+    get_type = getattr(chat_stream.request_handler, "get_request_handler_type", None)
+    return not callable(get_type) or get_type() == "http_session"
+
+
+def _ok(**fields: Any) -> JSONResponse:
+    return JSONResponse({"success": True, "message": "success", **fields})
+
+
+def _fail(text: str, status: int = 200, **fields: Any) -> JSONResponse:
+    return JSONResponse({"success": False, "message": text, **fields}, status_code=status)
+
+
+async def _json_object(request: Request) -> dict[str, Any]:
+    try:
+        data = json.loads(await request.body())
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("The request body must be a JSON object.") from None
+    if not isinstance(data, dict):
+        raise BadRequest("The request body must be a JSON object.")
+    return data
+
+
+# ----- the session APIs -----
+
+
+async def handle_clear_context_request(
+    chat_stream: ChatStream, request: Request, request_body: Any = None, callback: Any = None
+) -> Response:
+    """POST /clear_context: forget this session's conversation."""
+    denied = chat_stream.client_roles.deny_response(request, "clear_context")
+    if denied is not None:
+        return denied
+    if not _keeps_history_in_session(chat_stream):
+        return _fail(_NOT_SESSION_HANDLER)
+    found = _session_of(request)
+    if found is None or found[1].get("chat_prompt") is None:
+        return _fail("no context.")
+    session_mgr, session = found
+    session.pop("chat_prompt", None)
+    _save(session_mgr)
+    return JSONResponse({"success": True, "message": "Context successfully cleared"})
+
+
+async def handle_get_prompt_request(chat_stream: ChatStream, request: Request) -> Response:
+    """GET /get_prompt: the rendered prompt text of this session's conversation, URL-encoded."""
+    denied = chat_stream.client_roles.deny_response(request, "get_prompt")
+    if denied is not None:
+        return denied
+    if not _keeps_history_in_session(chat_stream):
+        return _fail(_NOT_SESSION_HANDLER)
+    found = _session_of(request)
+    if found is None:
+        return _fail("no context.", prompt=None)
+    chat_prompt = found[1].get("chat_prompt")
+    if chat_prompt is None:
+        return JSONResponse({"success": True, "message": "no prompt", "prompt": None})
+    return _ok(prompt=urllib.parse.quote(chat_prompt.create_prompt()))
+
+
+def default_generation_params(chat_stream: ChatStream) -> dict[str, Any]:
+    sampling = chat_stream.default_sampling
+    return {"temperature": sampling.temperature, "top_k_value": sampling.top_k, "top_p_value": sampling.top_p}
+
+
+def session_generation_params(chat_stream: ChatStream, session: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The defaults with this session's non-null values over them."""
+    merged = default_generation_params(chat_stream)
+    stored = (session or {}).get("generation_params") or {}
+    merged.update({k: v for k, v in stored.items() if k in merged and v is not None})
+    return merged
+
+
+def parse_generation_params(data: Mapping[str, Any]) -> dict[str, float | int]:
+    """The given subset of temperature / top_k_value / top_p_value, type-checked (400) and range-checked."""
+    params: dict[str, float | int] = {}
+    for name, (low, high, out_of_range) in GENERATION_PARAM_RANGES.items():
+        value = data.get(name)
+        if value is None:
+            continue
+        integral = name == "top_k_value"
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            kind = "an integer" if integral else "a number"
+            raise BadRequest(f"'{name}' must be {kind}, got {value!r}", param=name)
+        if integral and value != int(value):
+            raise BadRequest(f"'{name}' must be an integer, got {value!r}", param=name)
+        if not low <= value <= high:
+            raise BadRequest(out_of_range, param=name)
+        params[name] = int(value) if integral else float(value)
+    return params
+
+
+async def handle_set_generation_params_request(chat_stream: ChatStream, request: Request) -> Response:
+    """POST /set_generation_params: keep temperature / top_k_value / top_p_value for this session's next turns."""
+    denied = chat_stream.client_roles.deny_response(request, "set_generation_params")
+    if denied is not None:
+        return denied
+    try:
+        params = parse_generation_params(await _json_object(request))
+    except ApiError as exc:
+        return native_error_response(exc)
+    found = _session_of(request)
+    if found is None:
+        return _fail("no session", generation_params=None)
+    session_mgr, session = found
+    stored = dict(session.get("generation_params") or {})
+    stored.update(params)
+    session["generation_params"] = stored
+    _save(session_mgr)
+    return _ok(generation_params=session_generation_params(chat_stream, session))
+
+
+async def handle_get_generation_params_request(chat_stream: ChatStream, request: Request) -> Response:
+    """GET /get_generation_params: this session's values over the defaults."""
+    denied = chat_stream.client_roles.deny_response(request, "get_generation_params")
+    if denied is not None:
+        return denied
+    found = _session_of(request)
+    if found is None:
+        return _fail("no session", generation_params=None)
+    return _ok(generation_params=session_generation_params(chat_stream, found[1]))
+
+
+def _parse_feedback(data: Mapping[str, Any]) -> tuple[str, bool, Any]:
+    message_id = data.get("message_id")
+    if not isinstance(message_id, str) or not message_id:
+        raise BadRequest("'message_id' is required and must be a string", param="message_id")
+    is_like = data.get("is_like", False)
+    if not isinstance(is_like, bool):
+        raise BadRequest(f"'is_like' must be true or false, got {is_like!r}", param="is_like")
+    return message_id, is_like, data.get("form_data", "")
+
+
+async def handle_set_feedback_request(
+    chat_stream: ChatStream, request: Request, opts: Mapping[str, Any] | None = None
+) -> Response:
+    """POST /set_feedback: hand a like/dislike (and form data) about one answer to ``on_feedback_received``."""
+    denied = chat_stream.client_roles.deny_response(request, "set_feedback")
+    if denied is not None:
+        return denied
+    if not _keeps_history_in_session(chat_stream):
+        return _fail(_NOT_SESSION_HANDLER)
+    try:
+        message_id, is_like, form_data = _parse_feedback(await _json_object(request))
+        found = _session_of(request)
+        if found is None:
+            return _fail("no session")
+        feedback = _feedback_record(chat_stream, found[1], message_id, is_like, form_data)
+    except ApiError as exc:
+        return native_error_response(exc)
+    hook = (opts or {}).get("on_feedback_received") or chat_stream.on_feedback_received
+    if hook is not None:
+        try:
+            result = hook(feedback)
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            logger.exception("on_feedback_received failed for message %s", message_id)
+            return _fail("error occurred", status=500)
+    logger.debug("feedback received for message %s (is_like=%s)", message_id, is_like)
+    return JSONResponse({"success": True, "message": "success", "target_message_id": message_id})
+
+
+def _feedback_record(
+    chat_stream: ChatStream, session: Mapping[str, Any], message_id: str, is_like: bool, form_data: Any
+) -> dict[str, Any]:
+    chat_prompt = session.get("chat_prompt")
+    if chat_prompt is None:
+        raise NotFound("No chat prompt", param="message_id")
+    target = chat_prompt.find_chat_content_by_message_id(message_id)
+    if target is None:
+        raise NotFound(f"Unknown message_id {message_id!r}", param="message_id")
+    return {
+        "is_like": is_like,
+        "form_data": form_data,
+        "prompt": chat_prompt.create_prompt({"to_message_id": message_id}),
+        "target_message_id": message_id,
+        "target_message": target.get_message(),
+        "generation_params": session_generation_params(chat_stream, session),
+    }
+
+
+# ----- the web UI -----
+
+
+async def index(
+    chat_stream: ChatStream, request: Request, response: Any = None, opts: Mapping[str, Any] | None = None
+) -> Response:
+    """GET /: the built-in chat page, with ``web_ui_params`` (``opts["ui_init_params"]``) injected."""
+    denied = chat_stream.client_roles.deny_response(request, "webui_index")
+    if denied is not None:
+        return denied
+    params = dict((opts or {}).get("ui_init_params") or (opts or {}).get("web_ui_params") or {})
+    page = _static_text("index.html")
+    if page is None:
+        page = _placeholder_page(chat_stream)
+    return Response(render_index(page, params), media_type="text/html; charset=utf-8", headers=_NO_CACHE)
+
+
+async def js(chat_stream: ChatStream, request: Request, response: Any = None) -> Response:
+    """GET /chatstream.js: the chat page's script."""
+    denied = chat_stream.client_roles.deny_response(request, "webui_js")
+    if denied is not None:
+        return denied
+    script = _static_text("chatstream.js")
+    if script is None:
+        script = "/* " + message("web_ui_missing", chat_stream.locale) + " */\n"
+    return Response(script, media_type="application/javascript; charset=utf-8", headers=_NO_CACHE)
+
+
+def render_index(page: str, web_ui_params: Mapping[str, Any]) -> str:
+    """Fill the page's two tokens: the params as JSON safe inside <script>, and the HTML-escaped title."""
+    params_json = json.dumps(dict(web_ui_params), ensure_ascii=False)
+    params_json = params_json.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    params_json = params_json.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+    title = html.escape(str(web_ui_params.get("title", "ChatStream")))
+    return page.replace(WEB_UI_PARAMS_TOKEN, params_json).replace(WEB_UI_TITLE_TOKEN, title)
+
+
+def _static_text(file_name: str) -> str | None:
+    try:
+        return (resources.files("chatstream") / "ui" / "static" / file_name).read_text(encoding="utf-8")
+    except (FileNotFoundError, NotADirectoryError, OSError):
+        return None
+
+
+def _placeholder_page(chat_stream: ChatStream) -> str:
+    note = html.escape(message("web_ui_missing", chat_stream.locale))
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>__CHATSTREAM_TITLE__</title></head>"
+        f"<body><h1>__CHATSTREAM_TITLE__</h1><p>{note}</p>"
+        "<script>window.CHATSTREAM_WEB_UI_PARAMS = __CHATSTREAM_WEB_UI_PARAMS__;</script></body></html>"
+    )

@@ -1,0 +1,160 @@
+"""Request bodies of the OpenAI-compatible endpoints, validated with pydantic (strict types, OpenAI's ranges).
+
+Unknown fields are ignored (clients send many optional ones); fields we cannot honour with a value other than their
+default (``n`` > 1, ``logprobs``, ``tools``, ``echo`` ...) are rejected by :func:`check_unsupported` with a 400
+that names them, instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from chatstream.config import SamplingParams
+from chatstream.server.errors import BadRequest
+
+MAX_STOP_STRINGS = 16
+
+
+class StreamOptions(BaseModel):
+    """``stream_options``: ``include_usage`` adds a last chunk with the token usage."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    include_usage: bool = False
+
+
+class _GenerationFields(BaseModel):
+    """Fields shared by /v1/chat/completions and /v1/completions."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=-1)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0)
+    seed: int | None = None
+    stop: list[str] | None = None
+    n: int | None = 1
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_as_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [value]
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        if len(value) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are allowed")
+        if any(not s for s in value):
+            raise ValueError("stop strings must not be empty")
+        return value
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options is not None and self.stream_options.include_usage)
+
+    def new_token_limit(self) -> int | None:
+        return self.max_tokens
+
+    def sampling(self, defaults: SamplingParams, *, default_max_tokens: int | None = None) -> SamplingParams:
+        """``defaults`` with this request's values over them (stop strings are added to the defaults' stops)."""
+        changes: dict[str, Any] = {}
+        limit = self.new_token_limit()
+        if limit is not None:
+            changes["max_new_tokens"] = limit
+        elif default_max_tokens is not None:
+            changes["max_new_tokens"] = default_max_tokens
+        for name in ("temperature", "top_p", "min_p", "frequency_penalty", "presence_penalty", "seed"):
+            value = getattr(self, name)
+            if value is not None:
+                changes[name] = value
+        if self.top_k is not None:
+            changes["top_k"] = None if self.top_k <= 0 else self.top_k
+        if self.repetition_penalty is not None:
+            changes["repetition_penalty"] = self.repetition_penalty
+        if self.stop:
+            changes["stop"] = tuple(dict.fromkeys([*defaults.stop, *self.stop]))
+        return defaults.with_updates(**changes)
+
+
+class ChatMessage(BaseModel):
+    """One message; ``content`` is a string or a list of text parts (checked when the prompt is built)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Any = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(_GenerationFields):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    functions: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    def new_token_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class CompletionRequest(_GenerationFields):
+    """POST /v1/completions (a raw prompt, no chat formatting)."""
+
+    prompt: str | list[str]
+    echo: bool | None = False
+    suffix: str | None = None
+    logprobs: int | None = None
+    best_of: int | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and len(value) != 1:
+            raise ValueError("exactly one prompt per request is supported (a string or a list of one string)")
+        return value
+
+    @property
+    def prompt_text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+def check_unsupported(body: ChatCompletionRequest | CompletionRequest) -> None:
+    """Raise BadRequest naming the first field set to a value this server cannot honour."""
+    if body.n not in (None, 1):
+        raise BadRequest("'n' must be 1: only one choice per request is supported", param="n")
+    if isinstance(body, ChatCompletionRequest):
+        if body.logprobs or body.top_logprobs:
+            raise BadRequest("'logprobs' is not supported", param="logprobs")
+        if body.tools or body.functions:
+            raise BadRequest("tool and function calling are not supported", param="tools")
+        if body.response_format and body.response_format.get("type", "text") != "text":
+            raise BadRequest("only response_format {'type': 'text'} is supported", param="response_format")
+        return
+    if body.echo:
+        raise BadRequest("'echo' is not supported", param="echo")
+    if body.suffix:
+        raise BadRequest("'suffix' is not supported", param="suffix")
+    if body.logprobs is not None:
+        raise BadRequest("'logprobs' is not supported", param="logprobs")
+    if body.best_of not in (None, 1):
+        raise BadRequest("'best_of' must be 1", param="best_of")
