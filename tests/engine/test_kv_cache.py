@@ -1,0 +1,92 @@
+"""kv_cache: in-place buffers, row filter/concatenate with left padding, the LRU prefix cache."""
+
+from __future__ import annotations
+
+import torch
+
+from chatstream.engine.kv_cache import (
+    BatchKVCache,
+    BufferedLayer,
+    DecodeBatch,
+    PrefixCache,
+    PrefixEntry,
+    RowKV,
+    common_prefix_len,
+)
+
+
+def _kv(b: int, n: int, fill: float) -> torch.Tensor:
+    return torch.full((b, 2, n, 4), fill)
+
+
+def test_buffered_layer_writes_in_place_and_grows() -> None:
+    layer = BufferedLayer()
+    keys, _ = layer.update(_kv(2, 3, 1.0), _kv(2, 3, -1.0))
+    assert keys.shape == (2, 2, 3, 4)
+    buffer = layer.key_buffer
+    keys, values = layer.update(_kv(2, 1, 2.0), _kv(2, 1, -2.0))
+    assert layer.key_buffer is buffer  # no reallocation inside the headroom
+    assert keys.shape == (2, 2, 4, 4) and float(keys[0, 0, 3, 0]) == 2.0 and float(values[1, 1, 3, 0]) == -2.0
+    layer.update(_kv(2, layer.capacity, 3.0), _kv(2, layer.capacity, 3.0))
+    assert layer.key_buffer is not buffer and layer.length == 4 + buffer.shape[2]
+    assert float(layer.k[0, 0, 2, 0]) == 1.0
+    assert layer.get_mask_sizes(1) == (layer.length + 1, 0)
+
+
+def _cache(b: int, n: int, fill: float) -> BatchKVCache:
+    cache = BatchKVCache(2)
+    for layer in cache.buffered:
+        layer.update(_kv(b, n, fill), _kv(b, n, -fill))
+    return cache
+
+
+def test_concatenate_right_aligns_with_zero_padding() -> None:
+    merged = BatchKVCache.concatenate([_cache(1, 5, 1.0), _cache(2, 3, 2.0)])
+    assert merged.length == 5
+    keys = merged.buffered[1].k
+    assert keys.shape[0] == 3
+    assert torch.all(keys[0] == 1.0)
+    assert torch.all(keys[1:, :, :2] == 0.0) and torch.all(keys[1:, :, 2:] == 2.0)
+
+
+def test_filter_keeps_rows_and_trims_padding_columns() -> None:
+    merged = BatchKVCache.concatenate([_cache(1, 5, 1.0), _cache(2, 3, 2.0)])
+    merged.filter(torch.tensor([2, 1]), trim_left=2)
+    assert merged.length == 3
+    assert merged.buffered[0].k.shape[0] == 2 and torch.all(merged.buffered[0].k == 2.0)
+
+
+def test_decode_batch_filter_and_concatenate() -> None:
+    a = DecodeBatch(_cache(1, 5, 1.0), torch.ones(1, 5, dtype=torch.bool), torch.tensor([5]), torch.tensor([7]))
+    mask = torch.tensor([[False, True, True], [True, True, True]])
+    b = DecodeBatch(_cache(2, 3, 2.0), mask, torch.tensor([2, 3]), torch.tensor([8, 9]))
+    merged = DecodeBatch.concatenate([a, b])
+    assert merged.attention_mask.tolist()[1] == [False, False, False, True, True]
+    assert [merged.num_padding(r) for r in range(3)] == [0, 3, 2]
+    merged.filter([1, 2])
+    assert merged.attention_mask.shape == (2, 3)  # two all-padding columns dropped
+    assert merged.positions.tolist() == [2, 3] and merged.next_tokens.tolist() == [8, 9]
+    assert merged.cache.length == 3
+
+
+def _entry(n: int) -> PrefixEntry:
+    return PrefixEntry(tuple(range(n)), RowKV(((torch.zeros(2, n, 4), torch.zeros(2, n, 4)),)))
+
+
+def test_prefix_cache_lru_budget() -> None:
+    size = _entry(10).kv.num_bytes
+    cache = PrefixCache(max_bytes=2 * size)
+    cache.put("a", _entry(10))
+    cache.put("b", _entry(10))
+    cache.put("c", _entry(10))
+    assert len(cache) == 2 and cache.peek("a") is None and cache.num_bytes == 2 * size
+    assert cache.pop("b") is not None and cache.num_bytes == size
+    cache.put("huge", _entry(100))  # larger than the whole budget: not kept
+    assert cache.peek("huge") is None
+    assert not PrefixCache(0).enabled
+
+
+def test_common_prefix_len() -> None:
+    assert common_prefix_len([1, 2, 3], [1, 2, 4, 5]) == 2
+    assert common_prefix_len([], [1]) == 0
+    assert common_prefix_len([1, 2], [1, 2]) == 2
