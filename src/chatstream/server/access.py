@@ -224,7 +224,7 @@ class ClientRoles:
         if not user_input or not isinstance(user_input, str) or not self._browser_phrase_roles:
             return None
         session_mgr = getattr(request.state, "session", None)
-        session = _session_of(request)
+        session = _session_of(request, materialize=True)
         if session is None:
             return None
         matched = [role for role in self._browser_phrase_roles if role.matches(user_input)]  # check all: no early exit
@@ -246,11 +246,17 @@ class ClientRoles:
         return role
 
 
-def _session_of(request: HTTPConnection) -> dict[str, Any] | None:
-    """The session dict, or None when the request has no session (an agent) or the session cannot be read."""
+def _session_of(request: HTTPConnection, *, materialize: bool = False) -> dict[str, Any] | None:
+    """The session dict, or None when the request has no session (an agent) or the session cannot be read.
+
+    A session the middleware creates lazily (ours: ``is_new`` and not yet ``touched``) holds no role yet; unless
+    ``materialize`` is set, an empty dict stands in for it so that a role check alone creates no session.
+    """
     session_mgr = getattr(request.state, "session", None)
     if session_mgr is None:
         return None
+    if not materialize and getattr(session_mgr, "is_new", False) and not getattr(session_mgr, "touched", True):
+        return {}
     try:
         session = session_mgr.get_session()
     except Exception:

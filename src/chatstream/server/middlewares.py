@@ -92,6 +92,7 @@ def append_middlewares(chat_stream: ChatStream, app: FastAPI, opts: Mapping[str,
 
 def _add_session_middleware(chat_stream: ChatStream, app: FastAPI, session_opts: Mapping[str, Any]) -> None:
     from chatstream.sessions.middleware import SessionMiddleware
+    from chatstream.sessions.store import SessionStore
 
     if not isinstance(session_opts, Mapping):
         raise ValueError(f"append_middlewares option 'session' must be a dict or False, got {session_opts!r}")
@@ -101,6 +102,10 @@ def _add_session_middleware(chat_stream: ChatStream, app: FastAPI, session_opts:
             f"append_middlewares: unknown session option(s) {sorted(unknown)}; known: {sorted(_SESSION_KEYS)}"
         )
     kwargs = dict(session_opts)
+    store = kwargs.get("store")
+    if store is not None and not isinstance(store, SessionStore):
+        logger.warning("session store %s is not a chatstream SessionStore; using the in-memory store", type(store))
+        kwargs.pop("store")
     if not kwargs.get("secret_key"):
         kwargs["secret_key"] = secrets.token_urlsafe(32)
         logger.warning(message("session_secret_generated", chat_stream.locale))
