@@ -1,0 +1,134 @@
+"""Session stores: where each user's session data lives, keyed by session id.
+
+:class:`SessionStore` is the interface the session middleware talks to; :class:`MemoryStore` keeps the data as live
+Python objects in this process (a conversation's prompt object stays an object, nothing is serialised), with an idle
+timeout and a bounded size.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["MemoryStore", "SessionData", "SessionStore"]
+
+SessionData = dict[str, Any]
+"""One session's data: a plain dict the application reads and writes."""
+
+
+class SessionStore(ABC):
+    """Where session data lives. Implementations decide how (memory, SQLite, Redis) and when data expires.
+
+    The methods are synchronous and must be cheap: the middleware calls :meth:`get` once per request and
+    :meth:`save` when the session is created or saved. A store that serialises must return a fresh dict from
+    :meth:`get` and persist it in :meth:`save`; an in-memory store may return the live dict.
+    """
+
+    @abstractmethod
+    def get(self, session_id: str) -> SessionData | None:
+        """The session's data, or None when it does not exist or has expired."""
+
+    @abstractmethod
+    def save(self, session_id: str, data: SessionData) -> None:
+        """Create or replace the session's data (and restart its expiry clock)."""
+
+    @abstractmethod
+    def delete(self, session_id: str) -> None:
+        """Forget the session; unknown ids are ignored."""
+
+
+@dataclass
+class _Entry:
+    data: SessionData
+    expires_at: float
+
+
+class MemoryStore(SessionStore):
+    """Sessions as live Python objects in this process, least recently used first out.
+
+    Args:
+        ttl_seconds: idle timeout; a session not read or saved for this long is gone. None keeps sessions until they
+            are evicted.
+        max_sessions: upper bound on the number of sessions; beyond it the least recently used one is dropped.
+        clock: the time source (seconds, monotonic); tests pass a fake one.
+
+    Thread-safe: a lock guards every operation, so a store can be shared with threads outside the event loop.
+    """
+
+    def __init__(
+        self,
+        ttl_seconds: float | None = 12 * 3600,
+        max_sessions: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if ttl_seconds is not None and ttl_seconds <= 0:
+            raise ValueError(f"ttl_seconds must be positive or None, got {ttl_seconds!r}")
+        if max_sessions < 1:
+            raise ValueError(f"max_sessions must be at least 1, got {max_sessions!r}")
+        self.ttl_seconds = ttl_seconds
+        self.max_sessions = max_sessions
+        self._clock = clock
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, session_id: str) -> SessionData | None:
+        with self._lock:
+            entry = self._entries.get(session_id)
+            if entry is None:
+                return None
+            now = self._clock()
+            if entry.expires_at <= now:
+                del self._entries[session_id]
+                return None
+            entry.expires_at = self._expiry(now)
+            self._entries.move_to_end(session_id)
+            return entry.data
+
+    def save(self, session_id: str, data: SessionData) -> None:
+        with self._lock:
+            now = self._clock()
+            self._entries[session_id] = _Entry(data, self._expiry(now))
+            self._entries.move_to_end(session_id)
+            self._drop_expired(now)
+            while len(self._entries) > self.max_sessions:
+                self._entries.popitem(last=False)
+                logger.debug("session store full (%d); evicted the least recently used session", self.max_sessions)
+
+    def delete(self, session_id: str) -> None:
+        with self._lock:
+            self._entries.pop(session_id, None)
+
+    def clear(self) -> None:
+        """Forget every session."""
+        with self._lock:
+            self._entries.clear()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    def __contains__(self, session_id: object) -> bool:
+        """True when the session exists and has not expired (does not count as a use)."""
+        with self._lock:
+            entry = self._entries.get(session_id) if isinstance(session_id, str) else None
+            return entry is not None and entry.expires_at > self._clock()
+
+    def _expiry(self, now: float) -> float:
+        return now + self.ttl_seconds if self.ttl_seconds is not None else float("inf")
+
+    def _drop_expired(self, now: float) -> None:
+        # Entries are kept in last-use order and every use restarts the same idle timeout, so the expired ones
+        # are all at the front.
+        while self._entries:
+            session_id, entry = next(iter(self._entries.items()))
+            if entry.expires_at > now:
+                return
+            del self._entries[session_id]
