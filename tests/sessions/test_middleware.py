@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message
 
 from chatstream.prompts import ChatPromptTogetherRedPajamaINCITEChat
 from chatstream.sessions.middleware import SessionMiddleware
-from chatstream.sessions.store import MemoryStore
+from chatstream.sessions.store import FastSessionStoreAdapter, MemoryStore
 
 SECRET = "test-secret"
 SKIP = {"header_name": "X-FastSession-Skip", "header_value": "skip"}
@@ -80,6 +80,16 @@ def test_state_is_kept_across_requests_of_one_client() -> None:
     second = client.get("/count")
     assert second.text == f"2 {sid1}" and n1 == "1"
     assert "set-cookie" not in second.headers  # only a new session sets the cookie
+
+
+def test_a_fastsession_store_works_through_the_adapter() -> None:
+    app = Starlette(routes=[Route("/count", count)])
+    app.add_middleware(
+        SessionMiddleware, secret_key=SECRET, secure=False, store=FastSessionStoreAdapter(fastsession.MemoryStore())
+    )
+    client = TestClient(app)
+    _, sid = client.get("/count").text.split()
+    assert client.get("/count").text == f"2 {sid}"  # the increment made without save_session() is kept
 
 
 def test_clients_are_isolated() -> None:

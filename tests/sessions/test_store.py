@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from chatstream.sessions.store import MemoryStore, SessionStore
+from chatstream.sessions.store import FastSessionStoreAdapter, MemoryStore, SessionStore
 
 
 class FakeClock:
@@ -92,3 +92,21 @@ def test_no_ttl_keeps_sessions() -> None:
 def test_bad_settings_are_rejected(kwargs: dict[str, float], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         MemoryStore(**kwargs)  # type: ignore[arg-type]
+
+
+def test_fastsession_store_adapter_keeps_the_live_dict() -> None:
+    import fastsession
+
+    adapter = FastSessionStoreAdapter(fastsession.MemoryStore())
+    assert adapter.get("a") is None
+    adapter.save("a", {"x": 1})
+    live = adapter.get("a")
+    assert live == {"x": 1}
+    live["y"] = 2  # type: ignore[index]
+    assert adapter.get("a") == {"x": 1, "y": 2}
+    adapter.save("a", live)  # type: ignore[arg-type]
+    assert adapter.get("a") is live
+    adapter.delete("a")
+    assert adapter.get("a") is None
+    with pytest.raises(ValueError, match="create_store"):
+        FastSessionStoreAdapter(object())

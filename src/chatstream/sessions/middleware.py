@@ -69,8 +69,10 @@ class HttpSession:
     def _materialize(self) -> SessionData:
         self.touched = True
         if self._data is None:
-            self._data = {}
-            self._store.save(self._session_id, self._data)
+            created: SessionData = {}
+            self._store.save(self._session_id, created)
+            stored = self._store.get(self._session_id)  # a store may keep its own dict (fastsession's do)
+            self._data = stored if stored is not None else created
         return self._data
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MemoryStore", "SessionData", "SessionStore"]
+__all__ = ["FastSessionStoreAdapter", "MemoryStore", "SessionData", "SessionStore"]
 
 SessionData = dict[str, Any]
 """One session's data: a plain dict the application reads and writes."""
@@ -132,3 +132,40 @@ class MemoryStore(SessionStore):
             if entry.expires_at > now:
                 return
             del self._entries[session_id]
+
+
+class FastSessionStoreAdapter(SessionStore):
+    """Use a fastsession store (``fastsession.MemoryStore`` or one with the same methods) as a :class:`SessionStore`.
+
+    fastsession's stores hand out one dict per session (``create_store`` / ``get_store``) and persist it with
+    ``save_store``; this adapter keeps that dict as the live session data.
+    """
+
+    def __init__(self, fastsession_store: Any) -> None:
+        for method in ("create_store", "get_store", "save_store"):
+            if not callable(getattr(fastsession_store, method, None)):
+                raise ValueError(f"{type(fastsession_store).__name__} has no {method}(); not a fastsession store")
+        self.fastsession_store = fastsession_store
+
+    def get(self, session_id: str) -> SessionData | None:
+        data: SessionData | None = self.fastsession_store.get_store(session_id)
+        return data
+
+    def save(self, session_id: str, data: SessionData) -> None:
+        target = self.fastsession_store.get_store(session_id)
+        if target is None:
+            target = self.fastsession_store.create_store(session_id)
+        if target is not data:
+            target.clear()
+            target.update(data)
+        self.fastsession_store.save_store(session_id)
+
+    def delete(self, session_id: str) -> None:
+        # fastsession has no delete; its MemoryStore keeps sessions in raw_memory_store.
+        raw = getattr(self.fastsession_store, "raw_memory_store", None)
+        if isinstance(raw, dict):
+            raw.pop(session_id, None)
+        else:
+            data = self.fastsession_store.get_store(session_id)
+            if data is not None:
+                data.clear()
