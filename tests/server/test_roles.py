@@ -187,7 +187,7 @@ async def test_no_session_and_no_role_never_yields_500(roles: Any, middlewares: 
 
 @pytest.mark.xfail(
     strict=True,
-    reason="sessions/handler.py (the lead's) answers /chat_stream without a session with 500; the acceptance wants a 4xx",
+    reason="sessions/handler.py answers /chat_stream without a session with 500; the acceptance wants a 4xx",
 )
 async def test_chat_stream_for_an_allowed_agent_without_session_is_not_500() -> None:
     cs = ChatStream(
