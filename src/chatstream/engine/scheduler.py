@@ -85,6 +85,22 @@ def stop_token_ids(sampling_stop_ids: Iterable[int], eos_ids: Iterable[int], ign
     return frozenset(ids)
 
 
+def eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    """The tokenizer's EOS id and the model's generation-config EOS ids (Gemma has several)."""
+    ids: set[int] = set()
+    for value in (getattr(tokenizer, "eos_token_id", None), _generation_eos(model)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return frozenset(ids)
+
+
+def _generation_eos(model: Any) -> Any:
+    generation_config = getattr(model, "generation_config", None)
+    return getattr(generation_config, "eos_token_id", None)
+
+
 class Scheduler:
     """Waiting sequences (FIFO) and the choice of who joins the batch at the next step."""
 

@@ -21,21 +21,18 @@ import torch
 from chatstream.config import EngineConfig
 from chatstream.engine import sampler
 from chatstream.engine.base import Delta, EngineError, EngineStats, FinishReason, GenerationRequest, RequestStream
+from chatstream.engine.detokenizer import IncrementalDetokenizer
 from chatstream.engine.kv_cache import DecodeBatch, PrefixCache, PrefixEntry, common_prefix_len
 from chatstream.engine.model_runner import ModelRunner
 from chatstream.engine.scheduler import (
     Scheduler,
     Sequence,
     SequenceStatus,
+    eos_token_ids,
     stop_reason,
     stop_token_ids,
     truncate_prompt,
 )
-
-try:
-    from chatstream.engine.detokenizer import IncrementalDetokenizer
-except ImportError:  # pragma: no cover - until detokenizer.py lands
-    IncrementalDetokenizer = None  # type: ignore[assignment,misc]
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +66,7 @@ class TransformersEngine:
         self._running: list[Sequence] = []
         self._batch: DecodeBatch | None = None
         self._counters = {"generated": 0, "prompt": 0, "cached": 0}
+        self._outboxes: dict[asyncio.AbstractEventLoop, _Outbox] = {}  # engine thread only
 
     # ---- event-loop side -------------------------------------------------------------------------------------------
 
@@ -163,7 +161,7 @@ class TransformersEngine:
                 self._accept(request, stream, loop, deliveries)
             else:
                 self._mark_aborted(payload)
-        _deliver(deliveries)
+        self._deliver(deliveries)
 
     def _accept(
         self, request: GenerationRequest, stream: RequestStream, loop: asyncio.AbstractEventLoop, out: _Delivery
@@ -189,7 +187,9 @@ class TransformersEngine:
         seq.prompt_ids, seq.max_new_tokens = truncate_prompt(ids, params.max_new_tokens, self.config.context_len)
         seq.stop_token_ids = stop_token_ids(params.stop_token_ids, self._eos_ids, params.ignore_eos)
         seq.generator = sampler.make_generator(params.seed)
-        seq.detokenizer = make_detokenizer(self.tokenizer, seq.prompt_ids, params.stop, request.output_replacements)
+        seq.detokenizer = IncrementalDetokenizer(
+            self.tokenizer, seq.prompt_ids, stop=params.stop, replacements=request.output_replacements
+        )
 
     def _encode(self, prompt: str) -> list[int]:
         special = self.config.add_special_tokens
@@ -213,7 +213,7 @@ class TransformersEngine:
             if self._running:
                 self._decode(out)
         finally:
-            _deliver(out)
+            self._deliver(out)
 
     def _drop_aborted(self, out: _Delivery) -> None:
         for seq in self._scheduler.remove_aborted():
@@ -351,6 +351,19 @@ class TransformersEngine:
             kv = batch.cache.extract_row(row, batch.num_padding(row))
             self._prefix_cache.put(conv, PrefixEntry(tuple(seq.prompt_ids + seq.output_ids[:-1]), kv))
 
+    def _deliver(self, deliveries: _Delivery) -> None:
+        """Hand the step's deltas to their event loops (usually one loop: one post per step, not one per delta)."""
+        by_loop: dict[asyncio.AbstractEventLoop, _Delivery] = defaultdict(list)
+        for seq, delta in deliveries:
+            by_loop[seq.loop].append((seq, delta))
+        for loop, items in by_loop.items():
+            box = self._outboxes.get(loop)
+            if box is None:
+                for closed in [lp for lp in self._outboxes if lp.is_closed()]:
+                    del self._outboxes[closed]
+                box = self._outboxes[loop] = _Outbox(loop)
+            box.post(items)
+
     def _delta(
         self,
         seq: Sequence,
@@ -384,7 +397,7 @@ class TransformersEngine:
                 self._finish(seq, FinishReason.ERROR, deliveries, error=message)
         self._running, self._batch = [], None
         if out is None:
-            _deliver(deliveries)
+            self._deliver(deliveries)
 
     def _abort_everything(self) -> None:
         out: _Delivery = []
@@ -394,65 +407,30 @@ class TransformersEngine:
         self._running, self._batch = [], None
         self._scheduler.waiting.clear()
         self._prefix_cache.clear()
-        _deliver(out)
+        self._deliver(out)
 
 
-def _deliver(deliveries: _Delivery) -> None:
-    """Hand the step's deltas to their event loops: one thread-safe call per loop, not one per delta."""
-    by_loop: dict[asyncio.AbstractEventLoop, _Delivery] = defaultdict(list)
-    for seq, delta in deliveries:
-        by_loop[seq.loop].append((seq, delta))
-    for loop, items in by_loop.items():
-        try:
-            loop.call_soon_threadsafe(_put_all, items)
-        except RuntimeError:
-            pass  # that loop is closed: nobody is listening any more
+class _Outbox:
+    """Deltas waiting for one event loop. The loop is woken (a thread-safe call, i.e. a syscall) only when it has
+    drained the previous ones, so a busy loop takes several steps' deltas in one go."""
 
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._items: _Delivery = []
 
-def _put_all(items: _Delivery) -> None:
-    for seq, delta in items:
-        seq.stream.put_nowait(delta)
+    def post(self, items: _Delivery) -> None:
+        with self._lock:
+            wake = not self._items
+            self._items.extend(items)
+        if wake:
+            try:
+                self.loop.call_soon_threadsafe(self._flush)
+            except RuntimeError:
+                pass  # that loop is closed: nobody is listening any more
 
-
-def eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
-    """The tokenizer's EOS id and the model's generation-config EOS ids (Gemma has several)."""
-    ids: set[int] = set()
-    for value in (getattr(tokenizer, "eos_token_id", None), _generation_eos(model)):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(int(v) for v in value)
-    return frozenset(ids)
-
-
-def _generation_eos(model: Any) -> Any:
-    generation_config = getattr(model, "generation_config", None)
-    return getattr(generation_config, "eos_token_id", None)
-
-
-def make_detokenizer(
-    tokenizer: Any, prompt_ids: SequenceABC[int], stop: SequenceABC[str], replacements: SequenceABC[tuple[str, str]]
-) -> Any:
-    if IncrementalDetokenizer is not None:
-        return IncrementalDetokenizer(tokenizer, prompt_ids, stop=stop, replacements=replacements)
-    return _PlainDetokenizer(tokenizer, stop)
-
-
-class _PlainDetokenizer:  # pragma: no cover - stand-in until detokenizer.py lands
-    def __init__(self, tokenizer: Any, stop: SequenceABC[str]) -> None:
-        self.tokenizer, self.stop, self.sent, self.stopped = tokenizer, tuple(stop), 0, False
-        self.ids: list[int] = []
-
-    def add_tokens(self, token_ids: SequenceABC[int], final: bool = False) -> str:
-        self.ids.extend(token_ids)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        for s in self.stop:
-            if s in text:
-                self.stopped = True
-                text = text[: text.index(s)]
-        safe = text if self.stopped or final else text.rstrip("\ufffd")
-        new, self.sent = safe[self.sent :], max(self.sent, len(safe))
-        return new
-
-    def flush(self) -> str:
-        return "" if self.stopped else self.add_tokens((), final=True)
+    def _flush(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+        for seq, delta in items:
+            seq.stream.put_nowait(delta)
