@@ -273,6 +273,14 @@ def test_all_penalties_on_different_rows() -> None:
     assert out.tolist() == [[0.5, -2.0, 3.0], [0.5, -2.5, 3.0], [1.0, 1.0, 3.0]]
 
 
+def test_penalties_accept_token_id_tensors() -> None:
+    # the engine may keep prompt and output ids as tensors to skip the list-to-tensor conversion
+    logits = torch.tensor([[2.0, -2.0, 1.0, 0.0]])
+    p = params(repetition_penalty=2.0, frequency_penalty=0.5)
+    out = apply_penalties(logits, [p], [torch.tensor([0])], [torch.tensor([1, 1])])
+    assert out.tolist() == [[1.0, -5.0, 1.0, 0.0]]
+
+
 def test_penalty_changes_the_greedy_choice() -> None:
     logits = torch.tensor([[3.0, 2.0, -1.0]])
     greedy = params(temperature=0.0, repetition_penalty=2.0)
