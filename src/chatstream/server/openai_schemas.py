@@ -146,7 +146,7 @@ def check_unsupported(body: ChatCompletionRequest | CompletionRequest) -> None:
         if body.logprobs or body.top_logprobs:
             raise BadRequest("'logprobs' is not supported", param="logprobs")
         if body.tools or body.functions:
-            raise BadRequest("tool and function calling are not supported", param="tools")
+            raise BadRequest("'tools' and 'functions' (tool calling) are not supported", param="tools")
         if body.response_format and body.response_format.get("type", "text") != "text":
             raise BadRequest("only response_format {'type': 'text'} is supported", param="response_format")
         return
