@@ -404,11 +404,16 @@
       this.note.hidden = !text;
     }
 
+    setState(state) {
+      this.root.dataset.state = state; // streaming, done, stopped, interrupted, busy, error, promotion
+    }
+
     setStreaming(on) {
       this.root.classList.toggle("cs-streaming", on);
     }
 
     showAlert(kind, message, retryLabel, onRetry) {
+      this.setState(kind);
       this.text = "";
       this.bubble.textContent = "";
       const box = el("div", "cs-alert cs-alert-" + kind);
@@ -682,6 +687,7 @@
       const stopHadFocus = document.activeElement === this.stopButton;
       this.stopButton.hidden = !on;
       this.sendButton.hidden = on;
+      for (const button of this.log.querySelectorAll('[data-action="regenerate"]')) button.disabled = on;
       this.updateComposer();
       if (!on && stopHadFocus) this.input.focus();
     }
@@ -728,6 +734,7 @@
     async run(view, body) {
       await this.ready;
       view.setThinking();
+      view.setState("streaming");
       view.setStreaming(true);
       this.setGenerating(true);
       this.announce(this.t.generating);
@@ -765,14 +772,16 @@
     finishAnswer(view, result) {
       view.setMarkdown(result.text);
       view.messageId = result.messageId;
+      view.root.dataset.messageId = result.messageId;
       view.feedback = null;
+      view.setState(result.kind === "aborted" ? "stopped" : result.kind);
       if (result.kind === "aborted") view.setNote(this.t.stopped);
       if (result.kind === "interrupted") view.setNote(this.t.interrupted);
       if (result.kind === "done" && !result.text) view.setNote(this.t.empty);
       if (result.kind === "done" && PROMOTION_RE.test(result.text)) {
         // The pass phrase never enters the history: hide it on screen too, and offer no actions on this reply.
         if (view.user) view.user.setPlain("••••••  " + this.t.hiddenPhrase);
-        view.promotion = true;
+        view.setState("promotion");
         return;
       }
       this.lastAnswer = view;
