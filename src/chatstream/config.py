@@ -74,6 +74,13 @@ class SamplingParams:
         _check(0.0 <= self.min_p <= 1.0, "min_p", self.min_p, "must be in [0, 1]")
         if self.repetition_penalty is not None:
             _check(self.repetition_penalty >= 0.0, "repetition_penalty", self.repetition_penalty, "must be >= 0")
+            if self.repetition_penalty_method is RepetitionPenaltyMethod.MULTIPLICATIVE:
+                _check(
+                    self.repetition_penalty > 0.0,
+                    "repetition_penalty",
+                    self.repetition_penalty,
+                    "must be > 0 for the multiplicative method",
+                )
         _check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", self.frequency_penalty, "must be in [-2, 2]")
         _check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", self.presence_penalty, "must be in [-2, 2]")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop, "must be non-empty strings")
