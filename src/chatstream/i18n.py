@@ -38,18 +38,6 @@ _CATALOGUE: Final[dict[str, dict[str, str]]] = {
         "en": "append_apis was called without 'include', 'exclude' or 'all'; no API was added.",
         "ja": "append_apis に 'include'、'exclude'、'all' のいずれも指定されていないため、API は追加されませんでした。",
     },
-    "queue_full": {
-        "en": "The server is busy. Please try again in %d seconds.",
-        "ja": "サーバーが混み合っています。%d 秒後にもう一度お試しください。",
-    },
-    "draining": {
-        "en": "The server is shutting down.",
-        "ja": "サーバーはシャットダウン中です。",
-    },
-    "engine_not_ready": {
-        "en": "The model is not ready yet.",
-        "ja": "モデルの準備ができていません。",
-    },
     "web_ui_missing": {
         "en": "The ChatStream web UI is not installed in this build.",
         "ja": "このビルドには ChatStream の Web UI が含まれていません。",

@@ -86,10 +86,10 @@ def test_normalize_locale(locale: str | None, expected: str) -> None:
 
 
 def test_messages_in_both_languages() -> None:
-    english, japanese = message("queue_full", "en"), message("queue_full", "ja-JP")
-    assert english != japanese and "%d" in english and "%d" in japanese
-    assert english % 3 == "The server is busy. Please try again in 3 seconds."
-    assert message("draining") == message("draining", "de")
+    english, japanese = message("cors_enabled", "en"), message("cors_enabled", "ja-JP")
+    assert english != japanese and "%s" in english and "%s" in japanese
+    assert english % "http://a" == "CORS enabled for origins http://a."
+    assert message("drain_finished") == message("drain_finished", "de") == "Shutdown complete."
     assert message("drain_started", "ja") % (1.5, 2)  # same argument order in both languages
     with pytest.raises(KeyError):
         message("no_such_message")

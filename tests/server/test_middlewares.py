@@ -130,3 +130,11 @@ async def test_role_middleware_records_the_role_and_the_dev_tool_header() -> Non
     assert browser.headers["X-ChatStream-API-DevTool-Enabled"] == "enabled"
     assert "X-ChatStream-API-DevTool-Enabled" not in agent.headers
     assert "set-cookie" not in browser.headers  # resolving a role alone creates no session
+
+
+async def test_operator_messages_follow_the_locale(caplog: pytest.LogCaptureFixture) -> None:
+    cs = ChatStream(use_mock_response=True, locale="ja-JP")
+    with caplog.at_level(logging.WARNING, logger="chatstream.server.middlewares"):
+        build_app({"develop_mode": True}, cs)
+    text = " ".join(r.getMessage() for r in caplog.records)
+    assert "secret_key が指定されていない" in text and "すべてのオリジン" in text
