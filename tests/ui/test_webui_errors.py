@@ -130,7 +130,7 @@ def test_native_stream_segments(open_page: Any, echo_server: Any, body: str, sho
 
 def test_long_answer_under_chunked_transfer(open_page: Any, echo_server: Any) -> None:
     page = open_page(echo_server).page
-    text = words(200)
+    text = words(80)
     send(page, text)
     answer = wait_answer(page)
     assert answer.locator(".cs-bubble").inner_text() == text
