@@ -206,6 +206,7 @@ def summarize_round(outcome: RoundOutcome) -> dict[str, float | None]:
         "rejected": float(sum(1 for r in outcome.results if r.rejected)),
         "failed": float(sum(1 for r in outcome.results if not r.ok and not r.rejected) + outcome.timed_out),
         "output_tokens": float(tokens),
+        "output_tokens_mean": tokens / len(done) if done else None,
         "wall_s": outcome.wall_s,
         "tokens_per_s": tokens / outcome.wall_s if outcome.wall_s > 0 else None,
         "ttft_p50_ms": percentile(ttfts, 50),

@@ -26,12 +26,12 @@ import logging
 import torch
 import uvicorn
 from chatstream.access_control.default_client_role_grant_middleware import DefaultClientRoleGrantMiddleware
-from chatstream.chat_prompt import AbstractChatPrompt, RoleType
 from fastapi import FastAPI, Request
 from fastsession import FastSessionMiddleware, MemoryStore
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from chatstream import ChatStream
+from chatstream.chat_prompt import AbstractChatPrompt, RoleType
 
 # Prompts live in the session store; keep the tokenizer off the instances so they stay small.
 _TOKENIZER = None

@@ -15,6 +15,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -27,7 +28,17 @@ import httpx
 from bench.load import DEFAULT_TIMEOUT, OpenAITarget, TokenCounter
 from bench.report import compute_ratios, render_tables
 from bench.scenarios import BenchConfig, Endpoint, multi_turn, responsiveness, throughput, warm_up
-from bench.servers import ALL_SERVERS, BENCH_DIR, DEFAULT_CACHE, REPO_ROOT, LaunchOptions, RunningServer, ServerSpec
+from bench.servers import (
+    ALL_SERVERS,
+    BENCH_DIR,
+    DEFAULT_CACHE,
+    REPO_ROOT,
+    LaunchOptions,
+    RunningServer,
+    ServerSpec,
+    prepare_model_dir,
+    stop_all,
+)
 
 logger = logging.getLogger("bench")
 
@@ -59,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="smoke run: concurrency 1,8; 1 round; 32 tokens; 2x3 multi-turn; 8 health chats",
+        help="smoke run: concurrency 1,4; 1 round; 16 tokens; 2x2 multi-turn; 4 health chats; 300 s round limit",
     )
     parser.add_argument("--mock", action="store_true", help="start ours with --mock (tests the harness, no model)")
     parser.add_argument("--no-ignore-eos", action="store_true", help="let answers stop at EOS in throughput runs")
@@ -83,33 +94,34 @@ def build_config(args: argparse.Namespace) -> BenchConfig:
     if args.quick:
         config = replace(
             config,
-            concurrencies=tuple(c for c in config.concurrencies if c <= 8) or (1,),
+            concurrencies=(1, 4),
             rounds=1,
-            max_tokens=32,
-            health_chats=8,
+            max_tokens=16,
+            health_chats=4,
             mt_conversations=2,
-            mt_turns=3,
-            mt_max_tokens=32,
+            mt_turns=2,
+            mt_max_tokens=16,
+            round_timeout_s=min(config.round_timeout_s, 300.0),
         )
     return config
 
 
 def resolve_model(args: argparse.Namespace) -> Path | None:
     """The checkpoint every server loads: --model, or the directory `chatstream convert` prints."""
-    if args.model is not None:
-        return args.model.resolve()
     if args.mock:
         return None
+    if args.model is not None:
+        return prepare_model_dir(args.model, args.cache_dir)
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "src")}
     done = subprocess.run(
-        [sys.executable, "-m", "chatstream.cli", "convert"],
+        [sys.executable, "-m", "chatstream", "convert"],
         env=env,
         capture_output=True,
         text=True,
         check=True,
         cwd=REPO_ROOT,
     )
-    return Path(done.stdout.strip().splitlines()[-1]).resolve()
+    return prepare_model_dir(Path(done.stdout.strip().splitlines()[-1]), args.cache_dir)
 
 
 def make_token_counter(model_dir: Path | None) -> tuple[TokenCounter, str]:
@@ -303,11 +315,19 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     args = parse_args(argv)
-    report = asyncio.run(main_async(args))
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        report = asyncio.run(main_async(args))
+    finally:
+        stop_all()
     out = args.out or RESULTS_DIR / f"{report['meta']['started']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2), encoding="utf-8")

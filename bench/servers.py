@@ -91,8 +91,11 @@ def build_command(spec: ServerSpec, options: LaunchOptions, port: int) -> tuple[
     model = str(options.model_dir)
     if spec.kind == "ours":
         env["PYTHONPATH"] = str(REPO_ROOT / "src")
-        argv = [sys.executable, "-m", "chatstream.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+        argv = [sys.executable, "-m", "chatstream", "serve", "--host", "127.0.0.1", "--port", str(port)]
         argv += ["--max-concurrency", str(options.max_concurrency), "--max-queue", str(options.max_queue)]
+        argv += ["--too-many-requests-as-http-error", "--log-level", "warning"]
+        # Greedy, and the native protocol's answer length is the server's setting (the request cannot carry one).
+        argv += ["--temperature", "0", "--max-new-tokens", str(options.max_new_tokens), "--context-len", "2048"]
         argv += ["--mock"] if options.mock else ["--model", model, "--dtype", spec.dtype]
     elif spec.kind == "vllm":
         env["VLLM_CPU_KVCACHE_SPACE"] = "4"
@@ -100,8 +103,6 @@ def build_command(spec: ServerSpec, options: LaunchOptions, port: int) -> tuple[
         argv += ["--model", model, "--dtype", "bfloat16" if spec.dtype == "bf16" else "float32"]
         argv += ["--max-model-len", "2048", "--host", "127.0.0.1", "--port", str(port)]
         argv += ["--enable-prefix-caching", "--max-num-seqs", str(max(options.max_concurrency, 1))]
-        if _needs_chat_template(options.model_dir):
-            argv += ["--chat-template", str(GEMMA_TEMPLATE)]
     else:
         argv = [str(peer_python(options.cache_dir, "original")), str(BENCH_DIR / "original_server.py")]
         argv += ["--model", model, "--port", str(port), "--concurrency", str(options.max_concurrency)]
@@ -110,12 +111,51 @@ def build_command(spec: ServerSpec, options: LaunchOptions, port: int) -> tuple[
     return argv + list(options.extra_args), env
 
 
-def _needs_chat_template(model_dir: Path) -> bool:
-    """True when the checkpoint's tokenizer carries no chat template (the GGUF conversion has none)."""
+def has_chat_template(model_dir: Path) -> bool:
+    """Whether the checkpoint's tokenizer carries a chat template (the GGUF conversion has none)."""
     if (model_dir / "chat_template.jinja").exists():
-        return False
+        return True
     config = model_dir / "tokenizer_config.json"
-    return not (config.exists() and '"chat_template"' in config.read_text(encoding="utf-8"))
+    return config.exists() and '"chat_template"' in config.read_text(encoding="utf-8")
+
+
+def prepare_model_dir(source: Path, cache_dir: Path = DEFAULT_CACHE) -> Path:
+    """The directory all three servers load: ``source`` itself, or a linked copy with Gemma's chat template.
+
+    The converted Gemma-3-270M checkpoint has no chat template, and then each server would fall back to a different
+    prompt format (vLLM refuses chat requests, ours uses a plain User/Assistant transcript). A folder of symlinks to
+    the same weights plus bench/gemma_chat_template.jinja gives every server the same turn format; the original's
+    prompt class in bench/original_server.py renders that format too.
+    """
+    source = source.resolve()
+    if has_chat_template(source):
+        return source
+    target = cache_dir / "models" / f"{source.name}-chat"
+    target.mkdir(parents=True, exist_ok=True)
+    for item in source.iterdir():
+        link = target / item.name
+        if link.is_symlink() and link.resolve() == item:
+            continue
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(item)
+    (target / "chat_template.jinja").write_text(GEMMA_TEMPLATE.read_text(encoding="utf-8"), encoding="utf-8")
+    return target
+
+
+def _child_env(extra_env: dict[str, str]) -> dict[str, str]:
+    """Our environment without PYTHONPATH (a peer must import its own chatstream, not ours), plus ``extra_env``."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    return {**env, **extra_env}
+
+
+_LIVE: set[RunningServer] = set()
+
+
+def stop_all() -> None:
+    """Stop every server this process started and has not stopped yet (used when the run is interrupted)."""
+    for server in list(_LIVE):
+        server.stop(grace_s=10.0)
 
 
 class RunningServer:
@@ -133,12 +173,13 @@ class RunningServer:
         self.process = subprocess.Popen(
             argv,
             cwd=str(REPO_ROOT),
-            env={**os.environ, **extra_env},
+            env=_child_env(extra_env),
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         self.ready_s: float | None = None
+        _LIVE.add(self)
 
     def wait_ready(self, timeout_s: float) -> float:
         """Poll GET /health until it answers 200; returns the seconds it took."""
@@ -181,6 +222,7 @@ class RunningServer:
                 self._signal_group(signal.SIGKILL)
                 self.process.wait(timeout=10)
         self._log.close()
+        _LIVE.discard(self)
 
     def _signal_group(self, sig: signal.Signals) -> None:
         try:
