@@ -296,3 +296,14 @@ def test_as_agent_ignores_the_session() -> None:
     browser = make_request(FakeSessionManager())
     assert not roles.is_allowed(browser, "openai")
     assert roles.is_allowed(browser, "openai", as_agent=True)
+
+
+def test_a_sessionless_denial_of_a_browser_api_hints_at_the_missing_middleware(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    roles = ClientRoles.from_config(None)
+    with caplog.at_level("WARNING", logger="chatstream.server.access"):
+        assert roles.deny_response(make_request(), "chat_stream") is not None
+        assert roles.deny_response(make_request(), "chat_stream") is not None
+    hints = [r for r in caplog.records if "session middleware" in r.getMessage()]
+    assert len(hints) == 1

@@ -165,6 +165,7 @@ class ClientRoles:
         self._browser_phrase_roles = tuple(r for r in self.roles if r.auth_method.is_browser_phrase)
         self._header_roles = tuple(r for r in self.roles if r.auth_method.is_header_phrase)
         self._governed_open_apis = frozenset(a for a in OPEN_API_NAMES if any(r.names(a) for r in self.roles))
+        self._warned_sessionless = False
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | None) -> ClientRoles:
@@ -210,6 +211,13 @@ class ClientRoles:
             return None
         role = self.resolve(request, as_agent=as_agent)
         logger.info("API %r denied on the role layer (role %r)", api_name, role.name)
+        if not self._warned_sessionless and _session_of(request) is None and self.browser_default.allows(api_name):
+            self._warned_sessionless = True
+            logger.warning(
+                "a request without a session was denied %r, which browsers may call: if this app serves browsers, add "
+                "a session middleware (chat_stream.append_middlewares(app) or fastsession's FastSessionMiddleware)",
+                api_name,
+            )
         return role_denied_response()
 
     def dev_tool_enabled(self, request: HTTPConnection) -> bool:
