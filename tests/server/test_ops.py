@@ -140,3 +140,18 @@ def test_resource_usage_without_gpus() -> None:
     assert usage["gpus"] == [] and usage["num_gpus"] == 0
     assert usage["cpu"]["total_memory"] > 0 and usage["cpu"]["used_memory"] > 0
     assert resource_usage(None, "cpu")["gpus"] == []
+
+
+def test_resource_usage_reports_gpus_through_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    gib = 1024**3
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: ((10 + i) * gib, 80 * gib))
+    one = resource_usage(1, torch.device("cuda:1"))["gpus"]
+    assert one == [{"index": 1, "total_memory": 80.0, "used_memory": 69.0}]
+    assert [g["index"] for g in resource_usage(None, "cuda")["gpus"]] == [0, 1]
+    assert [g["used_memory"] for g in resource_usage(2, None)["gpus"]] == [70.0, 69.0]
+    assert resource_usage(0, torch.device("cuda:0"))["gpus"] == []
+    assert resource_usage(None, torch.device("cpu"))["gpus"] == []
