@@ -14,9 +14,10 @@ python -m pip install -q --upgrade pip
 python -m pip install -q torch==2.13.0
 python -m pip install -q -e ".[dev]"
 
-if [ "${CHATSTREAM_SKIP_BROWSER:-0}" != "1" ] && ! command -v chromium >/dev/null 2>&1; then
+# A Japanese font so that screenshots of Japanese text show glyphs, not boxes.
+if [ "${CHATSTREAM_SKIP_BROWSER:-0}" != "1" ] && { ! command -v chromium >/dev/null 2>&1 || ! fc-list 2>/dev/null | grep -qi ipa; }; then
   if [ "$(id -u)" = "0" ]; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-ipafont-gothic >/dev/null
   else
     echo "note: chromium is not installed; browser tests will be skipped (sudo apt-get install chromium)" >&2
   fi
