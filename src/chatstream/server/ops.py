@@ -83,14 +83,14 @@ def resource_usage(num_gpus: int | None, device: Any) -> dict[str, Any]:
 
 
 def _gpu_usage(num_gpus: int | None, device: Any) -> list[dict[str, Any]]:
-    device_type = getattr(device, "type", None) or (str(device).split(":")[0] if device is not None else None)
+    device_type = str(device).split(":")[0] if device is not None else None
     if num_gpus == 0 or device_type not in (None, "cuda"):
         return []
     import torch
 
     if not torch.cuda.is_available():
         return []
-    index = getattr(device, "index", None)
+    index = torch.device(device).index if device is not None else None
     if num_gpus in (None, 1) and index is not None:
         indexes = [index]
     else:
