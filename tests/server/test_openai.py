@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from tests.live_server import run_server
 
 from chatstream import ChatStream
-from chatstream.engine.base import GenerationRequest
+from chatstream.engine.base import Delta, FinishReason, GenerationRequest, RequestStream
 from chatstream.server.apis import append_apis
 from chatstream.server.app import create_app
 from chatstream.server.openai import api_key_matches
@@ -253,6 +253,29 @@ async def test_draining_is_503(client: httpx.AsyncClient, chat_stream: ChatStrea
     await chat_stream.admission.drain(0.0)
     response = await client.post("/v1/chat/completions", json=chat_body())
     assert response.status_code == 503 and response.json()["error"]["code"] == "draining"
+
+
+def fail_generations(chat_stream: ChatStream) -> None:
+    """Make the engine answer every request with one piece of text and then an error."""
+
+    def add_request(request: GenerationRequest) -> RequestStream:
+        stream = RequestStream(request.request_id)
+        stream.put_nowait(Delta(text="partial", token_ids=(1,), num_generated_tokens=1))
+        stream.put_nowait(Delta(text="", finish_reason=FinishReason.ERROR, error="CUDA out of memory"))
+        return stream
+
+    chat_stream.engine.add_request = add_request  # type: ignore[method-assign]
+
+
+async def test_an_engine_error_is_500_or_an_error_event(client: httpx.AsyncClient, chat_stream: ChatStream) -> None:
+    fail_generations(chat_stream)
+    plain = await client.post("/v1/chat/completions", json=chat_body())
+    assert plain.status_code == 500
+    assert plain.json()["error"]["code"] == "generation_error" and "out of memory" in plain.json()["error"]["message"]
+    streamed = await client.post("/v1/chat/completions", json=chat_body(stream=True))
+    events = sse_events(streamed.text)
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "generation_error"
+    assert chat_stream.admission.num_running == 0
 
 
 # ----- access -----

@@ -263,6 +263,7 @@ async def _respond(
     if outcome is None:
         return Response(status_code=499)
     if outcome.finish_reason is FinishReason.ERROR:
+        logger.warning("generation %s failed: %s", gen_request.request_id, outcome.error)
         raise ApiError(f"Generation failed: {outcome.error or 'engine error'}", code="generation_error")
     return JSONResponse(renderer.complete(outcome))
 
