@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import gguf
+import numpy as np
 import pytest
 import torch
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from chatstream import loadtime_compat, models
 from chatstream.loadtime_compat import LoadTime
@@ -290,6 +294,100 @@ def test_conversion_progress_is_drawn(
     prepare_model_dir(gguf, cache_dir=tmp_path / "cache", progress=True)
     assert "Converting tiny-" in capsys.readouterr().err
     assert list((tmp_path / "xdg" / "chatstream" / "loadtime").glob("convert-tiny-*.json"))
+
+
+# ----- a real GGUF file: the tiny model written with the gguf package, then converted -----
+
+
+def _llama_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
+    """The q/k row order llama.cpp writes (transformers undoes it when it reads a llama GGUF)."""
+    return (
+        weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
+    )
+
+
+def _write_gguf_header(writer: gguf.GGUFWriter, model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast) -> None:
+    config = model.config
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
+    writer.add_rope_freq_base(float(config.rope_parameters["rope_theta"]))
+    writer.add_vocab_size(config.vocab_size)
+    tokens = [token for token, _ in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])]
+    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if token in tokenizer.all_special_tokens else 1 for token in tokens])
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    writer.add_bos_token_id(tokenizer.bos_token_id)
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    writer.add_unk_token_id(tokenizer.unk_token_id)
+    writer.add_pad_token_id(tokenizer.pad_token_id)
+
+
+def write_tiny_gguf(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, path: Path) -> Path:
+    """Write a float32 llama GGUF of ``model`` (what llama.cpp's converter would write, unquantized)."""
+    config = model.config
+    state = {name: tensor.detach().float().numpy() for name, tensor in model.state_dict().items()}
+    writer = gguf.GGUFWriter(str(path), "llama")
+    _write_gguf_header(writer, model, tokenizer)
+    writer.add_tensor("token_embd.weight", state["model.embed_tokens.weight"])
+    for i in range(config.num_hidden_layers):
+        layer = f"model.layers.{i}."
+        q = _llama_permute(state[layer + "self_attn.q_proj.weight"], config.num_attention_heads)
+        k = _llama_permute(state[layer + "self_attn.k_proj.weight"], config.num_key_value_heads)
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", state[layer + "input_layernorm.weight"])
+        writer.add_tensor(f"blk.{i}.attn_q.weight", q)
+        writer.add_tensor(f"blk.{i}.attn_k.weight", k)
+        writer.add_tensor(f"blk.{i}.attn_v.weight", state[layer + "self_attn.v_proj.weight"])
+        writer.add_tensor(f"blk.{i}.attn_output.weight", state[layer + "self_attn.o_proj.weight"])
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", state[layer + "post_attention_layernorm.weight"])
+        writer.add_tensor(f"blk.{i}.ffn_gate.weight", state[layer + "mlp.gate_proj.weight"])
+        writer.add_tensor(f"blk.{i}.ffn_up.weight", state[layer + "mlp.up_proj.weight"])
+        writer.add_tensor(f"blk.{i}.ffn_down.weight", state[layer + "mlp.down_proj.weight"])
+    writer.add_tensor("output_norm.weight", state["model.norm.weight"])
+    writer.add_tensor("output.weight", state["lm_head.weight"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_a_real_gguf_file_converts_to_the_same_model(
+    tiny_model: LlamaForCausalLM,
+    tiny_tokenizer: PreTrainedTokenizerFast,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    gguf_path = write_tiny_gguf(tiny_model, tiny_tokenizer, tmp_path / "tiny-llama.gguf")
+    cache = tmp_path / "cache"
+    model, tokenizer = load_model(gguf_path, dtype="fp32", device="cpu", cache_dir=cache, progress=False)
+    for text in ("Hello, how are you today?", "吾輩は猫である。名前はまだ無い。", "絵文字も使えます 😀🎉"):
+        ids = tokenizer(text)["input_ids"]
+        assert ids == tiny_tokenizer(text)["input_ids"]
+        assert tokenizer.decode(ids, skip_special_tokens=True) == text
+    ids = torch.tensor([tiny_tokenizer("The quick brown fox")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, tiny_model(ids).logits)
+    (entry,) = cache.iterdir()
+    assert (entry / "model.safetensors").is_file() and (entry / "tokenizer.json").is_file()
+    assert "quantization_config" not in json.loads((entry / "config.json").read_text())
+    assert json.loads((entry / CONVERSION_MARKER).read_text())["gguf_path"] == str(gguf_path.resolve())
+
+    def no_second_conversion(*_args: object) -> None:
+        raise AssertionError("the cached checkpoint should have been used")
+
+    monkeypatch.setattr(models, "_convert_file", no_second_conversion)
+    again, _ = load_model(gguf_path, dtype="bf16", device="cpu", cache_dir=cache, progress=False)
+    assert again.dtype is torch.bfloat16
 
 
 # ----- loading the tiny model -----
