@@ -19,8 +19,10 @@ from chatstream import loadtime_compat, models
 from chatstream.loadtime_compat import LoadTime
 from chatstream.models import (
     CONVERSION_MARKER,
+    conversion,
     cpu_supports_bf16,
     default_dtype,
+    devices,
     load_model,
     models_cache_dir,
     parse_dtype,
@@ -79,9 +81,9 @@ def test_parse_dtype_rejects_others_naming_the_value(bad: object) -> None:
 
 @pytest.mark.parametrize("auto", ["auto", "AUTO", None])
 def test_auto_dtype_follows_the_cpu_flags(auto: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(models, "cpu_supports_bf16", lambda: True)
+    monkeypatch.setattr(devices, "cpu_supports_bf16", lambda: True)
     assert parse_dtype(auto, "cpu") is torch.bfloat16
-    monkeypatch.setattr(models, "cpu_supports_bf16", lambda: False)
+    monkeypatch.setattr(devices, "cpu_supports_bf16", lambda: False)
     assert parse_dtype(auto, "cpu") is torch.float32
 
 
@@ -231,7 +233,7 @@ class FakeConverter:
 @pytest.fixture
 def fake_converter(monkeypatch: pytest.MonkeyPatch) -> FakeConverter:
     converter = FakeConverter()
-    monkeypatch.setattr(models, "_convert_file", converter)
+    monkeypatch.setattr(conversion, "_convert_file", converter)
     return converter
 
 
@@ -385,7 +387,7 @@ def test_a_real_gguf_file_converts_to_the_same_model(
     def no_second_conversion(*_args: object) -> None:
         raise AssertionError("the cached checkpoint should have been used")
 
-    monkeypatch.setattr(models, "_convert_file", no_second_conversion)
+    monkeypatch.setattr(conversion, "_convert_file", no_second_conversion)
     again, _ = load_model(gguf_path, dtype="bf16", device="cpu", cache_dir=cache, progress=False)
     assert again.dtype is torch.bfloat16
 
