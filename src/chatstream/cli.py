@@ -122,8 +122,12 @@ def run_serve(args: argparse.Namespace) -> int:
     """``chatstream serve``: load the model, build the app and run uvicorn until interrupted."""
     import uvicorn
 
+    from chatstream.config import ServerConfig
     from chatstream.server.app import create_app
 
+    server = ServerConfig(
+        host=args.host, port=args.port, api_keys=api_keys_from(args), drain_timeout_sec=args.drain_timeout
+    )
     chat_stream = build_chat_stream(
         args,
         max_concurrency=args.max_concurrency,
@@ -132,10 +136,9 @@ def run_serve(args: argparse.Namespace) -> int:
     )
     web_ui_params = {"title": args.web_ui_title} if args.web_ui_title else None
     app = create_app(
-        chat_stream, web_ui_params=web_ui_params, api_keys=api_keys_from(args), drain_timeout=args.drain_timeout
+        chat_stream, web_ui_params=web_ui_params, api_keys=server.api_keys, drain_timeout=server.drain_timeout_sec
     )
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, lifespan="on")
-    _run_uvicorn(config)
+    _run_uvicorn(uvicorn.Config(app, host=server.host, port=server.port, log_level=args.log_level, lifespan="on"))
     return 0
 
 
