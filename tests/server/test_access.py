@@ -16,6 +16,7 @@ from chatstream.server.access import (
     GrantedRole,
     default_roles_config,
 )
+from chatstream.sessions.middleware import SESSION_SKIPPED_STATE
 
 
 class FakeSessionManager:
@@ -37,7 +38,17 @@ def make_request(session: FakeSessionManager | None = None, headers: dict[str, s
     scope: dict[str, Any] = {"type": "http", "method": "GET", "path": "/", "headers": raw_headers, "state": {}}
     if session is not None:
         scope["state"]["session"] = session
+    else:  # an agent: the session middleware saw its skip header and gave it no session
+        scope["state"][SESSION_SKIPPED_STATE] = True
     return Request(scope)
+
+
+def test_an_app_without_session_middleware_may_call_what_browsers_and_agents_may() -> None:
+    roles = ClientRoles.from_config(None)
+    bare = Request({"type": "http", "method": "GET", "path": "/", "headers": [], "state": {}})
+    assert roles.is_allowed(bare, "chat_stream") and roles.is_allowed(bare, "get_load")
+    assert not roles.is_allowed(bare, "get_prompt")
+    assert not roles.is_allowed(bare, "chat_stream", as_agent=True)
 
 
 def sha(text: str) -> str:

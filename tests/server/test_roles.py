@@ -185,10 +185,6 @@ async def test_no_session_and_no_role_never_yields_500(roles: Any, middlewares: 
     assert len(statuses) > 40
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="sessions/handler.py answers /chat_stream without a session with 500; the acceptance wants a 4xx",
-)
 async def test_chat_stream_for_an_allowed_agent_without_session_is_not_500() -> None:
     cs = ChatStream(
         use_mock_response=True, mock_params={"type": "echo", "time_per_token_sec": 0}, client_roles=OPEN_ROLES

@@ -8,7 +8,9 @@ A role is ``{role_name: {"apis": {"allow": "all" | [api names], "auth_method": .
 2. a request with a session (a browser) gets the role stored in its session by a pass-phrase promotion, else the
    browser default role (``auth_method: "nothing"``, ``use_session: true``);
 3. a request without a session (an agent, e.g. one sending ``X-FastSession-Skip: skip``) gets the agent default role
-   (``"nothing"``, ``use_session: false``), or the browser default when none is defined.
+   (``"nothing"``, ``use_session: false``), or the browser default when none is defined;
+4. in an app with no session middleware at all, a request may also call what the browser default allows, so that
+   /chat_stream can answer that a session middleware is missing instead of a puzzling 403.
 
 So a request never lacks a role, and the check never raises. Phrases and digests are compared in constant time and
 never logged.
@@ -29,6 +31,7 @@ from starlette.requests import HTTPConnection
 from starlette.responses import JSONResponse
 
 from chatstream.server.errors import role_denied_response
+from chatstream.sessions.middleware import session_skipped
 
 logger = logging.getLogger(__name__)
 
@@ -203,7 +206,11 @@ class ClientRoles:
             return False
         if api_name in OPEN_API_NAMES and api_name not in self._governed_open_apis:
             return True
-        return self.resolve(request, as_agent=as_agent).allows(api_name)
+        if self.resolve(request, as_agent=as_agent).allows(api_name):
+            return True
+        # No session middleware at all: we cannot tell a browser from an agent, so what the browser default may
+        # call stays callable (and /chat_stream then answers that a session middleware is missing).
+        return not as_agent and _no_session_middleware(request) and self.browser_default.allows(api_name)
 
     def deny_response(self, request: HTTPConnection, api_name: str, *, as_agent: bool = False) -> JSONResponse | None:
         """None when allowed, else the original's 403 ``{"success": false, "message": "Forbidden", ...}``."""
@@ -252,6 +259,10 @@ class ClientRoles:
         if role is None or not (role.use_session or role.auth_method.is_browser_phrase):
             return None  # unknown now (the configuration changed) or not a browser role: back to the default
         return role
+
+
+def _no_session_middleware(request: HTTPConnection) -> bool:
+    return getattr(request.state, "session", None) is None and not session_skipped(request)
 
 
 def _session_of(request: HTTPConnection, *, materialize: bool = False) -> dict[str, Any] | None:

@@ -23,6 +23,7 @@ from starlette.responses import Response
 from chatstream.engine.base import FinishReason
 from chatstream.generation import GenerationOutcome, run_generation
 from chatstream.server import native
+from chatstream.sessions.middleware import session_skipped
 
 if TYPE_CHECKING:
     from chatstream.chat_stream import ChatStream
@@ -242,6 +243,12 @@ class SimpleSessionRequestHandler(AbstractRequestHandler):
         self, request: Request, request_body: bytes | str | None, streaming_finished_callback: StreamingFinishedCallback
     ) -> Response:
         session_mgr = getattr(request.state, self.session_attr, None)
+        if session_mgr is None and session_skipped(request):
+            await streaming_finished_callback(request, f"{UNKNOWN_ERROR},no session")
+            return native.bad_request(
+                "/chat_stream keeps the conversation in a session, and this request asked for none (session skip "
+                "header); send the session cookie instead, or use POST /v1/chat/completions"
+            )
         if session_mgr is None:
             await streaming_finished_callback(request, f"{UNKNOWN_ERROR},no session")
             return native.internal_error(

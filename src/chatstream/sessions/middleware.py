@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 from starlette.datastructures import Headers, MutableHeaders
-from starlette.requests import cookie_parser
+from starlette.requests import HTTPConnection, cookie_parser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from chatstream.sessions.store import MemoryStore, SessionData, SessionStore
@@ -31,6 +31,19 @@ _SAME_SITE_VALUES = ("lax", "strict", "none")
 
 SkipHeader = Mapping[str, str] | Sequence[Mapping[str, str]]
 """``{"header_name": "X-FastSession-Skip", "header_value": "skip"}`` (``"*"`` matches any value), or a list of them."""
+
+
+SESSION_SKIPPED_STATE = "chatstream_session_skipped"
+"""Set in ``request.state`` when a skip header told the session middleware to give this request no session."""
+
+FASTSESSION_SKIP_HEADER = "x-fastsession-skip"
+
+
+def session_skipped(conn: HTTPConnection) -> bool:
+    """True when the request deliberately has no session (an agent that sent the skip header), as opposed to an app
+    that has no session middleware at all. fastsession marks nothing, so its conventional header counts too."""
+    state = conn.scope.get("state") or {}
+    return bool(state.get(SESSION_SKIPPED_STATE)) or FASTSESSION_SKIP_HEADER in conn.headers
 
 
 class HttpSession:
@@ -132,6 +145,7 @@ class SessionMiddleware:
             return
         headers = Headers(scope=scope)
         if self._should_skip(headers):
+            scope.setdefault("state", {})[SESSION_SKIPPED_STATE] = True
             await self.app(scope, receive, send)
             return
         session = self._load_session(headers)
