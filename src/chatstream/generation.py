@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 from chatstream.engine.base import Delta, Engine, FinishReason, GenerationRequest
@@ -29,7 +29,7 @@ async def run_generation(
     metrics: ChatStreamMetrics | None,
     outcome: GenerationOutcome,
     arrived: float | None = None,
-) -> AsyncIterator[Delta]:
+) -> AsyncGenerator[Delta, None]:
     """Yield the engine's deltas for ``request`` while recording them in ``outcome`` and ``metrics``.
 
     If the consumer stops early (client disconnect: the generator is closed or cancelled), the request is aborted

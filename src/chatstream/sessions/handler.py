@@ -13,7 +13,7 @@ import json
 import logging
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -162,7 +162,7 @@ class AbstractRequestHandler(ABC):
         custom_generation_params: dict[str, Any] | None,
         message_id: str | None = None,
         conversation_id: str | None = None,
-    ) -> AsyncIterator[str]:
+    ) -> AsyncGenerator[str, None]:
         """Native chunks (cumulative answer + ``<::EOS::>``) for the pending answer of ``chat_prompt``.
 
         The answer (partial on disconnect) is stored as the last responder message with ``message_id``; the callback
