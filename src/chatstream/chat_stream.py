@@ -70,6 +70,7 @@ class ChatStream:
         prefix_cache_bytes: memory for per-conversation KV caches kept between turns (0 disables reuse).
         on_feedback_received: called with a dict by POST /set_feedback.
         model_name: the id reported by /v1/models.
+        api_keys: when set, the OpenAI endpoints require ``Authorization: Bearer <one of them>``.
         token_sampler, probe_mode_enabled: the original's sampler hooks; accepted and ignored (a warning is logged).
     """
 
@@ -104,6 +105,7 @@ class ChatStream:
         prefix_cache_bytes: int = 512 * 1024 * 1024,
         on_feedback_received: Callable[[dict[str, Any]], Any] | None = None,
         model_name: str | None = None,
+        api_keys: tuple[str, ...] | list[str] = (),
         token_sampler: Any = None,
         probe_mode_enabled: bool = False,
     ) -> None:
@@ -145,6 +147,7 @@ class ChatStream:
         self.too_many_request_as_http_error = too_many_request_as_http_error
         self.client_roles = ClientRoles.from_config(client_roles)
         self.on_feedback_received = on_feedback_received
+        self.api_keys = tuple(api_keys)
         self.engine: Engine = self._create_engine(mock_params)
         self.chat_prompt_clazz = chat_prompt_clazz or _default_prompt_class(tokenizer, use_mock_response)
         self._admission: AdmissionController | None = None
