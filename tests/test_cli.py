@@ -27,6 +27,13 @@ SRC_DIR = Path(__file__).resolve().parents[1] / "src"
 STARTUP_TIMEOUT_SEC = 60.0
 
 
+@pytest.fixture(autouse=True)
+def _private_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep load-time records and converted models out of the real home directory."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+    monkeypatch.setenv("CHATSTREAM_CACHE_DIR", str(tmp_path / "models"))
+
+
 # ----- parsing and validation -----
 
 
