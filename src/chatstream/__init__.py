@@ -4,7 +4,7 @@ The names the original package exported keep working (``ChatStream``, ``Abstract
 ``AbstractRequestHandler``, ``SimpleSessionRequestHandler``, ``LoadTime`` and the prompt presets); the rest are ours.
 """
 
-from loadtime import LoadTime  # re-exported as in the original package
+from chatstream.loadtime_compat import LoadTime
 
 from chatstream.chat_stream import ChatStream
 from chatstream.config import AdmissionConfig, EngineConfig, MockConfig, SamplingParams

@@ -115,3 +115,9 @@ async def test_drain_times_out_when_a_generation_keeps_running() -> None:
     ctl = controller(1, 0)
     await ctl.acquire()
     assert await ctl.drain(timeout=0.05) is False
+
+
+async def test_drain_of_an_idle_controller_succeeds_even_with_zero_timeout() -> None:
+    ctl = controller(1, 0)
+    (await ctl.acquire()).release()
+    assert await ctl.drain(timeout=0) is True

@@ -151,6 +151,8 @@ class AdmissionController:
             if not waiter.done():
                 self._num_running += 1  # the woken waiter sees draining and gives this back
                 waiter.set_result(None)
+        if self._idle.is_set():
+            return True
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
             return True
