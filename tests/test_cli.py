@@ -265,6 +265,8 @@ def test_serve_mock_answers_chat_stream(processes: list[subprocess.Popen[bytes]]
         assert response.status_code == 200
         chunks = [c for c in response.text.split("<::EOS::>") if c]
         assert chunks[-1] == ROUND_ANSWERS[0]
+        cookie = response.headers["set-cookie"].lower()
+        assert "httponly" in cookie and "secure" not in cookie  # plain HTTP: a Secure cookie would be dropped
         assert "<title>CLI test title</title>" in client.get("/").text
         assert client.get("/v1/models").status_code == 401
         assert client.get("/v1/models", headers={"Authorization": "Bearer k1"}).status_code == 200

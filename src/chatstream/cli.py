@@ -113,6 +113,11 @@ def _add_server_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--web-ui-title", default=None, help="title of the built-in chat page")
     group.add_argument("--drain-timeout", type=_float_at_least(0.0), default=30.0, metavar="SEC")
+    group.add_argument(
+        "--secure-cookies",
+        action="store_true",
+        help="mark the session cookie Secure (only when clients reach the server over HTTPS, e.g. behind a proxy)",
+    )
 
 
 # ----- commands -----
@@ -135,10 +140,25 @@ def run_serve(args: argparse.Namespace) -> int:
         reject_as_http_error=args.too_many_requests_as_http_error,
     )
     web_ui_params = {"title": args.web_ui_title} if args.web_ui_title else None
+    # serve speaks plain HTTP: a Secure cookie would be dropped by browsers that reach it by a LAN address
+    middleware_opts = {"session": {"secure": bool(args.secure_cookies)}}
     app = create_app(
-        chat_stream, web_ui_params=web_ui_params, api_keys=server.api_keys, drain_timeout=server.drain_timeout_sec
+        chat_stream,
+        web_ui_params=web_ui_params,
+        api_keys=server.api_keys,
+        drain_timeout=server.drain_timeout_sec,
+        middleware_opts=middleware_opts,
     )
-    _run_uvicorn(uvicorn.Config(app, host=server.host, port=server.port, log_level=args.log_level, lifespan="on"))
+    config = uvicorn.Config(
+        app,
+        host=server.host,
+        port=server.port,
+        log_level=args.log_level,
+        lifespan="on",
+        # uvicorn waits for open streams before the lifespan shutdown runs; bound that wait by the drain timeout
+        timeout_graceful_shutdown=max(1, int(server.drain_timeout_sec)),
+    )
+    _run_uvicorn(config)
     return 0
 
 
