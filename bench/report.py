@@ -84,7 +84,19 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def throughput_table(servers: dict[str, dict[str, Any]]) -> str:
-    header = ("server", "proto", "conc", "tok/s", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99", "ok/rej/fail", "RSS MB")
+    header = (
+        "server",
+        "proto",
+        "conc",
+        "tok/s",
+        "out/req",
+        "TTFT p50",
+        "TTFT p99",
+        "ITL p50",
+        "ITL p99",
+        "ok/rej/fail",
+        "RSS MB",
+    )
     rows = []
     for name, server in servers.items():
         for protocol, by_conc in (server.get("throughput") or {}).items():
@@ -97,6 +109,7 @@ def throughput_table(servers: dict[str, dict[str, Any]]) -> str:
                         protocol,
                         conc,
                         _num(m.get("tokens_per_s")),
+                        _num(m.get("output_tokens_mean"), 0),
                         _num(m.get("ttft_p50_ms"), 0),
                         _num(m.get("ttft_p99_ms"), 0),
                         _num(m.get("itl_p50_ms")),

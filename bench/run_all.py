@@ -36,6 +36,7 @@ from bench.servers import (
     LaunchOptions,
     RunningServer,
     ServerSpec,
+    build_command,
     prepare_model_dir,
     stop_all,
 )
@@ -171,38 +172,29 @@ async def close_endpoint(endpoint: Endpoint) -> None:
         await endpoint.shared.aclose()
 
 
-async def bench_throughput_phase(
-    spec: ServerSpec,
+async def single_turn_phase(
+    server: RunningServer,
     options: LaunchOptions,
     config: BenchConfig,
     prompts: dict[str, Any],
     count: TokenCounter,
     scenarios: set[str],
-    log_dir: Path,
 ) -> dict[str, Any]:
-    """Start the server for single-turn work: warm-up, throughput per protocol, /health under load."""
-    result: dict[str, Any] = {}
-    server = RunningServer(spec, options, log_dir)
-    try:
-        result["ready_s"] = server.wait_ready(READY_TIMEOUT_S)
-        result["rss_idle_mb"] = server.rss_mb()
-        result["throughput"] = {}
-        extra = openai_extra_body(spec, options.ignore_eos)
-        for protocol in spec.protocols:
-            endpoint = await make_endpoint(server, protocol, count, config.max_tokens, extra)
-            try:
-                await warm_up(endpoint, prompts["single"], max(config.concurrencies), config.round_timeout_s)
-                if "throughput" in scenarios:
-                    result["throughput"][protocol] = await throughput(
-                        endpoint, prompts["single"], config, server.rss_mb
-                    )
-                if "health" in scenarios and protocol == _health_protocol(spec):
-                    result["responsiveness"] = await responsiveness(endpoint, prompts["single"], config)
-            finally:
-                await close_endpoint(endpoint)
-        result["rss_end_mb"] = server.rss_mb()
-    finally:
-        server.stop()
+    """Warm-up, throughput on each protocol, then /health under load."""
+    spec = server.spec
+    result: dict[str, Any] = {"rss_idle_mb": server.rss_mb(), "throughput": {}}
+    extra = openai_extra_body(spec, options.ignore_eos)
+    for protocol in spec.protocols:
+        endpoint = await make_endpoint(server, protocol, count, config.max_tokens, extra)
+        try:
+            await warm_up(endpoint, prompts["single"], max(config.concurrencies), config.round_timeout_s)
+            if "throughput" in scenarios:
+                result["throughput"][protocol] = await throughput(endpoint, prompts["single"], config, server.rss_mb)
+            if "health" in scenarios and protocol == _health_protocol(spec):
+                result["responsiveness"] = await responsiveness(endpoint, prompts["single"], config)
+        finally:
+            await close_endpoint(endpoint)
+    result["rss_end_mb"] = server.rss_mb()
     return result
 
 
@@ -211,32 +203,26 @@ def _health_protocol(spec: ServerSpec) -> str:
     return "native" if "native" in spec.protocols else "openai"
 
 
-async def bench_multiturn_phase(
-    spec: ServerSpec,
-    options: LaunchOptions,
-    config: BenchConfig,
-    prompts: dict[str, Any],
-    count: TokenCounter,
-    log_dir: Path,
+async def multiturn_phase(
+    server: RunningServer, config: BenchConfig, prompts: dict[str, Any], count: TokenCounter
 ) -> dict[str, Any]:
-    """A fresh server for the conversations: answers stop naturally (or at mt_max_tokens)."""
-    mt_options = replace(options, max_new_tokens=config.mt_max_tokens, ignore_eos=False)
-    server = RunningServer(spec, mt_options, log_dir)
+    """Conversations on the server's session-carrying protocol; answers stop naturally or at mt_max_tokens."""
+    endpoint = await make_endpoint(server, _health_protocol(server.spec), count, config.mt_max_tokens, {})
     try:
-        server.wait_ready(READY_TIMEOUT_S)
-        protocol = _health_protocol(spec)
-        endpoint = await make_endpoint(server, protocol, count, config.mt_max_tokens, {})
-        try:
-            await warm_up(endpoint, prompts["single"], 1, config.round_timeout_s)
-            rss_before = server.rss_mb()
-            mt = prompts["multi_turn"]
-            outcome = await multi_turn(endpoint, mt["openers"], mt["follow_ups"], config, server.rss_mb)
-            outcome["rss_before_mb"] = rss_before
-            return outcome
-        finally:
-            await close_endpoint(endpoint)
+        await warm_up(endpoint, prompts["single"], 1, config.round_timeout_s)
+        rss_before = server.rss_mb()
+        mt = prompts["multi_turn"]
+        outcome = await multi_turn(endpoint, mt["openers"], mt["follow_ups"], config, server.rss_mb)
+        outcome["rss_before_mb"] = rss_before
+        return outcome
     finally:
-        server.stop()
+        await close_endpoint(endpoint)
+
+
+def _start(spec: ServerSpec, options: LaunchOptions, log_dir: Path) -> RunningServer:
+    server = RunningServer(spec, options, log_dir)
+    server.wait_ready(READY_TIMEOUT_S)
+    return server
 
 
 async def bench_server(
@@ -248,15 +234,30 @@ async def bench_server(
     scenarios: set[str],
     log_dir: Path,
 ) -> dict[str, Any]:
+    """All scenarios on one server. The multi-turn phase gets a fresh server only when its start command differs
+    (the native protocol's answer length and EOS handling are server settings; vLLM's are per request)."""
     result: dict[str, Any] = {"kind": spec.kind, "dtype": spec.dtype, "protocols": list(spec.protocols)}
+    server: RunningServer | None = None
     try:
         if scenarios & {"throughput", "health"}:
-            result.update(await bench_throughput_phase(spec, options, config, prompts, count, scenarios, log_dir))
+            server = _start(spec, options, log_dir)
+            result["ready_s"] = server.ready_s
+            result.update(await single_turn_phase(server, options, config, prompts, count, scenarios))
         if "multiturn" in scenarios:
-            result["multi_turn"] = await bench_multiturn_phase(spec, options, config, prompts, count, log_dir)
+            mt_options = replace(options, max_new_tokens=config.mt_max_tokens, ignore_eos=False)
+            restart = server is None or build_command(spec, mt_options, 0) != build_command(spec, options, 0)
+            if restart:
+                if server is not None:
+                    server.stop()
+                server = _start(spec, mt_options, log_dir)
+            result["multi_turn"] = await multiturn_phase(server, config, prompts, count)
+            result["multi_turn"]["fresh_server"] = restart
     except (RuntimeError, TimeoutError, FileNotFoundError, httpx.HTTPError) as exc:
         logger.error("%s failed: %s", spec.name, exc)
         result["error"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        if server is not None:
+            server.stop()
     return result
 
 
