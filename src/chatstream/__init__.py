@@ -4,11 +4,10 @@ The names the original package exported keep working (``ChatStream``, ``Abstract
 ``AbstractRequestHandler``, ``SimpleSessionRequestHandler``, ``LoadTime`` and the prompt presets); the rest are ours.
 """
 
-from chatstream.loadtime_compat import LoadTime
-
 from chatstream.chat_stream import ChatStream
 from chatstream.config import AdmissionConfig, EngineConfig, MockConfig, SamplingParams
 from chatstream.engine.base import Delta, FinishReason, GenerationRequest
+from chatstream.loadtime_compat import LoadTime
 from chatstream.prompts.base import AbstractChatPrompt
 from chatstream.prompts.chat_template import ChatTemplatePrompt
 from chatstream.prompts.content import ChatContent, PromptTTL, RoleType
