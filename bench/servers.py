@@ -158,6 +158,13 @@ def stop_all() -> None:
         server.stop(grace_s=10.0)
 
 
+def _proc_memory(proc: psutil.Process) -> int:
+    try:
+        return int(proc.memory_full_info().pss)
+    except (AttributeError, psutil.AccessDenied):
+        return int(proc.memory_info().rss)
+
+
 class RunningServer:
     """A server process we started, in its own process group, with its log file."""
 
@@ -198,7 +205,11 @@ class RunningServer:
         raise TimeoutError(f"{self.spec.name} not ready after {timeout_s:.0f}s; see {self.log_path}")
 
     def rss_mb(self) -> float | None:
-        """Resident memory of the server and all its children (vLLM runs its engine in a child process)."""
+        """Memory of the server and all its children (vLLM runs its engine in a child process), in MiB.
+
+        Summed as PSS where the OS reports it, so that pages the processes share (torch's libraries, the mmapped
+        weights) count once; plain RSS elsewhere. For a single process with nothing shared the two agree.
+        """
         try:
             root = psutil.Process(self.process.pid)
             procs = [root, *root.children(recursive=True)]
@@ -207,8 +218,8 @@ class RunningServer:
         total = 0
         for proc in procs:
             try:
-                total += proc.memory_info().rss
-            except psutil.NoSuchProcess:
+                total += _proc_memory(proc)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
         return total / (1024 * 1024)
 
