@@ -104,3 +104,20 @@ async def test_console_chat_with_the_tiny_model(tiny_model: Any, tiny_tokenizer:
         assert items[-1][0] == "".join(new for _, new, _ in items)
     finally:
         await cs.shutdown()
+
+
+def test_chat_template_prompts_are_encoded_without_extra_special_tokens(tiny_model: Any, tiny_tokenizer: Any) -> None:
+    from chatstream import ChatTemplatePrompt
+
+    cs = ChatStream(model=tiny_model, tokenizer=tiny_tokenizer)
+    assert cs.chat_prompt_clazz is ChatTemplatePrompt  # the tiny tokenizer has a chat template
+    prompt = cs.new_chat_prompt()
+    prompt.add_requester_msg("hi")
+    prompt.add_responder_msg(None)
+    assert cs.build_generation_request(prompt).add_special_tokens is False
+    plain = ChatPromptTogetherRedPajamaINCITEChat()
+    plain.add_requester_msg("hi")
+    plain.add_responder_msg(None)
+    assert cs.build_generation_request(plain).add_special_tokens is None
+    forced = ChatStream(model=tiny_model, tokenizer=tiny_tokenizer, add_special_tokens=True)
+    assert forced.build_generation_request(prompt).add_special_tokens is True

@@ -312,9 +312,17 @@ class ChatStream:
             sampling=sampling,
             output_replacements=tuple(chat_prompt.get_replacement_when_output() or ()),
             conversation_id=conversation_id,
+            add_special_tokens=self._add_special_tokens_for(chat_prompt),
             user_input=chat_prompt.get_requester_last_msg(),
             turn=chat_prompt.get_turn(),
         )
+
+    def _add_special_tokens_for(self, chat_prompt: AbstractChatPrompt) -> bool | None:
+        # The constructor's add_special_tokens wins; otherwise a prompt class whose text already holds the special
+        # tokens (a chat template starts with BOS) says not to add them again.
+        if self.engine_config.add_special_tokens is not None:
+            return self.engine_config.add_special_tokens
+        return None if getattr(chat_prompt, "encode_add_special_tokens", True) else False
 
     # ----- console chat -----
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from tests.tiny_model import PROMPTS, Collected, collect, greedy, reference
 
-from chatstream.config import EngineConfig
+from chatstream.config import EngineConfig, SamplingParams
 from chatstream.engine.base import Engine, FinishReason, GenerationRequest
 from chatstream.engine.transformers_engine import TransformersEngine
 
@@ -168,3 +168,36 @@ async def test_prompt_token_ids_are_used_as_given(make_tiny_engine: Any, tiny_mo
     request = GenerationRequest("r", "ignored text", greedy(MAX_NEW), prompt_token_ids=tuple(ids))
     out = await collect(engine.add_request(request))
     assert out.token_ids == reference(tiny_model, ids, MAX_NEW)
+
+
+class _BosTokenizer:
+    """The tiny tokenizer, but encode() prepends BOS unless add_special_tokens=False (as Llama/Gemma tokenizers do)."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = self._inner.encode(text, add_special_tokens=False)
+        return [self._inner.bos_token_id, *ids] if add_special_tokens else ids
+
+
+async def test_add_special_tokens_per_request(tiny_model: Any, tiny_tokenizer: Any) -> None:
+    tokenizer = _BosTokenizer(tiny_tokenizer)
+    engine = TransformersEngine(tiny_model, tokenizer, EngineConfig())
+    engine.start()
+    try:
+        text = "hello world"
+        counts = []
+        for flag in (None, False, True):
+            req = GenerationRequest(
+                request_id=f"r-{flag}", prompt=text, sampling=SamplingParams(max_new_tokens=1), add_special_tokens=flag
+            )
+            deltas = [d async for d in engine.add_request(req)]
+            counts.append(deltas[-1].num_prompt_tokens)
+    finally:
+        engine.stop()
+    plain = len(tiny_tokenizer.encode(text, add_special_tokens=False))
+    assert counts == [plain + 1, plain, plain + 1]

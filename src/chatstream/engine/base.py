@@ -43,6 +43,8 @@ class GenerationRequest:
             tokens (the prompt class's ``get_replacement_when_output``).
         conversation_id: a stable id of the conversation (e.g. the session id); an engine with a prefix cache keeps
             this conversation's KV cache after the request so that the next turn prefills only the new tokens.
+        add_special_tokens: passed to the tokenizer when the engine encodes ``prompt``; None uses the engine's
+            setting (``EngineConfig.add_special_tokens``). False for prompts that already contain BOS (chat templates).
         user_input: the user's latest message; only the mock engine reads it ("echo").
         turn: the conversation's turn number; only the mock engine reads it ("round").
     """
@@ -53,6 +55,7 @@ class GenerationRequest:
     prompt_token_ids: tuple[int, ...] | None = None
     output_replacements: tuple[tuple[str, str], ...] = ()
     conversation_id: str | None = None
+    add_special_tokens: bool | None = None
     user_input: str | None = None
     turn: int = 0
 

@@ -178,7 +178,10 @@ class TransformersEngine:
     def _prepare(self, seq: Sequence) -> None:
         """Tokenize, truncate and validate the prompt; set up the detokenizer, generator and stop ids."""
         request, params = seq.request, seq.request.sampling
-        ids = list(request.prompt_token_ids) if request.prompt_token_ids is not None else self._encode(request.prompt)
+        if request.prompt_token_ids is not None:
+            ids = list(request.prompt_token_ids)
+        else:
+            ids = self._encode(request.prompt, request.add_special_tokens)
         if not ids:
             raise ValueError("the prompt is empty")
         bad = [t for t in ids if not 0 <= t < self._runner.vocab_size]
@@ -191,8 +194,8 @@ class TransformersEngine:
             self.tokenizer, seq.prompt_ids, stop=params.stop, replacements=request.output_replacements
         )
 
-    def _encode(self, prompt: str) -> list[int]:
-        special = self.config.add_special_tokens
+    def _encode(self, prompt: str, add_special_tokens: bool | None) -> list[int]:
+        special = self.config.add_special_tokens if add_special_tokens is None else add_special_tokens
         kwargs = {} if special is None else {"add_special_tokens": special}
         ids = list(self.tokenizer.encode(prompt, **kwargs))
         bos = getattr(self.tokenizer, "bos_token_id", None)
