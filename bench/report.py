@@ -171,6 +171,23 @@ def multi_turn_table(servers: dict[str, dict[str, Any]]) -> str:
     return _table(header, rows)
 
 
+def crosscheck_table(servers: dict[str, dict[str, Any]]) -> str:
+    """The harness's figures beside vLLM's own client's on the same OpenAI endpoint."""
+    header = ("server", "conc", "tok/s here", "tok/s vllm-client", "TTFT p50 here", "vllm-client", "ITL p50 here",
+              "vllm-client")  # fmt: skip
+    rows = []
+    for name, server in servers.items():
+        ours_by_conc = _medians(server, "openai")
+        for conc, theirs in (server.get("crosscheck_vllm_client") or {}).items():
+            mine = ours_by_conc.get(conc, {})
+            rows.append(
+                (name, conc, _num(mine.get("tokens_per_s")), _num(theirs.get("output_throughput")),
+                 _num(mine.get("ttft_p50_ms"), 0), _num(theirs.get("median_ttft_ms"), 0),
+                 _num(mine.get("itl_p50_ms")), _num(theirs.get("median_itl_ms")))
+            )  # fmt: skip
+    return _table(header, rows) if rows else ""
+
+
 def render_tables(report: dict[str, Any]) -> str:
     meta = report["meta"]
     servers = report["servers"]
@@ -197,6 +214,9 @@ def render_tables(report: dict[str, Any]) -> str:
     mt = multi_turn_table(servers)
     if mt:
         parts += ["", "Multi-turn TTFT per turn", mt]
+    cross = crosscheck_table(servers)
+    if cross:
+        parts += ["", "Cross-check: this harness vs vLLM's benchmark client, same endpoint", cross]
     errors = [f"{name}: {s['error']}" for name, s in servers.items() if s.get("error")]
     if errors:
         parts += ["", "Errors", *errors]

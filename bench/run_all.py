@@ -37,6 +37,7 @@ from bench.servers import (
     RunningServer,
     ServerSpec,
     build_command,
+    peer_python,
     prepare_model_dir,
     stop_all,
 )
@@ -61,7 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--requests-per-client", type=int, default=1)
     parser.add_argument(
-        "--scenarios", default="throughput,health,multiturn", help="comma list of: throughput, health, multiturn"
+        "--scenarios",
+        default="throughput,health,multiturn",
+        help="comma list of: throughput, health, multiturn, crosscheck (vLLM's own client on each OpenAI endpoint)",
     )
     parser.add_argument("--mt-conversations", type=int, default=8)
     parser.add_argument("--mt-turns", type=int, default=10)
@@ -190,12 +193,36 @@ async def single_turn_phase(
             await warm_up(endpoint, prompts["single"], max(config.concurrencies), config.round_timeout_s)
             if "throughput" in scenarios:
                 result["throughput"][protocol] = await throughput(endpoint, prompts["single"], config, server.rss_mb)
+            if "crosscheck" in scenarios and protocol == "openai" and endpoint.openai is not None:
+                result["crosscheck_vllm_client"] = await crosscheck(endpoint.openai, options, config)
             if "health" in scenarios and protocol == _health_protocol(spec):
                 result["responsiveness"] = await responsiveness(endpoint, prompts["single"], config)
         finally:
             await close_endpoint(endpoint)
     result["rss_end_mb"] = server.rss_mb()
     return result
+
+
+async def crosscheck(target: OpenAITarget, options: LaunchOptions, config: BenchConfig) -> dict[str, Any]:
+    """vLLM's own benchmark client on the same endpoint, per concurrency (bench/vllm_client_crosscheck.py)."""
+    python = peer_python(options.cache_dir, "vllm")
+    by_conc: dict[str, Any] = {}
+    for concurrency in config.concurrencies:
+        out = RESULTS_DIR / "logs" / f"crosscheck-{os.getpid()}-{concurrency}.json"
+        argv = [str(python), str(BENCH_DIR / "vllm_client_crosscheck.py"), "--base-url", target.base_url]
+        argv += ["--model", target.model, "--tokenizer", str(options.model_dir), "--concurrency", str(concurrency)]
+        argv += ["--requests-per-client", str(config.requests_per_client), "--max-tokens", str(target.max_tokens)]
+        argv += ["--out", str(out)]
+        env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+        done = await asyncio.to_thread(
+            subprocess.run, argv, env=env, capture_output=True, text=True, timeout=config.round_timeout_s
+        )
+        if done.returncode != 0:
+            by_conc[str(concurrency)] = {"error": done.stderr[-500:]}
+            continue
+        by_conc[str(concurrency)] = json.loads(out.read_text(encoding="utf-8"))
+        out.unlink()
+    return by_conc
 
 
 def _health_protocol(spec: ServerSpec) -> str:
@@ -239,7 +266,7 @@ async def bench_server(
     result: dict[str, Any] = {"kind": spec.kind, "dtype": spec.dtype, "protocols": list(spec.protocols)}
     server: RunningServer | None = None
     try:
-        if scenarios & {"throughput", "health"}:
+        if scenarios & {"throughput", "health", "crosscheck"}:
             server = _start(spec, options, log_dir)
             result["ready_s"] = server.ready_s
             result.update(await single_turn_phase(server, options, config, prompts, count, scenarios))
