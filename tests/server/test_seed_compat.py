@@ -173,71 +173,63 @@ async def test_ten_simultaneous_requests_seven_stream_three_rejected(as_http_err
             assert r.status_code == 200 and "Retry-After" not in r.headers
 
 
-async def test_disconnect_mid_stream_keeps_partial_answer_and_frees_the_slot() -> None:
-    calls: list[str] = []
-    cs = mock_stream(
-        num_of_concurrent_executions=1, max_queue_size=0, mock_params={"type": "long", "time_per_token_sec": 0.02}
-    )
-    store = MemoryStore()
-    app = FastAPI()
-    app.add_middleware(FastSessionMiddleware, secret_key="k", store=store, http_only=True, secure=False)
+class DisconnectingClient:
+    """A slow "long" mock behind fastsession with one slot; ``read_five_and_leave`` disconnects mid-answer."""
 
-    @app.post("/chat_stream")
-    async def stream_api(request: Request):  # type: ignore[no-untyped-def]
-        return await cs.handle_chat_stream_request(request, callback=lambda req, msg: calls.append(msg))
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.chat_stream = mock_stream(
+            num_of_concurrent_executions=1, max_queue_size=0, mock_params={"type": "long", "time_per_token_sec": 0.02}
+        )
+        self.store = MemoryStore()
+        self.app = FastAPI()
+        self.app.add_middleware(FastSessionMiddleware, secret_key="k", store=self.store, http_only=True, secure=False)
 
-    with run_server(app) as url:
-        async with httpx.AsyncClient() as client:
-            async with client.stream("POST", f"{url}/chat_stream", json={"user_input": "go"}) as resp:
-                received = ""
-                async for chunk in resp.aiter_text():
-                    received += chunk
-                    if received.count(EOS) >= 5:
-                        break
-            for _ in range(100):
-                if calls:
+        @self.app.post("/chat_stream")
+        async def stream_api(request: Request):  # type: ignore[no-untyped-def]
+            return await self.chat_stream.handle_chat_stream_request(
+                request, callback=lambda req, msg: self.calls.append(msg)
+            )
+
+    async def read_five_and_leave(self, client: httpx.AsyncClient, url: str) -> str:
+        received = ""
+        async with client.stream("POST", f"{url}/chat_stream", json={"user_input": "go"}) as resp:
+            async for chunk in resp.aiter_text():
+                received += chunk
+                if received.count(EOS) >= 5:
                     break
-                await asyncio.sleep(0.05)
-            assert calls == ["client_disconnected_while_streaming"]
-            assert cs.admission.num_running == 0
+        for _ in range(100):
+            if self.calls:
+                break
+            await asyncio.sleep(0.05)
+        return received
+
+    def history(self) -> Any:
+        (entry,) = self.store.raw_memory_store.values()
+        return entry["store"]["chat_prompt"]
+
+
+async def test_disconnect_mid_stream_frees_the_slot_and_regenerate_replaces_the_answer() -> None:
+    env = DisconnectingClient()
+    with run_server(env.app) as url:
+        async with httpx.AsyncClient() as client:
+            await env.read_five_and_leave(client, url)
+            assert env.calls == ["client_disconnected_while_streaming"]
+            assert env.chat_stream.admission.num_running == 0
             follow = await client.post(f"{url}/chat_stream", json={"user_input": None, "regenerate": True})
     assert follow.status_code == 200 and segments(follow.text)
-    stores = [entry["store"] for entry in store.raw_memory_store.values()]
-    assert len(stores) == 1
-    history = stores[0]["chat_prompt"]
     # the regenerated answer replaced the partial one: still one turn, with a complete long answer
-    assert history.get_turn() == 1
-    assert history.get_responder_last_msg() == segments(follow.text)[-1]
+    assert env.history().get_turn() == 1
+    assert env.history().get_responder_last_msg() == segments(follow.text)[-1] == LONG_ANSWER
 
 
 async def test_disconnect_keeps_the_partial_answer_in_the_history() -> None:
-    calls: list[str] = []
-    cs = mock_stream(
-        num_of_concurrent_executions=1, max_queue_size=0, mock_params={"type": "long", "time_per_token_sec": 0.02}
-    )
-    store = MemoryStore()
-    app = FastAPI()
-    app.add_middleware(FastSessionMiddleware, secret_key="k", store=store, http_only=True, secure=False)
-
-    @app.post("/chat_stream")
-    async def stream_api(request: Request):  # type: ignore[no-untyped-def]
-        return await cs.handle_chat_stream_request(request, callback=lambda req, msg: calls.append(msg))
-
-    with run_server(app) as url:
+    env = DisconnectingClient()
+    with run_server(env.app) as url:
         async with httpx.AsyncClient() as client:
-            async with client.stream("POST", f"{url}/chat_stream", json={"user_input": "go"}) as resp:
-                received = ""
-                async for chunk in resp.aiter_text():
-                    received += chunk
-                    if received.count(EOS) >= 5:
-                        break
-            for _ in range(100):
-                if calls:
-                    break
-                await asyncio.sleep(0.05)
+            received = await env.read_five_and_leave(client, url)
     partial = segments(received)[-1]
-    history = next(iter(store.raw_memory_store.values()))["store"]["chat_prompt"]
-    kept = history.get_responder_last_msg()
+    kept = env.history().get_responder_last_msg()
     assert kept.startswith(partial) and 0 < len(kept) < len(LONG_ANSWER)
 
 
