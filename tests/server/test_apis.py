@@ -11,9 +11,10 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI, Request
+from tests.server import support
+from tests.server.support import Recorder, asgi_client, started
 
 from chatstream import ChatStream
-from chatstream.engine.base import GenerationRequest
 from chatstream.server.apis import API_PATHS, append_apis, render_index, select_apis
 from chatstream.server.middlewares import append_middlewares
 
@@ -25,6 +26,11 @@ OPEN_ROLES = {
 }
 
 
+def mock_chat_stream(**kw: Any) -> ChatStream:
+    kw.setdefault("client_roles", OPEN_ROLES)
+    return support.mock_chat_stream(**kw)
+
+
 def build_app(chat_stream: ChatStream, apis: dict[str, Any] | None = None) -> FastAPI:
     app = FastAPI()
     append_middlewares(chat_stream, app, {"session": {"secret_key": "test-secret", "secure": False}})
@@ -32,39 +38,15 @@ def build_app(chat_stream: ChatStream, apis: dict[str, Any] | None = None) -> Fa
     return app
 
 
-def mock_chat_stream(**kw: Any) -> ChatStream:
-    params = {"type": "echo", "time_per_token_sec": 0.0}
-    params.update(kw.pop("mock_params", {}))
-    kw.setdefault("client_roles", OPEN_ROLES)
-    return ChatStream(use_mock_response=True, mock_params=params, **kw)
-
-
-class Recorder:
-    """Wraps engine.add_request to keep the GenerationRequests it sees."""
-
-    def __init__(self, chat_stream: ChatStream) -> None:
-        self.requests: list[GenerationRequest] = []
-        original = chat_stream.engine.add_request
-
-        def add_request(request: GenerationRequest) -> Any:
-            self.requests.append(request)
-            return original(request)
-
-        chat_stream.engine.add_request = add_request  # type: ignore[method-assign]
-
-
 @pytest.fixture
 async def chat_stream() -> AsyncIterator[ChatStream]:
-    cs = mock_chat_stream()
-    await cs.startup()
-    yield cs
-    await cs.shutdown(1.0)
+    async with started(mock_chat_stream()) as cs:
+        yield cs
 
 
 @pytest.fixture
 async def client(chat_stream: ChatStream) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=build_app(chat_stream))
-    async with httpx.AsyncClient(transport=transport, base_url="http://testserver", timeout=30) as c:
+    async with asgi_client(build_app(chat_stream)) as c:
         yield c
 
 

@@ -13,6 +13,7 @@ import openai
 import pytest
 from fastapi import FastAPI
 from tests.live_server import run_server
+from tests.server.support import Recorder, asgi_client, mock_chat_stream, started
 
 from chatstream import ChatStream
 from chatstream.engine.base import Delta, FinishReason, GenerationRequest, RequestStream
@@ -23,42 +24,21 @@ from chatstream.server.openai import api_key_matches
 MOCK = "chatstream-mock"
 
 
-def mock_chat_stream(**kw: Any) -> ChatStream:
-    params = {"type": "echo", "time_per_token_sec": 0.0}
-    params.update(kw.pop("mock_params", {}))
-    return ChatStream(use_mock_response=True, mock_params=params, **kw)
-
-
 def build_app(chat_stream: ChatStream, **opts: Any) -> FastAPI:
     app = FastAPI()
     append_apis(chat_stream, app, {"include": ["openai"], **opts})
     return app
 
 
-class Recorder:
-    def __init__(self, chat_stream: ChatStream) -> None:
-        self.requests: list[GenerationRequest] = []
-        original = chat_stream.engine.add_request
-
-        def add_request(request: GenerationRequest) -> Any:
-            self.requests.append(request)
-            return original(request)
-
-        chat_stream.engine.add_request = add_request  # type: ignore[method-assign]
-
-
 @pytest.fixture
 async def chat_stream() -> AsyncIterator[ChatStream]:
-    cs = mock_chat_stream()
-    await cs.startup()
-    yield cs
-    await cs.shutdown(1.0)
+    async with started(mock_chat_stream()) as cs:
+        yield cs
 
 
 @pytest.fixture
 async def client(chat_stream: ChatStream) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=build_app(chat_stream))
-    async with httpx.AsyncClient(transport=transport, base_url="http://testserver", timeout=30) as c:
+    async with asgi_client(build_app(chat_stream)) as c:
         yield c
 
 
