@@ -121,3 +121,30 @@ def test_chat_template_prompts_are_encoded_without_extra_special_tokens(tiny_mod
     assert cs.build_generation_request(plain).add_special_tokens is None
     forced = ChatStream(model=tiny_model, tokenizer=tiny_tokenizer, add_special_tokens=True)
     assert forced.build_generation_request(prompt).add_special_tokens is True
+
+
+def test_the_original_public_names_are_exported() -> None:
+    import chatstream
+
+    seed_names = [
+        "ChatStream",
+        "AbstractChatPrompt",
+        "AbstractRequestHandler",
+        "SimpleSessionRequestHandler",
+        "LoadTime",
+        "ChatPromptTogetherRedPajamaINCITEChat",
+        "ChatPromptRinnaJpGptNeoxInstSft",
+        "ChatPromptCyberAgentOpenCalm",
+        "ChatPromptMetaLlamaLlama2Chat",
+        "ChatPromptOpenlmrOpenLlama",
+        "ChatPromptStabilityAiJpGptNeoxInstSft",
+        "ChatPromptStockmarkGptNeoxJp",
+        "ChatPromptLineCorpJpLargeLmInstSft",
+        "ChatPromptMatsuoLabJpGptNeoxInstSft",
+        "ChatPromptMosaicmlMptChat",
+        "ChatPromptDatabricksDolly",
+        "ChatPromptRinnaJapaneseGPTNeoxInst",
+    ]
+    missing = [name for name in seed_names if not hasattr(chatstream, name)]
+    assert missing == []
+    assert set(seed_names) <= set(chatstream.__all__)
