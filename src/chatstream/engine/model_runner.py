@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
 
 from chatstream.engine.kv_cache import BatchKVCache, DecodeBatch, RowKV
+from chatstream.engine.packed_linear import PackedLinears, packing_supported
 
 logger = logging.getLogger(__name__)
 
@@ -17,11 +19,13 @@ class ModelRunner:
     """Runs a transformers causal LM on a left-padded batch with an explicit 2-D mask and position ids.
 
     Every call returns the logits of the last position only (``logits_to_keep=1``), so the LM head never runs over a
-    whole prompt.
+    whole prompt. On the CPU the linear layers run on oneDNN-prepacked weights (see
+    :mod:`chatstream.engine.packed_linear`) unless ``pack_weights`` is False.
     """
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, pack_weights: bool = True) -> None:
         self.model = model
+        self.packed = PackedLinears.for_model(model) if pack_weights and packing_supported(model) else None
         self.device = model.device
         self.num_layers = _num_cache_layers(model)
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
@@ -69,15 +73,19 @@ class ModelRunner:
     def _forward(
         self, input_ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor, cache: BatchKVCache
     ) -> torch.Tensor:
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=position_ids,
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        with self._packed_context():
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=mask,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
         return out.logits[:, -1, :]
+
+    def _packed_context(self) -> AbstractContextManager[None]:
+        return self.packed.active() if self.packed is not None else nullcontext()
 
 
 def _num_cache_layers(model: Any) -> int:
