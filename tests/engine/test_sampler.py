@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from chatstream.config import GREEDY_TEMPERATURE, SamplingParams
-from chatstream.engine.sampler import TOP_P_PREFILTER, apply_penalties, make_generator, sample
+from chatstream.engine import sampler as sampler_module
+from chatstream.engine.sampler import TOP_P_PREFILTER, apply_penalties, greedy_argmax, make_generator, sample
 
 torch.set_num_threads(1)
 
@@ -67,6 +68,19 @@ def test_all_greedy_is_argmax_of_each_row() -> None:
     greedy = params(temperature=0.0)
     ids = sample(logits, [greedy] * 6, [()] * 6, [()] * 6, [None] * 6)
     assert torch.equal(ids, logits.argmax(dim=-1))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_greedy_argmax_matches_float_argmax_in_chunks(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
+    monkeypatch.setattr(sampler_module, "GREEDY_CHUNK_ELEMENTS", 3 * 40)  # 3 rows per chunk: 4 chunks of 11 rows
+    torch.manual_seed(0)
+    logits = torch.randn(11, 40).to(dtype)
+    logits[4, 7] = logits[4, 30] = logits[4].max() + 1  # a tie: the first index wins, as in float32
+    expected = logits.float().argmax(dim=-1)
+    assert expected[4] == 7
+    assert torch.equal(greedy_argmax(logits), expected)
+    greedy = params(temperature=0.0)
+    assert torch.equal(sample(logits, [greedy] * 11, [()] * 11, [()] * 11, [None] * 11), expected)
 
 
 def test_temperature_below_threshold_is_greedy_and_at_threshold_samples() -> None:

@@ -25,6 +25,9 @@ from chatstream.config import RepetitionPenaltyMethod, SamplingParams
 TOP_P_PREFILTER = 1024
 """Rows with top-p but no top-k first look for their nucleus among this many top tokens (a full sort otherwise)."""
 
+GREEDY_CHUNK_ELEMENTS = 1 << 21
+"""Logits widened to float32 at a time by :func:`greedy_argmax` (8 MiB: 8 rows of a 262k vocabulary)."""
+
 _TOP_P_TOLERANCE = 1e-6
 """float32 cumulative sums are off by about this much; a cumulative probability this close to p has reached p."""
 
@@ -50,10 +53,13 @@ def sample(
     ``logits`` is never modified; it may have any float dtype (the math runs in float32).
     """
     _check_batch(logits, params, prompt_ids, output_ids, generators)
-    logits = logits.float()  # logits: [B, V]
-    if any(_has_penalties(p) for p in params):
-        logits = apply_penalties(logits, params, prompt_ids, output_ids)
     sampled_rows = [row for row, p in enumerate(params) if not p.greedy]
+    penalised = any(_has_penalties(p) for p in params)
+    if not sampled_rows and not penalised:
+        return greedy_argmax(logits)
+    logits = logits.float()  # logits: [B, V]
+    if penalised:
+        logits = apply_penalties(logits, params, prompt_ids, output_ids)
     if not sampled_rows:
         return logits.argmax(dim=-1)  # [B]
     if len(sampled_rows) == len(params):
@@ -64,6 +70,20 @@ def sample(
         logits[index], [params[row] for row in sampled_rows], [generators[row] for row in sampled_rows]
     )
     return next_ids
+
+
+def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.float().argmax(-1)`` without the float32 copy of the whole ``[B, V]``: low-precision rows are
+    widened a few at a time (exact, so the same token and the same first-index tie-break), which keeps every
+    temporary small enough to be reused by the allocator instead of being mapped and faulted in afresh (a
+    32 × 262k float32 copy costs more than the argmax itself). float32 ``argmax`` is vectorised, bf16's is not."""
+    # logits: [B, V]
+    if logits.dtype == torch.float32:
+        return logits.argmax(dim=-1)
+    rows = max(1, GREEDY_CHUNK_ELEMENTS // max(1, logits.shape[-1]))
+    if logits.shape[0] <= rows:
+        return logits.float().argmax(dim=-1)
+    return torch.cat([chunk.float().argmax(dim=-1) for chunk in logits.split(rows)])  # [B]
 
 
 def apply_penalties(
