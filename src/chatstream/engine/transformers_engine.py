@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from chatstream.config import EngineConfig
-from chatstream.engine import sampler
+from chatstream.engine import cpu_runtime, sampler
 from chatstream.engine.base import Delta, EngineError, EngineStats, FinishReason, GenerationRequest, RequestStream
 from chatstream.engine.detokenizer import IncrementalDetokenizer
 from chatstream.engine.kv_cache import DecodeBatch, PrefixCache, PrefixEntry, common_prefix_len
@@ -46,13 +46,28 @@ class TransformersEngine:
         model: a causal LM (eval mode; on the device it should run on).
         tokenizer: its tokenizer (``encode``/``decode``, ``eos_token_id``).
         config: batch size, context length, prefill budget, prefix-cache budget.
+        num_threads: torch compute threads, set when the engine thread starts (None: ``$CHATSTREAM_NUM_THREADS``,
+            else one per physical core; see :mod:`chatstream.engine.cpu_runtime`). The setting is process-wide.
+        pack_weights: on the CPU, run the linear layers on oneDNN-prepacked weights (faster; one more copy of the
+            linear weights in memory). See :mod:`chatstream.engine.packed_linear`.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, config: EngineConfig | None = None) -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        config: EngineConfig | None = None,
+        *,
+        num_threads: int | None = None,
+        pack_weights: bool = True,
+    ) -> None:
+        if num_threads is not None and num_threads < 1:
+            raise ValueError(f"num_threads={num_threads!r} must be >= 1")
         self.model = model
         self.tokenizer = tokenizer
         self.config = config or EngineConfig()
-        self._runner = ModelRunner(model)
+        self.num_threads = num_threads
+        self._runner = ModelRunner(model, pack_weights=pack_weights)
         self._scheduler = Scheduler(self.config.max_batch_size, self.config.max_prefill_tokens)
         self._prefix_cache = PrefixCache(self.config.prefix_cache_bytes)
         self._eos_ids = eos_token_ids(model, tokenizer)
@@ -130,7 +145,10 @@ class TransformersEngine:
     # ---- engine thread -------------------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        logger.info("engine thread started (max_batch_size=%d)", self.config.max_batch_size)
+        threads = cpu_runtime.configure_threads(self.num_threads)
+        if self._runner.device.type == "cpu":
+            cpu_runtime.keep_freed_memory()
+        logger.info("engine thread started (max_batch_size=%d, threads=%d)", self.config.max_batch_size, threads)
         with torch.inference_mode():
             while not self._stopping:
                 self._wake.clear()

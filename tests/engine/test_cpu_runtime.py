@@ -1,0 +1,62 @@
+"""Thread-count choice and allocator tuning of the CPU runtime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from chatstream.engine import cpu_runtime
+from chatstream.engine.transformers_engine import TransformersEngine
+
+
+def _fake_sysfs(root: Path, topology: dict[int, tuple[int, int]]) -> Path:
+    for cpu, (package, core) in topology.items():
+        folder = root / f"cpu{cpu}" / "topology"
+        folder.mkdir(parents=True)
+        (folder / "physical_package_id").write_text(f"{package}\n")
+        (folder / "core_id").write_text(f"{core}\n")
+    return root
+
+
+def test_smt_siblings_count_once(tmp_path: Path) -> None:
+    sysfs = _fake_sysfs(tmp_path, {0: (0, 0), 1: (0, 1), 2: (0, 0), 3: (0, 1), 4: (1, 0)})
+    assert cpu_runtime.physical_cores({0, 1, 2, 3, 4}, sysfs) == 3
+    assert cpu_runtime.physical_cores({0, 2}, sysfs) == 1
+
+
+def test_without_topology_logical_cpus_count(tmp_path: Path) -> None:
+    assert cpu_runtime.physical_cores({0, 1, 2}, tmp_path) == 3
+
+
+def test_env_overrides_the_core_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(cpu_runtime.NUM_THREADS_ENV, "3")
+    assert cpu_runtime.default_num_threads() == 3
+    monkeypatch.setenv(cpu_runtime.NUM_THREADS_ENV, "zero")
+    with pytest.raises(ValueError, match="CHATSTREAM_NUM_THREADS='zero'"):
+        cpu_runtime.default_num_threads()
+    monkeypatch.delenv(cpu_runtime.NUM_THREADS_ENV)
+    assert cpu_runtime.default_num_threads() == cpu_runtime.physical_cores()
+
+
+def test_configure_threads_sets_torch() -> None:
+    before = torch.get_num_threads()
+    try:
+        assert cpu_runtime.configure_threads(1) == 1
+        assert torch.get_num_threads() == 1
+        with pytest.raises(ValueError, match="num_threads=0"):
+            cpu_runtime.configure_threads(0)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_engine_rejects_bad_thread_count(tiny_model: object, tiny_tokenizer: object) -> None:
+    with pytest.raises(ValueError, match="num_threads=0"):
+        TransformersEngine(tiny_model, tiny_tokenizer, num_threads=0)
+
+
+def test_malloc_tuning_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu_runtime, "_tuned", False)
+    monkeypatch.setenv(cpu_runtime.MALLOC_TUNING_ENV, "0")
+    assert cpu_runtime.keep_freed_memory() is False
