@@ -185,7 +185,7 @@ async def single_turn_phase(
 ) -> dict[str, Any]:
     """Warm-up, throughput on each protocol, then /health under load."""
     spec = server.spec
-    result: dict[str, Any] = {"rss_idle_mb": server.rss_mb(), "throughput": {}}
+    result: dict[str, Any] = {"rss_idle_mb": server.rss_mb(), "pss_idle_mb": server.pss_mb(), "throughput": {}}
     extra = openai_extra_body(spec, options.ignore_eos)
     for protocol in spec.protocols:
         endpoint = await make_endpoint(server, protocol, count, config.max_tokens, extra)
@@ -200,6 +200,7 @@ async def single_turn_phase(
         finally:
             await close_endpoint(endpoint)
     result["rss_end_mb"] = server.rss_mb()
+    result["pss_end_mb"] = server.pss_mb()
     return result
 
 
@@ -241,6 +242,7 @@ async def multiturn_phase(
         mt = prompts["multi_turn"]
         outcome = await multi_turn(endpoint, mt["openers"], mt["follow_ups"], config, server.rss_mb)
         outcome["rss_before_mb"] = rss_before
+        outcome["pss_end_mb"] = server.pss_mb()
         return outcome
     finally:
         await close_endpoint(endpoint)

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -158,7 +159,7 @@ def stop_all() -> None:
         server.stop(grace_s=10.0)
 
 
-def _proc_memory(proc: psutil.Process) -> int:
+def _proc_pss(proc: psutil.Process) -> int:
     try:
         return int(proc.memory_full_info().pss)
     except (AttributeError, psutil.AccessDenied):
@@ -205,11 +206,21 @@ class RunningServer:
         raise TimeoutError(f"{self.spec.name} not ready after {timeout_s:.0f}s; see {self.log_path}")
 
     def rss_mb(self) -> float | None:
-        """Memory of the server and all its children (vLLM runs its engine in a child process), in MiB.
+        """Resident memory of the server and all its children (vLLM runs its engine in a child), in MiB.
 
-        Summed as PSS where the OS reports it, so that pages the processes share (torch's libraries, the mmapped
-        weights) count once; plain RSS elsewhere. For a single process with nothing shared the two agree.
+        Cheap (one read of /proc/<pid>/statm per process), so it can be sampled under load without disturbing the
+        client's timing. Pages shared between the processes count once per process; see :meth:`pss_mb`.
         """
+        return self._tree_memory(lambda proc: int(proc.memory_info().rss))
+
+    def pss_mb(self) -> float | None:
+        """Like :meth:`rss_mb` but as PSS, so shared pages (torch's libraries, mmapped weights) count once.
+
+        Parsing smaps is slow for a large process; take it only while no request is being timed.
+        """
+        return self._tree_memory(_proc_pss)
+
+    def _tree_memory(self, measure: Callable[[psutil.Process], int]) -> float | None:
         try:
             root = psutil.Process(self.process.pid)
             procs = [root, *root.children(recursive=True)]
@@ -218,7 +229,7 @@ class RunningServer:
         total = 0
         for proc in procs:
             try:
-                total += _proc_memory(proc)
+                total += measure(proc)
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
         return total / (1024 * 1024)
