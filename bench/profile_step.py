@@ -104,8 +104,9 @@ async def _run_requests(engine: TransformersEngine, size: int, new_tokens: int) 
     await asyncio.gather(*(drain(s) for s in streams))
 
 
-def engine_phases(model: Any, tokenizer: Any, size: int, steps: int) -> dict[str, float]:
-    engine = TransformersEngine(model, tokenizer, EngineConfig(max_batch_size=size, prefix_cache_bytes=0))
+def engine_phases(model: Any, tokenizer: Any, size: int, steps: int, threads: int | None) -> dict[str, float]:
+    config = EngineConfig(max_batch_size=size, prefix_cache_bytes=0)
+    engine = TransformersEngine(model, tokenizer, config, num_threads=threads)
     timer = PhaseTimer(engine, size)
     engine.start()
     try:
@@ -218,14 +219,14 @@ def main() -> None:
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 8, 32])
     parser.add_argument("--steps", type=int, default=16, help="decode steps measured per batch size")
     parser.add_argument("--top", type=int, default=12, help="operators listed")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: engine's)")
+    parser.add_argument("--threads", type=int, default=None, help="engine threads (default: the engine's choice)")
     parser.add_argument("--skip-ops", action="store_true", help="only the phase view")
     args = parser.parse_args()
     if args.threads:
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(args.threads)  # this thread (the operator view); the engine sets its own thread
     model, tokenizer = load(args.model, args.dtype, None)
     for size in args.batch:
-        phases = engine_phases(model, tokenizer, size, args.steps)
+        phases = engine_phases(model, tokenizer, size, args.steps, args.threads)
         print(f"\nB={size} {args.model} {args.dtype} threads={torch.get_num_threads()}: engine step (median ms)")
         print("  " + "  ".join(f"{k} {phases[k]:.2f}" for k in (*PHASES, "other", "step")))
         print(f"  => {size / phases['step'] * 1000:.1f} tok/s over {phases['steps']:.0f} full-batch steps")
