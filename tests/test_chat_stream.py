@@ -148,3 +148,8 @@ def test_the_original_public_names_are_exported() -> None:
     missing = [name for name in seed_names if not hasattr(chatstream, name)]
     assert missing == []
     assert set(seed_names) <= set(chatstream.__all__)
+
+
+def test_ignore_eos_option_reaches_the_default_sampling() -> None:
+    assert ChatStream(use_mock_response=True, ignore_eos=True).default_sampling.ignore_eos
+    assert not ChatStream(use_mock_response=True).default_sampling.ignore_eos

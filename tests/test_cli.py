@@ -51,12 +51,14 @@ def test_serve_options_are_parsed() -> None:
         "serve --host 0.0.0.0 --port 0 --mock --mock-type echo --mock-time-per-token 0.5 --mock-initial-wait 1"
         " --dtype bf16 --device CUDA:1 --max-concurrency 4 --max-queue 0 --max-new-tokens 16 --context-len 512"
         " --too-many-requests-as-http-error --api-key a --api-key b --web-ui-title Hi --log-level debug"
+        " --ignore-eos --secure-cookies"
     )
     args = build_parser().parse_args(argv.split(" "))
     assert (args.host, args.port, args.mock_type, args.dtype, args.device) == ("0.0.0.0", 0, "echo", "bf16", "cuda:1")
     assert (args.mock_time_per_token, args.mock_initial_wait) == (0.5, 1.0)
     assert (args.max_concurrency, args.max_queue, args.max_new_tokens, args.context_len) == (4, 0, 16, 512)
     assert args.api_key == ["a", "b"] and args.web_ui_title == "Hi" and args.too_many_requests_as_http_error
+    assert args.ignore_eos and args.secure_cookies
 
 
 @pytest.mark.parametrize(

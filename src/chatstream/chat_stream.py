@@ -67,6 +67,7 @@ class ChatStream:
         locale: "en" or "ja" for user-facing messages ("ja-JP" counts as ja).
         client_roles: role definitions (docs/roles.md); None gives a browser "user" role and an agent role.
         min_p, seed: extra sampling defaults (not in the seed).
+        ignore_eos: keep generating past EOS up to max_new_tokens (for benchmarks; stop strings still apply).
         prefix_cache_bytes: memory for per-conversation KV caches kept between turns (0 disables reuse).
         on_feedback_received: called with a dict by POST /set_feedback.
         model_name: the id reported by /v1/models.
@@ -102,6 +103,7 @@ class ChatStream:
         *,
         min_p: float = 0.0,
         seed: int | None = None,
+        ignore_eos: bool = False,
         prefix_cache_bytes: int = 512 * 1024 * 1024,
         on_feedback_received: Callable[[dict[str, Any]], Any] | None = None,
         model_name: str | None = None,
@@ -132,6 +134,7 @@ class ChatStream:
             repetition_penalty=repetition_penalty,
             repetition_penalty_method=repetition_penalty_method,  # type: ignore[arg-type]  # validated to the enum
             seed=seed,
+            ignore_eos=ignore_eos,
         )
         self.admission_config = AdmissionConfig(
             max_concurrency=num_of_concurrent_executions,

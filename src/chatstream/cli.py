@@ -93,6 +93,11 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--top-p", type=_float_in_unit_interval, default=1.0)
     group.add_argument("--repetition-penalty", type=_float_at_least(0.0), default=None)
     group.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    group.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help="keep generating past EOS up to --max-new-tokens (benchmarks; the OpenAI API also takes ignore_eos)",
+    )
     group.add_argument("--locale", choices=("en", "ja"), default=None, help="language of user-facing messages")
 
 
@@ -223,6 +228,7 @@ def build_chat_stream(
         "top_p": args.top_p,
         "repetition_penalty": args.repetition_penalty,
         "seed": args.seed,
+        "ignore_eos": args.ignore_eos,
         "locale": args.locale,
     }
     if args.mock:

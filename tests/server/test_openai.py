@@ -111,6 +111,7 @@ async def test_sampling_parameters_reach_the_engine(client: httpx.AsyncClient, c
         "presence_penalty": -0.5,
         "repetition_penalty": 1.2,
         "seed": 7,
+        "ignore_eos": True,
         "stop": "END",
         "max_tokens": 9,
         "user": "someone",
@@ -121,7 +122,7 @@ async def test_sampling_parameters_reach_the_engine(client: httpx.AsyncClient, c
     assert sampling.greedy and sampling.top_p == 0.5 and sampling.top_k is None and sampling.min_p == 0.1
     assert (sampling.frequency_penalty, sampling.presence_penalty) == (0.5, -0.5)
     assert (sampling.repetition_penalty, sampling.seed, sampling.max_new_tokens) == (1.2, 7, 9)
-    assert "END" in sampling.stop
+    assert "END" in sampling.stop and sampling.ignore_eos
     assert recorder.requests[-1].request_id.startswith("chatcmpl-")
 
 

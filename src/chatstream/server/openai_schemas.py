@@ -41,6 +41,8 @@ class _GenerationFields(BaseModel):
     repetition_penalty: float | None = Field(default=None, gt=0.0)
     seed: int | None = None
     stop: list[str] | None = None
+    ignore_eos: bool | None = None
+    """An extension (as in vLLM): keep generating past EOS, up to the token limit. For benchmarks."""
     n: int | None = 1
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -79,7 +81,7 @@ class _GenerationFields(BaseModel):
             changes["max_new_tokens"] = limit
         elif default_max_tokens is not None:
             changes["max_new_tokens"] = default_max_tokens
-        for name in ("temperature", "top_p", "min_p", "frequency_penalty", "presence_penalty", "seed"):
+        for name in ("temperature", "top_p", "min_p", "frequency_penalty", "presence_penalty", "seed", "ignore_eos"):
             value = getattr(self, name)
             if value is not None:
                 changes[name] = value
