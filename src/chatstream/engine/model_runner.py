@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
+from chatstream.engine.fast_path import CpuFastPath, packing_supported
 from chatstream.engine.kv_cache import BatchKVCache, DecodeBatch, RowKV
-from chatstream.engine.packed_linear import PackedLinears, packing_supported
 
 logger = logging.getLogger(__name__)
 
@@ -19,13 +19,13 @@ class ModelRunner:
     """Runs a transformers causal LM on a left-padded batch with an explicit 2-D mask and position ids.
 
     Every call returns the logits of the last position only (``logits_to_keep=1``), so the LM head never runs over a
-    whole prompt. On the CPU the linear layers run on oneDNN-prepacked weights (see
-    :mod:`chatstream.engine.packed_linear`) unless ``pack_weights`` is False.
+    whole prompt. On the CPU the linear layers run on oneDNN-prepacked weights and the RMSNorms in one kernel (see
+    :mod:`chatstream.engine.fast_path`) unless ``pack_weights`` is False.
     """
 
     def __init__(self, model: Any, pack_weights: bool = True) -> None:
         self.model = model
-        self.packed = PackedLinears.for_model(model) if pack_weights and packing_supported(model) else None
+        self.fast_path = CpuFastPath.for_model(model) if pack_weights and packing_supported(model) else None
         self.device = model.device
         self.num_layers = _num_cache_layers(model)
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
@@ -85,7 +85,7 @@ class ModelRunner:
         return out.logits[:, -1, :]
 
     def _packed_context(self) -> AbstractContextManager[None]:
-        return self.packed.active() if self.packed is not None else nullcontext()
+        return self.fast_path.active() if self.fast_path is not None else nullcontext()
 
 
 def _num_cache_layers(model: Any) -> int:

@@ -48,8 +48,8 @@ class TransformersEngine:
         config: batch size, context length, prefill budget, prefix-cache budget.
         num_threads: torch compute threads, set when the engine thread starts (None: ``$CHATSTREAM_NUM_THREADS``,
             else one per physical core; see :mod:`chatstream.engine.cpu_runtime`). The setting is process-wide.
-        pack_weights: on the CPU, run the linear layers on oneDNN-prepacked weights (faster; one more copy of the
-            linear weights in memory). See :mod:`chatstream.engine.packed_linear`.
+        pack_weights: on the CPU, run the linear layers on oneDNN-prepacked weights and the RMSNorms in one kernel
+            (faster; one more copy of the linear weights in memory). See :mod:`chatstream.engine.fast_path`.
     """
 
     def __init__(
