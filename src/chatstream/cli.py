@@ -77,6 +77,12 @@ def _add_model_options(parser: argparse.ArgumentParser, default_log_level: str) 
     group.add_argument("--device", type=_device, default=None, help="cpu, cuda, cuda:N or mps (default: cuda if any)")
     group.add_argument("--num-gpus", type=_int_at_least(1), default=None, help="split the model over N GPUs")
     group.add_argument("--cache-dir", type=Path, default=None, help="where converted models are kept")
+    group.add_argument(
+        "--threads",
+        type=_int_at_least(1),
+        default=None,
+        help="compute threads of the engine (default: $CHATSTREAM_NUM_THREADS, else one per physical core)",
+    )
     group.add_argument("--mock", action="store_true", help="answer with canned text; no model is loaded")
     group.add_argument("--mock-type", choices=("round", "long", "echo"), default="round")
     group.add_argument("--mock-time-per-token", type=_float_at_least(0.0), default=0.02, metavar="SEC")
@@ -238,8 +244,11 @@ def build_chat_stream(
             "time_per_token_sec": args.mock_time_per_token,
         }
         return ChatStream(use_mock_response=True, mock_params=mock_params, chat_prompt_clazz=_plain_preset(), **common)
+    from chatstream.engine.cpu_runtime import NUM_THREADS_ENV
     from chatstream.models import load_model
 
+    if args.threads is not None:
+        os.environ[NUM_THREADS_ENV] = str(args.threads)  # read by the engine thread when it starts
     try:
         model, tokenizer = load_model(
             args.model, dtype=args.dtype, device=args.device, num_gpus=args.num_gpus, cache_dir=args.cache_dir
