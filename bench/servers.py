@@ -98,6 +98,7 @@ def build_command(spec: ServerSpec, options: LaunchOptions, port: int) -> tuple[
         # Greedy, and the native protocol's answer length is the server's setting (the request cannot carry one).
         argv += ["--temperature", "0", "--max-new-tokens", str(options.max_new_tokens), "--context-len", "2048"]
         argv += ["--mock"] if options.mock else ["--model", model, "--dtype", spec.dtype]
+        argv += ["--ignore-eos"] if options.ignore_eos else []
     elif spec.kind == "vllm":
         env["VLLM_CPU_KVCACHE_SPACE"] = "4"
         argv = [str(peer_python(options.cache_dir, "vllm")), "-m", "vllm.entrypoints.openai.api_server"]
