@@ -6,6 +6,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import os
+
 import pytest
 import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
@@ -14,6 +16,9 @@ from chatstream.config import EngineConfig
 from tests.tiny_model import build_tiny
 
 torch.set_num_threads(1)
+# The engine thread sets its own thread count (one per physical core unless told otherwise); the tiny test model is
+# faster on one thread, and the suite's engines then don't fight each other for the cores.
+os.environ.setdefault("CHATSTREAM_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")
