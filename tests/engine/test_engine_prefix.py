@@ -95,3 +95,27 @@ async def test_aborted_turn_keeps_its_kv(make_tiny_engine: Any, tiny_tokenizer: 
     generated = [t for d in got for t in d.token_ids]
     follow = await collect(engine.add_request(turn("b", ids + generated + [5], 3)))
     assert follow.deltas[-1].num_cached_tokens == len(ids) + len(generated) - 1
+
+
+async def test_several_conversations_prefill_their_next_turns_together(
+    make_tiny_engine: Any, tiny_model: Any, tiny_tokenizer: Any
+) -> None:
+    engine = make_tiny_engine()
+    firsts = {}
+    for i in range(4):  # different first-turn lengths
+        ids = tiny_tokenizer.encode(PROMPTS[i])
+        firsts[i] = (ids, await collect(engine.add_request(turn(f"a{i}", ids, 6 + i, conversation=f"c{i}"))))
+    # next turns with suffixes of different lengths, sent at once
+    suffixes = {0: PROMPTS[7], 1: "ok", 2: PROMPTS[5], 3: PROMPTS[2] + PROMPTS[6]}
+    seconds = {}
+    for i, (ids, first) in firsts.items():
+        seconds[i] = ids + first.token_ids + tiny_tokenizer.encode(suffixes[i])
+    streams = {i: engine.add_request(turn(f"b{i}", seconds[i], 9, conversation=f"c{i}")) for i in range(4)}
+    results = {i: await collect(stream) for i, stream in streams.items()}
+    for i, result in results.items():
+        assert result.token_ids == reference(tiny_model, seconds[i], 9), i
+    assert sum(result.deltas[-1].num_cached_tokens > 0 for result in results.values()) >= 2
+    # every row used as much of its cache as the longest new suffix allowed
+    longest_suffix = max(len(seconds[i]) - (len(firsts[i][0]) + len(firsts[i][1].token_ids) - 1) for i in range(4))
+    for i, result in results.items():
+        assert result.deltas[-1].num_cached_tokens == max(len(seconds[i]) - longest_suffix, 0)

@@ -47,18 +47,36 @@ class ModelRunner:
         batch = DecodeBatch(cache, mask, positions, torch.zeros_like(positions))
         return batch, logits
 
-    def prefill_on_prefix(
-        self, prefix: RowKV, num_reused: int, suffix: Sequence[int]
-    ) -> tuple[DecodeBatch, torch.Tensor]:
-        """Prefill one sequence whose first ``num_reused`` tokens' KV come from ``prefix``; only ``suffix`` runs."""
-        cache = BatchKVCache.from_row(prefix, num_reused)
-        total = num_reused + len(suffix)
-        input_ids = torch.tensor([list(suffix)], dtype=torch.long, device=self.device)
-        mask = torch.ones((1, total), dtype=torch.bool, device=self.device)
-        position_ids = torch.arange(num_reused, total, device=self.device).unsqueeze(0)
+    def prefill_on_prefixes(
+        self, rows: Sequence[tuple[RowKV, int, Sequence[int]]]
+    ) -> tuple[DecodeBatch, torch.Tensor, list[int]]:
+        """Prefill several sequences together on top of their cached KV.
+
+        Each row is ``(prefix, num_reusable, prompt)``: the first ``num_reusable`` prompt tokens have KV in
+        ``prefix``. All rows run the same number of new tokens ``S`` (the longest uncached suffix); a row with a
+        shorter suffix recomputes the tail of its cached part instead of taking padding in the middle, so every row
+        stays contiguous (the sliding-window masks rely on it). Returns the batch, the logits ``[n, V]`` and, per
+        row, how many cached tokens were actually used.
+        """
+        width = max(len(prompt) - reusable for _, reusable, prompt in rows)
+        used = [max(len(prompt) - width, 0) for _, _, prompt in rows]
+        cached = max(used)
+        cache = BatchKVCache.concatenate(
+            [BatchKVCache.from_row(prefix, n) for (prefix, _, _), n in zip(rows, used, strict=True)]
+        )
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), cached + width), dtype=torch.bool)
+        position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+        for row, ((_, _, prompt), n) in enumerate(zip(rows, used, strict=True)):
+            fed = len(prompt) - n
+            input_ids[row, width - fed :] = torch.tensor(list(prompt[n:]), dtype=torch.long)
+            mask[row, cached - n :] = True
+            mask[row, cached : cached + width - fed] = False
+            position_ids[row, width - fed :] = torch.arange(n, len(prompt))
+        input_ids, mask, position_ids = input_ids.to(self.device), mask.to(self.device), position_ids.to(self.device)
         logits = self._forward(input_ids, mask, position_ids, cache)
-        positions = torch.tensor([total], dtype=torch.long, device=self.device)
-        return DecodeBatch(cache, mask, positions, torch.zeros_like(positions)), logits
+        positions = torch.tensor([len(prompt) for _, _, prompt in rows], dtype=torch.long, device=self.device)
+        return DecodeBatch(cache, mask, positions, torch.zeros_like(positions)), logits, used
 
     def decode(self, batch: DecodeBatch) -> torch.Tensor:
         """One step for every row: feed ``batch.next_tokens``; returns logits ``[B, V]`` and advances the batch."""

@@ -262,31 +262,38 @@ class TransformersEngine:
 
     def _prefill(self, joiners: list[Sequence], out: _Delivery) -> None:
         plain: list[Sequence] = []
+        hits: list[tuple[Sequence, PrefixEntry, int]] = []
         for seq in joiners:
             entry, reuse = self._reusable(seq)
             if seq.request.conversation_id is not None:
                 self._prefix_cache.pop(seq.request.conversation_id)
             if entry is not None and reuse > 0:
-                seq.num_cached_tokens = reuse
-                self._run_prefill([seq], out, entry=entry)
+                hits.append((seq, entry, reuse))
             else:
                 plain.append(seq)
+        if hits:
+            self._run_prefill([seq for seq, _, _ in hits], out, hits=[(entry, reuse) for _, entry, reuse in hits])
         if plain:
             self._run_prefill(plain, out)
 
-    def _run_prefill(self, seqs: list[Sequence], out: _Delivery, entry: PrefixEntry | None = None) -> None:
+    def _run_prefill(
+        self, seqs: list[Sequence], out: _Delivery, hits: list[tuple[PrefixEntry, int]] | None = None
+    ) -> None:
+        """Prefill ``seqs`` as one batch; with ``hits`` (one per sequence) on top of their cached KV."""
         try:
-            if entry is not None:
-                reuse = seqs[0].num_cached_tokens
-                batch, logits = self._runner.prefill_on_prefix(entry.kv, reuse, seqs[0].prompt_ids[reuse:])
+            if hits is not None:
+                rows = [(entry.kv, reuse, seq.prompt_ids) for seq, (entry, reuse) in zip(seqs, hits, strict=True)]
+                batch, logits, used = self._runner.prefill_on_prefixes(rows)
+                for seq, n in zip(seqs, used, strict=True):
+                    seq.num_cached_tokens = n
             else:
                 batch, logits = self._runner.prefill([s.prompt_ids for s in seqs])
             tokens = self._sample(seqs, logits)
         except Exception as exc:
             if len(seqs) > 1:  # find the culprit: retry one by one
                 logger.warning("batched prefill failed (%s); retrying the %d sequences one by one", exc, len(seqs))
-                for seq in seqs:
-                    self._run_prefill([seq], out)
+                for i, seq in enumerate(seqs):
+                    self._run_prefill([seq], out, None if hits is None else [hits[i]])
                 return
             logger.exception("prefill failed for request %s", seqs[0].request_id)
             self._finish(seqs[0], FinishReason.ERROR, out, error=f"prefill failed: {exc}")
