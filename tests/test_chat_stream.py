@@ -125,6 +125,7 @@ def test_chat_template_prompts_are_encoded_without_extra_special_tokens(tiny_mod
 
 def test_the_original_public_names_are_exported() -> None:
     import chatstream
+    from tests.prompts.test_prompt_presets import SEED_EXPORTED_NAMES
 
     seed_names = [
         "ChatStream",
@@ -132,18 +133,7 @@ def test_the_original_public_names_are_exported() -> None:
         "AbstractRequestHandler",
         "SimpleSessionRequestHandler",
         "LoadTime",
-        "ChatPromptTogetherRedPajamaINCITEChat",
-        "ChatPromptRinnaJpGptNeoxInstSft",
-        "ChatPromptCyberAgentOpenCalm",
-        "ChatPromptMetaLlamaLlama2Chat",
-        "ChatPromptOpenlmrOpenLlama",
-        "ChatPromptStabilityAiJpGptNeoxInstSft",
-        "ChatPromptStockmarkGptNeoxJp",
-        "ChatPromptLineCorpJpLargeLmInstSft",
-        "ChatPromptMatsuoLabJpGptNeoxInstSft",
-        "ChatPromptMosaicmlMptChat",
-        "ChatPromptDatabricksDolly",
-        "ChatPromptRinnaJapaneseGPTNeoxInst",
+        *SEED_EXPORTED_NAMES,
     ]
     missing = [name for name in seed_names if not hasattr(chatstream, name)]
     assert missing == []
