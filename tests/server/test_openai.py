@@ -352,3 +352,27 @@ def test_the_official_openai_sdk_streams_and_completes() -> None:
         assert bad.value.status_code == 400
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_conversation_key_follows_the_opening_of_the_chat() -> None:
+    from chatstream.server.openai import conversation_key
+
+    turn1 = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    turn2 = [*turn1, {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "More?"}]
+    other = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Bye"}]
+    assert conversation_key(turn1, None) == conversation_key(turn2, None)
+    assert conversation_key(turn1, None) != conversation_key(other, None)
+    assert conversation_key(turn1, "alice") != conversation_key(turn1, "bob")
+
+
+async def test_the_next_turn_of_an_openai_chat_reuses_its_kv_cache(tiny_model: Any, tiny_tokenizer: Any) -> None:
+    cs = ChatStream(model=tiny_model, tokenizer=tiny_tokenizer, temperature=0.0, max_new_tokens=6)
+    async with started(cs), asgi_client(build_app(cs)) as client:
+        first_messages = [{"role": "user", "content": "hello there, how are you today?"}]
+        first = (await client.post("/v1/chat/completions", json={"messages": first_messages})).json()
+        assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+        answer = first["choices"][0]["message"]["content"]
+        second_messages = [*first_messages, {"role": "assistant", "content": answer}, {"role": "user", "content": "ok"}]
+        second = (await client.post("/v1/chat/completions", json={"messages": second_messages})).json()
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] < second["usage"]["prompt_tokens"]

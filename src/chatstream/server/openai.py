@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import hmac
 import json
 import logging
@@ -194,8 +195,25 @@ def _chat_generation_request(chat_stream: ChatStream, body: ChatCompletionReques
     except ValueError as exc:
         raise BadRequest(str(exc), param="messages") from None
     return dataclasses.replace(
-        base, request_id=f"chatcmpl-{uuid.uuid4().hex}", sampling=_sampling(body, base.sampling), conversation_id=None
+        base,
+        request_id=f"chatcmpl-{uuid.uuid4().hex}",
+        sampling=_sampling(body, base.sampling),
+        conversation_id=conversation_key(messages, body.user),
     )
+
+
+def conversation_key(messages: list[dict[str, Any]], user: str | None) -> str:
+    """A stable id for the conversation a stateless OpenAI request continues: its messages up to the first user
+    message (and the ``user`` field). The next turn of the same chat has the same opening, so the engine's
+    per-conversation KV cache serves it; two chats with the same opening only share (or replace) a cache entry,
+    which is safe because reuse covers only the token prefix they actually have in common."""
+    opening: list[dict[str, Any]] = []
+    for message in messages:
+        opening.append(message)
+        if message.get("role") == "user":
+            break
+    digest = hashlib.sha256(json.dumps([user, opening], sort_keys=True, default=str).encode()).hexdigest()
+    return f"openai-{digest[:32]}"
 
 
 def _completion_generation_request(chat_stream: ChatStream, body: CompletionRequest) -> GenerationRequest:
@@ -395,6 +413,11 @@ class _Renderer:
         return payload
 
 
-def usage(outcome: GenerationOutcome) -> dict[str, int]:
+def usage(outcome: GenerationOutcome) -> dict[str, Any]:
     prompt, completion = outcome.num_prompt_tokens, outcome.num_generated_tokens
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": outcome.num_cached_tokens},
+    }
