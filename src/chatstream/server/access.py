@@ -31,7 +31,7 @@ from starlette.requests import HTTPConnection
 from starlette.responses import JSONResponse
 
 from chatstream.server.errors import role_denied_response
-from chatstream.sessions.middleware import session_skipped
+from chatstream.sessions.middleware import save_session, session_skipped
 
 logger = logging.getLogger(__name__)
 
@@ -247,9 +247,7 @@ class ClientRoles:
             return None
         role = matched[0]
         session[SESSION_ROLE_KEY] = role.session_value()
-        save = getattr(session_mgr, "save_session", None)
-        if callable(save):
-            save()
+        save_session(session_mgr)
         return GrantedRole(name=role.name, enable_dev_tool=role.enable_dev_tool)
 
     def _stored_role(self, session: Mapping[str, Any]) -> RoleDef | None:

@@ -28,6 +28,7 @@ from chatstream.server.ops import (
     handle_health,
     handle_metrics,
 )
+from chatstream.sessions.middleware import save_session
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -174,12 +175,6 @@ def _session_of(request: Request) -> tuple[Any, dict[str, Any]] | None:
     return (session_mgr, session) if isinstance(session, dict) else None
 
 
-def _save(session_mgr: Any) -> None:
-    save = getattr(session_mgr, "save_session", None)
-    if callable(save):
-        save()
-
-
 def _keeps_history_in_session(chat_stream: ChatStream) -> bool:
     get_type = getattr(chat_stream.request_handler, "get_request_handler_type", None)
     return not callable(get_type) or get_type() == "http_session"
@@ -220,7 +215,7 @@ async def handle_clear_context_request(
         return _fail("no context.")
     session_mgr, session = found
     session.pop("chat_prompt", None)
-    _save(session_mgr)
+    save_session(session_mgr)
     return JSONResponse({"success": True, "message": "Context successfully cleared"})
 
 
@@ -288,7 +283,7 @@ async def handle_set_generation_params_request(chat_stream: ChatStream, request:
     stored = dict(session.get("generation_params") or {})
     stored.update(params)
     session["generation_params"] = stored
-    _save(session_mgr)
+    save_session(session_mgr)
     return _ok(generation_params=session_generation_params(chat_stream, session))
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 from starlette.datastructures import Headers, MutableHeaders
@@ -37,6 +38,14 @@ SESSION_SKIPPED_STATE = "chatstream_session_skipped"
 """Set in ``request.state`` when a skip header told the session middleware to give this request no session."""
 
 FASTSESSION_SKIP_HEADER = "x-fastsession-skip"
+
+
+def save_session(session_mgr: Any) -> None:
+    """Persist a session through whichever manager holds it (ours or fastsession's); a manager without
+    ``save_session`` keeps its dict live and needs nothing."""
+    save = getattr(session_mgr, "save_session", None)
+    if callable(save):
+        save()
 
 
 def session_skipped(conn: HTTPConnection) -> bool:
