@@ -1,0 +1,301 @@
+"""A hand-written decode step for Llama- and Gemma-style decoders on the CPU: one new token per row, no module calls.
+
+A decode step through transformers' modules runs about 6,000 operators for Gemma-3-270M (18 layers), most of them
+tiny; at one to eight rows their Python and dispatch cost is a quarter of the step. :class:`DecodeStep` runs the same
+arithmetic in about 40 operators per layer:
+
+- the q/k/v projections and the gate/up projections each run as one oneDNN-prepacked matrix product on the
+  concatenated weights;
+- the rotary tables, the padding and sliding-window masks are built once per step, not once per layer;
+- attention is one ``scaled_dot_product_attention`` per layer on the grouped query heads (the layout transformers
+  uses for a single query token), reading the engine's :class:`~chatstream.engine.kv_cache.BatchKVCache` in place.
+
+Prefill still runs through transformers (its cost is in the matrix products). The step is built only for model
+families whose layer structure it knows (:data:`SUPPORTED_MODEL_TYPES`), and only after a probe decode on the model
+itself gives the same next tokens and logits within rounding of transformers' own forward; otherwise the engine
+keeps using transformers for decode too.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from chatstream.engine.fast_path import ONE_PLUS_WEIGHT_NORMS, _fused_norm
+from chatstream.engine.kv_cache import BatchKVCache, DecodeBatch
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma3_text"})
+"""``config.model_type`` values whose decoder layers :class:`DecodeStep` reproduces."""
+
+SANDWICH_NORM_TYPES = frozenset({"gemma3_text"})
+"""Families that normalise the attention and MLP outputs before the residual add (four norms per layer)."""
+
+STATIC_ROPE_TYPES = frozenset({"default", "linear", "llama3", "yarn"})
+"""Rotary variants whose inverse frequencies do not change with the sequence length."""
+
+Norm = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None)
+
+    def linear(x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+    return linear
+
+
+def _norm(module: nn.Module) -> Norm:
+    fused = _fused_norm(module)
+    return fused if fused is not None else module
+
+
+def _cat_bias(*linears: nn.Linear) -> torch.Tensor | None:
+    biases = [lin.bias for lin in linears]
+    if all(b is None for b in biases):
+        return None
+    return torch.cat(
+        [lin.bias.detach() if lin.bias is not None else lin.weight.new_zeros(lin.out_features) for lin in linears]
+    )
+
+
+@dataclass
+class _Layer:
+    input_norm: Norm
+    qkv: Callable[[torch.Tensor], torch.Tensor]
+    qk_norm: Norm | None  # the query and key heads together
+    o_proj: Callable[[torch.Tensor], torch.Tensor]
+    post_attention_norm: Norm | None  # sandwich families only
+    pre_mlp_norm: Norm
+    gate_up: Callable[[torch.Tensor], torch.Tensor]
+    act: Callable[[torch.Tensor], torch.Tensor]
+    down: Callable[[torch.Tensor], torch.Tensor]
+    post_mlp_norm: Norm | None  # sandwich families only
+    rope: str  # the layer type whose rotary table it uses
+    sliding_window: int | None
+    scaling: float
+
+
+class DecodeStep:
+    """One decode step of a supported model on the CPU; build it with :meth:`for_model`."""
+
+    def __init__(self, model: Any) -> None:
+        config = model.config
+        base = model.model
+        self.model_type = config.model_type
+        self.num_heads = int(config.num_attention_heads)
+        self.num_kv_heads = int(config.num_key_value_heads)
+        self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+        self.groups = self.num_heads // self.num_kv_heads
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.embed_weight = base.embed_tokens.weight.detach()
+        scale = getattr(base.embed_tokens, "embed_scale", None)
+        self.embed_scale = None if scale is None else scale.to(self.embed_weight.dtype)
+        self.final_norm = _norm(base.norm)
+        lm_head = model.get_output_embeddings()
+        self.lm_head = _linear(lm_head.weight.detach(), None if lm_head.bias is None else lm_head.bias.detach())
+        self.softcap = getattr(config, "final_logit_softcapping", None)
+        self.rope = _rope_tables(base.rotary_emb)
+        layer_types = list(getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers)
+        window = getattr(config, "sliding_window", None)
+        self.layers = [self._layer(layer, kind, window) for layer, kind in zip(base.layers, layer_types, strict=True)]
+        self.windows = sorted({lay.sliding_window for lay in self.layers if lay.sliding_window is not None})
+
+    def _layer(self, layer: Any, kind: str, window: int | None) -> _Layer:
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv_weight = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach()
+        gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach()
+        sandwich = self.model_type in SANDWICH_NORM_TYPES
+        q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+        return _Layer(
+            input_norm=_norm(layer.input_layernorm),
+            qkv=_linear(qkv_weight, _cat_bias(attn.q_proj, attn.k_proj, attn.v_proj)),
+            qk_norm=None if q_norm is None else self._head_norm(q_norm, k_norm),
+            o_proj=_linear(attn.o_proj.weight.detach(), _bias(attn.o_proj)),
+            post_attention_norm=_norm(layer.post_attention_layernorm) if sandwich else None,
+            pre_mlp_norm=_norm(layer.pre_feedforward_layernorm if sandwich else layer.post_attention_layernorm),
+            gate_up=_linear(gate_up, _cat_bias(mlp.gate_proj, mlp.up_proj)),
+            act=mlp.act_fn,
+            down=_linear(mlp.down_proj.weight.detach(), _bias(mlp.down_proj)),
+            post_mlp_norm=_norm(layer.post_feedforward_layernorm) if sandwich else None,
+            rope=kind if kind in self.rope else "default",
+            sliding_window=window if kind == "sliding_attention" else None,
+            scaling=float(attn.scaling),
+        )
+
+    def _head_norm(self, q_norm: Any, k_norm: Any) -> Norm:
+        """The q and k RMSNorms as one call on the ``[B, Hq + Hkv, D]`` heads (per-head weights stacked)."""
+        eps, shape = float(getattr(q_norm, "eps", getattr(q_norm, "variance_epsilon", 1e-6))), (self.head_dim,)
+        pairs = ((q_norm, self.num_heads), (k_norm, self.num_kv_heads))
+        if type(q_norm).__name__ in ONE_PLUS_WEIGHT_NORMS:
+            scale = torch.cat([(1.0 + n.weight.detach().float()).expand(h, -1) for n, h in pairs])
+
+            def one_plus_weight(x: torch.Tensor) -> torch.Tensor:
+                return (torch.rms_norm(x.float(), shape, None, eps) * scale).to(x.dtype)
+
+            return one_plus_weight
+        weight = torch.cat([n.weight.detach().expand(h, -1) for n, h in pairs])
+
+        def weight_after_cast(x: torch.Tensor) -> torch.Tensor:
+            return weight * torch.rms_norm(x.float(), shape, None, eps).to(x.dtype)
+
+        return weight_after_cast
+
+    @classmethod
+    def for_model(cls, model: Any) -> DecodeStep | None:
+        """The model's decode step, or None when the model is not a supported family or the probe disagrees."""
+        reason = unsupported_reason(model)
+        if reason is not None:
+            logger.info("hand-written decode step not used: %s", reason)
+            return None
+        step = cls(model)
+        mismatch = step.probe(model)
+        if mismatch is not None:
+            logger.warning("hand-written decode step not used: %s", mismatch)
+            return None
+        logger.info("hand-written decode step in use (%s, %d layers)", step.model_type, len(step.layers))
+        return step
+
+    def __call__(self, batch: DecodeBatch) -> torch.Tensor:
+        """Logits ``[B, V]`` for ``batch.next_tokens``; appends their keys and values to ``batch.cache``.
+
+        ``batch.attention_mask`` must already include the new column (as :meth:`ModelRunner.decode` makes it).
+        """
+        size = batch.size
+        mask = batch.attention_mask
+        length = mask.shape[1]
+        masks: dict[int | None, torch.Tensor] = {None: mask.view(size, 1, 1, length)}
+        if self.windows:
+            columns = torch.arange(length, device=mask.device)
+            for window in self.windows:
+                masks[window] = (mask & (columns > length - 1 - window)).view(size, 1, 1, length)
+        tables = {kind: self._rotary(kind, batch.positions) for kind in self.rope}
+        x = F.embedding(batch.next_tokens, self.embed_weight)
+        if self.embed_scale is not None:
+            x = x * self.embed_scale
+        for index, layer in enumerate(self.layers):
+            x = self._layer_step(layer, x, batch.cache, index, masks[layer.sliding_window], tables[layer.rope])
+        logits = self.lm_head(self.final_norm(x))
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def _layer_step(
+        self,
+        layer: _Layer,
+        x: torch.Tensor,
+        cache: BatchKVCache,
+        index: int,
+        mask: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        size = x.shape[0]
+        qkv = layer.qkv(layer.input_norm(x))
+        heads = self.num_heads + self.num_kv_heads
+        qk = qkv[:, : self.q_size + self.kv_size].view(size, heads, self.head_dim)
+        if layer.qk_norm is not None:
+            qk = layer.qk_norm(qk)
+        cos, sin = rotary
+        qk = qk * cos + qk.view(size, heads, 2, -1).flip(2).view(size, heads, -1) * sin
+        v = qkv[:, self.q_size + self.kv_size :].reshape(size, self.num_kv_heads, 1, self.head_dim)
+        keys, values = cache.buffered[index].update(qk[:, self.num_heads :].unsqueeze(2), v)
+        q = qk[:, : self.num_heads]
+        query = q.view(size, self.num_kv_heads, self.groups, self.head_dim)
+        attended = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=layer.scaling)
+        h = layer.o_proj(attended.reshape(size, self.q_size))
+        if layer.post_attention_norm is not None:
+            h = layer.post_attention_norm(h)
+        x = x + h
+        gate, up = layer.gate_up(layer.pre_mlp_norm(x)).chunk(2, dim=-1)
+        h = layer.down(layer.act(gate) * up)
+        if layer.post_mlp_norm is not None:
+            h = layer.post_mlp_norm(h)
+        return x + h
+
+    def _rotary(self, kind: str, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq, scaling = self.rope[kind]
+        freqs = positions[:, None].float() * inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        dtype = self.embed_weight.dtype
+        cos, sin = emb.cos() * scaling, emb.sin() * scaling
+        # rotate_half(x) * sin == flip(halves of x) * (-sin, +sin): negating the product is exact in any dtype
+        sin[:, : inv_freq.shape[0]].neg_()
+        return cos.to(dtype).unsqueeze(1), sin.to(dtype).unsqueeze(1)
+
+    def probe(self, model: Any) -> str | None:
+        """Decode two padded rows both ways from the same prefill; None if they agree, else what differs."""
+        from chatstream.engine.model_runner import ModelRunner
+
+        runner = ModelRunner(model, pack_weights=True, decode_step=False)
+        generator = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(runner.vocab_size, (n,), generator=generator).tolist() for n in (7, 4)]
+        with torch.inference_mode():
+            ours, _ = runner.prefill(prompts)
+            theirs, _ = runner.prefill(prompts)
+            for batch in (ours, theirs):
+                batch.next_tokens = torch.tensor([1, 2], device=runner.device)
+            expected = runner.decode(theirs)
+            runner.decode_step = self
+            got = runner.decode(ours)
+        if not torch.equal(got.argmax(-1), expected.argmax(-1)):
+            return "its next tokens differ from transformers' on a probe"
+        difference = float((got.float() - expected.float()).abs().max())
+        tolerance = 0.02 if got.dtype == torch.bfloat16 else 1e-4
+        bound = tolerance * float(expected.float().abs().max())
+        if difference > bound:
+            return f"its logits differ from transformers' by {difference:.3g} on a probe (bound {bound:.3g})"
+        return None
+
+
+def _bias(linear: nn.Linear) -> torch.Tensor | None:
+    return None if linear.bias is None else linear.bias.detach()
+
+
+def _rope_tables(rotary: Any) -> dict[str, tuple[torch.Tensor, float]]:
+    """Per layer type: the inverse frequencies (float32) and the attention scaling of the model's rotary module."""
+    tables = {}
+    if hasattr(rotary, "inv_freq"):
+        tables["default"] = (rotary.inv_freq.detach().float(), float(rotary.attention_scaling))
+    for kind in getattr(rotary, "layer_types", ()):
+        inv_freq = getattr(rotary, f"{kind}_inv_freq", None)
+        if inv_freq is not None:
+            tables[kind] = (inv_freq.detach().float(), float(getattr(rotary, f"{kind}_attention_scaling")))
+    return tables
+
+
+def unsupported_reason(model: Any) -> str | None:
+    """Why :class:`DecodeStep` cannot run ``model`` (None when it can)."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        return f"model type {model_type!r} is not one of {sorted(SUPPORTED_MODEL_TYPES)}"
+    weight = next(model.parameters())
+    if weight.device.type != "cpu":
+        return f"the model is on {weight.device.type}, not the CPU"
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        return "attention logit soft-capping"
+    attention = getattr(config, "_attn_implementation", "sdpa")
+    if attention not in ("sdpa", "eager"):
+        return f"attention implementation {attention!r}"
+    rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+    if rotary is None:
+        return "no rotary embedding module"
+    kinds = rotary.rope_type if isinstance(rotary.rope_type, dict) else {"default": rotary.rope_type}
+    dynamic = sorted({str(v) for v in kinds.values()} - STATIC_ROPE_TYPES)
+    if dynamic:
+        return f"rotary type {dynamic[0]!r} changes with the sequence length"
+    layer_types = getattr(config, "layer_types", None)
+    if getattr(config, "sliding_window", None) is not None and not layer_types:
+        return "a sliding window without per-layer types"
+    if layer_types and set(layer_types) - {"full_attention", "sliding_attention"}:
+        return f"layer types {sorted(set(layer_types))}"
+    return None

@@ -1,0 +1,127 @@
+"""The hand-written decode step: same tokens and logits as transformers' forward, used only where it is verified."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+from tests.engine.test_engine_gemma import build_gemma
+from torch import nn
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from chatstream.engine.decoder import DecodeStep, unsupported_reason
+from chatstream.engine.fast_path import packing_supported
+from chatstream.engine.model_runner import ModelRunner
+
+pytestmark = pytest.mark.skipif(
+    not packing_supported(nn.Linear(2, 2)), reason="this torch build has no oneDNN packed linear"
+)
+
+STEPS = 40
+
+
+def build_qwen3(tokenizer: Any) -> Qwen3ForCausalLM:
+    """A tiny Qwen3: q/k norms of the weight-after-cast kind, GQA, no sandwich norms."""
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=2048,
+        initializer_range=0.5,
+        tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        model = Qwen3ForCausalLM(config)
+    return model.eval()
+
+
+def _decode_both_ways(model: Any, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Greedy-decode STEPS tokens per row through transformers and through the decode step, from the same prefill.
+
+    Returns both token matrices and the largest logit difference relative to the largest logit.
+    """
+    runner = ModelRunner(model)
+    step = runner.decode_step
+    assert step is not None, "the decode step should be built for this model"
+    tokens, logits = {}, {}
+    with torch.inference_mode():
+        for name, decode_step in (("transformers", None), ("ours", step)):
+            runner.decode_step = decode_step
+            batch, first = runner.prefill(prompts)
+            batch.next_tokens = first.argmax(-1)
+            out, seen = [], []
+            for _ in range(STEPS):
+                step_logits = runner.decode(batch)
+                batch.next_tokens = step_logits.argmax(-1)
+                out.append(batch.next_tokens)
+                seen.append(step_logits.float())
+            tokens[name], logits[name] = torch.stack(out, 1), torch.stack(seen, 1)
+    scale = float(logits["transformers"].abs().max())
+    difference = float((logits["ours"] - logits["transformers"]).abs().max()) / scale
+    return tokens["ours"], tokens["transformers"], difference
+
+
+def _prompts(tokenizer: Any) -> list[list[int]]:
+    texts = ["Hello there", "The quick brown fox jumps over the lazy dog again and again", "x"]
+    return [tokenizer.encode(t) for t in texts]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_llama_matches_transformers(tiny_model: Any, tiny_tokenizer: Any, dtype: torch.dtype) -> None:
+    model = copy.deepcopy(tiny_model).to(dtype)
+    ours, theirs, difference = _decode_both_ways(model, _prompts(tiny_tokenizer))
+    assert torch.equal(ours, theirs)
+    assert difference < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemma3_sliding_window_and_softcap_match_transformers(tiny_tokenizer: Any, dtype: torch.dtype) -> None:
+    """Windows of 8 with prompts and outputs well past them; q/k norms, sandwich norms, two rotary tables."""
+    model = build_gemma(tiny_tokenizer, window=8).to(dtype)
+    ours, theirs, difference = _decode_both_ways(model, _prompts(tiny_tokenizer))
+    assert torch.equal(ours, theirs)
+    assert difference < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_qwen3_head_norms_match_transformers(tiny_tokenizer: Any) -> None:
+    ours, theirs, difference = _decode_both_ways(build_qwen3(tiny_tokenizer), _prompts(tiny_tokenizer))
+    assert torch.equal(ours, theirs)
+    assert difference < 1e-5
+
+
+def test_bf16_gemma3_logits_are_bitwise_equal(tiny_tokenizer: Any) -> None:
+    """Same operators in the same order: in bf16 the step reproduces transformers' logits exactly."""
+    model = build_gemma(tiny_tokenizer, window=8).to(torch.bfloat16)
+    _, _, difference = _decode_both_ways(model, _prompts(tiny_tokenizer))
+    assert difference == 0.0
+
+
+def test_probe_rejects_a_step_that_disagrees(tiny_model: Any) -> None:
+    model = copy.deepcopy(tiny_model)
+    step = DecodeStep(model)
+    assert step.probe(model) is None
+    down = step.layers[0].down
+    step.layers[0].down = lambda x: down(x) * -3  # a wrong MLP in the first layer
+    assert "differ" in (step.probe(model) or "")
+
+
+def test_unsupported_models_keep_transformers(tiny_model: Any) -> None:
+    model = copy.deepcopy(tiny_model)
+    model.config.model_type = "gpt_neox"
+    assert "gpt_neox" in (unsupported_reason(model) or "")
+    assert DecodeStep.for_model(model) is None
+    assert ModelRunner(model).decode_step is None
+    assert ModelRunner(tiny_model, decode_step=False).decode_step is None
+    assert ModelRunner(tiny_model, pack_weights=False).decode_step is None
+
+
+def test_engine_decodes_with_the_step(make_tiny_engine: Any) -> None:
+    engine = make_tiny_engine()
+    assert engine._runner.decode_step is not None
