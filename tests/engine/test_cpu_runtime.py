@@ -60,3 +60,19 @@ def test_malloc_tuning_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(cpu_runtime, "_tuned", False)
     monkeypatch.setenv(cpu_runtime.MALLOC_TUNING_ENV, "0")
     assert cpu_runtime.keep_freed_memory() is False
+
+
+def test_openmp_runtime_is_found_in_the_memory_map(tmp_path: Path) -> None:
+    maps = tmp_path / "maps"
+    maps.write_text("7f00-7f01 r-xp 00000000 00:00 0 /nonexistent/libgomp.so.1\n7f02-7f03 r-xp 0 00:00 0 [vdso]\n")
+    assert cpu_runtime._openmp_runtime(maps) is None  # listed but not loadable: no runtime, no crash
+    maps.write_text("7f02-7f03 r-xp 00000000 00:00 0 [vdso]\n")
+    assert cpu_runtime._openmp_runtime(maps) is None
+
+
+@pytest.mark.skipif(cpu_runtime._openmp_runtime() is None, reason="no OpenMP runtime loaded by this torch build")
+def test_release_thread_pool_frees_and_torch_still_computes() -> None:
+    x = torch.randn(512, 512)
+    expected = x @ x  # a parallel operator: this thread now has a pool
+    assert cpu_runtime.release_thread_pool()
+    torch.testing.assert_close(x @ x, expected)  # the next parallel operator builds a new one

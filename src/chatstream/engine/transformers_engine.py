@@ -91,6 +91,8 @@ class TransformersEngine:
             if self._thread is not None:
                 return
             self._stopping = False
+            if self._runner.device.type == "cpu":
+                cpu_runtime.release_thread_pool()  # this thread's idle OpenMP workers would slow the engine's
             self._thread = threading.Thread(target=self._run, name="chatstream-engine", daemon=True)
             self._thread.start()
 
