@@ -90,3 +90,17 @@ def test_common_prefix_len() -> None:
     assert common_prefix_len([1, 2, 3], [1, 2, 4, 5]) == 2
     assert common_prefix_len([], [1]) == 0
     assert common_prefix_len([1, 2], [1, 2]) == 2
+
+
+def test_from_rows_takes_each_rows_prefix_right_aligned() -> None:
+    def row(n: int, fill: float) -> RowKV:
+        columns = torch.arange(n, dtype=torch.float32).view(1, n, 1).expand(2, n, 4) + fill
+        return RowKV(((columns.clone(), -columns.clone()), (columns.clone(), -columns.clone())))
+
+    cache = BatchKVCache.from_rows([(row(6, 100.0), 4), (row(3, 200.0), 2)])
+    assert cache.length == 4
+    for layer in cache.buffered:
+        assert layer.capacity > layer.length  # headroom for the prefill that follows
+        assert torch.equal(layer.k[0, 0, :, 0], torch.tensor([100.0, 101.0, 102.0, 103.0]))
+        assert torch.equal(layer.k[1, 0, :, 0], torch.tensor([0.0, 0.0, 200.0, 201.0]))
+        assert torch.equal(layer.v[1, 1, :, 3], torch.tensor([0.0, 0.0, -200.0, -201.0]))

@@ -1,19 +1,22 @@
-"""A hand-written decode step for Llama- and Gemma-style decoders on the CPU: one new token per row, no module calls.
+"""A hand-written forward pass for Llama- and Gemma-style decoders on the CPU: the engine's prefill and decode
+steps without transformers' module calls.
 
 A decode step through transformers' modules runs about 6,000 operators for Gemma-3-270M (18 layers), most of them
-tiny; at one to eight rows their Python and dispatch cost is a quarter of the step. :class:`DecodeStep` runs the same
-arithmetic in about 40 operators per layer:
+tiny; at one to eight rows their Python and dispatch cost is a quarter of the step. :class:`FusedDecoder` runs the
+same arithmetic in about 40 operators per layer:
 
 - the q/k/v projections and the gate/up projections each run as one oneDNN-prepacked matrix product on the
-  concatenated weights;
-- the rotary tables, the padding and sliding-window masks are built once per step, not once per layer;
-- attention is one ``scaled_dot_product_attention`` per layer on the grouped query heads (the layout transformers
-  uses for a single query token), reading the engine's :class:`~chatstream.engine.kv_cache.BatchKVCache` in place.
+  concatenated weights; the q and k heads share one RMSNorm call and one rotary multiply;
+- the rotary tables and the masks are built once per step, not once per layer;
+- attention is one ``scaled_dot_product_attention`` per layer with the query heads of each key head stacked along
+  the query axis (no repeated keys), reading the engine's :class:`~chatstream.engine.kv_cache.BatchKVCache` in
+  place; sliding-window layers read only the columns inside their window (at a 1,500-token context that is a third
+  of the cache for Gemma-3's 512-token window).
 
-Prefill still runs through transformers (its cost is in the matrix products). The step is built only for model
-families whose layer structure it knows (:data:`SUPPORTED_MODEL_TYPES`), and only after a probe decode on the model
-itself gives the same next tokens and logits within rounding of transformers' own forward; otherwise the engine
-keeps using transformers for decode too.
+It serves prefill (also on top of a conversation's cached KV) and decode alike. It is built only for model families
+whose layer structure it knows (:data:`SUPPORTED_MODEL_TYPES`), and only after a probe prefill and decode on the model
+itself give the same next tokens and logits within rounding of transformers' own forward; otherwise the engine keeps
+using transformers.
 """
 
 from __future__ import annotations
@@ -28,12 +31,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from chatstream.engine.fast_path import ONE_PLUS_WEIGHT_NORMS, _fused_norm
-from chatstream.engine.kv_cache import BatchKVCache, DecodeBatch
+from chatstream.engine.kv_cache import BatchKVCache
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma3_text"})
-"""``config.model_type`` values whose decoder layers :class:`DecodeStep` reproduces."""
+"""``config.model_type`` values whose decoder layers :class:`FusedDecoder` reproduces."""
 
 SANDWICH_NORM_TYPES = frozenset({"gemma3_text"})
 """Families that normalise the attention and MLP outputs before the residual add (four norms per layer)."""
@@ -84,8 +87,8 @@ class _Layer:
     scaling: float
 
 
-class DecodeStep:
-    """One decode step of a supported model on the CPU; build it with :meth:`for_model`."""
+class FusedDecoder:
+    """The forward pass of a supported model on the CPU, for the engine's batches; build it with :meth:`for_model`."""
 
     def __init__(self, model: Any) -> None:
         config = model.config
@@ -151,67 +154,103 @@ class DecodeStep:
         return weight_after_cast
 
     @classmethod
-    def for_model(cls, model: Any) -> DecodeStep | None:
-        """The model's decode step, or None when the model is not a supported family or the probe disagrees."""
+    def for_model(cls, model: Any) -> FusedDecoder | None:
+        """The model's fused forward, or None when the model is not a supported family or the probe disagrees."""
         reason = unsupported_reason(model)
         if reason is not None:
-            logger.info("hand-written decode step not used: %s", reason)
+            logger.info("fused decoder not used: %s", reason)
             return None
         step = cls(model)
         mismatch = step.probe(model)
         if mismatch is not None:
-            logger.warning("hand-written decode step not used: %s", mismatch)
+            logger.warning("fused decoder not used: %s", mismatch)
             return None
-        logger.info("hand-written decode step in use (%s, %d layers)", step.model_type, len(step.layers))
+        logger.info("fused decoder in use (%s, %d layers)", step.model_type, len(step.layers))
         return step
 
-    def __call__(self, batch: DecodeBatch) -> torch.Tensor:
-        """Logits ``[B, V]`` for ``batch.next_tokens``; appends their keys and values to ``batch.cache``.
+    def __call__(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: BatchKVCache
+    ) -> torch.Tensor:
+        """Run ``input_ids`` ``[B, S]`` at ``positions`` ``[B, S]``; returns the logits of each row's last token.
 
-        ``batch.attention_mask`` must already include the new column (as :meth:`ModelRunner.decode` makes it).
+        ``mask`` ``[B, L]`` is the left-padded batch's padding mask over every column including the ``S`` new ones
+        (the last ``S`` columns); the new keys and values are appended to ``cache``. Every row's tokens are
+        contiguous and end at the last column, so a column distance is a token distance (causal and sliding-window
+        masks are built from column indices).
         """
-        size = batch.size
-        mask = batch.attention_mask
-        length = mask.shape[1]
-        masks: dict[int | None, torch.Tensor] = {None: mask.view(size, 1, 1, length)}
-        if self.windows:
-            columns = torch.arange(length, device=mask.device)
-            for window in self.windows:
-                masks[window] = (mask & (columns > length - 1 - window)).view(size, 1, 1, length)
-        tables = {kind: self._rotary(kind, batch.positions) for kind in self.rope}
-        x = F.embedding(batch.next_tokens, self.embed_weight)
+        size, new = input_ids.shape
+        masks = self._masks(mask, new)
+        tables = {kind: self._rotary(kind, positions.reshape(-1)) for kind in self.rope}
+        x = F.embedding(input_ids.reshape(-1), self.embed_weight)
         if self.embed_scale is not None:
             x = x * self.embed_scale
         for index, layer in enumerate(self.layers):
-            x = self._layer_step(layer, x, batch.cache, index, masks[layer.sliding_window], tables[layer.rope])
-        logits = self.lm_head(self.final_norm(x))
+            layer_mask = masks[layer.sliding_window]
+            x = self._layer_step(layer, x, size, cache, index, layer_mask, tables[layer.rope])
+        last = x.view(size, new, -1)[:, -1]
+        logits = self.lm_head(self.final_norm(last))
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
+
+    def _masks(self, mask: torch.Tensor, new: int) -> dict[int | None, tuple[torch.Tensor, int]]:
+        """Per window (None: full attention) the boolean mask ``[B, 1, G*S, L - start]`` and its first column.
+
+        A sliding-window layer attends only to the last ``window + S - 1`` columns, so its keys are sliced there
+        (at long contexts most of the cache lies outside every window).
+        """
+        length = mask.shape[1]
+        allowed = mask[:, None, :]  # [B, 1, L]
+        if new > 1:
+            columns = torch.arange(length, device=mask.device)
+            query_columns = columns[length - new :, None]  # [S, 1]
+            allowed = allowed & (columns <= query_columns)  # [B, S, L]
+        masks: dict[int | None, tuple[torch.Tensor, int]] = {None: (self._grouped(allowed), 0)}
+        for window in self.windows:
+            start = max(0, length - new - window + 1)
+            columns = torch.arange(start, length, device=mask.device)
+            query_columns = torch.arange(length - new, length, device=mask.device)[:, None]
+            windowed = allowed[:, :, start:] & (columns > query_columns - window)
+            masks[window] = (self._grouped(windowed), start)
+        return masks
+
+    def _grouped(self, mask: torch.Tensor) -> torch.Tensor:
+        """``[B, S, L]`` → ``[B, 1, G*S, L]``: the query heads of one key head are stacked along the query axis."""
+        mask = mask.unsqueeze(1)
+        if mask.shape[2] > 1 and self.groups > 1:
+            mask = mask.repeat(1, 1, self.groups, 1)
+        return mask
 
     def _layer_step(
         self,
         layer: _Layer,
         x: torch.Tensor,
+        size: int,
         cache: BatchKVCache,
         index: int,
-        mask: torch.Tensor,
+        mask: tuple[torch.Tensor, int],
         rotary: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
-        size = x.shape[0]
+        tokens = x.shape[0]  # B * S
+        new = tokens // size
         qkv = layer.qkv(layer.input_norm(x))
         heads = self.num_heads + self.num_kv_heads
-        qk = qkv[:, : self.q_size + self.kv_size].view(size, heads, self.head_dim)
+        qk = qkv[:, : self.q_size + self.kv_size].view(tokens, heads, self.head_dim)
         if layer.qk_norm is not None:
             qk = layer.qk_norm(qk)
         cos, sin = rotary
-        qk = qk * cos + qk.view(size, heads, 2, -1).flip(2).view(size, heads, -1) * sin
-        v = qkv[:, self.q_size + self.kv_size :].reshape(size, self.num_kv_heads, 1, self.head_dim)
-        keys, values = cache.buffered[index].update(qk[:, self.num_heads :].unsqueeze(2), v)
-        q = qk[:, : self.num_heads]
-        query = q.view(size, self.num_kv_heads, self.groups, self.head_dim)
-        attended = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=layer.scaling)
-        h = layer.o_proj(attended.reshape(size, self.q_size))
+        qk = qk * cos + qk.view(tokens, heads, 2, -1).flip(2).view(tokens, heads, -1) * sin
+        k = qk[:, self.num_heads :].view(size, new, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = qkv[:, self.q_size + self.kv_size :].view(size, new, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        keys, values = cache.buffered[index].update(k, v)
+        attn_mask, start = mask
+        if start:
+            keys, values = keys[:, :, start:], values[:, :, start:]
+        q = qk[:, : self.num_heads].view(size, new, self.num_heads, self.head_dim).transpose(1, 2)
+        query = q.reshape(size, self.num_kv_heads, self.groups * new, self.head_dim)
+        attended = F.scaled_dot_product_attention(query, keys, values, attn_mask=attn_mask, scale=layer.scaling)
+        attended = attended.view(size, self.num_heads, new, self.head_dim).transpose(1, 2).reshape(tokens, -1)
+        h = layer.o_proj(attended)
         if layer.post_attention_norm is not None:
             h = layer.post_attention_norm(h)
         x = x + h
@@ -232,20 +271,20 @@ class DecodeStep:
         return cos.to(dtype).unsqueeze(1), sin.to(dtype).unsqueeze(1)
 
     def probe(self, model: Any) -> str | None:
-        """Decode two padded rows both ways from the same prefill; None if they agree, else what differs."""
+        """Prefill two padded rows and decode one step both ways; None if they agree, else what differs."""
         from chatstream.engine.model_runner import ModelRunner
 
-        runner = ModelRunner(model, pack_weights=True, decode_step=False)
+        runner = ModelRunner(model, pack_weights=True, fused=False)
         generator = torch.Generator().manual_seed(0)
         prompts = [torch.randint(runner.vocab_size, (n,), generator=generator).tolist() for n in (7, 4)]
+        logits = {}
         with torch.inference_mode():
-            ours, _ = runner.prefill(prompts)
-            theirs, _ = runner.prefill(prompts)
-            for batch in (ours, theirs):
+            for name, fused in (("transformers", None), ("ours", self)):
+                runner.fused = fused
+                batch, first = runner.prefill(prompts)
                 batch.next_tokens = torch.tensor([1, 2], device=runner.device)
-            expected = runner.decode(theirs)
-            runner.decode_step = self
-            got = runner.decode(ours)
+                logits[name] = torch.cat([first, runner.decode(batch)])
+        got, expected = logits["ours"], logits["transformers"]
         if not torch.equal(got.argmax(-1), expected.argmax(-1)):
             return "its next tokens differ from transformers' on a probe"
         difference = float((got.float() - expected.float()).abs().max())
@@ -273,7 +312,7 @@ def _rope_tables(rotary: Any) -> dict[str, tuple[torch.Tensor, float]]:
 
 
 def unsupported_reason(model: Any) -> str | None:
-    """Why :class:`DecodeStep` cannot run ``model`` (None when it can)."""
+    """Why :class:`FusedDecoder` cannot run ``model`` (None when it can)."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:

@@ -142,15 +142,24 @@ class BatchKVCache(Cache):
         return cls(len(layers), layers)
 
     @classmethod
-    def from_row(cls, row: RowKV, length: int) -> BatchKVCache:
-        """A batch of one row holding the first ``length`` columns of a cached row (for a prefix-cache hit)."""
+    def from_rows(cls, rows: Sequence[tuple[RowKV, int]]) -> BatchKVCache:
+        """A batch of cached rows for prefix-cache hits: row ``i`` holds the first ``n_i`` columns of ``rows[i]``,
+        right-aligned (left-padded with zeros) to the longest; each row is copied once, straight into place."""
+        length = max(n for _, n in rows)
         cap = _round_up(length + HEADROOM_COLUMNS)
         layers = []
-        for keys, values in row.layers:
-            k = keys.new_empty((1, keys.shape[0], cap, keys.shape[2]))
-            v = values.new_empty((1, values.shape[0], cap, values.shape[2]))
-            k[0, :, :length].copy_(keys[:, :length])
-            v[0, :, :length].copy_(values[:, :length])
+        for index in range(len(rows[0][0].layers)):
+            keys, values = rows[0][0].layers[index]
+            k = keys.new_empty((len(rows), keys.shape[0], cap, keys.shape[2]))
+            v = values.new_empty((len(rows), values.shape[0], cap, values.shape[2]))
+            for row, (kv, n) in enumerate(rows):
+                pad = length - n
+                if pad:  # padding columns are masked, but must hold finite values
+                    k[row, :, :pad].zero_()
+                    v[row, :, :pad].zero_()
+                row_keys, row_values = kv.layers[index]
+                k[row, :, pad:length].copy_(row_keys[:, :n])
+                v[row, :, pad:length].copy_(row_values[:, :n])
             layers.append(BufferedLayer(k, v, length))
         return cls(len(layers), layers)
 

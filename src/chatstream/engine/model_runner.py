@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from chatstream.engine.decoder import DecodeStep
+from chatstream.engine.decoder import FusedDecoder
 from chatstream.engine.fast_path import CpuFastPath, packing_supported
 from chatstream.engine.kv_cache import BatchKVCache, DecodeBatch, RowKV
 
@@ -21,21 +21,21 @@ class ModelRunner:
 
     Every call returns the logits of the last position only (``logits_to_keep=1``), so the LM head never runs over a
     whole prompt. On the CPU the linear layers run on oneDNN-prepacked weights and the RMSNorms in one kernel (see
-    :mod:`chatstream.engine.fast_path`) unless ``pack_weights`` is False, and decode steps of supported families run
-    through the hand-written :class:`~chatstream.engine.decoder.DecodeStep` (checked against transformers when it is
-    built) unless ``decode_step`` is False.
+    :mod:`chatstream.engine.fast_path`) unless ``pack_weights`` is False, and supported families run through the
+    hand-written :class:`~chatstream.engine.decoder.FusedDecoder` (checked against transformers when it is built)
+    unless ``fused`` is False.
     """
 
-    def __init__(self, model: Any, pack_weights: bool = True, decode_step: bool = True) -> None:
+    def __init__(self, model: Any, pack_weights: bool = True, fused: bool = True) -> None:
         self.model = model
         self.fast_path = CpuFastPath.for_model(model) if pack_weights and packing_supported(model) else None
         self.device = model.device
         self.num_layers = _num_cache_layers(model)
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self.pad_token_id = 0
-        self.decode_step: DecodeStep | None = None
-        if decode_step and self.fast_path is not None:
-            self.decode_step = DecodeStep.for_model(model)
+        self.fused: FusedDecoder | None = None
+        if fused and self.fast_path is not None:
+            self.fused = FusedDecoder.for_model(model)
 
     def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[DecodeBatch, torch.Tensor]:
         """Prefill ``prompts`` together (left-padded to the longest); returns their batch and logits ``[n, V]``."""
@@ -67,9 +67,7 @@ class ModelRunner:
         width = max(len(prompt) - reusable for _, reusable, prompt in rows)
         used = [max(len(prompt) - width, 0) for _, _, prompt in rows]
         cached = max(used)
-        cache = BatchKVCache.concatenate(
-            [BatchKVCache.from_row(prefix, n) for (prefix, _, _), n in zip(rows, used, strict=True)]
-        )
+        cache = BatchKVCache.from_rows([(prefix, n) for (prefix, _, _), n in zip(rows, used, strict=True)])
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(rows), cached + width), dtype=torch.bool)
         position_ids = torch.zeros((len(rows), width), dtype=torch.long)
@@ -88,18 +86,17 @@ class ModelRunner:
         """One step for every row: feed ``batch.next_tokens``; returns logits ``[B, V]`` and advances the batch."""
         ones = torch.ones((batch.size, 1), dtype=torch.bool, device=self.device)
         batch.attention_mask = torch.cat([batch.attention_mask, ones], dim=1)
-        if self.decode_step is not None:
-            logits = self.decode_step(batch)
-        else:
-            logits = self._forward(
-                batch.next_tokens.unsqueeze(1), batch.attention_mask, batch.positions.unsqueeze(1), batch.cache
-            )
+        logits = self._forward(
+            batch.next_tokens.unsqueeze(1), batch.attention_mask, batch.positions.unsqueeze(1), batch.cache
+        )
         batch.positions = batch.positions + 1
         return logits
 
     def _forward(
         self, input_ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor, cache: BatchKVCache
     ) -> torch.Tensor:
+        if self.fused is not None:
+            return self.fused(input_ids, position_ids, mask, cache)
         with self._packed_context():
             out = self.model(
                 input_ids=input_ids,

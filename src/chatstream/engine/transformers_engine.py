@@ -12,6 +12,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Sequence as SequenceABC
 from typing import Any
@@ -282,6 +283,7 @@ class TransformersEngine:
         self, seqs: list[Sequence], out: _Delivery, hits: list[tuple[PrefixEntry, int]] | None = None
     ) -> None:
         """Prefill ``seqs`` as one batch; with ``hits`` (one per sequence) on top of their cached KV."""
+        started = time.perf_counter()
         try:
             if hits is not None:
                 rows = [(entry.kv, reuse, seq.prompt_ids) for seq, (entry, reuse) in zip(seqs, hits, strict=True)]
@@ -300,6 +302,7 @@ class TransformersEngine:
             logger.exception("prefill failed for request %s", seqs[0].request_id)
             self._finish(seqs[0], FinishReason.ERROR, out, error=f"prefill failed: {exc}")
             return
+        prefilled = time.perf_counter()
         for seq in seqs:
             seq.status = SequenceStatus.RUNNING
             self._counters["prompt"] += len(seq.prompt_ids)
@@ -310,6 +313,15 @@ class TransformersEngine:
                 batch.filter(keep)
             self._running.extend(seqs[i] for i in keep)
             self._batch = batch if self._batch is None else DecodeBatch.concatenate([self._batch, batch])
+        logger.debug(
+            "prefill of %d rows (%d prompt tokens, %d from the prefix cache, width %d): %.0f ms, joining %.0f ms",
+            len(seqs),
+            sum(len(s.prompt_ids) for s in seqs),
+            sum(s.num_cached_tokens for s in seqs),
+            int(batch.attention_mask.shape[1]),
+            (prefilled - started) * 1e3,
+            (time.perf_counter() - prefilled) * 1e3,
+        )
 
     def _decode(self, out: _Delivery) -> None:
         assert self._batch is not None
