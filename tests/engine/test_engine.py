@@ -201,3 +201,29 @@ async def test_add_special_tokens_per_request(tiny_model: Any, tiny_tokenizer: A
         engine.stop()
     plain = len(tiny_tokenizer.encode(text, add_special_tokens=False))
     assert counts == [plain + 1, plain, plain + 1]
+
+
+async def test_a_burst_arriving_at_an_idle_engine_is_prefilled_together(
+    make_tiny_engine: Any, monkeypatch: Any
+) -> None:
+    """Requests arriving a little apart at an idle engine join one prefill instead of the first running alone."""
+    from chatstream.engine import transformers_engine
+
+    monkeypatch.setattr(transformers_engine, "BURST_POLL_S", 0.3)  # wide enough to be deterministic on a busy CI
+    monkeypatch.setattr(transformers_engine, "BURST_MAX_S", 5.0)
+    engine = make_tiny_engine(max_batch_size=4)
+    batch_sizes: list[int] = []
+    prefill = engine._runner.prefill
+
+    def recording_prefill(prompts: Any) -> Any:
+        batch_sizes.append(len(prompts))
+        return prefill(prompts)
+
+    engine._runner.prefill = recording_prefill
+    await asyncio.sleep(0.5)  # the engine thread is idle, waiting for work
+    streams = []
+    for i in range(3):
+        streams.append(engine.add_request(GenerationRequest(f"burst-{i}", PROMPTS[i], greedy(3))))
+        await asyncio.sleep(0.05)
+    await asyncio.gather(*(collect(s) for s in streams))
+    assert batch_sizes == [3]

@@ -39,6 +39,12 @@ logger = logging.getLogger(__name__)
 
 _Delivery = list[tuple[Sequence, Delta]]
 
+BURST_POLL_S = 0.003
+"""After idling, the engine waits this long for more requests before its first prefill (see ``_await_burst``)."""
+
+BURST_MAX_S = 0.025
+"""The longest the engine waits for a burst of requests to finish arriving."""
+
 
 class TransformersEngine:
     """Continuous batching on a transformers model (implements :class:`chatstream.engine.base.Engine`).
@@ -158,6 +164,7 @@ class TransformersEngine:
                 self._drain_inbox()
                 if not self._running and not self._scheduler.waiting:
                     self._wake.wait()
+                    self._await_burst()
                     continue
                 try:
                     self._step()
@@ -167,6 +174,20 @@ class TransformersEngine:
             self._drain_inbox()
             self._abort_everything()
         logger.info("engine thread stopped")
+
+    def _await_burst(self) -> None:
+        """Woken from idle: while requests keep arriving (at most BURST_POLL_S apart, for at most BURST_MAX_S), wait
+        for them, so that a burst of simultaneous requests is prefilled as one batch instead of one row first and the
+        rest a whole prefill later. A lone request waits BURST_POLL_S."""
+        deadline = time.monotonic() + BURST_MAX_S
+        with self._lock:
+            seen = self._num_inbox
+        while not self._stopping and time.monotonic() < deadline:
+            time.sleep(BURST_POLL_S)
+            with self._lock:
+                arrived, seen = self._num_inbox - seen, self._num_inbox
+            if arrived <= 0:
+                return
 
     def _drain_inbox(self) -> None:
         deliveries: _Delivery = []
