@@ -138,3 +138,13 @@ def test_unsupported_models_keep_transformers(tiny_model: Any) -> None:
 def test_engine_runs_the_fused_decoder(make_tiny_engine: Any) -> None:
     engine = make_tiny_engine()
     assert engine._runner.fused is not None
+
+
+def test_shares_the_fast_paths_packed_weights(tiny_model: Any) -> None:
+    """The LM head, o_proj and down_proj are packed once, for the fast path and the fused decoder together."""
+    runner = ModelRunner(tiny_model)
+    assert runner.fused is not None and runner.fast_path is not None
+    assert runner.fused.lm_head is runner.fast_path.packed(tiny_model.lm_head)
+    layer = tiny_model.model.layers[1]
+    assert runner.fused.layers[1].o_proj is runner.fast_path.packed(layer.self_attn.o_proj)
+    assert runner.fused.layers[1].down is runner.fast_path.packed(layer.mlp.down_proj)

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from chatstream.engine.fast_path import ONE_PLUS_WEIGHT_NORMS, _fused_norm
+from chatstream.engine.fast_path import ONE_PLUS_WEIGHT_NORMS, CpuFastPath, _fused_norm
 from chatstream.engine.kv_cache import BatchKVCache
 
 logger = logging.getLogger(__name__)
@@ -90,7 +90,8 @@ class _Layer:
 class FusedDecoder:
     """The forward pass of a supported model on the CPU, for the engine's batches; build it with :meth:`for_model`."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, fast_path: CpuFastPath | None = None) -> None:
+        self.fast_path = fast_path
         config = model.config
         base = model.model
         self.model_type = config.model_type
@@ -104,8 +105,7 @@ class FusedDecoder:
         scale = getattr(base.embed_tokens, "embed_scale", None)
         self.embed_scale = None if scale is None else scale.to(self.embed_weight.dtype)
         self.final_norm = _norm(base.norm)
-        lm_head = model.get_output_embeddings()
-        self.lm_head = _linear(lm_head.weight.detach(), None if lm_head.bias is None else lm_head.bias.detach())
+        self.lm_head = self._shared_linear(model.get_output_embeddings())
         self.softcap = getattr(config, "final_logit_softcapping", None)
         self.rope = _rope_tables(base.rotary_emb)
         layer_types = list(getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers)
@@ -123,17 +123,22 @@ class FusedDecoder:
             input_norm=_norm(layer.input_layernorm),
             qkv=_linear(qkv_weight, _cat_bias(attn.q_proj, attn.k_proj, attn.v_proj)),
             qk_norm=None if q_norm is None else self._head_norm(q_norm, k_norm),
-            o_proj=_linear(attn.o_proj.weight.detach(), _bias(attn.o_proj)),
+            o_proj=self._shared_linear(attn.o_proj),
             post_attention_norm=_norm(layer.post_attention_layernorm) if sandwich else None,
             pre_mlp_norm=_norm(layer.pre_feedforward_layernorm if sandwich else layer.post_attention_layernorm),
             gate_up=_linear(gate_up, _cat_bias(mlp.gate_proj, mlp.up_proj)),
             act=mlp.act_fn,
-            down=_linear(mlp.down_proj.weight.detach(), _bias(mlp.down_proj)),
+            down=self._shared_linear(mlp.down_proj),
             post_mlp_norm=_norm(layer.post_feedforward_layernorm) if sandwich else None,
             rope=kind if kind in self.rope else "default",
             sliding_window=window if kind == "sliding_attention" else None,
             scaling=float(attn.scaling),
         )
+
+    def _shared_linear(self, module: nn.Linear) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The fast path's packed copy of ``module`` when it has one (one copy in memory), else a new one."""
+        packed = self.fast_path.packed(module) if self.fast_path is not None else None
+        return packed if packed is not None else _linear(module.weight.detach(), _bias(module))
 
     def _head_norm(self, q_norm: Any, k_norm: Any) -> Norm:
         """The q and k RMSNorms as one call on the ``[B, Hq + Hkv, D]`` heads (per-head weights stacked)."""
@@ -154,13 +159,13 @@ class FusedDecoder:
         return weight_after_cast
 
     @classmethod
-    def for_model(cls, model: Any) -> FusedDecoder | None:
+    def for_model(cls, model: Any, fast_path: CpuFastPath | None = None) -> FusedDecoder | None:
         """The model's fused forward, or None when the model is not a supported family or the probe disagrees."""
         reason = unsupported_reason(model)
         if reason is not None:
             logger.info("fused decoder not used: %s", reason)
             return None
-        step = cls(model)
+        step = cls(model, fast_path)
         mismatch = step.probe(model)
         if mismatch is not None:
             logger.warning("fused decoder not used: %s", mismatch)

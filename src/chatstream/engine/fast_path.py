@@ -67,6 +67,7 @@ class CpuFastPath:
 
     def __init__(self, model: nn.Module) -> None:
         self._local = threading.local()
+        self._packed: dict[nn.Module, Forward] = {}
         self.num_linears = 0
         self.num_norms = 0
         self.num_bytes = 0
@@ -102,6 +103,10 @@ class CpuFastPath:
         finally:
             self._local.on = previous
 
+    def packed(self, module: nn.Module) -> Forward | None:
+        """The packed forward of a linear layer (no thread switch: always the packed weights), None if not packed."""
+        return self._packed.get(module)
+
     def _install_linear(self, module: nn.Linear) -> None:
         weight = module.weight.detach()
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
@@ -111,6 +116,7 @@ class CpuFastPath:
             return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
         module.forward = self._switch(module.forward, fast, weight.dtype)  # type: ignore[method-assign,assignment]
+        self._packed[module] = fast
         self.num_linears += 1
         self.num_bytes += weight.numel() * weight.element_size()
 

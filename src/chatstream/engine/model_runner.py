@@ -35,7 +35,7 @@ class ModelRunner:
         self.pad_token_id = 0
         self.fused: FusedDecoder | None = None
         if fused and self.fast_path is not None:
-            self.fused = FusedDecoder.for_model(model)
+            self.fused = FusedDecoder.for_model(model, self.fast_path)
 
     def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[DecodeBatch, torch.Tensor]:
         """Prefill ``prompts`` together (left-padded to the longest); returns their batch and logits ``[n, V]``."""

@@ -55,8 +55,10 @@ class TransformersEngine:
         config: batch size, context length, prefill budget, prefix-cache budget.
         num_threads: torch compute threads, set when the engine thread starts (None: ``$CHATSTREAM_NUM_THREADS``,
             else one per physical core; see :mod:`chatstream.engine.cpu_runtime`). The setting is process-wide.
-        pack_weights: on the CPU, run the linear layers on oneDNN-prepacked weights and the RMSNorms in one kernel
-            (faster; one more copy of the linear weights in memory). See :mod:`chatstream.engine.fast_path`.
+        pack_weights: on the CPU, run the linear layers on oneDNN-prepacked weights and the RMSNorms in one kernel,
+            and supported model families (Llama, Mistral, Qwen2, Qwen3, Gemma-3) through the fused decoder (faster;
+            more copies of the linear weights in memory). See :mod:`chatstream.engine.fast_path` and
+            :mod:`chatstream.engine.decoder`. False runs transformers' modules as they are.
     """
 
     def __init__(
