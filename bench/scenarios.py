@@ -197,13 +197,47 @@ class _Conversation:
 async def multi_turn(
     endpoint: Endpoint, openers: Sequence[str], follow_ups: Sequence[str], config: BenchConfig, read_rss: RssReader
 ) -> dict[str, Any]:
-    """``mt_conversations`` conversations advance turn by turn together; TTFT per turn and RSS after each turn."""
+    """``mt_conversations`` conversations advance turn by turn together; TTFT per turn and RSS after each turn.
+
+    The whole run is repeated ``rounds`` times with fresh conversations (new sessions; every opener tagged with its
+    round, so no server can reuse an earlier round's cache); each turn's figures are the medians over the rounds.
+    """
+    rounds = []
+    for index in range(config.rounds):
+        rounds.append(await _conversation_round(endpoint, openers, follow_ups, config, read_rss, index))
+    per_turn = []
+    for turn in range(config.mt_turns):
+        summaries = [round_turns[turn] for round_turns in rounds]
+        merged = median_of_dicts([{k: v for k, v in s.items() if isinstance(v, int | float)} for s in summaries])
+        merged["turn"] = turn + 1
+        merged["ttft_p50_ms_per_round"] = [s["ttft_p50_ms"] for s in summaries]
+        per_turn.append(merged)
+    first, last = per_turn[0]["ttft_p50_ms"], per_turn[-1]["ttft_p50_ms"]
+    return {
+        "protocol": endpoint.protocol,
+        "conversations": config.mt_conversations,
+        "rounds": config.rounds,
+        "turns": per_turn,
+        "ttft_last_over_first": (last / first) if first and last is not None else None,
+    }
+
+
+async def _conversation_round(
+    endpoint: Endpoint,
+    openers: Sequence[str],
+    follow_ups: Sequence[str],
+    config: BenchConfig,
+    read_rss: RssReader,
+    round_index: int,
+) -> list[dict[str, Any]]:
     conversations = [_Conversation(endpoint) for _ in range(config.mt_conversations)]
     per_turn: list[dict[str, Any]] = []
     try:
         for turn in range(config.mt_turns):
             inputs = [
-                openers[i % len(openers)] if turn == 0 else follow_ups[(turn - 1) % len(follow_ups)]
+                f"(conversation {round_index + 1}.{i + 1}) {openers[i % len(openers)]}"
+                if turn == 0
+                else follow_ups[(turn - 1) % len(follow_ups)]
                 for i in range(len(conversations))
             ]
             began = time.perf_counter()
@@ -213,17 +247,15 @@ async def multi_turn(
             )
             per_turn.append(_turn_summary(turn + 1, results, time.perf_counter() - began, read_rss()))
             logger.info(
-                "multi-turn %s turn %d: ttft p50 %s ms", endpoint.protocol, turn + 1, _fmt(per_turn[-1]["ttft_p50_ms"])
+                "multi-turn %s round %d turn %d: ttft p50 %s ms",
+                endpoint.protocol,
+                round_index,
+                turn + 1,
+                _fmt(per_turn[-1]["ttft_p50_ms"]),
             )
     finally:
         await asyncio.gather(*(c.client.aclose() for c in conversations))
-    first, last = per_turn[0]["ttft_p50_ms"], per_turn[-1]["ttft_p50_ms"]
-    return {
-        "protocol": endpoint.protocol,
-        "conversations": config.mt_conversations,
-        "turns": per_turn,
-        "ttft_last_over_first": (last / first) if first and last is not None else None,
-    }
+    return per_turn
 
 
 def _turn_summary(turn: int, results: Sequence[RequestResult], wall_s: float, rss_mb: float | None) -> dict[str, Any]:
