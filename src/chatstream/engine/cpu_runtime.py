@@ -11,7 +11,7 @@
 * **OpenMP thread pools.** Every thread that runs a parallel torch operator gets its own OpenMP worker pool, and
   GNU OpenMP shortens its spin-waits drastically as soon as it manages more threads than there are CPUs. The thread
   that loaded the model (usually the one that runs the event loop) has such a pool; left alone, it makes the engine
-  thread's workers sleep and wake between the ~700 operators of a decode step, a quarter of a Gemma-3-270M step on
+  thread's workers sleep and wake between the operators of a decode step, a quarter of a Gemma-3-270M step on
   two cores. :func:`release_thread_pool` frees the calling thread's pool; the engine calls it where it starts.
 """
 
