@@ -149,18 +149,9 @@ class BatchKVCache(Cache):
         cap = _round_up(length + HEADROOM_COLUMNS)
         layers = []
         for index in range(len(rows[0][0].layers)):
-            keys, values = rows[0][0].layers[index]
-            k = keys.new_empty((len(rows), keys.shape[0], cap, keys.shape[2]))
-            v = values.new_empty((len(rows), values.shape[0], cap, values.shape[2]))
-            for row, (kv, n) in enumerate(rows):
-                pad = length - n
-                if pad:  # padding columns are masked, but must hold finite values
-                    k[row, :, :pad].zero_()
-                    v[row, :, :pad].zero_()
-                row_keys, row_values = kv.layers[index]
-                k[row, :, pad:length].copy_(row_keys[:, :n])
-                v[row, :, pad:length].copy_(row_values[:, :n])
-            layers.append(BufferedLayer(k, v, length))
+            keys = _right_aligned([kv.layers[index][0][:, :n].unsqueeze(0) for kv, n in rows], length, cap)
+            values = _right_aligned([kv.layers[index][1][:, :n].unsqueeze(0) for kv, n in rows], length, cap)
+            layers.append(BufferedLayer(keys, values, length))
         return cls(len(layers), layers)
 
     def extract_row(self, row: int, start: int) -> RowKV:
