@@ -113,7 +113,8 @@ def _openmp_runtime(maps: Path = Path("/proc/self/maps")) -> ctypes.CDLL | None:
     except OSError:
         return None
     for line in lines:
-        path = line.split()[-1] if line.split() else ""
+        fields = line.split()
+        path = fields[-1] if fields else ""
         if any(Path(path).name.startswith(name) for name in _OPENMP_LIBRARIES):
             try:
                 return ctypes.CDLL(path)

@@ -337,7 +337,7 @@ class TransformersEngine:
             self._running.extend(seqs[i] for i in keep)
             self._batch = batch if self._batch is None else DecodeBatch.concatenate([self._batch, batch])
         logger.debug(
-            "prefill of %d rows (%d prompt tokens, %d from the prefix cache, width %d): %.0f ms, joining %.0f ms",
+            "prefill of %d rows (%d prompt tokens, %d from the prefix cache, %d columns): %.0f ms, joining %.0f ms",
             len(seqs),
             sum(len(s.prompt_ids) for s in seqs),
             sum(s.num_cached_tokens for s in seqs),
