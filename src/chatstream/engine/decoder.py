@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from chatstream.engine.fast_path import ONE_PLUS_WEIGHT_NORMS, CpuFastPath, _fused_norm
+from chatstream.engine.fast_path import ONE_PLUS_WEIGHT_NORMS, CpuFastPath, _fused_norm, norm_eps
 from chatstream.engine.kv_cache import BatchKVCache
 
 logger = logging.getLogger(__name__)
@@ -62,8 +62,7 @@ def _norm(module: nn.Module) -> Norm:
 
 
 def _cat_bias(*linears: nn.Linear) -> torch.Tensor | None:
-    biases = [lin.bias for lin in linears]
-    if all(b is None for b in biases):
+    if all(lin.bias is None for lin in linears):
         return None
     return torch.cat(
         [lin.bias.detach() if lin.bias is not None else lin.weight.new_zeros(lin.out_features) for lin in linears]
@@ -142,7 +141,7 @@ class FusedDecoder:
 
     def _head_norm(self, q_norm: Any, k_norm: Any) -> Norm:
         """The q and k RMSNorms as one call on the ``[B, Hq + Hkv, D]`` heads (per-head weights stacked)."""
-        eps, shape = float(getattr(q_norm, "eps", getattr(q_norm, "variance_epsilon", 1e-6))), (self.head_dim,)
+        eps, shape = float(norm_eps(q_norm)), (self.head_dim,)
         pairs = ((q_norm, self.num_heads), (k_norm, self.num_kv_heads))
         if type(q_norm).__name__ in ONE_PLUS_WEIGHT_NORMS:
             scale = torch.cat([(1.0 + n.weight.detach().float()).expand(h, -1) for n, h in pairs])

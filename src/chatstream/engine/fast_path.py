@@ -143,8 +143,13 @@ class CpuFastPath:
         return forward
 
 
+def norm_eps(module: Any) -> Any:
+    """An RMSNorm module's epsilon (Gemma names it ``eps``, Llama ``variance_epsilon``); None if it has neither."""
+    return getattr(module, "eps", getattr(module, "variance_epsilon", None))
+
+
 def _fused_norm(module: Any) -> Forward | None:
-    eps = getattr(module, "eps", getattr(module, "variance_epsilon", None))
+    eps = norm_eps(module)
     weight = getattr(module, "weight", None)
     if not isinstance(eps, float) or not isinstance(weight, torch.Tensor) or weight.dim() != 1:
         return None
