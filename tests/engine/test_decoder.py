@@ -12,11 +12,14 @@ from torch import nn
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from chatstream.engine.decoder import FusedDecoder, unsupported_reason
-from chatstream.engine.fast_path import packing_supported
+from chatstream.engine.fast_path import dtype_packable, packing_supported
 from chatstream.engine.model_runner import ModelRunner
 
 pytestmark = pytest.mark.skipif(
     not packing_supported(nn.Linear(2, 2)), reason="this torch build has no oneDNN packed linear"
+)
+needs_bf16_packing = pytest.mark.skipif(
+    not dtype_packable(torch.bfloat16), reason="this CPU has no oneDNN bf16 support (AVX512-BW/VL/DQ or AVX-NE-CONVERT)"
 )
 
 STEPS = 40
@@ -77,7 +80,7 @@ def _prompts(tokenizer: Any) -> list[list[int]]:
     return [tokenizer.encode(t) for t in texts]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_bf16_packing)])
 def test_llama_matches_transformers(tiny_model: Any, tiny_tokenizer: Any, dtype: torch.dtype) -> None:
     model = copy.deepcopy(tiny_model).to(dtype)
     ours, theirs, difference = _decode_both_ways(model, _prompts(tiny_tokenizer))
@@ -93,6 +96,7 @@ def test_gemma3_sliding_window_and_softcap_match_transformers_fp32(tiny_tokenize
     assert difference < 1e-5
 
 
+@needs_bf16_packing
 def test_gemma3_sliding_window_bf16_within_rounding(tiny_tokenizer: Any) -> None:
     """The window's keys are sliced out of the cache before attention, so the sums run in a different order than
     over the whole masked cache: in bf16 the logits differ by a few units in the last place (about 0.4 % each)."""
@@ -107,6 +111,7 @@ def test_qwen3_head_norms_match_transformers(tiny_tokenizer: Any) -> None:
     assert difference < 1e-5
 
 
+@needs_bf16_packing
 def test_bf16_gemma3_logits_are_bitwise_equal_inside_the_window(tiny_tokenizer: Any) -> None:
     """Same operators in the same order: while every token is inside the window (nothing sliced), the fused
     decoder reproduces transformers' bf16 logits exactly, prefill and decode."""

@@ -10,11 +10,14 @@ from torch import nn
 from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from chatstream.engine.fast_path import CpuFastPath, packing_supported
+from chatstream.engine.fast_path import CpuFastPath, dtype_packable, packing_supported
 from chatstream.engine.model_runner import ModelRunner
 
 pytestmark = pytest.mark.skipif(
     not packing_supported(nn.Linear(2, 2)), reason="this torch build has no oneDNN packed linear"
+)
+needs_bf16_packing = pytest.mark.skipif(
+    not dtype_packable(torch.bfloat16), reason="this CPU has no oneDNN bf16 support (AVX512-BW/VL/DQ or AVX-NE-CONVERT)"
 )
 
 
@@ -23,6 +26,7 @@ def _model(dtype: torch.dtype) -> nn.Sequential:
     return nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 300, bias=False)).to(dtype).eval()
 
 
+@needs_bf16_packing
 def test_bf16_packed_output_is_bitwise_equal() -> None:
     model = _model(torch.bfloat16)
     x = torch.randn(5, 3, 64, dtype=torch.bfloat16)
@@ -45,6 +49,7 @@ def test_fp32_packed_output_is_close() -> None:
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+@needs_bf16_packing
 def test_packed_path_only_inside_active_on_that_thread(monkeypatch: pytest.MonkeyPatch) -> None:
     model = _model(torch.bfloat16)
     packed = CpuFastPath.for_model(model)
@@ -104,6 +109,7 @@ def test_fused_norms_are_bitwise_equal(norm_class: type[nn.Module], dtype: torch
     assert torch.equal(got, expected)
 
 
+@needs_bf16_packing
 def test_gemma_decode_logits_unchanged(tiny_tokenizer: object) -> None:
     from tests.engine.test_engine_gemma import build_gemma
 

@@ -45,17 +45,20 @@ _install_lock = threading.Lock()
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
 
+def dtype_packable(dtype: torch.dtype) -> bool:
+    """True when oneDNN can pack linear weights of ``dtype`` on this CPU (bf16 needs AVX512-BW/VL/DQ or
+    AVX-NE-CONVERT; an AVX2-only CPU packs fp32 only)."""
+    if dtype not in PACKABLE_DTYPES or not torch.backends.mkldnn.is_available():
+        return False
+    if not (hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    return dtype != torch.bfloat16 or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def packing_supported(model: nn.Module) -> bool:
-    """True when ``model`` runs on the CPU in bf16 or fp32 and this torch build has oneDNN's packed linear."""
+    """True when ``model`` runs on the CPU in a dtype this CPU and torch build can pack (see :func:`dtype_packable`)."""
     weight = next((p for p in model.parameters()), None)
-    return (
-        weight is not None
-        and weight.device.type == "cpu"
-        and weight.dtype in PACKABLE_DTYPES
-        and torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    )
+    return weight is not None and weight.device.type == "cpu" and dtype_packable(weight.dtype)
 
 
 class CpuFastPath:
