@@ -7,6 +7,7 @@ endpoints in ``server/`` and the chat turn in ``sessions/handler.py``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import logging
 import uuid
@@ -19,7 +20,7 @@ from starlette.responses import Response
 
 from chatstream.config import AdmissionConfig, EngineConfig, MockConfig, SamplingParams
 from chatstream.engine.base import Engine, GenerationRequest
-from chatstream.engine.mock_engine import MockEngine
+from chatstream.engine.mock_engine import MockEngine, MockRequest
 from chatstream.generation import GenerationOutcome, cancel_quietly, run_generation
 from chatstream.metrics import ChatStreamMetrics
 from chatstream.scheduler.admission import AdmissionController, Draining, QueueFull, Slot
@@ -309,16 +310,18 @@ class ChatStream:
         if chat_prompt.is_chat_mode_enabled():
             stops = list(chat_prompt._get_final_stop_strs() or [])
         sampling = self._sampling_with(generation_params).with_updates(stop=tuple(stops))
-        return GenerationRequest(
+        request = GenerationRequest(
             request_id=f"chat-{uuid.uuid4().hex}",
             prompt=chat_prompt.create_prompt(),
             sampling=sampling,
             output_replacements=tuple(chat_prompt.get_replacement_when_output() or ()),
             conversation_id=conversation_id,
             add_special_tokens=self._add_special_tokens_for(chat_prompt),
-            user_input=chat_prompt.get_requester_last_msg(),
-            turn=chat_prompt.get_turn(),
         )
+        if isinstance(self.engine, MockEngine):
+            fields = {f.name: getattr(request, f.name) for f in dataclasses.fields(request)}
+            return MockRequest(**fields, user_input=chat_prompt.get_requester_last_msg(), turn=chat_prompt.get_turn())
+        return request
 
     def _add_special_tokens_for(self, chat_prompt: AbstractChatPrompt) -> bool | None:
         # The constructor's add_special_tokens wins; otherwise a prompt class whose text already holds the special

@@ -6,13 +6,13 @@ import pytest
 
 from chatstream.config import MockConfig, SamplingParams
 from chatstream.engine.base import EngineError, FinishReason, GenerationRequest
-from chatstream.engine.mock_engine import ROUND_ANSWERS, MockEngine, split_mock_tokens
+from chatstream.engine.mock_engine import ROUND_ANSWERS, MockEngine, MockRequest, split_mock_tokens
 
 
-def request(**kw: object) -> GenerationRequest:
+def request(**kw: object) -> MockRequest:
     base = {"request_id": "r1", "prompt": "p"}
     base.update(kw)
-    return GenerationRequest(**base)  # type: ignore[arg-type]
+    return MockRequest(**base)  # type: ignore[arg-type]
 
 
 async def collect(engine: MockEngine, req: GenerationRequest) -> tuple[str, list[object]]:

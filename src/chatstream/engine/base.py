@@ -45,8 +45,6 @@ class GenerationRequest:
             this conversation's KV cache after the request so that the next turn prefills only the new tokens.
         add_special_tokens: passed to the tokenizer when the engine encodes ``prompt``; None uses the engine's
             setting (``EngineConfig.add_special_tokens``). False for prompts that already contain BOS (chat templates).
-        user_input: the user's latest message; only the mock engine reads it ("echo").
-        turn: the conversation's turn number; only the mock engine reads it ("round").
     """
 
     request_id: str
@@ -56,8 +54,6 @@ class GenerationRequest:
     output_replacements: tuple[tuple[str, str], ...] = ()
     conversation_id: str | None = None
     add_special_tokens: bool | None = None
-    user_input: str | None = None
-    turn: int = 0
 
     def __post_init__(self) -> None:
         if not self.request_id:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import unicodedata
+from dataclasses import dataclass
 
 from chatstream.config import MockConfig, MockType
 from chatstream.engine.base import Delta, EngineError, EngineStats, FinishReason, GenerationRequest, RequestStream
@@ -40,6 +41,19 @@ LONG_ANSWER = " ".join(
         "always the right time to begin something new.",
     ]
 )
+
+
+@dataclass(frozen=True)
+class MockRequest(GenerationRequest):
+    """A generation request with what only the mock engine reads.
+
+    Attributes:
+        user_input: the user's latest message ("echo" answers with it).
+        turn: the conversation's turn number ("round" picks its answer by it).
+    """
+
+    user_input: str | None = None
+    turn: int = 0
 
 
 def split_mock_tokens(text: str) -> list[str]:
@@ -78,11 +92,13 @@ class MockEngine:
 
     def answer_for(self, request: GenerationRequest) -> str:
         """The canned text for this request."""
+        user_input = request.user_input if isinstance(request, MockRequest) else None
+        turn = request.turn if isinstance(request, MockRequest) else 0
         if self.config.type is MockType.ECHO:
-            return request.user_input or ""
+            return user_input or ""
         if self.config.type is MockType.LONG:
             return LONG_ANSWER
-        return ROUND_ANSWERS[max(request.turn - 1, 0) % len(ROUND_ANSWERS)]
+        return ROUND_ANSWERS[max(turn - 1, 0) % len(ROUND_ANSWERS)]
 
     def add_request(self, request: GenerationRequest) -> RequestStream:
         if not self._running:

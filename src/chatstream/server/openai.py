@@ -25,6 +25,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from chatstream.engine.base import EngineError, FinishReason, GenerationRequest
+from chatstream.engine.mock_engine import MockEngine, MockRequest
 from chatstream.generation import GenerationOutcome, cancel_quietly, run_generation
 from chatstream.scheduler.admission import Draining, QueueFull, Slot
 from chatstream.server.errors import (
@@ -218,9 +219,10 @@ def conversation_key(messages: list[dict[str, Any]], user: str | None) -> str:
 
 def _completion_generation_request(chat_stream: ChatStream, body: CompletionRequest) -> GenerationRequest:
     sampling = _sampling(body, chat_stream.default_sampling, COMPLETIONS_DEFAULT_MAX_TOKENS)
-    return GenerationRequest(
-        request_id=f"cmpl-{uuid.uuid4().hex}", prompt=body.prompt_text, sampling=sampling, user_input=body.prompt_text
-    )
+    request_id = f"cmpl-{uuid.uuid4().hex}"
+    if isinstance(chat_stream.engine, MockEngine):
+        return MockRequest(request_id, body.prompt_text, sampling, user_input=body.prompt_text)
+    return GenerationRequest(request_id=request_id, prompt=body.prompt_text, sampling=sampling)
 
 
 def _sampling(body: Any, defaults: Any, default_max_tokens: int | None = None) -> Any:
