@@ -4,10 +4,20 @@ from chatstream.engine.base import (
     Delta,
     Engine,
     EngineError,
+    EngineOverloaded,
     EngineStats,
     FinishReason,
     GenerationRequest,
     RequestStream,
 )
 
-__all__ = ["Delta", "Engine", "EngineError", "EngineStats", "FinishReason", "GenerationRequest", "RequestStream"]
+__all__ = [
+    "Delta",
+    "Engine",
+    "EngineError",
+    "EngineOverloaded",
+    "EngineStats",
+    "FinishReason",
+    "GenerationRequest",
+    "RequestStream",
+]

@@ -93,42 +93,52 @@ class Delta:
 
 
 class EngineError(RuntimeError):
-    """The engine cannot serve a request (stopped, or failed)."""
+    """The engine cannot serve a request (stopped, or failed). The server answers 503."""
+
+
+class EngineOverloaded(EngineError):
+    """The engine (or the server behind it) is full and said when to retry. The server answers 429 + Retry-After."""
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = max(1, int(retry_after))
 
 
 class RequestStream:
-    """The async side of one request: an iterator of :class:`Delta` fed from the engine thread.
+    """The async side of one request: an iterator of :class:`Delta` fed by the engine.
 
-    Create it on the event loop (it captures the running loop); the engine thread calls :meth:`put_threadsafe`.
-    Iteration ends after the delta that carries a ``finish_reason``.
+    Create it on the event loop (it captures the running loop). The engine feeds it on the loop's own thread with
+    :meth:`put_nowait` (an engine thread hands deltas over with ``loop.call_soon_threadsafe``). Iteration ends after
+    the delta that carries a ``finish_reason``, or raises the exception given to :meth:`fail` (an engine that finds
+    out only after ``add_request`` that it cannot serve the request, e.g. a remote server that is full or gone).
     """
 
     def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.request_id = request_id
-        self._loop = loop or asyncio.get_running_loop()
-        self._queue: asyncio.Queue[Delta] = asyncio.Queue()
+        self.loop = loop or asyncio.get_running_loop()
+        self._queue: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
         self._finished = False
 
-    def put_threadsafe(self, delta: Delta) -> None:
-        """Hand a delta to the event loop; callable from any thread."""
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, delta)
-        except RuntimeError:
-            pass  # the loop is closed: nobody is listening any more
-
     def put_nowait(self, delta: Delta) -> None:
-        """Hand a delta from the event loop's own thread."""
+        """Hand a delta over; call it on the event loop's own thread."""
         self._queue.put_nowait(delta)
+
+    def fail(self, error: BaseException) -> None:
+        """End the stream by raising ``error`` in the consumer (on the event loop's own thread)."""
+        self._queue.put_nowait(error)
 
     def __aiter__(self) -> AsyncIterator[Delta]:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[Delta]:
         while not self._finished:
-            delta = await self._queue.get()
-            if delta.finished:
+            item = await self._queue.get()
+            if isinstance(item, BaseException):
                 self._finished = True
-            yield delta
+                raise item
+            if item.finished:
+                self._finished = True
+            yield item
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import ValidationError
 from starlette.responses import JSONResponse
 
-from chatstream.engine.base import EngineError
+from chatstream.engine.base import EngineError, EngineOverloaded
 from chatstream.scheduler.admission import Draining, QueueFull
 
 ROLE_DENIED_BODY: dict[str, Any] = {"success": False, "message": "Forbidden", "detail": "Denied on role layer."}
@@ -105,6 +105,8 @@ def to_api_error(exc: BaseException) -> ApiError:
         return TooManyRequests(message, exc.retry_after)
     if isinstance(exc, Draining):
         return ServiceUnavailable("The server is shutting down and admits no new requests.", code="draining")
+    if isinstance(exc, EngineOverloaded):
+        return TooManyRequests(f"Too many requests: {exc} Retry after {exc.retry_after} s.", exc.retry_after)
     if isinstance(exc, EngineError):
         return ServiceUnavailable(f"The engine cannot serve requests: {exc}", code="engine_unavailable")
     if isinstance(exc, ValidationError):
