@@ -106,6 +106,8 @@ class EngineConfig:
         add_special_tokens: passed to the tokenizer when the prompt is encoded (None: the tokenizer's default).
         prefix_cache_bytes: memory budget for the per-conversation KV caches kept between turns (0 disables reuse).
         max_prefill_tokens: prompt tokens prefilled in one step before decoding resumes (bounds decode stalls).
+        fused_decoder: on the CPU, run supported model families (Llama, Mistral, Qwen2, Qwen3, Gemma-3) through the
+            hand-written fused decoder (checked against transformers when built); False keeps transformers' forward.
     """
 
     context_len: int = 1024
@@ -113,6 +115,7 @@ class EngineConfig:
     add_special_tokens: bool | None = None
     prefix_cache_bytes: int = 512 * 1024 * 1024
     max_prefill_tokens: int = 2048
+    fused_decoder: bool = True
 
     def __post_init__(self) -> None:
         _check(self.context_len >= 2, "context_len", self.context_len, "must be >= 2")
