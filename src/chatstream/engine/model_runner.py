@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from chatstream.engine.decoder import FusedDecoder
-from chatstream.engine.fast_path import CpuFastPath, packing_supported
+from chatstream.engine.cpu.fast_path import CpuFastPath, packing_supported
+from chatstream.engine.cpu.fused_decoder import FusedDecoder
 from chatstream.engine.kv_cache import BatchKVCache, DecodeBatch, RowKV
 
 logger = logging.getLogger(__name__)
@@ -21,9 +21,9 @@ class ModelRunner:
 
     Every call returns the logits of the last position only (``logits_to_keep=1``), so the LM head never runs over a
     whole prompt. On the CPU the linear layers run on oneDNN-prepacked weights and the RMSNorms in one kernel (see
-    :mod:`chatstream.engine.fast_path`) unless ``pack_weights`` is False, and supported families run through the
-    hand-written :class:`~chatstream.engine.decoder.FusedDecoder` (checked against transformers when it is built)
-    unless ``fused`` is False.
+    :mod:`chatstream.engine.cpu.fast_path`) unless ``pack_weights`` is False, and supported families run through
+    the hand-written :class:`~chatstream.engine.cpu.fused_decoder.FusedDecoder` (checked against transformers when
+    it is built) unless ``fused`` is False.
     """
 
     def __init__(self, model: Any, pack_weights: bool = True, fused: bool = True) -> None:

@@ -20,8 +20,9 @@ from typing import Any
 import torch
 
 from chatstream.config import EngineConfig
-from chatstream.engine import cpu_runtime, sampler
+from chatstream.engine import sampler
 from chatstream.engine.base import Delta, EngineError, EngineStats, FinishReason, GenerationRequest, RequestStream
+from chatstream.engine.cpu import runtime as cpu_runtime
 from chatstream.engine.detokenizer import IncrementalDetokenizer
 from chatstream.engine.kv_cache import DecodeBatch, PrefixCache, PrefixEntry, common_prefix_len
 from chatstream.engine.model_runner import ModelRunner
@@ -54,11 +55,11 @@ class TransformersEngine:
         tokenizer: its tokenizer (``encode``/``decode``, ``eos_token_id``).
         config: batch size, context length, prefill budget, prefix-cache budget.
         num_threads: torch compute threads, set when the engine thread starts (None: ``$CHATSTREAM_NUM_THREADS``,
-            else one per physical core; see :mod:`chatstream.engine.cpu_runtime`). The setting is process-wide.
+            else one per physical core; see :mod:`chatstream.engine.cpu.runtime`). The setting is process-wide.
         pack_weights: on the CPU, run the linear layers on oneDNN-prepacked weights and the RMSNorms in one kernel,
             and supported model families (Llama, Mistral, Qwen2, Qwen3, Gemma-3) through the fused decoder (faster;
-            more copies of the linear weights in memory). See :mod:`chatstream.engine.fast_path` and
-            :mod:`chatstream.engine.decoder`. False runs transformers' modules as they are.
+            more copies of the linear weights in memory). See :mod:`chatstream.engine.cpu.fast_path` and
+            :mod:`chatstream.engine.cpu.fused_decoder`. False runs transformers' modules as they are.
     """
 
     def __init__(

@@ -11,8 +11,8 @@ from tests.engine.test_engine_gemma import build_gemma
 from torch import nn
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from chatstream.engine.decoder import FusedDecoder, unsupported_reason
-from chatstream.engine.fast_path import dtype_packable, packing_supported
+from chatstream.engine.cpu.fast_path import dtype_packable, packing_supported
+from chatstream.engine.cpu.fused_decoder import FusedDecoder, unsupported_reason
 from chatstream.engine.model_runner import ModelRunner
 
 pytestmark = pytest.mark.skipif(

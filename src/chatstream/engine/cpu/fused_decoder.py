@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from chatstream.engine.fast_path import ONE_PLUS_WEIGHT_NORMS, CpuFastPath, _fused_norm, norm_eps
+from chatstream.engine.cpu.fast_path import ONE_PLUS_WEIGHT_NORMS, CpuFastPath, _fused_norm, norm_eps
 from chatstream.engine.kv_cache import BatchKVCache
 
 logger = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ from torch import nn
 from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from chatstream.engine.fast_path import CpuFastPath, dtype_packable, packing_supported
+from chatstream.engine.cpu.fast_path import CpuFastPath, dtype_packable, packing_supported
 from chatstream.engine.model_runner import ModelRunner
 
 pytestmark = pytest.mark.skipif(

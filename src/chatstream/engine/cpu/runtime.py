@@ -1,0 +1,138 @@
+"""Process settings that decide CPU decode speed: the number of compute threads and the allocator's reuse of memory.
+
+* **Threads.** Decoding a small model is bound by memory bandwidth and by per-operator overhead; one compute thread
+  per physical core is the most that helps, and more threads than free cores hurt badly (an OpenMP parallel region
+  waits for its slowest thread, so one descheduled thread stalls every operator). :func:`default_num_threads` counts
+  the physical cores this process may run on; ``CHATSTREAM_NUM_THREADS`` or the engine's ``num_threads`` overrides it.
+* **Allocator.** glibc serves large blocks (a ``[32, 262144]`` logits tensor is 16-32 MiB) with ``mmap`` and returns
+  them on free, so every decode step page-faults them in afresh; at 32 sequences that cost more than the argmax over
+  the logits. :func:`keep_freed_memory` raises glibc's mmap and trim thresholds so that freed blocks are reused.
+  ``CHATSTREAM_MALLOC_TUNING=0`` turns it off.
+* **OpenMP thread pools.** Every thread that runs a parallel torch operator gets its own OpenMP worker pool, and
+  GNU OpenMP shortens its spin-waits drastically as soon as it manages more threads than there are CPUs. The thread
+  that loaded the model (usually the one that runs the event loop) has such a pool; left alone, it makes the engine
+  thread's workers sleep and wake between the operators of a decode step, a quarter of a Gemma-3-270M step on
+  two cores. :func:`release_thread_pool` frees the calling thread's pool; the engine calls it where it starts.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+NUM_THREADS_ENV = "CHATSTREAM_NUM_THREADS"
+MALLOC_TUNING_ENV = "CHATSTREAM_MALLOC_TUNING"
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD = 1 << 30
+_MMAP_THRESHOLD_FALLBACK = 32 << 20  # glibc builds that cap the threshold at half their heap size
+_TRIM_THRESHOLD = 1 << 30
+
+_tuned = False
+
+
+def physical_cores(cpus: set[int] | None = None, sysfs: Path = Path("/sys/devices/system/cpu")) -> int:
+    """Physical cores among ``cpus`` (default: the CPUs this process may run on); SMT siblings count once."""
+    if cpus is None:
+        cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    cores = set()
+    for cpu in cpus:
+        topology = sysfs / f"cpu{cpu}" / "topology"
+        try:
+            package = (topology / "physical_package_id").read_text().strip()
+            core = (topology / "core_id").read_text().strip()
+        except OSError:
+            return max(1, len(cpus))  # no topology (containers, other systems): count logical CPUs
+        cores.add((package, core))
+    return max(1, len(cores))
+
+
+def default_num_threads() -> int:
+    """``$CHATSTREAM_NUM_THREADS`` when set, else the physical cores this process may use."""
+    value = os.environ.get(NUM_THREADS_ENV, "").strip()
+    if value:
+        try:
+            threads = int(value)
+        except ValueError:
+            raise ValueError(f"{NUM_THREADS_ENV}={value!r} must be a positive integer") from None
+        if threads < 1:
+            raise ValueError(f"{NUM_THREADS_ENV}={value!r} must be a positive integer")
+        return threads
+    return physical_cores()
+
+
+def configure_threads(num_threads: int | None) -> int:
+    """Set torch's intra-op threads (None: :func:`default_num_threads`); returns the number set."""
+    threads = default_num_threads() if num_threads is None else num_threads
+    if threads < 1:
+        raise ValueError(f"num_threads={threads!r} must be >= 1")
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return threads
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep and reuse freed large blocks (once per process); False where not applicable or disabled."""
+    global _tuned
+    if _tuned:
+        return True
+    if os.environ.get(MALLOC_TUNING_ENV, "1").strip() == "0":
+        return False
+    name = ctypes.util.find_library("c")
+    if name is None or "libc" not in name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl, macOS)
+        return False
+    if not mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD):
+        mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_FALLBACK)
+    mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
+    _tuned = True
+    logger.debug("glibc malloc: large freed blocks are kept for reuse")
+    return True
+
+
+_OPENMP_LIBRARIES = ("libgomp", "libiomp", "libomp")
+_OMP_PAUSE_SOFT = 1
+
+
+def _openmp_runtime(maps: Path = Path("/proc/self/maps")) -> ctypes.CDLL | None:
+    """The OpenMP runtime this process has loaded (torch's), found in the memory map; None elsewhere."""
+    try:
+        lines = maps.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        path = fields[-1] if fields else ""
+        if any(Path(path).name.startswith(name) for name in _OPENMP_LIBRARIES):
+            try:
+                return ctypes.CDLL(path)
+            except OSError:
+                return None
+    return None
+
+
+def release_thread_pool() -> bool:
+    """Free the calling thread's idle OpenMP workers (``omp_pause_resource_all``); True if the runtime did.
+
+    The next parallel operator on this thread builds a new pool, so this is always safe; it only helps when the
+    calling thread then leaves the compute to another thread (the engine's).
+    """
+    runtime = _openmp_runtime()
+    pause = getattr(runtime, "omp_pause_resource_all", None)
+    if pause is None:
+        return False
+    released = pause(_OMP_PAUSE_SOFT) == 0
+    logger.debug("OpenMP pool of the calling thread %s", "released" if released else "kept (runtime refused)")
+    return released
