@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +22,11 @@ logger = logging.getLogger(__name__)
 
 HEADROOM_COLUMNS = 64
 """Free columns allocated past the current length whenever a buffer is (re)built, so decode steps write in place."""
+
+
+BatchForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "BatchKVCache"], torch.Tensor]
+"""A model forward on a left-padded batch: ``(input_ids [B, S], positions [B, S], mask [B, L], cache)`` → the logits
+``[B, V]`` of each row's last token; the ``S`` new tokens' keys and values are appended to ``cache``."""
 
 
 def _round_up(n: int, multiple: int = HEADROOM_COLUMNS) -> int:

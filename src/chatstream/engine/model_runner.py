@@ -26,7 +26,7 @@ class ModelRunner:
     it is built) unless ``fused`` is False.
     """
 
-    def __init__(self, model: Any, pack_weights: bool = True, fused: bool = True) -> None:
+    def __init__(self, model: Any, *, pack_weights: bool = True, fused_decoder: bool = True) -> None:
         self.model = model
         self.fast_path = CpuFastPath.for_model(model) if pack_weights and packing_supported(model) else None
         self.device = model.device
@@ -34,8 +34,10 @@ class ModelRunner:
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self.pad_token_id = 0
         self.fused: FusedDecoder | None = None
-        if fused and self.fast_path is not None:
-            self.fused = FusedDecoder.for_model(model, self.fast_path)
+        if fused_decoder:
+            self.fused = FusedDecoder.for_model(
+                model, self.transformers_forward, fast_path=self.fast_path, pack=pack_weights
+            )
 
     def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[DecodeBatch, torch.Tensor]:
         """Prefill ``prompts`` together (left-padded to the longest); returns their batch and logits ``[n, V]``."""
@@ -48,7 +50,7 @@ class ModelRunner:
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         position_ids = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
         cache = BatchKVCache(self.num_layers)
-        logits = self._forward(input_ids, mask, position_ids, cache)
+        logits = self._forward(input_ids, position_ids, mask, cache)
         positions = position_ids[:, -1] + 1
         batch = DecodeBatch(cache, mask, positions, torch.zeros_like(positions))
         return batch, logits
@@ -78,7 +80,7 @@ class ModelRunner:
             mask[row, cached : cached + width - fed] = False
             position_ids[row, width - fed :] = torch.arange(n, len(prompt))
         input_ids, mask, position_ids = input_ids.to(self.device), mask.to(self.device), position_ids.to(self.device)
-        logits = self._forward(input_ids, mask, position_ids, cache)
+        logits = self._forward(input_ids, position_ids, mask, cache)
         positions = torch.tensor([len(prompt) for _, _, prompt in rows], dtype=torch.long, device=self.device)
         return DecodeBatch(cache, mask, positions, torch.zeros_like(positions)), logits, used
 
@@ -87,21 +89,27 @@ class ModelRunner:
         ones = torch.ones((batch.size, 1), dtype=torch.bool, device=self.device)
         batch.attention_mask = torch.cat([batch.attention_mask, ones], dim=1)
         logits = self._forward(
-            batch.next_tokens.unsqueeze(1), batch.attention_mask, batch.positions.unsqueeze(1), batch.cache
+            batch.next_tokens.unsqueeze(1), batch.positions.unsqueeze(1), batch.attention_mask, batch.cache
         )
         batch.positions = batch.positions + 1
         return logits
 
     def _forward(
-        self, input_ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor, cache: BatchKVCache
+        self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: BatchKVCache
     ) -> torch.Tensor:
         if self.fused is not None:
-            return self.fused(input_ids, position_ids, mask, cache)
+            return self.fused(input_ids, positions, mask, cache)
+        return self.transformers_forward(input_ids, positions, mask, cache)
+
+    def transformers_forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: BatchKVCache
+    ) -> torch.Tensor:
+        """The model's own forward (through the fast path where installed): logits ``[B, V]`` of the last tokens."""
         with self._packed_context():
             out = self.model(
                 input_ids=input_ids,
                 attention_mask=mask,
-                position_ids=position_ids,
+                position_ids=positions,
                 cache=cache,
                 use_cache=True,
                 logits_to_keep=1,

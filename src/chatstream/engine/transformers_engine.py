@@ -56,10 +56,10 @@ class TransformersEngine:
         config: batch size, context length, prefill budget, prefix-cache budget.
         num_threads: torch compute threads, set when the engine thread starts (None: ``$CHATSTREAM_NUM_THREADS``,
             else one per physical core; see :mod:`chatstream.engine.cpu.runtime`). The setting is process-wide.
-        pack_weights: on the CPU, run the linear layers on oneDNN-prepacked weights and the RMSNorms in one kernel,
-            and supported model families (Llama, Mistral, Qwen2, Qwen3, Gemma-3) through the fused decoder (faster;
-            more copies of the linear weights in memory). See :mod:`chatstream.engine.cpu.fast_path` and
-            :mod:`chatstream.engine.cpu.fused_decoder`. False runs transformers' modules as they are.
+        pack_weights: on the CPU, run the linear layers on oneDNN-prepacked weights where this CPU supports their
+            dtype, and transformers' RMSNorms in one kernel (faster; one more copy of the linear weights in memory;
+            see :mod:`chatstream.engine.cpu.fast_path`). False keeps the weights as they are. Whether supported
+            families run through the fused decoder is ``config.fused_decoder``.
     """
 
     def __init__(
@@ -77,7 +77,7 @@ class TransformersEngine:
         self.tokenizer = tokenizer
         self.config = config or EngineConfig()
         self.num_threads = num_threads
-        self._runner = ModelRunner(model, pack_weights=pack_weights)
+        self._runner = ModelRunner(model, pack_weights=pack_weights, fused_decoder=self.config.fused_decoder)
         self._scheduler = Scheduler(self.config.max_batch_size, self.config.max_prefill_tokens)
         self._prefix_cache = PrefixCache(self.config.prefix_cache_bytes)
         self._eos_ids = eos_token_ids(model, tokenizer)

@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import pytest
 import torch
 from tests.engine.test_engine_gemma import build_gemma
+from tests.tiny_model import build_model
 from torch import nn
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from chatstream.engine.cpu.fast_path import dtype_packable, packing_supported
+from chatstream.engine.cpu.fast_path import packing_supported
 from chatstream.engine.cpu.fused_decoder import FusedDecoder, unsupported_reason
 from chatstream.engine.model_runner import ModelRunner
 
-pytestmark = pytest.mark.skipif(
+needs_packing = pytest.mark.skipif(
     not packing_supported(nn.Linear(2, 2)), reason="this torch build has no oneDNN packed linear"
-)
-needs_bf16_packing = pytest.mark.skipif(
-    not dtype_packable(torch.bfloat16), reason="this CPU has no oneDNN bf16 support (AVX512-BW/VL/DQ or AVX-NE-CONVERT)"
 )
 
 STEPS = 40
@@ -80,9 +77,11 @@ def _prompts(tokenizer: Any) -> list[list[int]]:
     return [tokenizer.encode(t) for t in texts]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_bf16_packing)])
-def test_llama_matches_transformers(tiny_model: Any, tiny_tokenizer: Any, dtype: torch.dtype) -> None:
-    model = copy.deepcopy(tiny_model).to(dtype)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_llama_matches_transformers(tiny_tokenizer: Any, dtype: torch.dtype) -> None:
+    # a fresh model, not a deep copy of the shared one: a copy would still call the shared model's modules through
+    # the fast path's switches installed on it
+    model = build_model(tiny_tokenizer).to(dtype)
     ours, theirs, difference = _decode_both_ways(model, _prompts(tiny_tokenizer))
     assert torch.equal(ours, theirs)
     assert difference < (1e-5 if dtype == torch.float32 else 1e-2)
@@ -96,7 +95,6 @@ def test_gemma3_sliding_window_and_softcap_match_transformers_fp32(tiny_tokenize
     assert difference < 1e-5
 
 
-@needs_bf16_packing
 def test_gemma3_sliding_window_bf16_within_rounding(tiny_tokenizer: Any) -> None:
     """The window's keys are sliced out of the cache before attention, so the sums run in a different order than
     over the whole masked cache: in bf16 the logits differ by a few units in the last place (about 0.4 % each)."""
@@ -111,40 +109,48 @@ def test_qwen3_head_norms_match_transformers(tiny_tokenizer: Any) -> None:
     assert difference < 1e-5
 
 
-@needs_bf16_packing
 def test_bf16_gemma3_logits_are_bitwise_equal_inside_the_window(tiny_tokenizer: Any) -> None:
     """Same operators in the same order: while every token is inside the window (nothing sliced), the fused
-    decoder reproduces transformers' bf16 logits exactly, prefill and decode."""
+    decoder reproduces transformers' bf16 logits exactly, prefill and decode, whether the linear layers run packed
+    (oneDNN) or on ``F.linear`` (CPUs without oneDNN bf16)."""
     model = build_gemma(tiny_tokenizer, window=4096).to(torch.bfloat16)
     ours, theirs, difference = _decode_both_ways(model, _prompts(tiny_tokenizer))
     assert torch.equal(ours, theirs)
     assert difference == 0.0
 
 
-def test_probe_rejects_a_step_that_disagrees(tiny_model: Any) -> None:
-    model = copy.deepcopy(tiny_model)
+def test_probe_rejects_a_step_that_disagrees(tiny_tokenizer: Any) -> None:
+    model = build_model(tiny_tokenizer)
+    reference = ModelRunner(model, fused_decoder=False).transformers_forward
     step = FusedDecoder(model)
-    assert step.probe(model) is None
+    assert step.probe(reference) is None
     down = step.layers[0].down
     step.layers[0].down = lambda x: down(x) * -3  # a wrong MLP in the first layer
-    assert "differ" in (step.probe(model) or "")
+    assert "differ" in (step.probe(reference) or "")
 
 
-def test_unsupported_models_keep_transformers(tiny_model: Any) -> None:
-    model = copy.deepcopy(tiny_model)
+def test_unsupported_models_keep_transformers(tiny_model: Any, tiny_tokenizer: Any) -> None:
+    model = build_model(tiny_tokenizer)
     model.config.model_type = "gpt_neox"
     assert "gpt_neox" in (unsupported_reason(model) or "")
-    assert FusedDecoder.for_model(model) is None
+    assert FusedDecoder.for_model(model, ModelRunner(model, fused_decoder=False).transformers_forward) is None
     assert ModelRunner(model).fused is None
-    assert ModelRunner(tiny_model, fused=False).fused is None
-    assert ModelRunner(tiny_model, pack_weights=False).fused is None
+    assert ModelRunner(tiny_model, fused_decoder=False).fused is None
 
 
-def test_engine_runs_the_fused_decoder(make_tiny_engine: Any) -> None:
-    engine = make_tiny_engine()
-    assert engine._runner.fused is not None
+def test_fused_decoder_without_packed_weights(tiny_model: Any) -> None:
+    """``pack_weights=False`` keeps the fused decoder, on ``F.linear`` (the switches are separate)."""
+    runner = ModelRunner(tiny_model, pack_weights=False)
+    assert runner.fast_path is None and runner.fused is not None
+    assert runner.fused.lm_head.__name__ == "plain_linear"
 
 
+def test_engine_runs_the_fused_decoder_unless_configured_off(make_tiny_engine: Any) -> None:
+    assert make_tiny_engine()._runner.fused is not None
+    assert make_tiny_engine(fused_decoder=False)._runner.fused is None
+
+
+@needs_packing
 def test_shares_the_fast_paths_packed_weights(tiny_model: Any) -> None:
     """The LM head, o_proj and down_proj are packed once, for the fast path and the fused decoder together."""
     runner = ModelRunner(tiny_model)

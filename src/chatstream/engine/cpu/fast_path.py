@@ -1,20 +1,20 @@
-"""A faster CPU path for the engine's own model calls: oneDNN-prepacked linear weights and one-kernel RMSNorms.
+"""oneDNN-prepacked linear layers and one-kernel RMSNorms for the engine's model calls on the CPU.
 
-**Linear layers.** ``torch.nn.functional.linear`` on the CPU reorders its weight into oneDNN's blocked layout on every
-call (bf16) or runs MKL's generic sgemm (fp32). Reordering every weight once, up front, and calling
-``torch.ops.mkldnn._linear_pointwise`` with the packed weight halves the time of the 262k × 640 LM head of
-Gemma-3-270M at one sequence on this project's benchmark CPU (bf16: 38 → 19 ms) and speeds up the small per-layer
-matrices by a third or more. In bf16 the results are bitwise identical to ``F.linear``; in fp32 they differ in the
-last bits (oneDNN accumulates in a different order than MKL). The packed copies cost memory: one more copy of every
-linear weight (the LM head of a model with tied embeddings cannot share the embedding's storage).
+Two factories build the replacements: :func:`linear_forward` (a linear layer on a weight packed once into oneDNN's
+blocked layout, instead of ``F.linear`` reordering it on every call) and :func:`rms_norm` (an RMSNorm of the Gemma or
+Llama family as one ``torch.rms_norm`` call, with its scale computed once, instead of about ten small operators). The
+fused decoder (:mod:`chatstream.engine.cpu.fused_decoder`) calls them directly; :class:`CpuFastPath` installs them on
+a transformers model's own modules for the engine's transformers forward.
 
-**RMSNorm.** The Gemma and Llama families' RMSNorm modules run about ten small operators each (casts, pow, mean,
-rsqrt, the ``1 + weight`` of Gemma on every call); a decode step of Gemma-3 calls 109 of them. ``torch.rms_norm`` with
-the scale computed once does the same arithmetic in the same order; each replacement is checked bitwise against the
-module's own forward when it is installed and skipped if it differs.
+Packed bf16 results are bitwise identical to ``F.linear``; packed fp32 results differ in the last bits (oneDNN
+accumulates in another order than MKL). Each packed weight is one more copy of that weight in memory. A fused norm
+installed on a module is checked bitwise against the module's own forward and skipped if it differs.
 
-The model itself is not changed for other callers: the fast path is taken only inside :meth:`CpuFastPath.active`, on
-the thread that entered it; everywhere else each module runs its own ``forward``.
+Installing the fast path rebinds ``forward`` of the model's linear and norm modules to a switch: the replacement runs
+only on a thread inside :meth:`CpuFastPath.active`, with grad disabled and the module's dtype; every other call goes
+to the module's original forward, so other callers (``model.generate``, training) get the original results. A deep
+copy of a model made after the fast path was installed still calls the original model's modules through those
+switches: copy a model before an engine runs it. Timings are in docs/performance.md.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 logger = logging.getLogger(__name__)
 
@@ -62,10 +63,10 @@ def packing_supported(model: nn.Module) -> bool:
 
 
 class CpuFastPath:
-    """The packed linear weights and fused norms of one model, and the switch that routes calls to them.
+    """The packed linear weights and fused norms installed on one model, and the switch that routes calls to them.
 
     Use :meth:`for_model` (one instance per model, shared by every engine on it) and run the model inside
-    ``with fast_path.active():``.
+    ``with fast_path.active():``. Installing it rebinds the modules' ``forward`` (see the module docstring).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -76,7 +77,7 @@ class CpuFastPath:
         self.num_bytes = 0
         with torch.no_grad():
             for module in model.modules():
-                if isinstance(module, nn.Linear) and module.weight.dtype in PACKABLE_DTYPES:
+                if isinstance(module, nn.Linear) and dtype_packable(module.weight.dtype):
                     self._install_linear(module)
                 elif type(module).__name__ in ONE_PLUS_WEIGHT_NORMS | WEIGHT_AFTER_CAST_NORMS:
                     self._install_norm(module)
@@ -112,19 +113,14 @@ class CpuFastPath:
 
     def _install_linear(self, module: nn.Linear) -> None:
         weight = module.weight.detach()
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
-        bias = None if module.bias is None else module.bias.detach()
-
-        def fast(x: torch.Tensor) -> torch.Tensor:
-            return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-
+        fast = linear_forward(weight, None if module.bias is None else module.bias.detach(), pack=True)
         module.forward = self._switch(module.forward, fast, weight.dtype)  # type: ignore[method-assign,assignment]
         self._packed[module] = fast
         self.num_linears += 1
         self.num_bytes += weight.numel() * weight.element_size()
 
     def _install_norm(self, module: nn.Module) -> None:
-        fast = _fused_norm(module)
+        fast = rms_norm_forward(module)
         weight = getattr(module, "weight", None)
         if fast is None or not isinstance(weight, torch.Tensor):
             return
@@ -146,27 +142,64 @@ class CpuFastPath:
         return forward
 
 
+def linear_forward(weight: torch.Tensor, bias: torch.Tensor | None, *, pack: bool) -> Forward:
+    """``x @ weight.T + bias``: on a oneDNN-packed copy of ``weight`` where ``pack`` is True and this CPU packs its
+    dtype (:func:`dtype_packable`), else ``F.linear`` on ``weight`` itself (no copy, any CPU, any dtype)."""
+    if not (pack and dtype_packable(weight.dtype)):
+
+        def plain_linear(x: torch.Tensor) -> torch.Tensor:
+            return F.linear(x, weight, bias)
+
+        return plain_linear
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None)
+
+    def packed_linear(x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+    return packed_linear
+
+
+def rms_norm(weight: torch.Tensor, eps: float, *, one_plus_weight: bool) -> Forward:
+    """An RMSNorm over the last dimension as one ``torch.rms_norm`` call, in the arithmetic of its family.
+
+    ``one_plus_weight``: Gemma's ``(x.float() * rstd * (1 + weight.float())).to(dtype)``; otherwise Llama's
+    ``weight * (x.float() * rstd).to(dtype)``. ``weight`` is ``[D]``, or ``[H, D]`` for inputs ``[..., H, D]`` whose
+    heads each have their own weight (the query and key heads normalised in one call).
+    """
+    shape = (int(weight.shape[-1]),)
+    weight = weight.detach()
+    if not one_plus_weight:
+
+        def weight_after_cast(x: torch.Tensor) -> torch.Tensor:
+            return weight * torch.rms_norm(x.float(), shape, None, eps).to(x.dtype)
+
+        return weight_after_cast
+    scale = 1.0 + weight.float()
+    if weight.dim() == 1:  # torch.rms_norm takes a weight of the normalised shape only
+
+        def one_plus_weight_in_kernel(x: torch.Tensor) -> torch.Tensor:
+            return torch.rms_norm(x.float(), shape, scale, eps).to(x.dtype)
+
+        return one_plus_weight_in_kernel
+
+    def one_plus_weight_per_head(x: torch.Tensor) -> torch.Tensor:
+        return (torch.rms_norm(x.float(), shape, None, eps) * scale).to(x.dtype)
+
+    return one_plus_weight_per_head
+
+
+def rms_norm_forward(module: Any) -> Forward | None:
+    """:func:`rms_norm` in place of an RMSNorm module of a known family; None for any other module."""
+    kind = type(module).__name__
+    eps = norm_eps(module)
+    weight = getattr(module, "weight", None)
+    if kind not in ONE_PLUS_WEIGHT_NORMS | WEIGHT_AFTER_CAST_NORMS or not isinstance(eps, float):
+        return None
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
+        return None
+    return rms_norm(weight, eps, one_plus_weight=kind in ONE_PLUS_WEIGHT_NORMS)
+
+
 def norm_eps(module: Any) -> Any:
     """An RMSNorm module's epsilon (Gemma names it ``eps``, Llama ``variance_epsilon``); None if it has neither."""
     return getattr(module, "eps", getattr(module, "variance_epsilon", None))
-
-
-def _fused_norm(module: Any) -> Forward | None:
-    eps = norm_eps(module)
-    weight = getattr(module, "weight", None)
-    if not isinstance(eps, float) or not isinstance(weight, torch.Tensor) or weight.dim() != 1:
-        return None
-    shape = (weight.shape[0],)
-    if type(module).__name__ in ONE_PLUS_WEIGHT_NORMS:
-        scale = 1.0 + weight.detach().float()
-
-        def one_plus_weight(x: torch.Tensor) -> torch.Tensor:
-            return torch.rms_norm(x.float(), shape, scale, eps).to(x.dtype)
-
-        return one_plus_weight
-    plain = weight.detach()
-
-    def weight_after_cast(x: torch.Tensor) -> torch.Tensor:
-        return plain * torch.rms_norm(x.float(), shape, None, eps).to(x.dtype)
-
-    return weight_after_cast

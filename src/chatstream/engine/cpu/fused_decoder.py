@@ -1,28 +1,27 @@
 """A hand-written forward pass for Llama- and Gemma-style decoders on the CPU: the engine's prefill and decode
 steps without transformers' module calls.
 
-A decode step through transformers' modules dispatches about 6,000 operators for Gemma-3-270M (18 layers) and runs
-the Python of every module, the masking utilities and the cache API; at one to eight rows that is a fifth of the
-step. :class:`FusedDecoder` runs the same arithmetic in about 55 tensor calls per layer from plain Python:
+Through transformers' modules a decode step dispatches thousands of small operators and runs the Python of every
+module, the masking utilities and the cache API; at small batches that overhead is a large share of the step (see
+docs/performance.md). :class:`FusedDecoder` runs the same arithmetic in about 55 tensor calls per layer:
 
-- the q/k/v projections and the gate/up projections each run as one oneDNN-prepacked matrix product on the
-  concatenated weights; the q and k heads share one RMSNorm call and one rotary multiply;
+- the q/k/v projections and the gate/up projections each run as one matrix product on the concatenated weights
+  (oneDNN-packed where the engine packs weights, ``F.linear`` otherwise); the q and k heads share one RMSNorm call
+  and one rotary multiply;
 - the rotary tables and the masks are built once per step, not once per layer;
 - attention is one ``scaled_dot_product_attention`` per layer with the query heads of each key head stacked along
   the query axis (no repeated keys), reading the engine's :class:`~chatstream.engine.kv_cache.BatchKVCache` in
-  place; sliding-window layers read only the columns inside their window (at a 1,500-token context that is a third
-  of the cache for Gemma-3's 512-token window).
+  place; sliding-window layers read only the columns inside their window.
 
 It serves prefill (also on top of a conversation's cached KV) and decode alike. It is built only for model families
-whose layer structure it knows (:data:`SUPPORTED_MODEL_TYPES`), and only after a probe prefill and decode on the model
-itself give the same next tokens and logits within rounding of transformers' own forward; otherwise the engine keeps
-using transformers.
+whose layer structure it knows (:data:`SUPPORTED_MODEL_TYPES`), and only after a probe prefill and decode give the
+same next tokens, and logits within rounding, as transformers' own forward; otherwise the engine keeps using
+transformers.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,8 +29,16 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from chatstream.engine.cpu.fast_path import ONE_PLUS_WEIGHT_NORMS, CpuFastPath, _fused_norm, norm_eps
-from chatstream.engine.kv_cache import BatchKVCache
+from chatstream.engine.cpu.fast_path import (
+    ONE_PLUS_WEIGHT_NORMS,
+    CpuFastPath,
+    Forward,
+    linear_forward,
+    norm_eps,
+    rms_norm,
+    rms_norm_forward,
+)
+from chatstream.engine.kv_cache import BatchForward, BatchKVCache
 
 logger = logging.getLogger(__name__)
 
@@ -44,20 +51,9 @@ SANDWICH_NORM_TYPES = frozenset({"gemma3_text"})
 STATIC_ROPE_TYPES = frozenset({"default", "linear", "llama3", "yarn"})
 """Rotary variants whose inverse frequencies do not change with the sequence length."""
 
-Norm = Callable[[torch.Tensor], torch.Tensor]
 
-
-def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
-    packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None)
-
-    def linear(x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-
-    return linear
-
-
-def _norm(module: nn.Module) -> Norm:
-    fused = _fused_norm(module)
+def _norm(module: nn.Module) -> Forward:
+    fused = rms_norm_forward(module)
     return fused if fused is not None else module
 
 
@@ -71,26 +67,35 @@ def _cat_bias(*linears: nn.Linear) -> torch.Tensor | None:
 
 @dataclass
 class _Layer:
-    input_norm: Norm
-    qkv: Callable[[torch.Tensor], torch.Tensor]
-    qk_norm: Norm | None  # the query and key heads together
-    o_proj: Callable[[torch.Tensor], torch.Tensor]
-    post_attention_norm: Norm | None  # sandwich families only
-    pre_mlp_norm: Norm
-    gate_up: Callable[[torch.Tensor], torch.Tensor]
-    act: Callable[[torch.Tensor], torch.Tensor]
-    down: Callable[[torch.Tensor], torch.Tensor]
-    post_mlp_norm: Norm | None  # sandwich families only
+    input_norm: Forward
+    qkv: Forward
+    qk_norm: Forward | None  # the query and key heads together
+    o_proj: Forward
+    post_attention_norm: Forward | None  # sandwich families only
+    pre_mlp_norm: Forward
+    gate_up: Forward
+    act: Forward
+    down: Forward
+    post_mlp_norm: Forward | None  # sandwich families only
     rope: str  # the layer type whose rotary table it uses
     sliding_window: int | None
     scaling: float
 
 
 class FusedDecoder:
-    """The forward pass of a supported model on the CPU, for the engine's batches; build it with :meth:`for_model`."""
+    """The forward pass of a supported model on the CPU, for the engine's batches; build it with :meth:`for_model`.
 
-    def __init__(self, model: Any, fast_path: CpuFastPath | None = None) -> None:
+    Args:
+        model: a causal LM of a supported family (:func:`unsupported_reason` returns None for it).
+        fast_path: the model's installed fast path, whose packed LM head, o_proj and down_proj are shared (one copy
+            of each in memory) instead of packed again.
+        pack: pack the linear weights with oneDNN where this CPU supports their dtype; False (or an unsupported
+            dtype, e.g. bf16 on an AVX2-only CPU) runs them with ``F.linear``.
+    """
+
+    def __init__(self, model: Any, *, fast_path: CpuFastPath | None = None, pack: bool = True) -> None:
         self.fast_path = fast_path
+        self.pack = pack
         config = model.config
         base = model.model
         self.model_type = config.model_type
@@ -120,12 +125,12 @@ class FusedDecoder:
         q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
         return _Layer(
             input_norm=_norm(layer.input_layernorm),
-            qkv=_linear(qkv_weight, _cat_bias(attn.q_proj, attn.k_proj, attn.v_proj)),
+            qkv=linear_forward(qkv_weight, _cat_bias(attn.q_proj, attn.k_proj, attn.v_proj), pack=self.pack),
             qk_norm=None if q_norm is None else self._head_norm(q_norm, k_norm),
             o_proj=self._shared_linear(attn.o_proj),
             post_attention_norm=_norm(layer.post_attention_layernorm) if sandwich else None,
             pre_mlp_norm=_norm(layer.pre_feedforward_layernorm if sandwich else layer.post_attention_layernorm),
-            gate_up=_linear(gate_up, _cat_bias(mlp.gate_proj, mlp.up_proj)),
+            gate_up=linear_forward(gate_up, _cat_bias(mlp.gate_proj, mlp.up_proj), pack=self.pack),
             act=mlp.act_fn,
             down=self._shared_linear(mlp.down_proj),
             post_mlp_norm=_norm(layer.post_feedforward_layernorm) if sandwich else None,
@@ -134,43 +139,35 @@ class FusedDecoder:
             scaling=float(attn.scaling),
         )
 
-    def _shared_linear(self, module: nn.Linear) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _shared_linear(self, module: nn.Linear) -> Forward:
         """The fast path's packed copy of ``module`` when it has one (one copy in memory), else a new one."""
         packed = self.fast_path.packed(module) if self.fast_path is not None else None
-        return packed if packed is not None else _linear(module.weight.detach(), _bias(module))
+        return packed if packed is not None else linear_forward(module.weight.detach(), _bias(module), pack=self.pack)
 
-    def _head_norm(self, q_norm: Any, k_norm: Any) -> Norm:
-        """The q and k RMSNorms as one call on the ``[B, Hq + Hkv, D]`` heads (per-head weights stacked)."""
-        eps, shape = float(norm_eps(q_norm)), (self.head_dim,)
+    def _head_norm(self, q_norm: Any, k_norm: Any) -> Forward:
+        """The q and k RMSNorms as one call on the ``[T, Hq + Hkv, D]`` heads (per-head weights stacked)."""
         pairs = ((q_norm, self.num_heads), (k_norm, self.num_kv_heads))
-        if type(q_norm).__name__ in ONE_PLUS_WEIGHT_NORMS:
-            scale = torch.cat([(1.0 + n.weight.detach().float()).expand(h, -1) for n, h in pairs])
-
-            def one_plus_weight(x: torch.Tensor) -> torch.Tensor:
-                return (torch.rms_norm(x.float(), shape, None, eps) * scale).to(x.dtype)
-
-            return one_plus_weight
-        weight = torch.cat([n.weight.detach().expand(h, -1) for n, h in pairs])
-
-        def weight_after_cast(x: torch.Tensor) -> torch.Tensor:
-            return weight * torch.rms_norm(x.float(), shape, None, eps).to(x.dtype)
-
-        return weight_after_cast
+        weight = torch.cat([norm.weight.detach().expand(heads, -1) for norm, heads in pairs])
+        one_plus_weight = type(q_norm).__name__ in ONE_PLUS_WEIGHT_NORMS
+        return rms_norm(weight, float(norm_eps(q_norm)), one_plus_weight=one_plus_weight)
 
     @classmethod
-    def for_model(cls, model: Any, fast_path: CpuFastPath | None = None) -> FusedDecoder | None:
-        """The model's fused forward, or None when the model is not a supported family or the probe disagrees."""
+    def for_model(
+        cls, model: Any, reference: BatchForward, *, fast_path: CpuFastPath | None = None, pack: bool = True
+    ) -> FusedDecoder | None:
+        """The model's fused forward, or None when the model is not a supported family or the probe against
+        ``reference`` (transformers' forward, as the engine runs it) disagrees."""
         reason = unsupported_reason(model)
         if reason is not None:
             logger.info("fused decoder not used: %s", reason)
             return None
-        step = cls(model, fast_path)
-        mismatch = step.probe(model)
+        decoder = cls(model, fast_path=fast_path, pack=pack)
+        mismatch = decoder.probe(reference)
         if mismatch is not None:
             logger.warning("fused decoder not used: %s", mismatch)
             return None
-        logger.info("fused decoder in use (%s, %d layers)", step.model_type, len(step.layers))
-        return step
+        logger.info("fused decoder in use (%s, %d layers)", decoder.model_type, len(decoder.layers))
+        return decoder
 
     def __call__(
         self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: BatchKVCache
@@ -274,21 +271,10 @@ class FusedDecoder:
         sin[:, : inv_freq.shape[0]].neg_()
         return cos.to(dtype).unsqueeze(1), sin.to(dtype).unsqueeze(1)
 
-    def probe(self, model: Any) -> str | None:
-        """Prefill two padded rows and decode one step both ways; None if they agree, else what differs."""
-        from chatstream.engine.model_runner import ModelRunner
-
-        runner = ModelRunner(model, pack_weights=True, fused=False)
-        generator = torch.Generator().manual_seed(0)
-        prompts = [torch.randint(runner.vocab_size, (n,), generator=generator).tolist() for n in (7, 4)]
-        logits = {}
-        with torch.inference_mode():
-            for name, fused in (("transformers", None), ("ours", self)):
-                runner.fused = fused
-                batch, first = runner.prefill(prompts)
-                batch.next_tokens = torch.tensor([1, 2], device=runner.device)
-                logits[name] = torch.cat([first, runner.decode(batch)])
-        got, expected = logits["ours"], logits["transformers"]
+    def probe(self, reference: BatchForward) -> str | None:
+        """Prefill two left-padded rows and decode one step through ``reference`` and through this decoder; None if
+        they agree (same next tokens, logits within rounding), else what differs."""
+        got, expected = self._probe_logits(self), self._probe_logits(reference)
         if not torch.equal(got.argmax(-1), expected.argmax(-1)):
             return "its next tokens differ from transformers' on a probe"
         difference = float((got.float() - expected.float()).abs().max())
@@ -297,6 +283,21 @@ class FusedDecoder:
         if difference > bound:
             return f"its logits differ from transformers' by {difference:.3g} on a probe (bound {bound:.3g})"
         return None
+
+    def _probe_logits(self, forward: BatchForward) -> torch.Tensor:
+        """The logits ``[4, V]`` of a prefill of rows of 7 and 4 tokens (random ids) and of one decode step."""
+        generator = torch.Generator().manual_seed(0)
+        input_ids = torch.randint(int(self.embed_weight.shape[0]), (2, 7), generator=generator)
+        mask = torch.ones((2, 7), dtype=torch.bool)
+        mask[1, :3] = False  # the second row is left-padded
+        input_ids[1, :3] = 0
+        positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
+        cache = BatchKVCache(len(self.layers))
+        with torch.inference_mode():
+            prefill = forward(input_ids, positions, mask, cache)
+            mask = torch.cat([mask, torch.ones((2, 1), dtype=torch.bool)], dim=1)
+            decode = forward(torch.tensor([[1], [2]]), positions[:, -1:] + 1, mask, cache)
+        return torch.cat([prefill, decode])
 
 
 def _bias(linear: nn.Linear) -> torch.Tensor | None:
