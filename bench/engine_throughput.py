@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
 
 from chatstream.config import EngineConfig, SamplingParams  # noqa: E402
+from chatstream.engine.async_engine import TransformersEngine  # noqa: E402
 from chatstream.engine.base import GenerationRequest, RequestStream  # noqa: E402
-from chatstream.engine.transformers_engine import TransformersEngine  # noqa: E402
 
 PROMPTS = (
     "Write a short poem about the sea.",

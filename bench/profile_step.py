@@ -6,8 +6,9 @@
 Two views per batch size B:
 
 1. **Phases of the real engine step** (wall clock, no profiler): B greedy requests run in the engine thread; once all
-   B are in the batch, each step is split into the model forward (``ModelRunner.decode``), sampling, postprocessing
-   (detokenize, stop checks, deltas), delivery to the event loop and the rest of the step.
+   B are in the batch, each decode step is split into the model forward (``ModelRunner.decode``), sampling,
+   postprocessing (``Scheduler.update_from_output``: detokenize, stop checks), delivery to the event loop and the rest
+   of the step (scheduling, deltas).
 2. **Operators and modules** (``torch.profiler``, on this thread): the same decode + greedy sample on a prefilled
    batch, grouped by module (embedding, masks, rotary, attention and its projections, MLP, norms, LM head) and the top
    operators by self CPU time. The profiler adds per-op overhead, so compare its shares, not its absolute times, with
@@ -36,9 +37,9 @@ sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
 from bench.engine_throughput import PROMPTS, load  # noqa: E402
 from chatstream.config import EngineConfig, SamplingParams  # noqa: E402
 from chatstream.engine import sampler  # noqa: E402
+from chatstream.engine.async_engine import TransformersEngine  # noqa: E402
 from chatstream.engine.base import GenerationRequest  # noqa: E402
 from chatstream.engine.model_runner import ModelRunner  # noqa: E402
-from chatstream.engine.transformers_engine import TransformersEngine  # noqa: E402
 
 PHASES = ("forward", "sample", "postprocess", "deliver")
 
@@ -47,16 +48,20 @@ PHASES = ("forward", "sample", "postprocess", "deliver")
 
 
 class PhaseTimer:
-    """Wraps engine methods to time them; keeps only the steps where the whole batch of ``size`` rows decodes."""
+    """Wraps engine methods to time them; keeps only the steps where the whole batch of ``size`` rows decodes.
+
+    A step's record is closed when the next step starts, so that it includes the delivery of its deltas.
+    """
 
     def __init__(self, engine: TransformersEngine, size: int) -> None:
         self.engine, self.size = engine, size
         self.current: dict[str, float] = defaultdict(float)
+        self.full = False
         self.steps: list[dict[str, float]] = []
-        runner = engine._runner
+        runner, scheduler = engine.llm.model_runner, engine.llm.scheduler
         runner.decode = self._timed("forward", runner.decode)  # type: ignore[method-assign]
-        engine._sample = self._timed("sample", engine._sample)  # type: ignore[method-assign]
-        engine._postprocess = self._timed("postprocess", engine._postprocess)  # type: ignore[method-assign]
+        runner._sample = self._timed("sample", runner._sample)  # type: ignore[method-assign]
+        scheduler.update_from_output = self._timed("postprocess", scheduler.update_from_output)  # type: ignore[method-assign]
         engine._deliver = self._timed("deliver", engine._deliver)  # type: ignore[method-assign]
         engine._step = self._timed_step(engine._step)  # type: ignore[method-assign]
 
@@ -70,15 +75,19 @@ class PhaseTimer:
 
         return wrapper
 
-    def _timed_step(self, fn: Callable[[], None]) -> Callable[[], None]:
-        def wrapper() -> None:
-            self.current = defaultdict(float)
-            full = len(self.engine._running) == self.size and not self.engine._scheduler.waiting
-            started = time.perf_counter()
-            fn()
-            self.current["step"] = time.perf_counter() - started
-            if full:
+    def _timed_step(self, fn: Callable[[], Any]) -> Callable[[], Any]:
+        def wrapper() -> Any:
+            if self.full:
+                self.current["step"] += self.current["deliver"]
                 self.steps.append(dict(self.current))
+            scheduler = self.engine.llm.scheduler
+            self.current = defaultdict(float)
+            self.full = len(scheduler.running) == self.size and not scheduler.waiting
+            started = time.perf_counter()
+            try:
+                return fn()
+            finally:
+                self.current["step"] += time.perf_counter() - started
 
         return wrapper
 

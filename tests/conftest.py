@@ -51,7 +51,7 @@ def make_tiny_engine(
 ) -> Iterator[Callable[..., Any]]:
     """A factory of started TransformersEngines on the tiny model (``make_tiny_engine(max_batch_size=4)``);
     every engine it made is stopped after the test."""
-    from chatstream.engine.transformers_engine import TransformersEngine
+    from chatstream.engine.async_engine import TransformersEngine
 
     engines: list[TransformersEngine] = []
 

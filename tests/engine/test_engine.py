@@ -9,8 +9,8 @@ from typing import Any
 from tests.tiny_model import PROMPTS, Collected, collect, greedy, reference
 
 from chatstream.config import EngineConfig, SamplingParams
+from chatstream.engine.async_engine import TransformersEngine
 from chatstream.engine.base import Engine, FinishReason, GenerationRequest
-from chatstream.engine.transformers_engine import TransformersEngine
 
 MAX_NEW = 24
 
@@ -207,19 +207,19 @@ async def test_a_burst_arriving_at_an_idle_engine_is_prefilled_together(
     make_tiny_engine: Any, monkeypatch: Any
 ) -> None:
     """Requests arriving a little apart at an idle engine join one prefill instead of the first running alone."""
-    from chatstream.engine import transformers_engine
+    from chatstream.engine import async_engine
 
-    monkeypatch.setattr(transformers_engine, "BURST_POLL_S", 0.3)  # wide enough to be deterministic on a busy CI
-    monkeypatch.setattr(transformers_engine, "BURST_MAX_S", 5.0)
+    monkeypatch.setattr(async_engine, "BURST_POLL_S", 0.3)  # wide enough to be deterministic on a busy CI
+    monkeypatch.setattr(async_engine, "BURST_MAX_S", 5.0)
     engine = make_tiny_engine(max_batch_size=4)
     batch_sizes: list[int] = []
-    prefill = engine._runner.prefill
+    prefill = engine.llm.model_runner.prefill
 
-    def recording_prefill(prompts: Any) -> Any:
+    def recording_prefill(prompts: Any, seq_ids: Any = None) -> Any:
         batch_sizes.append(len(prompts))
-        return prefill(prompts)
+        return prefill(prompts, seq_ids)
 
-    engine._runner.prefill = recording_prefill
+    engine.llm.model_runner.prefill = recording_prefill
     await asyncio.sleep(0.5)  # the engine thread is idle, waiting for work
     streams = []
     for i in range(3):

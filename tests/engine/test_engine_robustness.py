@@ -29,14 +29,14 @@ async def test_failed_prefill_is_retried_row_by_row(
 ) -> None:
     engine = make_tiny_engine()
     poison = tiny_tokenizer.encode(PROMPTS[4])
-    original = engine._runner.prefill
+    original = engine.llm.model_runner.prefill
 
-    def prefill(prompts: Any) -> Any:
+    def prefill(prompts: Any, seq_ids: Any = None) -> Any:
         if any(list(p) == poison for p in prompts):
             raise RuntimeError("boom")
-        return original(prompts)
+        return original(prompts, seq_ids)
 
-    monkeypatch.setattr(engine._runner, "prefill", prefill)
+    monkeypatch.setattr(engine.llm.model_runner, "prefill", prefill)
     ids = (tiny_tokenizer.encode(PROMPTS[0]), poison, tiny_tokenizer.encode(PROMPTS[2]))
     streams = [
         engine.add_request(GenerationRequest(f"r{i}", "", greedy(6), prompt_token_ids=tuple(p)))
@@ -52,7 +52,7 @@ async def test_decode_failure_fails_the_batch_and_the_engine_keeps_serving(
     make_tiny_engine: Any, tiny_model: Any, tiny_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     engine = make_tiny_engine()
-    original = engine._runner.decode
+    original = engine.llm.model_runner.decode
     calls = {"n": 0}
 
     def decode(batch: Any) -> Any:
@@ -61,7 +61,7 @@ async def test_decode_failure_fails_the_batch_and_the_engine_keeps_serving(
             raise RuntimeError("device fell over")
         return original(batch)
 
-    monkeypatch.setattr(engine._runner, "decode", decode)
+    monkeypatch.setattr(engine.llm.model_runner, "decode", decode)
     failed = await collect(engine.add_request(GenerationRequest("a", PROMPTS[1], greedy(20, ignore_eos=True))))
     assert failed.finish_reason is FinishReason.ERROR
     assert "device fell over" in (failed.deltas[-1].error or "")

@@ -1,18 +1,10 @@
-"""kv_cache: in-place buffers, row filter/concatenate with left padding, the LRU prefix cache."""
+"""kv_cache: in-place buffers, row filter/concatenate with left padding, rows named by their sequence ids."""
 
 from __future__ import annotations
 
 import torch
 
-from chatstream.engine.kv_cache import (
-    BatchKVCache,
-    BufferedLayer,
-    DecodeBatch,
-    PrefixCache,
-    PrefixEntry,
-    RowKV,
-    common_prefix_len,
-)
+from chatstream.engine.kv_cache import BatchKVCache, BufferedLayer, DecodeBatch, RowKV
 
 
 def _kv(b: int, n: int, fill: float) -> torch.Tensor:
@@ -57,39 +49,19 @@ def test_filter_keeps_rows_and_trims_padding_columns() -> None:
 
 
 def test_decode_batch_filter_and_concatenate() -> None:
-    a = DecodeBatch(_cache(1, 5, 1.0), torch.ones(1, 5, dtype=torch.bool), torch.tensor([5]), torch.tensor([7]))
+    a = DecodeBatch(_cache(1, 5, 1.0), torch.ones(1, 5, dtype=torch.bool), torch.tensor([5]), torch.tensor([7]), [10])
     mask = torch.tensor([[False, True, True], [True, True, True]])
-    b = DecodeBatch(_cache(2, 3, 2.0), mask, torch.tensor([2, 3]), torch.tensor([8, 9]))
+    b = DecodeBatch(_cache(2, 3, 2.0), mask, torch.tensor([2, 3]), torch.tensor([8, 9]), [11, 12])
     merged = DecodeBatch.concatenate([a, b])
     assert merged.attention_mask.tolist()[1] == [False, False, False, True, True]
     assert [merged.num_padding(r) for r in range(3)] == [0, 3, 2]
-    merged.filter([1, 2])
+    assert merged.seq_ids == [10, 11, 12]
+    assert merged.extract_row(1).num_tokens == 2
+    merged.filter([2, 1])
+    assert merged.seq_ids == [12, 11]
     assert merged.attention_mask.shape == (2, 3)  # two all-padding columns dropped
-    assert merged.positions.tolist() == [2, 3] and merged.next_tokens.tolist() == [8, 9]
+    assert merged.positions.tolist() == [3, 2] and merged.next_tokens.tolist() == [9, 8]
     assert merged.cache.length == 3
-
-
-def _entry(n: int) -> PrefixEntry:
-    return PrefixEntry(tuple(range(n)), RowKV(((torch.zeros(2, n, 4), torch.zeros(2, n, 4)),)))
-
-
-def test_prefix_cache_lru_budget() -> None:
-    size = _entry(10).kv.num_bytes
-    cache = PrefixCache(max_bytes=2 * size)
-    cache.put("a", _entry(10))
-    cache.put("b", _entry(10))
-    cache.put("c", _entry(10))
-    assert len(cache) == 2 and cache.peek("a") is None and cache.num_bytes == 2 * size
-    assert cache.pop("b") is not None and cache.num_bytes == size
-    cache.put("huge", _entry(100))  # larger than the whole budget: not kept
-    assert cache.peek("huge") is None
-    assert not PrefixCache(0).enabled
-
-
-def test_common_prefix_len() -> None:
-    assert common_prefix_len([1, 2, 3], [1, 2, 4, 5]) == 2
-    assert common_prefix_len([], [1]) == 0
-    assert common_prefix_len([1, 2], [1, 2]) == 2
 
 
 def test_from_rows_takes_each_rows_prefix_right_aligned() -> None:

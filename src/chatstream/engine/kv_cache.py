@@ -1,5 +1,5 @@
-"""KV cache storage: the running batch's cache (grown in place, joined and filtered by rows) and the per-conversation
-prefix cache kept between turns (LRU, bounded in bytes).
+"""KV cache storage: the running batch (its cache grown in place, joined and filtered by rows) and one sequence's KV
+taken out of it (kept between a conversation's turns; which ones are kept is the scheduler's prefix cache).
 
 The batch is left-padded: every row's tokens are contiguous and end at the last column, so one column index is one
 step for every row. All layers are kept at full length, also the sliding-window layers of models like Gemma-3; the
@@ -10,15 +10,11 @@ concatenating the whole cache.
 
 from __future__ import annotations
 
-import logging
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
-
-logger = logging.getLogger(__name__)
 
 HEADROOM_COLUMNS = 64
 """Free columns allocated past the current length whenever a buffer is (re)built, so decode steps write in place."""
@@ -200,77 +196,18 @@ class RowKV:
         return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.layers)
 
 
-@dataclass(frozen=True)
-class PrefixEntry:
-    """A conversation's KV kept after its last request: ``token_ids[i]`` is the token whose KV is column ``i``."""
-
-    token_ids: tuple[int, ...]
-    kv: RowKV
-
-
-def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
-class PrefixCache:
-    """Per-conversation KV caches, least recently used evicted first, bounded by ``max_bytes`` (0 disables)."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self._entries: OrderedDict[str, PrefixEntry] = OrderedDict()
-        self.num_bytes = 0
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    @property
-    def enabled(self) -> bool:
-        return self.max_bytes > 0
-
-    def put(self, conversation_id: str, entry: PrefixEntry) -> None:
-        """Keep ``entry`` for the conversation (replacing its previous one); evict the oldest beyond the budget."""
-        self.pop(conversation_id)
-        size = entry.kv.num_bytes
-        if size > self.max_bytes:
-            logger.debug("prefix cache: %s (%d bytes) exceeds the budget", conversation_id, size)
-            return
-        self._entries[conversation_id] = entry
-        self.num_bytes += size
-        while self.num_bytes > self.max_bytes:
-            _, evicted = self._entries.popitem(last=False)
-            self.num_bytes -= evicted.kv.num_bytes
-
-    def peek(self, conversation_id: str) -> PrefixEntry | None:
-        return self._entries.get(conversation_id)
-
-    def pop(self, conversation_id: str) -> PrefixEntry | None:
-        """Take the conversation's entry out of the cache (the next request owns it)."""
-        entry = self._entries.pop(conversation_id, None)
-        if entry is not None:
-            self.num_bytes -= entry.kv.num_bytes
-        return entry
-
-    def clear(self) -> None:
-        self._entries.clear()
-        self.num_bytes = 0
-
-
 @dataclass
 class DecodeBatch:
-    """The running rows as tensors: their cache, the 2-D padding mask, the next position and input token per row.
-
-    Row ``i`` here is row ``i`` of the engine's list of running sequences; :meth:`filter` and :meth:`concatenate`
-    keep the two in step (TGI's batch contract).
+    """The running rows as tensors: their cache, the 2-D padding mask, the next position and input token per row,
+    and the id of the sequence in each row. :meth:`filter` and :meth:`concatenate` move the ids with the rows (TGI's
+    batch contract), so a row is always found by its sequence's id.
     """
 
     cache: BatchKVCache
     attention_mask: torch.Tensor  # [B, L] bool, False on left padding
     positions: torch.Tensor  # [B] int64: the position of the next input token
     next_tokens: torch.Tensor  # [B] int64: the next input token (the last sampled one)
+    seq_ids: list[int]
 
     @property
     def size(self) -> int:
@@ -286,6 +223,7 @@ class DecodeBatch:
         self.attention_mask = mask[:, trim:].contiguous()
         self.positions = self.positions.index_select(0, rows)
         self.next_tokens = self.next_tokens.index_select(0, rows)
+        self.seq_ids = [self.seq_ids[row] for row in keep]
 
     @classmethod
     def concatenate(cls, batches: Sequence[DecodeBatch]) -> DecodeBatch:
@@ -299,8 +237,13 @@ class DecodeBatch:
             attention_mask=torch.cat(masks),
             positions=torch.cat([b.positions for b in batches]),
             next_tokens=torch.cat([b.next_tokens for b in batches]),
+            seq_ids=[seq_id for b in batches for seq_id in b.seq_ids],
         )
 
     def num_padding(self, row: int) -> int:
         """Leading padding columns of ``row``."""
         return int(self.attention_mask.shape[1] - int(self.attention_mask[row].sum()))
+
+    def extract_row(self, row: int) -> RowKV:
+        """A detached copy of the KV of ``row``'s tokens (its padding left out)."""
+        return self.cache.extract_row(row, self.num_padding(row))

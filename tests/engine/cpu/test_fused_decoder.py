@@ -146,8 +146,8 @@ def test_fused_decoder_without_packed_weights(tiny_model: Any) -> None:
 
 
 def test_engine_runs_the_fused_decoder_unless_configured_off(make_tiny_engine: Any) -> None:
-    assert make_tiny_engine()._runner.fused is not None
-    assert make_tiny_engine(fused_decoder=False)._runner.fused is None
+    assert make_tiny_engine().llm.model_runner.fused is not None
+    assert make_tiny_engine(fused_decoder=False).llm.model_runner.fused is None
 
 
 @needs_packing

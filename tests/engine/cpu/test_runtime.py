@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from chatstream.engine.async_engine import TransformersEngine
 from chatstream.engine.cpu import runtime
-from chatstream.engine.transformers_engine import TransformersEngine
 
 
 def _fake_sysfs(root: Path, topology: dict[int, tuple[int, int]]) -> Path:
