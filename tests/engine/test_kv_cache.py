@@ -64,6 +64,20 @@ def test_decode_batch_filter_and_concatenate() -> None:
     assert merged.cache.length == 3
 
 
+def test_restore_forgets_what_a_failed_forward_appended() -> None:
+    cache = _cache(2, 3, 1.0)
+    lengths = cache.lengths()
+    cache.buffered[0].update(_kv(2, 2, 5.0), _kv(2, 2, 5.0))  # one layer appended, the next never reached
+    assert cache.lengths() == [5, 3]
+    cache.restore(lengths)
+    assert cache.lengths() == [3, 3] and torch.all(cache.buffered[0].k == 1.0)
+    fresh = BatchKVCache(2)
+    empty = fresh.lengths()
+    fresh.buffered[0].update(_kv(1, 4, 1.0), _kv(1, 4, 1.0))
+    fresh.restore(empty)
+    assert fresh.lengths() == [0, 0]
+
+
 def test_from_rows_takes_each_rows_prefix_right_aligned() -> None:
     def row(n: int, fill: float) -> RowKV:
         columns = torch.arange(n, dtype=torch.float32).view(1, n, 1).expand(2, n, 4) + fill

@@ -1,11 +1,14 @@
-"""ModelRunner: plans carried out on the batch."""
+"""ModelRunner: plans carried out on the batch, and the fall back from a failing fused decoder to transformers."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Any
 
 import pytest
-from tests.tiny_model import PROMPTS, greedy, reference
+import torch
+from tests.tiny_model import PROMPTS, build_model, collect, greedy, reference
 
 from chatstream.engine.base import GenerationRequest
 from chatstream.engine.model_runner import ModelRunner
@@ -15,6 +18,63 @@ from chatstream.engine.sequence import Sequence
 
 def _seq(request_id: str, prompt: list[int]) -> Sequence:
     return Sequence(GenerationRequest(request_id, "", greedy(8)), prompt, 8)
+
+
+def _fail_at_second_layer(runner: ModelRunner, after_calls: int = 0) -> dict[str, int]:
+    """Make the fused decoder raise in its second layer (the first layer has appended its keys and values by then),
+    from the ``after_calls``-th call on."""
+    assert runner.fused is not None
+    layer = runner.fused.layers[1]
+    qkv = layer.qkv
+    calls = {"n": 0}
+
+    def failing_qkv(x: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        if calls["n"] > after_calls:
+            raise RuntimeError("fused kernel failed")
+        return qkv(x)
+
+    layer.qkv = failing_qkv
+    return calls
+
+
+def test_a_failing_fused_forward_is_redone_by_transformers_on_restored_cache_lengths(
+    tiny_tokenizer: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = build_model(tiny_tokenizer)
+    prompts = [tiny_tokenizer.encode(p) for p in PROMPTS[:3]]
+    plain = ModelRunner(model, fused_decoder=False)
+    runner = ModelRunner(model)
+    calls = _fail_at_second_layer(runner, after_calls=1)  # the prefill runs fused, the decode fails
+    with torch.inference_mode():
+        expected_batch, expected = plain.prefill(prompts)
+        batch, logits = runner.prefill(prompts)
+        assert runner.fused is not None and torch.equal(logits.argmax(-1), expected.argmax(-1))
+        batch.next_tokens = expected_batch.next_tokens = logits.argmax(-1)
+        with caplog.at_level(logging.WARNING, logger="chatstream.engine.model_runner"):
+            step = runner.decode(batch)
+            step_expected = plain.decode(expected_batch)
+    assert runner.fused is None and calls["n"] == 2
+    assert batch.cache.lengths() == expected_batch.cache.lengths() == [expected_batch.cache.length] * 2
+    torch.testing.assert_close(step, step_expected, rtol=1e-5, atol=1e-5)
+    assert [r.levelname for r in caplog.records if "fused decoder failed" in r.getMessage()] == ["WARNING"]
+
+
+async def test_engine_requests_still_get_the_greedy_tokens_of_generate_after_the_fallback(
+    make_tiny_engine: Any, tiny_model: Any, tiny_tokenizer: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = make_tiny_engine(max_batch_size=4)
+    runner = engine.llm.model_runner
+    _fail_at_second_layer(runner, after_calls=6)  # a few steps in, with three rows in the batch
+    with caplog.at_level(logging.WARNING, logger="chatstream.engine.model_runner"):
+        streams = [
+            engine.add_request(GenerationRequest(f"r{i}", PROMPTS[i], greedy(16, ignore_eos=True))) for i in range(3)
+        ]
+        outs = await asyncio.gather(*(collect(s) for s in streams))
+    for i, out in enumerate(outs):
+        assert out.token_ids == reference(tiny_model, tiny_tokenizer.encode(PROMPTS[i]), 16), i
+    assert runner.fused is None
+    assert len([r for r in caplog.records if "fused decoder failed" in r.getMessage()]) == 1
 
 
 def test_run_releases_rows_keeps_their_kv_and_prefills_on_it(tiny_model: Any, tiny_tokenizer: Any) -> None:

@@ -123,6 +123,16 @@ class BatchKVCache(Cache):
     def length(self) -> int:
         return self.buffered[0].length if self.buffered else 0
 
+    def lengths(self) -> list[int]:
+        """Every layer's length (they differ only while a forward is under way)."""
+        return [layer.length for layer in self.buffered]
+
+    def restore(self, lengths: Sequence[int]) -> None:
+        """Set every layer back to the length it had (:meth:`lengths`): forgets what a failed forward appended."""
+        for layer, length in zip(self.buffered, lengths, strict=True):
+            if layer.is_initialized:
+                layer._set_buffers(layer.key_buffer, layer.value_buffer, length)
+
     def filter(self, rows: torch.Tensor, trim_left: int) -> None:
         """Keep only ``rows`` (a 1-D index tensor) and drop the first ``trim_left`` columns (all padding)."""
         new_len = self.length - trim_left

@@ -33,7 +33,8 @@ class ModelRunner:
     prompt. On the CPU the linear layers run on oneDNN-prepacked weights and transformers' RMSNorms in one kernel
     (:mod:`chatstream.engine.cpu.fast_path`) unless ``pack_weights`` is False, and supported families run through the
     hand-written :class:`~chatstream.engine.cpu.fused_decoder.FusedDecoder` (checked against transformers' forward
-    when it is built) unless ``fused_decoder`` is False.
+    when it is built) unless ``fused_decoder`` is False. If the fused decoder raises, the runner logs it once and
+    uses transformers' forward from then on, redoing that forward.
 
     Attributes:
         batch: the running rows (None when no sequence runs); only the runner changes it.
@@ -241,7 +242,13 @@ class ModelRunner:
         self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: BatchKVCache
     ) -> torch.Tensor:
         if self.fused is not None:
-            return self.fused(input_ids, positions, mask, cache)
+            lengths = cache.lengths()
+            try:
+                return self.fused(input_ids, positions, mask, cache)
+            except Exception:
+                logger.warning("the fused decoder failed; using transformers' forward from now on", exc_info=True)
+                self.fused = None
+                cache.restore(lengths)  # some layers may hold the failed forward's keys and values
         return self.transformers_forward(input_ids, positions, mask, cache)
 
     def transformers_forward(
