@@ -54,21 +54,12 @@ class IncrementalDetokenizer:
         self._prefix_text: str | None = None
         self._replacers = [_Replacer(old, new) for old, new in replacements]
         self._stop = _StopMatcher(stop)
-        self._chunks: list[str] = []
-        self._text_cache: str | None = ""
         self._flushed = False
 
     @property
     def stopped(self) -> bool:
         """A stop string appeared in the output; nothing from it onward is ever returned."""
         return self._stop.stopped
-
-    @property
-    def text(self) -> str:
-        """All text returned so far."""
-        if self._text_cache is None:
-            self._text_cache = "".join(self._chunks)
-        return self._text_cache
 
     def add_tokens(self, token_ids: Sequence[int]) -> str:
         """Take newly generated tokens; return the text that may be sent now (possibly empty)."""
@@ -111,11 +102,7 @@ class IncrementalDetokenizer:
     def _release(self, text: str, final: bool) -> str:
         for replacer in self._replacers:
             text = replacer.push(text, final)
-        text = self._stop.push(text, final)
-        if text:
-            self._chunks.append(text)
-            self._text_cache = None
-        return text
+        return self._stop.push(text, final)
 
 
 class _Replacer:
