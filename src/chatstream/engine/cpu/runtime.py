@@ -1,18 +1,20 @@
-"""Process settings that decide CPU decode speed: the number of compute threads and the allocator's reuse of memory.
+"""Process settings that decide CPU decode speed: the number of compute threads, the allocator's reuse of memory
+and the OpenMP worker pools.
 
 * **Threads.** Decoding a small model is bound by memory bandwidth and by per-operator overhead; one compute thread
   per physical core is the most that helps, and more threads than free cores hurt badly (an OpenMP parallel region
   waits for its slowest thread, so one descheduled thread stalls every operator). :func:`default_num_threads` counts
   the physical cores this process may run on; ``CHATSTREAM_NUM_THREADS`` or the engine's ``num_threads`` overrides it.
-* **Allocator.** glibc serves large blocks (a ``[32, 262144]`` logits tensor is 16-32 MiB) with ``mmap`` and returns
-  them on free, so every decode step page-faults them in afresh; at 32 sequences that cost more than the argmax over
-  the logits. :func:`keep_freed_memory` raises glibc's mmap and trim thresholds so that freed blocks are reused.
-  ``CHATSTREAM_MALLOC_TUNING=0`` turns it off.
+* **Allocator.** glibc serves large blocks (the logits of a batch) with ``mmap`` and returns them on free, so every
+  decode step page-faults them in afresh. :func:`keep_freed_memory` raises glibc's mmap and trim thresholds so that
+  freed blocks are reused. ``CHATSTREAM_MALLOC_TUNING=0`` turns it off.
 * **OpenMP thread pools.** Every thread that runs a parallel torch operator gets its own OpenMP worker pool, and
   GNU OpenMP shortens its spin-waits drastically as soon as it manages more threads than there are CPUs. The thread
   that loaded the model (usually the one that runs the event loop) has such a pool; left alone, it makes the engine
-  thread's workers sleep and wake between the operators of a decode step, a quarter of a Gemma-3-270M step on
-  two cores. :func:`release_thread_pool` frees the calling thread's pool; the engine calls it where it starts.
+  thread's workers sleep and wake between the operators of a decode step. :func:`release_thread_pool` frees the
+  calling thread's pool; the engine calls it where it starts.
+
+What each setting is worth is measured in docs/performance.md.
 """
 
 from __future__ import annotations
