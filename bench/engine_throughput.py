@@ -2,7 +2,7 @@
 
     PYTHONPATH=src python bench/engine_throughput.py --model tiny
     PYTHONPATH=src python bench/engine_throughput.py --model gemma --dtype bf16 fp32 --rounds 3
-    PYTHONPATH=src python bench/engine_throughput.py --model gemma --dtype bf16 --threads 1 --no-pack
+    PYTHONPATH=src python bench/engine_throughput.py --model gemma --dtype bf16 --threads 1 --no-pack --no-fused-decoder
 
 Each round submits ``concurrency`` greedy requests at once (64 new tokens, ignore_eos) and times them until the last
 one finishes; the table shows the median over rounds (after one warm-up round). Results go to bench/results/ as JSON.
@@ -96,7 +96,9 @@ async def run_level(engine: TransformersEngine, concurrency: int, rounds: int, m
 
 async def bench(args: argparse.Namespace, dtype: str) -> list[dict[str, Any]]:
     model, tokenizer = load(args.model, dtype, args.device)
-    config = EngineConfig(max_batch_size=max(args.concurrency), prefix_cache_bytes=0)
+    config = EngineConfig(
+        max_batch_size=max(args.concurrency), prefix_cache_bytes=0, fused_decoder=not args.no_fused_decoder
+    )
     engine = TransformersEngine(model, tokenizer, config, num_threads=args.threads, pack_weights=not args.no_pack)
     engine.start()
     try:
@@ -125,6 +127,7 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--threads", type=int, default=None, help="engine threads (default: the engine's choice)")
     parser.add_argument("--no-pack", action="store_true", help="plain nn.Linear weights (no oneDNN prepacking)")
+    parser.add_argument("--no-fused-decoder", action="store_true", help="transformers' forward, not the fused decoder")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -138,6 +141,7 @@ def main() -> None:
     path = args.out / f"engine_throughput_{args.model}_{device}.json"
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine()}
     meta.update(load_average_after=os.getloadavg()[0], packed_weights=not args.no_pack)
+    meta.update(fused_decoder=not args.no_fused_decoder)
     meta.update(max_new_tokens=args.max_new_tokens, rounds=args.rounds, time=time.strftime("%Y-%m-%dT%H:%M:%S"))
     path.write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
     print(f"wrote {path} (load average after: {os.getloadavg()[0]:.2f})")

@@ -147,7 +147,8 @@ class Scheduler:
     Args:
         config: ``max_batch_size`` bounds the running sequences, ``max_prefill_tokens`` the padded tokens of one
             prefill (the first joiner always fits), ``prefix_cache_bytes`` the kept KV.
-        kv_bytes_per_token: the size of one token's keys and values over all layers (the prefix cache's unit).
+        kv_bytes_per_token: the size of one token's keys and values over all layers (the prefix cache's unit; 0
+            disables the prefix cache).
     """
 
     def __init__(self, config: EngineConfig, kv_bytes_per_token: int = 0) -> None:

@@ -65,8 +65,8 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
     error: str | None = None
-    _new_token_ids: list[int] = field(default_factory=list, repr=False)
-    _new_text: str = field(default="", repr=False)
+    _new_token_ids: list[int] = field(default_factory=list, init=False, repr=False)
+    _new_text: str = field(default="", init=False, repr=False)
 
     @property
     def request_id(self) -> str:
