@@ -1,6 +1,6 @@
 """ChatStream: the seed's public class, mapped onto typed configs and wired to the engine, admission and handlers.
 
-An orchestrator only: the queue lives in ``scheduler/admission.py``, the model loop in ``engine/``, the HTTP
+An orchestrator only: the queue lives in ``admission/``, the model loop in ``engine/``, the HTTP
 endpoints in ``server/`` and the chat turn in ``sessions/handler.py``.
 """
 
@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Any
 from starlette.requests import Request
 from starlette.responses import Response
 
+from chatstream.admission.admission import AdmissionController, Draining, QueueFull, Slot
+from chatstream.admission.generation import GenerationOutcome, cancel_quietly, run_generation
+from chatstream.admission.metrics import ChatStreamMetrics
 from chatstream.config import AdmissionConfig, EngineConfig, MockConfig, SamplingParams
 from chatstream.engine.base import Engine, GenerationRequest
 from chatstream.engine.mock_engine import MockEngine, MockRequest
-from chatstream.generation import GenerationOutcome, cancel_quietly, run_generation
-from chatstream.metrics import ChatStreamMetrics
-from chatstream.scheduler.admission import AdmissionController, Draining, QueueFull, Slot
 from chatstream.server import native
 from chatstream.server.access import ClientRoles
 from chatstream.sessions.handler import (

@@ -24,10 +24,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from chatstream.admission.admission import Draining, QueueFull, Slot
+from chatstream.admission.generation import GenerationOutcome, cancel_quietly, run_generation
 from chatstream.engine.base import EngineError, FinishReason, GenerationRequest
 from chatstream.engine.mock_engine import MockEngine, MockRequest
-from chatstream.generation import GenerationOutcome, cancel_quietly, run_generation
-from chatstream.scheduler.admission import Draining, QueueFull, Slot
 from chatstream.server.errors import (
     ApiError,
     BadRequest,

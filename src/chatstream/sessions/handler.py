@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 from starlette.requests import Request
 from starlette.responses import Response
 
+from chatstream.admission.generation import GenerationOutcome, run_generation
 from chatstream.engine.base import FinishReason
-from chatstream.generation import GenerationOutcome, run_generation
 from chatstream.server import native
 from chatstream.sessions.middleware import session_skipped
 

@@ -7,8 +7,8 @@ import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
+from chatstream.admission.metrics import ChatStreamMetrics
 from chatstream.engine.base import Delta, Engine, FinishReason, GenerationRequest
-from chatstream.metrics import ChatStreamMetrics
 
 
 @dataclass
