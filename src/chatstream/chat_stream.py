@@ -399,14 +399,9 @@ def _normalize_locale(locale: str | None) -> str:
 def _resolve_device(device: Any) -> torch.device | None:
     if device is None:
         return None
-    import torch
+    from chatstream.models.devices import parse_device  # imports torch: only when a device is given
 
-    if isinstance(device, torch.device):
-        return device
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device={device!r} must be 'cpu', 'cuda', 'cuda:N', 'mps' or a torch.device") from None
+    return parse_device(device)
 
 
 def _model_name(model: Any, mock: bool) -> str:

@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import logging
 import os
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,7 +27,6 @@ API_KEYS_ENV = "CHATSTREAM_API_KEYS"
 EMBEDDED_MODEL_ID = "gemma-3-270m"
 DTYPE_CHOICES = ("auto", "bf16", "bfloat16", "fp16", "float16", "fp32", "float32")
 LOG_LEVELS = ("debug", "info", "warning", "error")
-_DEVICE_PATTERN = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
 _EXIT_WORDS = frozenset({"/exit", "/quit", "/bye"})
 _CONSOLE_DRAIN_SEC = 1.0
 
@@ -364,10 +362,12 @@ def _configure_logging(level: str) -> None:
 
 
 def _device(text: str) -> str:
-    value = text.strip().lower()
-    if not _DEVICE_PATTERN.match(value):
-        raise argparse.ArgumentTypeError(f"invalid device {text!r} (use cpu, cuda, cuda:N or mps)")
-    return value
+    from chatstream.models.devices import parse_device
+
+    try:
+        return str(parse_device(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid device {text!r} (use cpu, cuda, cuda:N or mps)") from None
 
 
 def _port(text: str) -> int:

@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from chatstream.loadtime_compat import LoadTime
 from chatstream.models.devices import dtype_name
+from chatstream.models.loadtime import LoadTime
 
 logger = logging.getLogger(__name__)
 

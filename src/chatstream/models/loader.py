@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
-from chatstream.loadtime_compat import LoadTime
 from chatstream.models.conversion import (
     LOADTIME_DIRNAME,
     convert_embedded_model,
@@ -18,6 +17,7 @@ from chatstream.models.conversion import (
     quiet_transformers_bars,
 )
 from chatstream.models.devices import dtype_name, parse_dtype, placement_kwargs, resolve_device
+from chatstream.models.loadtime import LoadTime
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
