@@ -10,11 +10,13 @@ from chatstream.config import AdmissionConfig, EngineConfig, MockConfig, Samplin
 from chatstream.engine.base import Delta, FinishReason, GenerationRequest
 from chatstream.models.loadtime import LoadTime
 from chatstream.prompts import *  # noqa: F403  (every prompt class and preset, as the original exported them)
+from chatstream.service import ChatService
 from chatstream.sessions.handler import AbstractRequestHandler, SimpleSessionRequestHandler
 
 __all__ = [
     "AbstractRequestHandler",
     "AdmissionConfig",
+    "ChatService",
     "ChatStream",
     "Delta",
     "EngineConfig",

@@ -81,6 +81,12 @@ def _add_model_options(parser: argparse.ArgumentParser, default_log_level: str) 
         default=None,
         help="compute threads of the engine (default: $CHATSTREAM_NUM_THREADS, else one per physical core)",
     )
+    group.add_argument(
+        "--no-fused-decoder",
+        dest="fused_decoder",
+        action="store_false",
+        help="run transformers' own forward pass instead of the fused CPU decoder (for comparison or a model it fails)",
+    )
     group.add_argument("--mock", action="store_true", help="answer with canned text; no model is loaded")
     group.add_argument("--mock-type", choices=("round", "long", "echo"), default="round")
     group.add_argument("--mock-time-per-token", type=_float_at_least(0.0), default=0.02, metavar="SEC")
@@ -260,6 +266,7 @@ def build_chat_stream(
         num_gpus=args.num_gpus,
         chat_prompt_clazz=prompt_class_for(args.model, tokenizer),
         model_name=model_id_for(args.model),
+        fused_decoder=args.fused_decoder,
         **common,
     )
 

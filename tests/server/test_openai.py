@@ -26,7 +26,7 @@ MOCK = "chatstream-mock"
 
 def build_app(chat_stream: ChatStream, **opts: Any) -> FastAPI:
     app = FastAPI()
-    append_apis(chat_stream, app, {"include": ["openai"], **opts})
+    append_apis(chat_stream.server_context, app, {"include": ["openai"], **opts})
     return app
 
 
