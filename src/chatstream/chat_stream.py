@@ -112,11 +112,7 @@ class ChatStream:
     ) -> None:
         self.name = name
         self.logger = logger or logging.getLogger("chatstream")
-        if token_sampler is not None or probe_mode_enabled:
-            self.logger.warning(
-                "token_sampler and probe_mode_enabled are accepted for compatibility and ignored: sampling is batched "
-                "in the engine (see SamplingParams)"
-            )
+        _warn_if_sampler_hooks(self.logger, token_sampler, probe_mode_enabled)
         self.model, self.tokenizer, self.use_mock_response = model, tokenizer, use_mock_response
         self.device = _resolve_device(device)
         self.num_gpus = 0 if use_mock_response or (self.device is not None and self.device.type != "cuda") else num_gpus
@@ -281,6 +277,14 @@ class ChatStream:
 
     async def js(self, request: Request, response: Any = None) -> Response:
         return await webui.js(self.server_context, request, response)
+
+
+def _warn_if_sampler_hooks(logger: logging.Logger, token_sampler: Any, probe_mode_enabled: bool) -> None:
+    if token_sampler is not None or probe_mode_enabled:
+        logger.warning(
+            "token_sampler and probe_mode_enabled are accepted for compatibility and ignored: sampling is batched "
+            "in the engine (see SamplingParams)"
+        )
 
 
 def _resolve_device(device: Any) -> torch.device | None:
