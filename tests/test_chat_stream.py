@@ -123,3 +123,17 @@ def test_ignore_eos_option_reaches_the_default_sampling() -> None:
 def test_fused_decoder_option_reaches_the_engine_config() -> None:
     assert ChatStream(use_mock_response=True).engine_config.fused_decoder is True
     assert ChatStream(use_mock_response=True, fused_decoder=False).engine_config.fused_decoder is False
+
+
+def test_verify_role_for_api_answers_the_role_layer() -> None:
+    from starlette.requests import Request
+
+    class Session:
+        def get_session(self) -> dict[str, Any]:
+            return {}
+
+    cs = ChatStream(use_mock_response=True)  # default roles: browsers chat, agents read the load
+    browser = Request({"type": "http", "method": "GET", "path": "/", "headers": [], "state": {"session": Session()}})
+    assert cs.verify_role_for_api(browser, "chat_stream") is None
+    denied = cs.verify_role_for_api(browser, "get_load")
+    assert denied is not None and denied.status_code == 403
