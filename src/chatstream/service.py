@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from chatstream.admission.admission import AdmissionController, QueueFull, Slot
-from chatstream.admission.generation import GenerationOutcome, cancel_quietly, run_generation
+from chatstream.admission.generation import GenerationOutcome, run_generation
 from chatstream.admission.metrics import ChatStreamMetrics
 from chatstream.config import EngineConfig, MockConfig, SamplingOverrides, SamplingParams, ServiceConfig
 from chatstream.engine.base import Delta, Engine, GenerationRequest
@@ -274,6 +274,15 @@ async def run_unless_disconnected(
                 return None
     finally:
         if not finished:  # the client left, or our caller was cancelled
-            await cancel_quietly(task)  # type: ignore[arg-type]
+            await _cancel_quietly(task)
             if on_abandoned is not None and task.done() and not task.cancelled() and task.exception() is None:
                 on_abandoned(task.result())
+
+
+async def _cancel_quietly(future: asyncio.Future[Any]) -> None:
+    """Cancel ``future`` and wait for it, swallowing what it raises."""
+    future.cancel()
+    try:
+        await future
+    except (asyncio.CancelledError, Exception):
+        pass
