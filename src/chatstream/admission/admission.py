@@ -36,26 +36,16 @@ class Slot:
         self._started = time.monotonic()
         self._released = False
 
-    @property
-    def released(self) -> bool:
-        return self._released
-
     def release(self) -> None:
         if self._released:
             return
         self._released = True
         self._controller._on_release(time.monotonic() - self._started)
 
-    async def __aenter__(self) -> Slot:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.release()
-
 
 @dataclass(frozen=True)
 class AdmissionStats:
-    """A snapshot for /get_load and /metrics."""
+    """A snapshot for /get_load."""
 
     num_running: int
     num_waiting: int
