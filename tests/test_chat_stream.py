@@ -65,14 +65,6 @@ def test_a_real_engine_needs_model_and_tokenizer() -> None:
         ChatStream()
 
 
-def test_session_generation_params_override_defaults() -> None:
-    cs = ChatStream(use_mock_response=True, temperature=0.7, top_k=40, top_p=0.9)
-    s = cs.sampling_for_session({"generation_params": {"temperature": 0.2, "top_k_value": 5}})
-    assert (s.temperature, s.top_k, s.top_p) == (0.2, 5, 0.9)
-    assert cs.sampling_for_session({}) == cs.default_sampling
-    assert cs.sampling_for_session({"generation_params": {"top_p_value": 0.0}}).greedy
-
-
 async def test_console_chat_keeps_history_and_reports_positions() -> None:
     cs = ChatStream(
         use_mock_response=True,
@@ -106,23 +98,6 @@ async def test_console_chat_with_the_tiny_model(tiny_model: Any, tiny_tokenizer:
         await cs.shutdown()
 
 
-def test_chat_template_prompts_are_encoded_without_extra_special_tokens(tiny_model: Any, tiny_tokenizer: Any) -> None:
-    from chatstream import ChatTemplatePrompt
-
-    cs = ChatStream(model=tiny_model, tokenizer=tiny_tokenizer)
-    assert cs.chat_prompt_clazz is ChatTemplatePrompt  # the tiny tokenizer has a chat template
-    prompt = cs.new_chat_prompt()
-    prompt.add_requester_msg("hi")
-    prompt.add_responder_msg(None)
-    assert cs.build_generation_request(prompt).add_special_tokens is False
-    plain = ChatPromptTogetherRedPajamaINCITEChat()
-    plain.add_requester_msg("hi")
-    plain.add_responder_msg(None)
-    assert cs.build_generation_request(plain).add_special_tokens is None
-    forced = ChatStream(model=tiny_model, tokenizer=tiny_tokenizer, add_special_tokens=True)
-    assert forced.build_generation_request(prompt).add_special_tokens is True
-
-
 def test_the_original_public_names_are_exported() -> None:
     import chatstream
     from tests.prompts.test_prompt_presets import SEED_EXPORTED_NAMES
@@ -143,3 +118,22 @@ def test_the_original_public_names_are_exported() -> None:
 def test_ignore_eos_option_reaches_the_default_sampling() -> None:
     assert ChatStream(use_mock_response=True, ignore_eos=True).default_sampling.ignore_eos
     assert not ChatStream(use_mock_response=True).default_sampling.ignore_eos
+
+
+def test_fused_decoder_option_reaches_the_engine_config() -> None:
+    assert ChatStream(use_mock_response=True).engine_config.fused_decoder is True
+    assert ChatStream(use_mock_response=True, fused_decoder=False).engine_config.fused_decoder is False
+
+
+def test_verify_role_for_api_answers_the_role_layer() -> None:
+    from starlette.requests import Request
+
+    class Session:
+        def get_session(self) -> dict[str, Any]:
+            return {}
+
+    cs = ChatStream(use_mock_response=True)  # default roles: browsers chat, agents read the load
+    browser = Request({"type": "http", "method": "GET", "path": "/", "headers": [], "state": {"session": Session()}})
+    assert cs.verify_role_for_api(browser, "chat_stream") is None
+    denied = cs.verify_role_for_api(browser, "get_load")
+    assert denied is not None and denied.status_code == 403

@@ -43,6 +43,7 @@ def test_serve_defaults() -> None:
     assert (args.max_concurrency, args.max_queue) == (32, 64)
     assert args.model is None and args.mock is False and args.dtype == "auto" and args.device is None
     assert args.api_key == [] and args.too_many_requests_as_http_error is False
+    assert args.fused_decoder is True
     assert args.run is cli.run_serve
 
 
@@ -51,14 +52,14 @@ def test_serve_options_are_parsed() -> None:
         "serve --host 0.0.0.0 --port 0 --mock --mock-type echo --mock-time-per-token 0.5 --mock-initial-wait 1"
         " --dtype bf16 --device CUDA:1 --max-concurrency 4 --max-queue 0 --max-new-tokens 16 --context-len 512"
         " --too-many-requests-as-http-error --api-key a --api-key b --web-ui-title Hi --log-level debug"
-        " --ignore-eos --secure-cookies"
+        " --ignore-eos --secure-cookies --no-fused-decoder"
     )
     args = build_parser().parse_args(argv.split(" "))
     assert (args.host, args.port, args.mock_type, args.dtype, args.device) == ("0.0.0.0", 0, "echo", "bf16", "cuda:1")
     assert (args.mock_time_per_token, args.mock_initial_wait) == (0.5, 1.0)
     assert (args.max_concurrency, args.max_queue, args.max_new_tokens, args.context_len) == (4, 0, 16, 512)
     assert args.api_key == ["a", "b"] and args.web_ui_title == "Hi" and args.too_many_requests_as_http_error
-    assert args.ignore_eos and args.secure_cookies
+    assert args.ignore_eos and args.secure_cookies and args.fused_decoder is False
 
 
 @pytest.mark.parametrize(
@@ -173,6 +174,14 @@ def test_chat_with_the_tiny_model(tiny_model_dir: Path) -> None:
     answer = out.split("Assistant: ", 1)[1].split("\nYou: ")[0]
     assert out.startswith(f"Chatting with {tiny_model_dir.name}.")
     assert answer.strip()  # six greedy tokens from the random model, streamed as text
+
+
+def test_no_fused_decoder_reaches_the_engine_config(tiny_model_dir: Path) -> None:
+    argv = ["chat", "--model", str(tiny_model_dir), "--device", "cpu", "--dtype", "fp32"]
+    for extra, fused in (([], True), (["--no-fused-decoder"], False)):
+        args = build_parser().parse_args([*argv, *extra])
+        chat_stream = cli.build_chat_stream(args, max_concurrency=1, max_queue_size=0, reject_as_http_error=False)
+        assert chat_stream.engine_config.fused_decoder is fused
 
 
 def _start(argv: list[str]) -> subprocess.Popen[bytes]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,8 +17,8 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from chatstream import loadtime_compat, models
-from chatstream.loadtime_compat import LoadTime
+import chatstream
+from chatstream import models
 from chatstream.models import (
     CONVERSION_MARKER,
     conversion,
@@ -24,12 +26,15 @@ from chatstream.models import (
     default_dtype,
     devices,
     load_model,
+    loadtime,
     models_cache_dir,
+    parse_device,
     parse_dtype,
     placement_kwargs,
     prepare_model_dir,
     resolve_device,
 )
+from chatstream.models.loadtime import LoadTime
 
 GIB = 1024**3
 
@@ -143,6 +148,22 @@ def test_resolve_device_rejects_unknown_devices(bad: str) -> None:
 def test_resolve_device_rejects_cuda_without_cuda(no_cuda: None) -> None:
     with pytest.raises(ValueError, match="CUDA is not available"):
         resolve_device("cuda")
+
+
+def test_parse_device_checks_the_spelling_only(no_cuda: None) -> None:
+    assert parse_device(" CUDA:1 ") == torch.device("cuda", 1)  # no CUDA here: only the spelling counts
+    assert parse_device("mps") == torch.device("mps")
+    assert parse_device(torch.device("meta")) == torch.device("meta")  # a torch.device is taken as it is
+    for bad in ("tpu", "cuda:x", "", "cpu 0"):
+        with pytest.raises(ValueError, match="device"):
+            parse_device(bad)
+
+
+def test_importing_chatstream_does_not_import_torch() -> None:
+    code = "import sys, chatstream; print('torch' in sys.modules)"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert result.stdout.strip() == "False"
 
 
 # ----- placement over GPUs -----
@@ -492,7 +513,7 @@ def test_loadtime_default_store_is_under_the_cache_root(tmp_path: Path, monkeypa
 
 
 def test_models_reexports_loadtime() -> None:
-    assert models.LoadTime is loadtime_compat.LoadTime
+    assert chatstream.LoadTime is models.LoadTime is loadtime.LoadTime
 
 
 def test_seed_style_loadtime_call(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,13 +8,15 @@ from chatstream import prompts
 from chatstream.chat_stream import ChatStream
 from chatstream.config import AdmissionConfig, EngineConfig, MockConfig, SamplingParams
 from chatstream.engine.base import Delta, FinishReason, GenerationRequest
-from chatstream.loadtime_compat import LoadTime
+from chatstream.models.loadtime import LoadTime
 from chatstream.prompts import *  # noqa: F403  (every prompt class and preset, as the original exported them)
+from chatstream.service import ChatService
 from chatstream.sessions.handler import AbstractRequestHandler, SimpleSessionRequestHandler
 
 __all__ = [
     "AbstractRequestHandler",
     "AdmissionConfig",
+    "ChatService",
     "ChatStream",
     "Delta",
     "EngineConfig",

@@ -1,43 +1,36 @@
-"""ChatStream: the seed's public class, mapped onto typed configs and wired to the engine, admission and handlers.
+"""ChatStream: the seed's public class, a facade over the chat service and the HTTP layer.
 
-An orchestrator only: the queue lives in ``scheduler/admission.py``, the model loop in ``engine/``, the HTTP
-endpoints in ``server/`` and the chat turn in ``sessions/handler.py``.
+The constructor takes the original package's arguments and translates them, once, into typed configs
+(``SamplingParams``, ``AdmissionConfig``, ``EngineConfig``, ``ServiceConfig``); it then builds the
+:class:`~chatstream.service.ChatService` and the :class:`~chatstream.server.context.ServerContext`. Every other
+method is a few lines that delegate to one of them.
 """
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
-import inspect
 import logging
-import uuid
-from collections.abc import AsyncIterator, Callable
-from contextlib import aclosing
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 
-from chatstream.config import AdmissionConfig, EngineConfig, MockConfig, SamplingParams
-from chatstream.engine.base import Engine, GenerationRequest
-from chatstream.engine.mock_engine import MockEngine, MockRequest
-from chatstream.generation import GenerationOutcome, cancel_quietly, run_generation
-from chatstream.metrics import ChatStreamMetrics
-from chatstream.scheduler.admission import AdmissionController, Draining, QueueFull, Slot
-from chatstream.server import native
+from chatstream.admission.admission import AdmissionController
+from chatstream.admission.metrics import ChatStreamMetrics
+from chatstream.config import AdmissionConfig, EngineConfig, MockConfig, SamplingParams, ServiceConfig
+from chatstream.engine.base import Engine
+from chatstream.i18n import normalize_locale
+from chatstream.server import apis, middlewares, ops, webui
 from chatstream.server.access import ClientRoles
-from chatstream.sessions.handler import (
-    DISCONNECTED_BEFORE_STREAMING,
-    AbstractRequestHandler,
-    SimpleSessionRequestHandler,
-)
+from chatstream.server.context import ServerContext
+from chatstream.server.native import NativeChat, UserCallback
+from chatstream.service import ChatService, ConsoleItem, PromptFactory, create_engine, default_prompt_class
+from chatstream.sessions.handler import AbstractRequestHandler, SimpleSessionRequestHandler
 
 if TYPE_CHECKING:
     import torch
 
     from chatstream.prompts.base import AbstractChatPrompt
-
-_DISCONNECT_POLL_SEC = 0.25
 
 
 class ChatStream:
@@ -46,7 +39,8 @@ class ChatStream:
     The constructor takes the original package's arguments with the same names and defaults; see
     docs/compatibility.md for the few places where behaviour knowingly differs. Mount it in a FastAPI app with
     ``await chat_stream.handle_chat_stream_request(request)`` in a POST route (plus a session middleware), or with
-    ``append_middlewares(app)`` and ``append_apis(app, {"all": True})``.
+    ``append_middlewares(app)`` and ``append_apis(app, {"all": True})``, or serve it whole with
+    ``chatstream.server.app.create_app(chat_stream)``.
 
     Args:
         name: shown in /get_load and logs.
@@ -74,6 +68,9 @@ class ChatStream:
         model_name: the id reported by /v1/models.
         api_keys: when set, the OpenAI endpoints require ``Authorization: Bearer <one of them>``.
         token_sampler, probe_mode_enabled: the original's sampler hooks; accepted and ignored (a warning is logged).
+        fused_decoder: on the CPU, run the model families it supports (Llama, Mistral, Qwen2, Qwen3, Gemma-3)
+            through the engine's fused decoder; False keeps transformers' own forward pass (``chatstream serve
+            --no-fused-decoder``).
     """
 
     def __init__(
@@ -111,21 +108,15 @@ class ChatStream:
         api_keys: tuple[str, ...] | list[str] = (),
         token_sampler: Any = None,
         probe_mode_enabled: bool = False,
+        fused_decoder: bool = True,
     ) -> None:
         self.name = name
         self.logger = logger or logging.getLogger("chatstream")
-        if token_sampler is not None or probe_mode_enabled:
-            self.logger.warning(
-                "token_sampler and probe_mode_enabled are accepted for compatibility and ignored: sampling is batched "
-                "in the engine (see SamplingParams)"
-            )
-        self.locale = _normalize_locale(locale)
-        self.model = model
-        self.tokenizer = tokenizer
+        _warn_if_sampler_hooks(self.logger, token_sampler, probe_mode_enabled)
+        self.model, self.tokenizer, self.use_mock_response = model, tokenizer, use_mock_response
         self.device = _resolve_device(device)
         self.num_gpus = 0 if use_mock_response or (self.device is not None and self.device.type != "cuda") else num_gpus
-        self.use_mock_response = use_mock_response
-        self.model_name = model_name or _model_name(model, use_mock_response)
+        self.too_many_request_as_http_error = too_many_request_as_http_error
         self.default_sampling = SamplingParams(
             max_new_tokens=max_new_tokens,
             temperature=temperature,
@@ -138,87 +129,90 @@ class ChatStream:
             ignore_eos=ignore_eos,
         )
         self.admission_config = AdmissionConfig(
-            max_concurrency=num_of_concurrent_executions,
-            max_queue_size=max_queue_size,
-            reject_as_http_error=too_many_request_as_http_error,
+            num_of_concurrent_executions, max_queue_size, reject_as_http_error=too_many_request_as_http_error
         )
         self.engine_config = EngineConfig(
             context_len=context_len,
             max_batch_size=num_of_concurrent_executions,
             add_special_tokens=add_special_tokens,
             prefix_cache_bytes=prefix_cache_bytes,
+            fused_decoder=fused_decoder,
         )
-        self.too_many_request_as_http_error = too_many_request_as_http_error
         self.client_roles = ClientRoles.from_config(client_roles)
-        self.on_feedback_received = on_feedback_received
-        self.api_keys = tuple(api_keys)
-        self.engine: Engine = self._create_engine(mock_params)
-        self.chat_prompt_clazz = chat_prompt_clazz or _default_prompt_class(tokenizer, use_mock_response)
-        self._admission: AdmissionController | None = None
-        self._metrics: ChatStreamMetrics | None = None
+        self.chat_prompt_clazz = chat_prompt_clazz or default_prompt_class(tokenizer, use_mock_response)
         self.request_handler = request_handler or SimpleSessionRequestHandler()
-        self._attach_handler(self.request_handler)
+        self.service = self._create_service(locale, model_name, mock_params)
+        chat = NativeChat(self.service, self.client_roles, self.request_handler, self.logger)
+        self.server_context = ServerContext(
+            self.service, self.client_roles, chat, tuple(api_keys), on_feedback_received
+        )
         self._console_prompt: AbstractChatPrompt | None = None
 
-    # ----- wiring -----
+    def _create_service(
+        self, locale: str | None, model_name: str | None, mock_params: Mapping[Any, Any] | None
+    ) -> ChatService:
+        config = ServiceConfig(
+            name=self.name,
+            model_name=model_name or _model_name(self.model, self.use_mock_response),
+            locale=normalize_locale(locale),
+            admission=self.admission_config,
+            sampling=self.default_sampling,
+            add_special_tokens=self.engine_config.add_special_tokens,
+            num_gpus=self.num_gpus,
+            device=self.device,
+        )
+        mock = MockConfig.from_seed_params(dict(mock_params or {})) if self.use_mock_response else None
+        engine = create_engine(self.model, self.tokenizer, self.engine_config, mock)
+        return ChatService(config, engine, PromptFactory(self.chat_prompt_clazz, self.tokenizer), self.logger)
 
-    def _create_engine(self, mock_params: dict[Any, Any] | None) -> Engine:
-        if self.use_mock_response:
-            return MockEngine(MockConfig.from_seed_params(mock_params))
-        if self.model is None or self.tokenizer is None:
-            raise ValueError("model and tokenizer are required unless use_mock_response=True")
-        from chatstream.engine.transformers_engine import TransformersEngine
+    # ----- what the service holds -----
 
-        return TransformersEngine(self.model, self.tokenizer, self.engine_config)
-
-    def _attach_handler(self, handler: AbstractRequestHandler) -> None:
-        handler.chat_stream = self
-        handler.chat_prompt_clazz = self.chat_prompt_clazz
-        handler.tokenizer = self.tokenizer
-        handler.logger = self.logger
+    @property
+    def engine(self) -> Engine:
+        return self.service.engine
 
     @property
     def admission(self) -> AdmissionController:
-        """The admission controller (created on first use, inside the running event loop)."""
-        if self._admission is None:
-            self._admission = AdmissionController(self.admission_config)
-        return self._admission
+        return self.service.admission
 
     @property
     def metrics(self) -> ChatStreamMetrics:
-        """This instance's Prometheus metrics."""
-        if self._metrics is None:
-            self._metrics = ChatStreamMetrics(
-                running=lambda: self.admission.num_running, waiting=lambda: self.admission.num_waiting
-            )
-        return self._metrics
+        return self.service.metrics
+
+    @property
+    def locale(self) -> str:
+        return self.service.locale
+
+    @property
+    def model_name(self) -> str:
+        return self.service.model_name
+
+    @property
+    def api_keys(self) -> tuple[str, ...]:
+        return self.server_context.api_keys
+
+    @property
+    def on_feedback_received(self) -> Callable[[dict[str, Any]], Any] | None:
+        return self.server_context.on_feedback_received
 
     # ----- lifecycle -----
 
     async def startup(self) -> None:
         """Start the engine (idempotent). Called by the app's lifespan or on the first request."""
-        if not self.engine.is_running:
-            self.engine.start()
-            self.logger.info("ChatStream %r started (%s)", self.name, type(self.engine).__name__)
+        await self.service.startup()
 
     async def start_queue_worker(self) -> None:
         """Kept for code written for the original package (a startup hook); same as :meth:`startup`."""
-        await self.startup()
+        await self.service.startup()
 
     async def shutdown(self, drain_timeout: float = 0.0) -> None:
         """Stop admitting, let running streams finish for up to ``drain_timeout`` s, then stop the engine."""
-        finished = await self.admission.drain(drain_timeout)
-        if not finished:
-            self.logger.warning("drain timed out after %.1f s; aborting running generations", drain_timeout)
-        await asyncio.to_thread(self.engine.stop)
+        await self.service.shutdown(drain_timeout)
 
-    # ----- the chat endpoint -----
+    # ----- the chat endpoint and the console -----
 
     async def handle_chat_stream_request(
-        self,
-        request: Request,
-        request_body: bytes | str | None = None,
-        callback: Callable[[Request, str], Any] | None = None,
+        self, request: Request, request_body: bytes | str | None = None, callback: UserCallback | None = None
     ) -> Response:
         """Handle POST /chat_stream: role check, admission (run, wait or reject), then the streamed answer.
 
@@ -226,187 +220,79 @@ class ChatStream:
         (sync or async) is called once when the request is done with "success",
         "client_disconnected_while_streaming", "client_disconnected_before_streaming" or "unknown_error_occurred...".
         """
-        denied = self.client_roles.deny_response(request, "chat_stream")
-        if denied is not None:
-            return denied
-        if request_body is None:
-            request_body = await request.body()  # read before waiting: the wait polls for a disconnect
-        await self.startup()
-        try:
-            slot = await self._wait_for_slot(request)
-        except QueueFull as e:
-            self.metrics.rejected.inc()
-            self.logger.info("queue full (%d waiting); rejected", self.admission.num_waiting)
-            return native.too_many_requests(self.too_many_request_as_http_error, e.retry_after)
-        except Draining:
-            return native.service_unavailable("the server is shutting down")
-        if slot is None:
-            await _call_user_callback(callback, request, DISCONNECTED_BEFORE_STREAMING)
-            return Response(status_code=499)
-        self.metrics.admitted.inc()
-        self.metrics.queue_time.observe(slot.queue_time)
-
-        async def finished(req: Request, message: str) -> None:
-            slot.release()
-            await _call_user_callback(callback, req, message)
-
-        try:
-            return await self.request_handler.process_request(request, request_body, finished)
-        except Exception:
-            self.logger.exception("the request handler failed")
-            await finished(request, "unknown_error_occurred,while process_request")
-            return native.internal_error("generating response")
-
-    async def _wait_for_slot(self, request: Request) -> Slot | None:
-        """A slot, or None when the client went away while waiting. QueueFull/Draining propagate."""
-        acquiring = asyncio.ensure_future(self.admission.acquire())
-        while True:
-            done, _ = await asyncio.wait({acquiring}, timeout=_DISCONNECT_POLL_SEC)
-            if done:
-                return acquiring.result()
-            if await request.is_disconnected():
-                await cancel_quietly(acquiring)  # type: ignore[arg-type]
-                if acquiring.done() and not acquiring.cancelled() and acquiring.exception() is None:
-                    acquiring.result().release()
-                return None
-
-    # ----- what the turn needs -----
-
-    def new_chat_prompt(self) -> AbstractChatPrompt:
-        """A fresh history of the configured prompt class, tokenizer attached, initial prompt built."""
-        chat_prompt = self.request_handler.create_chat_prompt()
-        chat_prompt.build_initial_prompt(chat_prompt)
-        return chat_prompt
-
-    def sampling_for_session(self, session: dict[str, Any] | None) -> SamplingParams:
-        """The default sampling with the session's "generation_params" (set_generation_params) over it."""
-        params = (session or {}).get("generation_params")
-        return self._sampling_with(params)
-
-    def _sampling_with(self, params: dict[str, Any] | None) -> SamplingParams:
-        if not params:
-            return self.default_sampling
-        changes: dict[str, Any] = {}
-        if params.get("temperature") is not None:
-            changes["temperature"] = float(params["temperature"])
-        if params.get("top_k_value") is not None:
-            changes["top_k"] = int(params["top_k_value"])
-        if params.get("top_p_value") is not None:
-            top_p = float(params["top_p_value"])
-            if top_p <= 0.0:
-                changes["temperature"] = 0.0  # an empty nucleus means: always the most likely token
-            else:
-                changes["top_p"] = min(top_p, 1.0)
-        return self.default_sampling.with_updates(**changes)
-
-    def build_generation_request(
-        self,
-        chat_prompt: AbstractChatPrompt,
-        generation_params: dict[str, Any] | None = None,
-        conversation_id: str | None = None,
-    ) -> GenerationRequest:
-        """The engine request for the pending answer of ``chat_prompt`` (prompt text, stops, replacements)."""
-        stops: list[str] = []
-        if chat_prompt.is_chat_mode_enabled():
-            stops = list(chat_prompt._get_final_stop_strs() or [])
-        sampling = self._sampling_with(generation_params).with_updates(stop=tuple(stops))
-        request = GenerationRequest(
-            request_id=f"chat-{uuid.uuid4().hex}",
-            prompt=chat_prompt.create_prompt(),
-            sampling=sampling,
-            output_replacements=tuple(chat_prompt.get_replacement_when_output() or ()),
-            conversation_id=conversation_id,
-            add_special_tokens=self._add_special_tokens_for(chat_prompt),
-        )
-        if isinstance(self.engine, MockEngine):
-            fields = {f.name: getattr(request, f.name) for f in dataclasses.fields(request)}
-            return MockRequest(**fields, user_input=chat_prompt.get_requester_last_msg(), turn=chat_prompt.get_turn())
-        return request
-
-    def _add_special_tokens_for(self, chat_prompt: AbstractChatPrompt) -> bool | None:
-        # The constructor's add_special_tokens wins; otherwise a prompt class whose text already holds the special
-        # tokens (a chat template starts with BOS) says not to add them again.
-        if self.engine_config.add_special_tokens is not None:
-            return self.engine_config.add_special_tokens
-        return None if getattr(chat_prompt, "encode_add_special_tokens", True) else False
-
-    # ----- console chat -----
+        return await self.server_context.chat.handle(request, request_body, callback)
 
     async def handle_console_input(self, user_input: str) -> AsyncIterator[tuple[str, str, str]]:
         """One console turn: yields (answer so far, new text, pos) with pos "begin", "mid", then "end".
 
         A single history is kept for the console. Runs through the same engine, without admission control.
         """
-        await self.startup()
+        await self.service.startup()
         if self._console_prompt is None:
-            self._console_prompt = self.new_chat_prompt()
-        chat_prompt = self._console_prompt
-        chat_prompt.add_requester_msg(user_input)
-        chat_prompt.add_responder_msg(None)
-        gen_request = self.build_generation_request(chat_prompt, conversation_id=f"console-{id(self)}")
-        outcome = GenerationOutcome()
-        shown = ""
-        try:
-            async with aclosing(run_generation(self.engine, gen_request, self.metrics, outcome)) as deltas:
-                async for _ in deltas:
-                    current = outcome.text.lstrip()
-                    if current != shown:
-                        pos = "begin" if not shown else "mid"
-                        yield current, current[len(shown) :], pos
-                        shown = current
-            yield shown, "", "end"
-        finally:
-            chat_prompt.set_responder_last_msg(outcome.text.strip())
+            self._console_prompt = self.service.new_chat_prompt()
+        item: ConsoleItem
+        async for item in self.service.console_turn(self._console_prompt, user_input, f"console-{id(self)}"):
+            yield item
+
+    def verify_role_for_api(self, request: Request, api_name: str) -> JSONResponse | None:
+        """None when the caller's client role allows ``api_name``, else the role layer's 403 response."""
+        return self.client_roles.deny_response(request, api_name)
 
     # ----- the original's other APIs -----
 
     def append_apis(self, app: Any, opts: dict[str, Any] | None = None) -> None:
         """Mount the original's extra APIs (docs/api.md): ``{"include": [...]}``, ``{"exclude": [...]}`` or
         ``{"all": True}``, plus optional ``"web_ui_params"``."""
-        from chatstream.server.apis import append_apis
-
-        append_apis(self, app, opts)
+        apis.append_apis(self.server_context, app, opts)
 
     def append_middlewares(self, app: Any, opts: dict[str, Any] | None = None) -> None:
         """Add the session middleware, the client-role middleware and (when asked) CORS."""
-        from chatstream.server.middlewares import append_middlewares
+        middlewares.append_middlewares(self.server_context, app, opts)
 
-        append_middlewares(self, app, opts)
+    async def handle_clear_context_request(
+        self, request: Request, request_body: Any = None, callback: Any = None
+    ) -> Response:
+        return await apis.handle_clear_context_request(self.server_context, request, request_body, callback)
 
-    def __getattr__(self, name: str) -> Any:
-        # The seed's per-endpoint methods (handle_clear_context_request, index, js, ...) live in server/apis.py.
-        if (name.startswith("handle_") and name.endswith("_request")) or name in ("index", "js"):
-            from chatstream.server import apis
+    async def handle_get_prompt_request(self, request: Request) -> Response:
+        return await apis.handle_get_prompt_request(self.server_context, request)
 
-            target = getattr(apis, name, None)
-            if target is not None:
-                return lambda *args, **kwargs: target(self, *args, **kwargs)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+    async def handle_set_generation_params_request(self, request: Request) -> Response:
+        return await apis.handle_set_generation_params_request(self.server_context, request)
+
+    async def handle_get_generation_params_request(self, request: Request) -> Response:
+        return await apis.handle_get_generation_params_request(self.server_context, request)
+
+    async def handle_set_feedback_request(self, request: Request, opts: Mapping[str, Any] | None = None) -> Response:
+        return await apis.handle_set_feedback_request(self.server_context, request, opts)
+
+    async def handle_get_load_request(self, request: Request) -> Response:
+        return await ops.handle_get_load_request(self.server_context, request)
+
+    async def handle_get_resource_usage_request(self, request: Request) -> Response:
+        return await ops.handle_get_resource_usage_request(self.server_context, request)
+
+    async def index(self, request: Request, response: Any = None, opts: Mapping[str, Any] | None = None) -> Response:
+        return await webui.index(self.server_context, request, response, opts)
+
+    async def js(self, request: Request, response: Any = None) -> Response:
+        return await webui.js(self.server_context, request, response)
 
 
-async def _call_user_callback(callback: Callable[[Request, str], Any] | None, request: Request, message: str) -> None:
-    if callback is None:
-        return
-    result = callback(request, message)
-    if inspect.isawaitable(result):
-        await result
-
-
-def _normalize_locale(locale: str | None) -> str:
-    return "ja" if locale and locale.lower().replace("_", "-").split("-")[0] == "ja" else "en"
+def _warn_if_sampler_hooks(logger: logging.Logger, token_sampler: Any, probe_mode_enabled: bool) -> None:
+    if token_sampler is not None or probe_mode_enabled:
+        logger.warning(
+            "token_sampler and probe_mode_enabled are accepted for compatibility and ignored: sampling is batched "
+            "in the engine (see SamplingParams)"
+        )
 
 
 def _resolve_device(device: Any) -> torch.device | None:
     if device is None:
         return None
-    import torch
+    from chatstream.models.devices import parse_device  # imports torch: only when a device is given
 
-    if isinstance(device, torch.device):
-        return device
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device={device!r} must be 'cpu', 'cuda', 'cuda:N', 'mps' or a torch.device") from None
+    return parse_device(device)
 
 
 def _model_name(model: Any, mock: bool) -> str:
@@ -414,12 +300,3 @@ def _model_name(model: Any, mock: bool) -> str:
         return "chatstream-mock"
     config = getattr(model, "config", None)
     return str(getattr(config, "name_or_path", "") or getattr(config, "model_type", "") or "chatstream-model")
-
-
-def _default_prompt_class(tokenizer: Any, mock: bool) -> type[AbstractChatPrompt]:
-    from chatstream.prompts.chat_template import ChatTemplatePrompt
-    from chatstream.prompts.presets import ChatPromptPlainUserAssistant
-
-    if not mock and getattr(tokenizer, "chat_template", None):
-        return ChatTemplatePrompt
-    return ChatPromptPlainUserAssistant

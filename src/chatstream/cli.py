@@ -11,11 +11,18 @@ import argparse
 import asyncio
 import logging
 import os
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
+
+from chatstream.cli_options import (
+    API_KEYS_ENV,
+    LOG_LEVELS,
+    add_generation_options,
+    add_model_options,
+    add_server_options,
+)
 
 if TYPE_CHECKING:
     from chatstream.chat_stream import ChatStream
@@ -23,12 +30,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-API_KEYS_ENV = "CHATSTREAM_API_KEYS"
-"""Comma-separated API keys for the OpenAI endpoints, added to those given with ``--api-key``."""
 EMBEDDED_MODEL_ID = "gemma-3-270m"
-DTYPE_CHOICES = ("auto", "bf16", "bfloat16", "fp16", "float16", "fp32", "float32")
-LOG_LEVELS = ("debug", "info", "warning", "error")
-_DEVICE_PATTERN = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
 _EXIT_WORDS = frozenset({"/exit", "/quit", "/bye"})
 _CONSOLE_DRAIN_SEC = 1.0
 
@@ -54,13 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chatstream", description="Streaming chat service for causal LMs.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{serve,chat,convert}")
     serve = commands.add_parser("serve", help="run the HTTP server (native API, OpenAI API, web UI)")
-    _add_model_options(serve, default_log_level="info")
-    _add_generation_options(serve)
-    _add_server_options(serve)
+    add_model_options(serve, default_log_level="info")
+    add_generation_options(serve)
+    add_server_options(serve)
     serve.set_defaults(run=run_serve, subparser=serve)
     chat = commands.add_parser("chat", help="chat with the model in this terminal")
-    _add_model_options(chat, default_log_level="warning")
-    _add_generation_options(chat)
+    add_model_options(chat, default_log_level="warning")
+    add_generation_options(chat)
     chat.set_defaults(run=run_chat, subparser=chat)
     convert = commands.add_parser("convert", help="convert and cache the model (GGUF/embedded), print its folder")
     convert.add_argument("--model", default=None, help="a .gguf file or model folder (default: the embedded model)")
@@ -68,67 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--log-level", choices=LOG_LEVELS, default="info")
     convert.set_defaults(run=run_convert, subparser=convert)
     return parser
-
-
-def _add_model_options(parser: argparse.ArgumentParser, default_log_level: str) -> None:
-    group = parser.add_argument_group("model")
-    group.add_argument("--model", default=None, help="model folder or .gguf file (default: embedded Gemma-3-270M)")
-    group.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="weights dtype (default: auto)")
-    group.add_argument("--device", type=_device, default=None, help="cpu, cuda, cuda:N or mps (default: cuda if any)")
-    group.add_argument("--num-gpus", type=_int_at_least(1), default=None, help="split the model over N GPUs")
-    group.add_argument("--cache-dir", type=Path, default=None, help="where converted models are kept")
-    group.add_argument(
-        "--threads",
-        type=_int_at_least(1),
-        default=None,
-        help="compute threads of the engine (default: $CHATSTREAM_NUM_THREADS, else one per physical core)",
-    )
-    group.add_argument("--mock", action="store_true", help="answer with canned text; no model is loaded")
-    group.add_argument("--mock-type", choices=("round", "long", "echo"), default="round")
-    group.add_argument("--mock-time-per-token", type=_float_at_least(0.0), default=0.02, metavar="SEC")
-    group.add_argument("--mock-initial-wait", type=_float_at_least(0.0), default=0.0, metavar="SEC")
-    group.add_argument("--log-level", choices=LOG_LEVELS, default=default_log_level)
-
-
-def _add_generation_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("generation")
-    group.add_argument("--max-new-tokens", type=_int_at_least(1), default=256)
-    group.add_argument("--context-len", type=_int_at_least(2), default=1024, help="tokens per sequence")
-    group.add_argument("--temperature", type=_float_at_least(0.0), default=1.0)
-    group.add_argument("--top-k", type=_int_at_least(0), default=50)
-    group.add_argument("--top-p", type=_float_in_unit_interval, default=1.0)
-    group.add_argument("--repetition-penalty", type=_float_at_least(0.0), default=None)
-    group.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
-    group.add_argument(
-        "--ignore-eos",
-        action="store_true",
-        help="keep generating past EOS up to --max-new-tokens (benchmarks; the OpenAI API also takes ignore_eos)",
-    )
-    group.add_argument("--locale", choices=("en", "ja"), default=None, help="language of user-facing messages")
-
-
-def _add_server_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("server")
-    group.add_argument("--host", default="127.0.0.1")
-    group.add_argument("--port", type=_port, default=8000, help="0 picks a free port (printed when ready)")
-    group.add_argument("--max-concurrency", type=_int_at_least(1), default=32, help="generations run at once")
-    group.add_argument("--max-queue", type=_int_at_least(0), default=64, help="requests that may wait")
-    group.add_argument(
-        "--too-many-requests-as-http-error", action="store_true", help="reject over-capacity requests with 429"
-    )
-    group.add_argument(
-        "--api-key",
-        action="append",
-        default=[],
-        help=f"API key for the OpenAI endpoints (repeatable; also ${API_KEYS_ENV})",
-    )
-    group.add_argument("--web-ui-title", default=None, help="title of the built-in chat page")
-    group.add_argument("--drain-timeout", type=_float_at_least(0.0), default=30.0, metavar="SEC")
-    group.add_argument(
-        "--secure-cookies",
-        action="store_true",
-        help="mark the session cookie Secure (only when clients reach the server over HTTPS, e.g. behind a proxy)",
-    )
 
 
 # ----- commands -----
@@ -223,7 +164,31 @@ def build_chat_stream(
     """A ChatStream for the parsed options: the mock engine, or the loaded model with its prompt preset."""
     from chatstream.chat_stream import ChatStream
 
-    common: dict[str, Any] = {
+    common = _chat_stream_options(args, max_concurrency, max_queue_size, reject_as_http_error)
+    if args.mock:
+        mock_params = {
+            "type": args.mock_type,
+            "initial_wait_sec": args.mock_initial_wait,
+            "time_per_token_sec": args.mock_time_per_token,
+        }
+        return ChatStream(use_mock_response=True, mock_params=mock_params, chat_prompt_clazz=_plain_preset(), **common)
+    model, tokenizer = _load_model(args)
+    return ChatStream(
+        model=model,
+        tokenizer=tokenizer,
+        device=model.device,
+        num_gpus=args.num_gpus,
+        chat_prompt_clazz=prompt_class_for(args.model, tokenizer),
+        model_name=model_id_for(args.model),
+        fused_decoder=args.fused_decoder,
+        **common,
+    )
+
+
+def _chat_stream_options(
+    args: argparse.Namespace, max_concurrency: int, max_queue_size: int, reject_as_http_error: bool
+) -> dict[str, Any]:
+    return {
         "num_of_concurrent_executions": max_concurrency,
         "max_queue_size": max_queue_size,
         "too_many_request_as_http_error": reject_as_http_error,
@@ -237,33 +202,20 @@ def build_chat_stream(
         "ignore_eos": args.ignore_eos,
         "locale": args.locale,
     }
-    if args.mock:
-        mock_params = {
-            "type": args.mock_type,
-            "initial_wait_sec": args.mock_initial_wait,
-            "time_per_token_sec": args.mock_time_per_token,
-        }
-        return ChatStream(use_mock_response=True, mock_params=mock_params, chat_prompt_clazz=_plain_preset(), **common)
+
+
+def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
     from chatstream.engine.cpu_runtime import NUM_THREADS_ENV
     from chatstream.models import load_model
 
     if args.threads is not None:
         os.environ[NUM_THREADS_ENV] = str(args.threads)  # read by the engine thread when it starts
     try:
-        model, tokenizer = load_model(
+        return load_model(
             args.model, dtype=args.dtype, device=args.device, num_gpus=args.num_gpus, cache_dir=args.cache_dir
         )
     except (FileNotFoundError, ValueError) as exc:
         raise ModelOptionError(str(exc)) from exc
-    return ChatStream(
-        model=model,
-        tokenizer=tokenizer,
-        device=model.device,
-        num_gpus=args.num_gpus,
-        chat_prompt_clazz=prompt_class_for(args.model, tokenizer),
-        model_name=model_id_for(args.model),
-        **common,
-    )
 
 
 def prompt_class_for(model_source: str | None, tokenizer: Any) -> type[AbstractChatPrompt]:
@@ -358,49 +310,3 @@ def _configure_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-
-
-# ----- argument types (argparse turns their ValueErrors into "argument --x: invalid ... value" and exit 2) -----
-
-
-def _device(text: str) -> str:
-    value = text.strip().lower()
-    if not _DEVICE_PATTERN.match(value):
-        raise argparse.ArgumentTypeError(f"invalid device {text!r} (use cpu, cuda, cuda:N or mps)")
-    return value
-
-
-def _port(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"port {value} is not in 0..65535")
-    return value
-
-
-def _int_at_least(minimum: int) -> Any:
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value} is less than {minimum}")
-        return value
-
-    parse.__name__ = "integer"
-    return parse
-
-
-def _float_at_least(minimum: float) -> Any:
-    def parse(text: str) -> float:
-        value = float(text)
-        if not value >= minimum:  # also rejects nan
-            raise argparse.ArgumentTypeError(f"{value} is less than {minimum}")
-        return value
-
-    parse.__name__ = "number"
-    return parse
-
-
-def _float_in_unit_interval(text: str) -> float:
-    value = float(text)
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{value} is not in (0, 1]")
-    return value

@@ -7,8 +7,11 @@ these frozen, validated dataclasses.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 GREEDY_TEMPERATURE = 1e-4
 """A temperature below this value means greedy decoding (argmax)."""
@@ -93,6 +96,47 @@ class SamplingParams:
     def with_updates(self, **changes: Any) -> SamplingParams:
         """A copy with some fields changed (validated again)."""
         return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class SamplingOverrides:
+    """A conversation's own sampling values over the defaults (what POST /set_generation_params keeps).
+
+    Attributes:
+        temperature: replaces the default temperature.
+        top_k: replaces the default top-k.
+        top_p: replaces the default top-p; 0 or less means greedy decoding (an empty nucleus keeps only the most
+            likely token), values above 1 count as 1.
+    """
+
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+
+    @classmethod
+    def from_seed_params(cls, params: Mapping[str, Any] | None) -> SamplingOverrides | None:
+        """Translate the seed's session dict ``{"temperature", "top_k_value", "top_p_value"}`` (None: no overrides)."""
+        if not params:
+            return None
+        return cls(
+            temperature=_optional(float, params.get("temperature")),
+            top_k=_optional(int, params.get("top_k_value")),
+            top_p=_optional(float, params.get("top_p_value")),
+        )
+
+    def apply(self, defaults: SamplingParams) -> SamplingParams:
+        """``defaults`` with these values over them."""
+        changes: dict[str, Any] = {}
+        if self.temperature is not None:
+            changes["temperature"] = self.temperature
+        if self.top_k is not None:
+            changes["top_k"] = self.top_k
+        if self.top_p is not None:
+            if self.top_p <= 0.0:
+                changes["temperature"] = 0.0
+            else:
+                changes["top_p"] = min(self.top_p, 1.0)
+        return defaults.with_updates(**changes) if changes else defaults
 
 
 @dataclass(frozen=True)
@@ -184,6 +228,35 @@ class MockConfig:
 
 
 @dataclass(frozen=True)
+class ServiceConfig:
+    """Settings of the chat service that every protocol shares.
+
+    Attributes:
+        name: shown in /get_load and the logs.
+        model_name: the model id reported by /v1/models.
+        locale: "en" or "ja" for the messages that reach people.
+        admission: how many generations run at once and how many may wait.
+        sampling: the default sampling of every request.
+        add_special_tokens: passed to the tokenizer when prompts are encoded (None: decided per prompt class).
+        num_gpus: GPUs the model was loaded on (for /get_resource_usage).
+        device: the device the model runs on (a ``torch.device``; None when unknown).
+    """
+
+    name: str = "node:0"
+    model_name: str = "chatstream-model"
+    locale: str = "en"
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    add_special_tokens: bool | None = None
+    num_gpus: int | None = None
+    device: Any = None
+
+    def __post_init__(self) -> None:
+        _check(self.locale in ("en", "ja"), "locale", self.locale, "must be 'en' or 'ja'")
+        _check(self.num_gpus is None or self.num_gpus >= 0, "num_gpus", self.num_gpus, "must be >= 0")
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """Settings of ``chatstream serve``."""
 
@@ -202,6 +275,10 @@ def _parse_penalty_method(value: str) -> RepetitionPenaltyMethod:
         return RepetitionPenaltyMethod(value)
     except ValueError:
         raise ValueError(f"repetition_penalty_method {value!r} must be 'multiplicative' or 'subtractive'") from None
+
+
+def _optional(convert: Callable[[Any], T], value: Any) -> T | None:
+    return None if value is None else convert(value)
 
 
 def _check(ok: bool, name: str, value: object, rule: str) -> None:

@@ -7,7 +7,7 @@ import copy
 import pytest
 from transformers import PreTrainedTokenizerFast
 
-from chatstream.prompts import ChatPromptPlainUserAssistant, ChatTemplatePrompt
+from chatstream.prompts import ChatPromptPlainUserAssistant, ChatTemplatePrompt, load_openai_messages
 
 MESSAGES = [
     {"role": "system", "content": "Be brief."},
@@ -33,13 +33,13 @@ def test_renders_like_apply_chat_template(tiny_tokenizer: PreTrainedTokenizerFas
 
 
 def test_complete_answer_gets_no_generation_prompt(tiny_tokenizer: PreTrainedTokenizerFast) -> None:
-    prompt = ChatTemplatePrompt.from_messages(MESSAGES[:3], tiny_tokenizer)
+    prompt = load_openai_messages(ChatTemplatePrompt(tiny_tokenizer), MESSAGES[:3])
     assert prompt.create_prompt().endswith("<|assistant|>\nHello.</s>\n")
     assert prompt.create_prompt({"omit_last_message": True}).endswith("<|user|>\nHi</s>\n<|assistant|>\n")
 
 
-def test_from_messages_adds_the_slot(tiny_tokenizer: PreTrainedTokenizerFast) -> None:
-    prompt = ChatTemplatePrompt.from_messages(MESSAGES, tiny_tokenizer)
+def test_openai_messages_add_the_slot(tiny_tokenizer: PreTrainedTokenizerFast) -> None:
+    prompt = load_openai_messages(ChatTemplatePrompt(tiny_tokenizer), MESSAGES)
     assert prompt.get_turn() == 2 and prompt.system == "Be brief."
     assert prompt.create_prompt() == tiny_tokenizer.apply_chat_template(
         MESSAGES, tokenize=False, add_generation_prompt=True
@@ -47,7 +47,7 @@ def test_from_messages_adds_the_slot(tiny_tokenizer: PreTrainedTokenizerFast) ->
 
 
 def test_survives_to_dict_from_dict(tiny_tokenizer: PreTrainedTokenizerFast) -> None:
-    prompt = ChatTemplatePrompt.from_messages(MESSAGES, tiny_tokenizer)
+    prompt = load_openai_messages(ChatTemplatePrompt(tiny_tokenizer), MESSAGES)
     data = prompt.to_dict()
     assert "tokenizer" not in data
     restored = ChatTemplatePrompt.from_dict(data)
@@ -61,10 +61,12 @@ def test_survives_to_dict_from_dict(tiny_tokenizer: PreTrainedTokenizerFast) -> 
 def test_tokenizer_without_template_is_rejected(tiny_tokenizer: PreTrainedTokenizerFast) -> None:
     tokenizer = copy.deepcopy(tiny_tokenizer)
     tokenizer.chat_template = None
-    prompt = ChatTemplatePrompt.from_messages(MESSAGES[1:2], tokenizer)
+    prompt = load_openai_messages(ChatTemplatePrompt(tokenizer), MESSAGES[1:2])
     with pytest.raises(ValueError, match="ChatPromptPlainUserAssistant"):
         prompt.create_prompt()
-    assert ChatPromptPlainUserAssistant.from_messages(MESSAGES[1:2], tokenizer).create_prompt().endswith("Assistant:")
+    plain = ChatPromptPlainUserAssistant()
+    plain.set_tokenizer(tokenizer)
+    assert load_openai_messages(plain, MESSAGES[1:2]).create_prompt().endswith("Assistant:")
 
 
 def test_template_without_system_role_gets_it_in_the_first_user_turn(tiny_tokenizer: PreTrainedTokenizerFast) -> None:
@@ -75,7 +77,7 @@ def test_template_without_system_role_gets_it_in_the_first_user_turn(tiny_tokeni
         "[{{ m['role'] }}]{{ m['content'] }}\n"
         "{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}"
     )
-    prompt = ChatTemplatePrompt.from_messages(MESSAGES, tokenizer)
+    prompt = load_openai_messages(ChatTemplatePrompt(tokenizer), MESSAGES)
     assert prompt.create_prompt() == "[user]Be brief.\n\nHi\n[assistant]Hello.\n[user]Who are you?\n[assistant]"
 
 

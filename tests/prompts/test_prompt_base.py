@@ -261,7 +261,7 @@ def test_load_openai_messages() -> None:
     assert prompt.create_prompt() == "Be brief.\n<human>: Hi\n<bot>: Hello.\n<human>: Who are you?\n<bot>:"
     load_openai_messages(prompt, messages[:3])
     assert prompt.create_prompt().endswith("<bot>: Hello.\n")  # no slot after an assistant message
-    filled = ChatPromptTogetherRedPajamaINCITEChat.from_messages(messages[1:2])
+    filled = load_openai_messages(ChatPromptTogetherRedPajamaINCITEChat(), messages[1:2])
     assert filled.create_prompt() == "<human>: Hi\n<bot>:"
 
 

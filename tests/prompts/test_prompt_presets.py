@@ -191,7 +191,8 @@ def test_every_preset_round_trips_and_ends_with_a_slot(cls: type[AbstractChatPro
 
 @pytest.mark.parametrize("cls", PRESETS, ids=lambda c: c.__name__)
 def test_every_preset_takes_openai_messages(cls: type[AbstractChatPrompt]) -> None:
-    prompt = cls.from_messages([{"role": "system", "content": "SYSTEM-TEXT"}, {"role": "user", "content": "QUESTION"}])
+    messages = [{"role": "system", "content": "SYSTEM-TEXT"}, {"role": "user", "content": "QUESTION"}]
+    prompt = load_openai_messages(cls(), messages)
     rendered = prompt.create_prompt()
     assert "SYSTEM-TEXT" in rendered and "QUESTION" in rendered
     assert rendered.index("SYSTEM-TEXT") < rendered.index("QUESTION")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 
 from chatstream.server.access import (
     API_NAMES,
@@ -15,7 +17,9 @@ from chatstream.server.access import (
     ClientRoles,
     GrantedRole,
     default_roles_config,
+    role_checked,
 )
+from chatstream.server.errors import ROLE_DENIED_BODY
 from chatstream.sessions.middleware import SESSION_SKIPPED_STATE
 
 
@@ -318,3 +322,21 @@ def test_a_sessionless_denial_of_a_browser_api_hints_at_the_missing_middleware(
         assert roles.deny_response(make_request(), "chat_stream") is not None
     hints = [r for r in caplog.records if "session middleware" in r.getMessage()]
     assert len(hints) == 1
+
+
+async def test_role_checked_endpoints_answer_the_role_layers_403() -> None:
+    @dataclass(frozen=True)
+    class Owner:
+        roles: ClientRoles
+
+    @role_checked("get_load")
+    async def endpoint(owner: Owner, request: Request, extra: int = 0) -> Response:
+        return JSONResponse({"extra": extra})
+
+    owner = Owner(ClientRoles.from_config(None))  # browsers: chat and web UI; agents: get_load and openai
+    allowed = await endpoint(owner, make_request(), extra=3)
+    denied = await endpoint(owner, make_request(FakeSessionManager()))
+    assert (allowed.status_code, json.loads(allowed.body)) == (200, {"extra": 3})
+    assert (denied.status_code, json.loads(denied.body)) == (403, ROLE_DENIED_BODY)
+    with pytest.raises(ValueError, match="no_such_api"):
+        role_checked("no_such_api")

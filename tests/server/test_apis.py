@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import urllib.parse
 from collections.abc import AsyncIterator
 from typing import Any
@@ -15,7 +14,7 @@ from tests.server import support
 from tests.server.support import Recorder, asgi_client, started
 
 from chatstream import ChatStream
-from chatstream.server.apis import API_PATHS, append_apis, render_index, select_apis
+from chatstream.server.apis import API_PATHS, append_apis, select_apis
 from chatstream.server.middlewares import append_middlewares
 
 EOS = "<::EOS::>"
@@ -33,8 +32,8 @@ def mock_chat_stream(**kw: Any) -> ChatStream:
 
 def build_app(chat_stream: ChatStream, apis: dict[str, Any] | None = None) -> FastAPI:
     app = FastAPI()
-    append_middlewares(chat_stream, app, {"session": {"secret_key": "test-secret", "secure": False}})
-    append_apis(chat_stream, app, apis if apis is not None else {"all": True})
+    append_middlewares(chat_stream.server_context, app, {"session": {"secret_key": "test-secret", "secure": False}})
+    append_apis(chat_stream.server_context, app, apis if apis is not None else {"all": True})
     return app
 
 
@@ -87,7 +86,7 @@ def test_select_apis_rejects_bad_options(opts: dict[str, Any], needle: str) -> N
 async def test_only_the_selected_routes_are_mounted() -> None:
     cs = mock_chat_stream()
     app = FastAPI()
-    mounted = append_apis(cs, app, {"include": ["get_load", "openai", "health"]})
+    mounted = append_apis(cs.server_context, app, {"include": ["get_load", "openai", "health"]})
     paths = {getattr(route, "path", None) for route in app.routes}
     assert mounted == ["get_load", "openai", "health"]
     assert {"/get_load", "/health", "/v1/chat/completions", "/v1/completions", "/v1/models"} <= paths
@@ -96,7 +95,7 @@ async def test_only_the_selected_routes_are_mounted() -> None:
 
 async def test_all_mounts_every_path() -> None:
     app = FastAPI()
-    append_apis(mock_chat_stream(), app, {"all": True})
+    append_apis(mock_chat_stream().server_context, app, {"all": True})
     paths = {getattr(route, "path", None) for route in app.routes}
     assert {path for _, path in API_PATHS.values()} <= paths
 
@@ -313,39 +312,12 @@ async def test_get_resource_usage(client: httpx.AsyncClient) -> None:
     assert 0 < usage["cpu"]["used_memory"] < usage["cpu"]["total_memory"]
 
 
-# ----- web UI -----
-
-
-def test_render_index_escapes_params_and_title() -> None:
-    page = "<title>__CHATSTREAM_TITLE__</title><script>const p = __CHATSTREAM_WEB_UI_PARAMS__;</script>"
-    params = {"title": "<b>Mine & yours</b>", "note": "</script><script>alert(1)</script>", "ja": "日本語"}
-    out = render_index(page, params)
-    assert "<title>&lt;b&gt;Mine &amp; yours&lt;/b&gt;</title>" in out
-    assert "</script><script>alert" not in out
-    injected = out.split("const p = ", 1)[1].rsplit(";</script>", 1)[0]
-    assert json.loads(injected) == params
-    assert render_index(page, {}).startswith("<title>ChatStream</title>")
-
-
-async def test_webui_index_and_js_are_served_without_cache() -> None:
-    cs = mock_chat_stream(client_roles=None)
-    transport = httpx.ASGITransport(app=build_app(cs, {"all": True, "web_ui_params": {"title": "Support <desk>"}}))
-    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
-        page = await c.get("/")
-        script = await c.get("/chatstream.js")
-    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    assert "no-cache" in page.headers["cache-control"]
-    assert "Support &lt;desk&gt;" in page.text and "__CHATSTREAM_" not in page.text
-    assert script.status_code == 200 and "javascript" in script.headers["content-type"]
-    assert "no-cache" in script.headers["cache-control"]
-
-
 # ----- the original's per-endpoint methods in the user's own routes -----
 
 
 async def test_seed_style_methods_mounted_in_own_routes(chat_stream: ChatStream) -> None:
     app = FastAPI()
-    append_middlewares(chat_stream, app, {"session": {"secret_key": "k", "secure": False}})
+    append_middlewares(chat_stream.server_context, app, {"session": {"secret_key": "k", "secure": False}})
 
     @app.post("/chat_stream")
     async def chat_route(request: Request) -> Any:

@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, ValidationError
 
+from chatstream.admission.admission import Draining, QueueFull
 from chatstream.engine.base import EngineError
 from chatstream.i18n import message, normalize_locale
-from chatstream.scheduler.admission import Draining, QueueFull
 from chatstream.server.errors import (
     BadRequest,
     Forbidden,

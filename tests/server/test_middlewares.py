@@ -20,8 +20,8 @@ ORIGIN = "http://localhost:5173"
 def build_app(opts: dict[str, Any] | None, chat_stream: ChatStream | None = None) -> FastAPI:
     cs = chat_stream or ChatStream(use_mock_response=True, mock_params={"type": "echo", "time_per_token_sec": 0})
     app = FastAPI()
-    append_middlewares(cs, app, opts)
-    append_apis(cs, app, {"all": True})
+    append_middlewares(cs.server_context, app, opts)
+    append_apis(cs.server_context, app, {"all": True})
     return app
 
 

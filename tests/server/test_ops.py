@@ -14,15 +14,15 @@ from chatstream import ChatStream
 from chatstream.server.apis import append_apis
 from chatstream.server.app import create_app
 from chatstream.server.middlewares import append_middlewares
-from chatstream.server.ops import drain_and_shutdown, resource_usage
+from chatstream.server.ops import resource_usage
 
 EOS = "<::EOS::>"
 
 
 def build_app(chat_stream: ChatStream) -> FastAPI:
     app = FastAPI()
-    append_middlewares(chat_stream, app, {"session": {"secret_key": "k", "secure": False}})
-    append_apis(chat_stream, app, {"all": True})
+    append_middlewares(chat_stream.server_context, app, {"session": {"secret_key": "k", "secure": False}})
+    append_apis(chat_stream.server_context, app, {"all": True})
     return app
 
 
@@ -85,7 +85,7 @@ async def test_drain_lets_running_streams_finish_and_rejects_new_ones() -> None:
         running = asyncio.create_task(c.post("/chat_stream", json={"user_input": "tell me a story"}))
         while cs.admission.num_running == 0:
             await asyncio.sleep(0.005)
-        drain = asyncio.create_task(drain_and_shutdown(cs, drain_timeout=30.0))
+        drain = asyncio.create_task(cs.shutdown(drain_timeout=30.0))
         await asyncio.sleep(0.01)
         assert (await c.get("/health")).status_code == 503
         refused = await c.post("/chat_stream", json={"user_input": "too late"})
@@ -107,7 +107,7 @@ async def test_drain_timeout_aborts_what_is_still_running() -> None:
         running = asyncio.create_task(c.post("/chat_stream", json={"user_input": "long please"}))
         while cs.admission.num_running == 0:
             await asyncio.sleep(0.005)
-        await drain_and_shutdown(cs, drain_timeout=0.1)
+        await cs.shutdown(drain_timeout=0.1)
         story = await asyncio.wait_for(running, 10)
     assert story.status_code == 200
     assert "begin something new" not in story.text  # cut short when the engine stopped

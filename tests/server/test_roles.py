@@ -55,8 +55,8 @@ ROLES: dict[str, Any] = {
 def build_app(chat_stream: ChatStream, *, middlewares: bool = True) -> FastAPI:
     app = FastAPI()
     if middlewares:
-        append_middlewares(chat_stream, app, {"session": {"secret_key": "test-secret", "secure": False}})
-    append_apis(chat_stream, app, {"all": True})
+        append_middlewares(chat_stream.server_context, app, {"session": {"secret_key": "test-secret", "secure": False}})
+    append_apis(chat_stream.server_context, app, {"all": True})
     return app
 
 

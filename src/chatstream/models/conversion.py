@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from chatstream.loadtime_compat import LoadTime
 from chatstream.models.devices import dtype_name
+from chatstream.models.loadtime import LoadTime
 
 logger = logging.getLogger(__name__)
 
@@ -119,26 +119,22 @@ def _cached_conversion(
         scratch = Path(scratch_name)
         staging = scratch / "checkpoint"
 
-        def run() -> None:
-            build(staging, scratch)
-
-        with quiet_transformers_bars():
-            if progress:
-                message = f"Converting {target.name} (one time) ... "
-                LoadTime(
-                    name=f"convert-{target.name}",
-                    message=message,
-                    fn=run,
-                    dirname=LOADTIME_DIRNAME,
-                    estimate_sec=estimate_sec,
-                )()
-            else:
-                run()
+        _with_progress(target.name, lambda: build(staging, scratch), progress, estimate_sec)
         elapsed = time.monotonic() - started
         _write_marker(staging, source_info, elapsed)
         _publish(staging, target)
     logger.info("Converted %s in %.1f s", target.name, elapsed)
     return target
+
+
+def _with_progress(name: str, run: Callable[[], None], progress: bool, estimate_sec: float | None) -> None:
+    """Run one conversion, under a progress bar sized by the previous conversion of ``name`` when asked."""
+    with quiet_transformers_bars():
+        if not progress:
+            run()
+            return
+        message = f"Converting {name} (one time) ... "
+        LoadTime(name=f"convert-{name}", message=message, fn=run, dirname=LOADTIME_DIRNAME, estimate_sec=estimate_sec)()
 
 
 def _convert_file(gguf_path: Path, out_dir: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -25,21 +26,33 @@ _DTYPES = {
     "float": torch.float32,
 }
 _DEVICE_TYPES = ("cpu", "cuda", "mps")
+_DEVICE_PATTERN = re.compile(r"^(cpu|mps|cuda)(:\d+)?$")
 _CPU_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
 
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """A validated ``torch.device``: None picks CUDA when available, else the CPU.
+def parse_device(device: str | torch.device) -> torch.device:
+    """The ``torch.device`` a device option names: "cpu", "cuda", "cuda:N" or "mps" (any case, spaces ignored).
 
-    Accepts "cpu", "cuda", "cuda:N", "mps" and ``torch.device``; anything else, or a device this machine lacks,
-    raises ValueError naming the value.
+    A ``torch.device`` is returned as it is. Only the spelling is checked, not whether this machine has the device
+    (see :func:`resolve_device`). Raises ValueError naming the value.
+    """
+    if isinstance(device, torch.device):
+        return device
+    spec = device.strip().lower() if isinstance(device, str) else None
+    if spec is None or not _DEVICE_PATTERN.match(spec):
+        raise ValueError(f"device {device!r} must be 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    return torch.device(spec)
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """A validated ``torch.device`` this machine has: None picks CUDA when available, else the CPU.
+
+    Accepts what :func:`parse_device` accepts (a ``torch.device`` only of those types); anything else, or a device
+    this machine lacks, raises ValueError naming the value.
     """
     if device is None:
         return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        resolved = device if isinstance(device, torch.device) else torch.device(str(device).strip().lower())
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device {device!r} must be 'cpu', 'cuda', 'cuda:N' or 'mps'") from None
+    resolved = parse_device(device)
     if resolved.type not in _DEVICE_TYPES:
         raise ValueError(f"device {device!r} must be 'cpu', 'cuda', 'cuda:N' or 'mps'")
     if resolved.type == "cuda":

@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
-from chatstream.loadtime_compat import LoadTime
 from chatstream.models.conversion import (
     LOADTIME_DIRNAME,
     convert_embedded_model,
@@ -18,6 +17,7 @@ from chatstream.models.conversion import (
     quiet_transformers_bars,
 )
 from chatstream.models.devices import dtype_name, parse_dtype, placement_kwargs, resolve_device
+from chatstream.models.loadtime import LoadTime
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -50,7 +50,7 @@ def load_model(
         FileNotFoundError: ``source`` does not exist or is not a model directory.
         ValueError: a bad ``dtype``, ``device`` or ``num_gpus``.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     target = resolve_device(device)
     torch_dtype = parse_dtype(dtype, target)
@@ -59,19 +59,22 @@ def load_model(
     logger.info("Loading %s as %s on %s", model_dir, dtype_name(torch_dtype), placement.get("device_map", target))
     started = time.monotonic()
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-
-    def load() -> PreTrainedModel:
-        return AutoModelForCausalLM.from_pretrained(
-            str(model_dir), dtype=torch_dtype, local_files_only=True, **placement
-        )
-
-    with quiet_transformers_bars():
-        model = LoadTime(name=str(model_dir), fn=load, dirname=LOADTIME_DIRNAME)() if progress else load()
+    model = _load_weights(model_dir, torch_dtype, placement, progress)
     if "device_map" not in placement:
         model = cast(Any, model).to(target)
     model.eval()
     logger.info("Loaded %s in %.1f s", model_dir.name, time.monotonic() - started)
     return model, tokenizer
+
+
+def _load_weights(model_dir: Path, dtype: torch.dtype, placement: dict[str, Any], progress: bool) -> PreTrainedModel:
+    from transformers import AutoModelForCausalLM
+
+    def load() -> PreTrainedModel:
+        return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, local_files_only=True, **placement)
+
+    with quiet_transformers_bars():
+        return LoadTime(name=str(model_dir), fn=load, dirname=LOADTIME_DIRNAME)() if progress else load()
 
 
 def prepare_model_dir(

@@ -1,8 +1,9 @@
 """Prompt classes: a conversation's history and the rules that render it as one model's prompt text."""
 
-from chatstream.prompts.base import AbstractChatPrompt, load_openai_messages
+from chatstream.prompts.base import AbstractChatPrompt
 from chatstream.prompts.chat_template import ChatTemplatePrompt
 from chatstream.prompts.content import ChatContent, PromptOptions, PromptTTL, RoleType
+from chatstream.prompts.openai_messages import load_openai_messages
 from chatstream.prompts.presets import (
     ChatPromptCyberAgentOpenCalm,
     ChatPromptDatabricksDolly,

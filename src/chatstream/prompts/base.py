@@ -11,11 +11,10 @@ from __future__ import annotations
 import copy
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
 from chatstream.prompts.content import ChatContent, PromptOptions, PromptTTL, RoleType
-from chatstream.prompts.openai_messages import load_openai_messages
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +33,6 @@ __all__ = [
     "PromptTTL",
     "Replacements",
     "RoleType",
-    "load_openai_messages",
 ]
 
 
@@ -412,21 +410,6 @@ class AbstractChatPrompt(ABC):
             chat_prompt._append_content(ChatContent.from_dict(content_data))
         if tokenizer is not None:
             chat_prompt.set_tokenizer(tokenizer)
-        return chat_prompt
-
-    @classmethod
-    def from_messages(
-        cls: type[PromptT],
-        messages: Sequence[Mapping[str, Any]],
-        tokenizer: Any = None,
-        *,
-        add_generation_slot: bool = True,
-    ) -> PromptT:
-        """A new prompt of this class filled from OpenAI-style messages (see :func:`load_openai_messages`)."""
-        chat_prompt = cls()
-        if tokenizer is not None:
-            chat_prompt.set_tokenizer(tokenizer)
-        load_openai_messages(chat_prompt, messages, add_generation_slot=add_generation_slot)
         return chat_prompt
 
 

@@ -19,19 +19,22 @@ never logged.
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import hmac
 import logging
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Concatenate, Final, ParamSpec, Protocol, TypeVar
 
-from starlette.requests import HTTPConnection
-from starlette.responses import JSONResponse
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import JSONResponse, Response
 
 from chatstream.server.errors import role_denied_response
-from chatstream.sessions.middleware import save_session, session_skipped
+from chatstream.server.http import AUTH_HEADER
+from chatstream.sessions.lookup import find_session
+from chatstream.sessions.middleware import session_skipped
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +58,6 @@ API_NAMES: Final = (
 OPEN_API_NAMES: Final = frozenset({"health", "metrics"})
 """Allowed to every role, unless some role names them in its allow list (then only roles allowing them get them)."""
 
-AUTH_HEADER: Final = "X-ChatStream-Auth-Header"
 SESSION_ROLE_KEY: Final = "chat_stream_client_role"
 """Where a promoted browser role is kept in the session (the original's key and value shape)."""
 
@@ -238,16 +240,15 @@ class ClientRoles:
         """
         if not user_input or not isinstance(user_input, str) or not self._browser_phrase_roles:
             return None
-        session_mgr = getattr(request.state, "session", None)
-        session = _session_of(request, materialize=True)
-        if session is None:
+        found = find_session(request)
+        if found is None:
             return None
         matched = [role for role in self._browser_phrase_roles if role.matches(user_input)]  # check all: no early exit
         if not matched:
             return None
         role = matched[0]
-        session[SESSION_ROLE_KEY] = role.session_value()
-        save_session(session_mgr)
+        found.data[SESSION_ROLE_KEY] = role.session_value()
+        found.save()
         return GrantedRole(name=role.name, enable_dev_tool=role.enable_dev_tool)
 
     def _stored_role(self, session: Mapping[str, Any]) -> RoleDef | None:
@@ -259,27 +260,45 @@ class ClientRoles:
         return role
 
 
+class HasClientRoles(Protocol):
+    """What a role-checked endpoint's first argument offers: the client roles to check against."""
+
+    @property
+    def roles(self) -> ClientRoles: ...
+
+
+Owner = TypeVar("Owner", bound=HasClientRoles)
+P = ParamSpec("P")
+Endpoint = Callable[Concatenate[Owner, Request, P], Awaitable[Response]]
+
+
+def role_checked(api_name: str) -> Callable[[Endpoint[Owner, P]], Endpoint[Owner, P]]:
+    """Decorate an endpoint ``(owner, request, ...)`` so that it answers the role layer's 403 (the original's shape)
+    unless the caller's role allows ``api_name``; ``owner.roles`` holds the client roles."""
+    if api_name not in API_NAMES:
+        raise ValueError(f"unknown API name {api_name!r}; known: {API_NAMES}")
+
+    def decorate(endpoint: Endpoint[Owner, P]) -> Endpoint[Owner, P]:
+        @functools.wraps(endpoint)
+        async def checked(owner: Owner, request: Request, /, *args: P.args, **kwargs: P.kwargs) -> Response:
+            denied = owner.roles.deny_response(request, api_name)
+            if denied is not None:
+                return denied
+            return await endpoint(owner, request, *args, **kwargs)
+
+        return checked
+
+    return decorate
+
+
 def _no_session_middleware(request: HTTPConnection) -> bool:
     return getattr(request.state, "session", None) is None and not session_skipped(request)
 
 
-def _session_of(request: HTTPConnection, *, materialize: bool = False) -> dict[str, Any] | None:
-    """The session dict, or None when the request has no session (an agent) or the session cannot be read.
-
-    A session the middleware creates lazily (ours: ``is_new`` and not yet ``touched``) holds no role yet; unless
-    ``materialize`` is set, an empty dict stands in for it so that a role check alone creates no session.
-    """
-    session_mgr = getattr(request.state, "session", None)
-    if session_mgr is None:
-        return None
-    if not materialize and getattr(session_mgr, "is_new", False) and not getattr(session_mgr, "touched", True):
-        return {}
-    try:
-        session = session_mgr.get_session()
-    except Exception:
-        logger.warning("the session could not be read; treating the request as sessionless", exc_info=True)
-        return None
-    return session if isinstance(session, dict) else None
+def _session_of(request: HTTPConnection) -> dict[str, Any] | None:
+    """The session dict without creating a lazily made session (a role check alone leaves no session behind)."""
+    found = find_session(request, materialize=False)
+    return found.data if found is not None else None
 
 
 def _parse_role(name: Any, definition: Any) -> RoleDef:

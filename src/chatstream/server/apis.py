@@ -7,47 +7,42 @@ bad input with a 4xx that names the field.
 
 from __future__ import annotations
 
-import html
 import inspect
-import json
 import logging
 import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
-from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from chatstream.i18n import message
-from chatstream.server.access import API_NAMES
+from chatstream.server.access import API_NAMES, role_checked
+from chatstream.server.context import ServerContext
 from chatstream.server.errors import ApiError, BadRequest, NotFound, native_error_response
+from chatstream.server.http import parse_json_object
 from chatstream.server.ops import (
     handle_get_load_request,
     handle_get_resource_usage_request,
     handle_health,
     handle_metrics,
 )
-from chatstream.sessions.middleware import save_session
+from chatstream.server.webui import index, js
+from chatstream.service import ChatService
+from chatstream.sessions.lookup import find_session
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-    from chatstream.chat_stream import ChatStream
-
 __all__ = [
-    "API_METHODS",
     "API_PATHS",
     "append_apis",
     "handle_clear_context_request",
     "handle_get_generation_params_request",
-    "handle_get_load_request",
     "handle_get_prompt_request",
-    "handle_get_resource_usage_request",
     "handle_set_feedback_request",
     "handle_set_generation_params_request",
-    "index",
-    "js",
+    "select_apis",
 ]
 
 logger = logging.getLogger(__name__)
@@ -68,13 +63,8 @@ API_PATHS: dict[str, tuple[str, str]] = {
 }
 """Method and path of each API name ("openai" mounts three paths under /v1, see server/openai.py)."""
 
-API_METHODS: dict[str, str] = {name: method for name, (method, _) in API_PATHS.items()}
-
 _OPTION_KEYS = frozenset({"include", "exclude", "all", "web_ui_params", "on_feedback_received", "api_keys"})
-_NO_CACHE = {"Cache-Control": "no-cache, no-store, must-revalidate", "Pragma": "no-cache", "Expires": "0"}
 _NOT_SESSION_HANDLER = "Not supported on current request_handler type."
-WEB_UI_PARAMS_TOKEN = "__CHATSTREAM_WEB_UI_PARAMS__"
-WEB_UI_TITLE_TOKEN = "__CHATSTREAM_TITLE__"
 GENERATION_PARAM_RANGES: dict[str, tuple[float, float, str]] = {
     "temperature": (0.0, 1.0, "Invalid temperature value. Temperature should be between 0.0 and 1.0."),
     "top_k_value": (1, 500, "Invalid top_k value. top_k_value should be between 1 and 500."),
@@ -112,48 +102,44 @@ def select_apis(opts: Mapping[str, Any] | None) -> list[str]:
     return [n for n in API_NAMES if n in names] if key == "include" else [n for n in API_NAMES if n not in names]
 
 
-def append_apis(chat_stream: ChatStream, app: FastAPI, opts: Mapping[str, Any] | None = None) -> list[str]:
+def append_apis(ctx: ServerContext, app: FastAPI, opts: Mapping[str, Any] | None = None) -> list[str]:
     """Mount the selected APIs on ``app`` (see :func:`select_apis`) and return their names.
 
     Other options: ``web_ui_params`` (a dict handed to the web UI), ``on_feedback_received`` (overrides the
-    ChatStream's hook for /set_feedback), ``api_keys`` (for the OpenAI API, besides ``chat_stream.api_keys``).
+    context's hook for /set_feedback), ``api_keys`` (for the OpenAI API, besides ``ctx.api_keys``).
     """
     opts = opts or {}
     selected = select_apis(opts)
     if not selected:
-        logger.warning(message("no_apis_selected", chat_stream.locale))
-    web_ui_params = dict(opts.get("web_ui_params") or {})
-    feedback_opts = {"on_feedback_received": opts.get("on_feedback_received")}
+        logger.warning(message("no_apis_selected", ctx.service.locale))
     for name in selected:
         if name == "openai":
             from chatstream.server.openai import add_openai_routes
 
-            keys = (*tuple(getattr(chat_stream, "api_keys", ()) or ()), *tuple(opts.get("api_keys") or ()))
-            add_openai_routes(app, chat_stream, keys)
+            add_openai_routes(app, ctx, (*ctx.api_keys, *tuple(opts.get("api_keys") or ())))
             continue
         method, path = API_PATHS[name]
-        endpoint = _endpoint(chat_stream, name, web_ui_params, feedback_opts)
-        app.add_api_route(path, endpoint, methods=[method], name=f"chatstream_{name}", include_in_schema=True)
+        app.add_api_route(path, _endpoint(ctx, name, opts), methods=[method], name=f"chatstream_{name}")
         logger.debug("API endpoint %s %s (%s) added", method, path, name)
     return selected
 
 
-def _endpoint(
-    chat_stream: ChatStream, name: str, web_ui_params: dict[str, Any], feedback_opts: dict[str, Any]
-) -> Callable[[Request], Awaitable[Response]]:
+def _endpoint(ctx: ServerContext, name: str, opts: Mapping[str, Any]) -> Callable[[Request], Awaitable[Response]]:
+    web_ui = {"ui_init_params": dict(opts.get("web_ui_params") or {})}
+    feedback_opts = {"on_feedback_received": opts.get("on_feedback_received")}
     handlers: dict[str, Callable[[Request], Awaitable[Response]]] = {
-        "chat_stream": lambda r: chat_stream.handle_chat_stream_request(r),
-        "clear_context": lambda r: handle_clear_context_request(chat_stream, r),
-        "get_prompt": lambda r: handle_get_prompt_request(chat_stream, r),
-        "set_generation_params": lambda r: handle_set_generation_params_request(chat_stream, r),
-        "get_generation_params": lambda r: handle_get_generation_params_request(chat_stream, r),
-        "set_feedback": lambda r: handle_set_feedback_request(chat_stream, r, feedback_opts),
-        "get_load": lambda r: handle_get_load_request(chat_stream, r),
-        "get_resource_usage": lambda r: handle_get_resource_usage_request(chat_stream, r),
-        "webui_index": lambda r: index(chat_stream, r, None, {"ui_init_params": web_ui_params}),
-        "webui_js": lambda r: js(chat_stream, r),
-        "health": lambda r: handle_health(chat_stream, r),
-        "metrics": lambda r: handle_metrics(chat_stream, r),
+        "chat_stream": lambda r: ctx.chat.handle(r),
+        "clear_context": lambda r: handle_clear_context_request(ctx, r),
+        "get_prompt": lambda r: handle_get_prompt_request(ctx, r),
+        "set_generation_params": lambda r: handle_set_generation_params_request(ctx, r),
+        "get_generation_params": lambda r: handle_get_generation_params_request(ctx, r),
+        "set_feedback": lambda r: handle_set_feedback_request(ctx, r, feedback_opts),
+        "get_load": lambda r: handle_get_load_request(ctx, r),
+        "get_resource_usage": lambda r: handle_get_resource_usage_request(ctx, r),
+        "webui_index": lambda r: index(ctx, r, None, web_ui),
+        "webui_js": lambda r: js(ctx, r),
+        "health": lambda r: handle_health(ctx, r),
+        "metrics": lambda r: handle_metrics(ctx, r),
     }
     handler = handlers[name]
 
@@ -164,22 +150,6 @@ def _endpoint(
     return endpoint
 
 
-# ----- session helpers -----
-
-
-def _session_of(request: Request) -> tuple[Any, dict[str, Any]] | None:
-    session_mgr = getattr(request.state, "session", None)
-    if session_mgr is None:
-        return None
-    session = session_mgr.get_session()
-    return (session_mgr, session) if isinstance(session, dict) else None
-
-
-def _keeps_history_in_session(chat_stream: ChatStream) -> bool:
-    get_type = getattr(chat_stream.request_handler, "get_request_handler_type", None)
-    return not callable(get_type) or get_type() == "http_session"
-
-
 def _ok(**fields: Any) -> JSONResponse:
     return JSONResponse({"success": True, "message": "success", **fields})
 
@@ -188,61 +158,47 @@ def _fail(text: str, status: int = 200, **fields: Any) -> JSONResponse:
     return JSONResponse({"success": False, "message": text, **fields}, status_code=status)
 
 
-async def _json_object(request: Request) -> dict[str, Any]:
-    try:
-        data = json.loads(await request.body())
-    except (ValueError, UnicodeDecodeError):
-        raise BadRequest("The request body must be a JSON object.") from None
-    if not isinstance(data, dict):
-        raise BadRequest("The request body must be a JSON object.")
-    return data
-
-
 # ----- the session APIs -----
 
 
+@role_checked("clear_context")
 async def handle_clear_context_request(
-    chat_stream: ChatStream, request: Request, request_body: Any = None, callback: Any = None
+    ctx: ServerContext, request: Request, request_body: Any = None, callback: Any = None
 ) -> Response:
     """POST /clear_context: forget this session's conversation."""
-    denied = chat_stream.client_roles.deny_response(request, "clear_context")
-    if denied is not None:
-        return denied
-    if not _keeps_history_in_session(chat_stream):
+    if not ctx.keeps_history_in_session:
         return _fail(_NOT_SESSION_HANDLER)
-    found = _session_of(request)
-    if found is None or found[1].get("chat_prompt") is None:
+    found = find_session(request)
+    if found is None or found.data.get("chat_prompt") is None:
         return _fail("no context.")
-    session_mgr, session = found
-    session.pop("chat_prompt", None)
-    save_session(session_mgr)
+    found.data.pop("chat_prompt", None)
+    found.save()
     return JSONResponse({"success": True, "message": "Context successfully cleared"})
 
 
-async def handle_get_prompt_request(chat_stream: ChatStream, request: Request) -> Response:
+@role_checked("get_prompt")
+async def handle_get_prompt_request(ctx: ServerContext, request: Request) -> Response:
     """GET /get_prompt: the rendered prompt text of this session's conversation, URL-encoded."""
-    denied = chat_stream.client_roles.deny_response(request, "get_prompt")
-    if denied is not None:
-        return denied
-    if not _keeps_history_in_session(chat_stream):
+    if not ctx.keeps_history_in_session:
         return _fail(_NOT_SESSION_HANDLER)
-    found = _session_of(request)
+    found = find_session(request)
     if found is None:
         return _fail("no context.", prompt=None)
-    chat_prompt = found[1].get("chat_prompt")
+    chat_prompt = found.data.get("chat_prompt")
     if chat_prompt is None:
         return JSONResponse({"success": True, "message": "no prompt", "prompt": None})
     return _ok(prompt=urllib.parse.quote(chat_prompt.create_prompt()))
 
 
-def default_generation_params(chat_stream: ChatStream) -> dict[str, Any]:
-    sampling = chat_stream.default_sampling
+def default_generation_params(service: ChatService) -> dict[str, Any]:
+    """The service's default sampling in the original's names."""
+    sampling = service.default_sampling
     return {"temperature": sampling.temperature, "top_k_value": sampling.top_k, "top_p_value": sampling.top_p}
 
 
-def session_generation_params(chat_stream: ChatStream, session: Mapping[str, Any] | None) -> dict[str, Any]:
+def session_generation_params(service: ChatService, session: Mapping[str, Any] | None) -> dict[str, Any]:
     """The defaults with this session's non-null values over them."""
-    merged = default_generation_params(chat_stream)
+    merged = default_generation_params(service)
     stored = (session or {}).get("generation_params") or {}
     merged.update({k: v for k, v in stored.items() if k in merged and v is not None})
     return merged
@@ -267,35 +223,30 @@ def parse_generation_params(data: Mapping[str, Any]) -> dict[str, float | int]:
     return params
 
 
-async def handle_set_generation_params_request(chat_stream: ChatStream, request: Request) -> Response:
+@role_checked("set_generation_params")
+async def handle_set_generation_params_request(ctx: ServerContext, request: Request) -> Response:
     """POST /set_generation_params: keep temperature / top_k_value / top_p_value for this session's next turns."""
-    denied = chat_stream.client_roles.deny_response(request, "set_generation_params")
-    if denied is not None:
-        return denied
     try:
-        params = parse_generation_params(await _json_object(request))
+        params = parse_generation_params(parse_json_object(await request.body()))
     except ApiError as exc:
         return native_error_response(exc)
-    found = _session_of(request)
+    found = find_session(request)
     if found is None:
         return _fail("no session", generation_params=None)
-    session_mgr, session = found
-    stored = dict(session.get("generation_params") or {})
+    stored = dict(found.data.get("generation_params") or {})
     stored.update(params)
-    session["generation_params"] = stored
-    save_session(session_mgr)
-    return _ok(generation_params=session_generation_params(chat_stream, session))
+    found.data["generation_params"] = stored
+    found.save()
+    return _ok(generation_params=session_generation_params(ctx.service, found.data))
 
 
-async def handle_get_generation_params_request(chat_stream: ChatStream, request: Request) -> Response:
+@role_checked("get_generation_params")
+async def handle_get_generation_params_request(ctx: ServerContext, request: Request) -> Response:
     """GET /get_generation_params: this session's values over the defaults."""
-    denied = chat_stream.client_roles.deny_response(request, "get_generation_params")
-    if denied is not None:
-        return denied
-    found = _session_of(request)
+    found = find_session(request)
     if found is None:
         return _fail("no session", generation_params=None)
-    return _ok(generation_params=session_generation_params(chat_stream, found[1]))
+    return _ok(generation_params=session_generation_params(ctx.service, found.data))
 
 
 def _parse_feedback(data: Mapping[str, Any]) -> tuple[str, bool, Any]:
@@ -308,24 +259,22 @@ def _parse_feedback(data: Mapping[str, Any]) -> tuple[str, bool, Any]:
     return message_id, is_like, data.get("form_data", "")
 
 
+@role_checked("set_feedback")
 async def handle_set_feedback_request(
-    chat_stream: ChatStream, request: Request, opts: Mapping[str, Any] | None = None
+    ctx: ServerContext, request: Request, opts: Mapping[str, Any] | None = None
 ) -> Response:
     """POST /set_feedback: hand a like/dislike (and form data) about one answer to ``on_feedback_received``."""
-    denied = chat_stream.client_roles.deny_response(request, "set_feedback")
-    if denied is not None:
-        return denied
-    if not _keeps_history_in_session(chat_stream):
+    if not ctx.keeps_history_in_session:
         return _fail(_NOT_SESSION_HANDLER)
     try:
-        message_id, is_like, form_data = _parse_feedback(await _json_object(request))
-        found = _session_of(request)
+        message_id, is_like, form_data = _parse_feedback(parse_json_object(await request.body()))
+        found = find_session(request)
         if found is None:
             return _fail("no session")
-        feedback = _feedback_record(chat_stream, found[1], message_id, is_like, form_data)
+        feedback = _feedback_record(ctx.service, found.data, message_id, is_like, form_data)
     except ApiError as exc:
         return native_error_response(exc)
-    hook = (opts or {}).get("on_feedback_received") or chat_stream.on_feedback_received
+    hook = (opts or {}).get("on_feedback_received") or ctx.on_feedback_received
     if hook is not None:
         try:
             result = hook(feedback)
@@ -339,7 +288,7 @@ async def handle_set_feedback_request(
 
 
 def _feedback_record(
-    chat_stream: ChatStream, session: Mapping[str, Any], message_id: str, is_like: bool, form_data: Any
+    service: ChatService, session: Mapping[str, Any], message_id: str, is_like: bool, form_data: Any
 ) -> dict[str, Any]:
     chat_prompt = session.get("chat_prompt")
     if chat_prompt is None:
@@ -353,58 +302,5 @@ def _feedback_record(
         "prompt": chat_prompt.create_prompt({"to_message_id": message_id}),
         "target_message_id": message_id,
         "target_message": target.get_message(),
-        "generation_params": session_generation_params(chat_stream, session),
+        "generation_params": session_generation_params(service, session),
     }
-
-
-# ----- the web UI -----
-
-
-async def index(
-    chat_stream: ChatStream, request: Request, response: Any = None, opts: Mapping[str, Any] | None = None
-) -> Response:
-    """GET /: the built-in chat page, with ``web_ui_params`` (``opts["ui_init_params"]``) injected."""
-    denied = chat_stream.client_roles.deny_response(request, "webui_index")
-    if denied is not None:
-        return denied
-    params = dict((opts or {}).get("ui_init_params") or (opts or {}).get("web_ui_params") or {})
-    page = _static_text("index.html")
-    if page is None:
-        page = _placeholder_page(chat_stream)
-    return Response(render_index(page, params), media_type="text/html; charset=utf-8", headers=_NO_CACHE)
-
-
-async def js(chat_stream: ChatStream, request: Request, response: Any = None) -> Response:
-    """GET /chatstream.js: the chat page's script."""
-    denied = chat_stream.client_roles.deny_response(request, "webui_js")
-    if denied is not None:
-        return denied
-    script = _static_text("chatstream.js")
-    if script is None:
-        script = "/* " + message("web_ui_missing", chat_stream.locale) + " */\n"
-    return Response(script, media_type="application/javascript; charset=utf-8", headers=_NO_CACHE)
-
-
-def render_index(page: str, web_ui_params: Mapping[str, Any]) -> str:
-    """Fill the page's two tokens: the params as JSON safe inside <script>, and the HTML-escaped title."""
-    params_json = json.dumps(dict(web_ui_params), ensure_ascii=False)
-    params_json = params_json.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-    params_json = params_json.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
-    title = html.escape(str(web_ui_params.get("title", "ChatStream")))
-    return page.replace(WEB_UI_PARAMS_TOKEN, params_json).replace(WEB_UI_TITLE_TOKEN, title)
-
-
-def _static_text(file_name: str) -> str | None:
-    try:
-        return (resources.files("chatstream") / "ui" / "static" / file_name).read_text(encoding="utf-8")
-    except (FileNotFoundError, NotADirectoryError, OSError):
-        return None
-
-
-def _placeholder_page(chat_stream: ChatStream) -> str:
-    note = html.escape(message("web_ui_missing", chat_stream.locale))
-    return (
-        "<!doctype html><html><head><meta charset='utf-8'><title>__CHATSTREAM_TITLE__</title></head>"
-        f"<body><h1>__CHATSTREAM_TITLE__</h1><p>{note}</p>"
-        "<script>window.CHATSTREAM_WEB_UI_PARAMS = __CHATSTREAM_WEB_UI_PARAMS__;</script></body></html>"
-    )

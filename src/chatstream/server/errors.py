@@ -17,8 +17,8 @@ from typing import Any
 from pydantic import ValidationError
 from starlette.responses import JSONResponse
 
+from chatstream.admission.admission import Draining, QueueFull
 from chatstream.engine.base import EngineError, EngineOverloaded
-from chatstream.scheduler.admission import Draining, QueueFull
 
 ROLE_DENIED_BODY: dict[str, Any] = {"success": False, "message": "Forbidden", "detail": "Denied on role layer."}
 

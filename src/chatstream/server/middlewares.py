@@ -17,17 +17,15 @@ from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from chatstream.i18n import message
+from chatstream.server.access import ClientRoles
+from chatstream.server.context import ServerContext
+from chatstream.server.http import DEV_TOOL_HEADER, MESSAGE_ID_HEADER, SKIP_SESSION_HEADER
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-    from chatstream.chat_stream import ChatStream
-
 logger = logging.getLogger(__name__)
 
-MESSAGE_ID_HEADER = "X-ChatStream-Last-Generated-Message-Id"
-DEV_TOOL_HEADER = "X-ChatStream-API-DevTool-Enabled"
-SKIP_SESSION_HEADER = {"header_name": "X-FastSession-Skip", "header_value": "skip"}
 ROLE_STATE_KEY = "chatstream_client_role"
 """``request.state`` attribute holding the resolved role's name (set by :class:`ClientRoleMiddleware`)."""
 
@@ -43,15 +41,15 @@ class ClientRoleMiddleware:
     ``X-ChatStream-API-DevTool-Enabled: enabled`` to the response so that the web UI keeps its tools after a reload.
     """
 
-    def __init__(self, app: ASGIApp, chat_stream: ChatStream) -> None:
+    def __init__(self, app: ASGIApp, roles: ClientRoles) -> None:
         self.app = app
-        self.chat_stream = chat_stream
+        self.roles = roles
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        role = self.chat_stream.client_roles.resolve(HTTPConnection(scope))
+        role = self.roles.resolve(HTTPConnection(scope))
         scope.setdefault("state", {})[ROLE_STATE_KEY] = role.name
         if not role.enable_dev_tool:
             await self.app(scope, receive, send)
@@ -67,7 +65,7 @@ class ClientRoleMiddleware:
         await self.app(scope, receive, send_with_dev_tool)
 
 
-def append_middlewares(chat_stream: ChatStream, app: FastAPI, opts: Mapping[str, Any] | None = None) -> None:
+def append_middlewares(ctx: ServerContext, app: FastAPI, opts: Mapping[str, Any] | None = None) -> None:
     """Add the middlewares ChatStream's APIs need.
 
     Options (all optional):
@@ -81,16 +79,16 @@ def append_middlewares(chat_stream: ChatStream, app: FastAPI, opts: Mapping[str,
     opts = dict(opts or {})
     for key in set(opts) - _OPTION_KEYS:
         logger.warning("append_middlewares: unknown option %r ignored", key)
-    app.add_middleware(ClientRoleMiddleware, chat_stream=chat_stream)
+    app.add_middleware(ClientRoleMiddleware, roles=ctx.roles)
     session_opts = opts.get("session", opts.get("fast_session"))
     if session_opts is not False:
-        _add_session_middleware(chat_stream, app, session_opts or {})
-    cors = _cors_options(chat_stream, opts)
+        _add_session_middleware(ctx.service.locale, app, session_opts or {})
+    cors = _cors_options(ctx.service.locale, opts)
     if cors is not None:
         app.add_middleware(CORSMiddleware, **cors)
 
 
-def _add_session_middleware(chat_stream: ChatStream, app: FastAPI, session_opts: Mapping[str, Any]) -> None:
+def _add_session_middleware(locale: str, app: FastAPI, session_opts: Mapping[str, Any]) -> None:
     from chatstream.sessions.middleware import SessionMiddleware
     from chatstream.sessions.store import SessionStore
 
@@ -108,7 +106,7 @@ def _add_session_middleware(chat_stream: ChatStream, app: FastAPI, session_opts:
         kwargs.pop("store")
     if not kwargs.get("secret_key"):
         kwargs["secret_key"] = secrets.token_urlsafe(32)
-        logger.warning(message("session_secret_generated", chat_stream.locale))
+        logger.warning(message("session_secret_generated", locale))
     kwargs.setdefault("secure", True)
     kwargs.setdefault("http_only", True)
     kwargs.setdefault("skip_session_header", dict(SKIP_SESSION_HEADER))
@@ -121,7 +119,7 @@ def _add_session_middleware(chat_stream: ChatStream, app: FastAPI, session_opts:
     )
 
 
-def _cors_options(chat_stream: ChatStream, opts: Mapping[str, Any]) -> dict[str, Any] | None:
+def _cors_options(locale: str, opts: Mapping[str, Any]) -> dict[str, Any] | None:
     cors = opts.get("cors")
     develop_mode = opts.get("develop_mode", False)
     if not isinstance(develop_mode, bool):
@@ -133,9 +131,9 @@ def _cors_options(chat_stream: ChatStream, opts: Mapping[str, Any]) -> dict[str,
     if isinstance(origins, str) or not all(isinstance(o, str) for o in origins):
         raise ValueError(f"cors 'allow_origins' must be a list of origins, got {origins!r}")
     if "*" in origins:
-        logger.warning(message("cors_all_origins", chat_stream.locale))
+        logger.warning(message("cors_all_origins", locale))
     else:
-        logger.info(message("cors_enabled", chat_stream.locale), ", ".join(origins))
+        logger.info(message("cors_enabled", locale), ", ".join(origins))
     return {
         "allow_origins": list(origins),
         "allow_credentials": bool(cors.get("allow_credentials", True)),

@@ -1,4 +1,9 @@
-"""The native wire protocol of /chat_stream, as existing clients parse it.
+"""POST /chat_stream end to end, in the native wire protocol that existing clients parse.
+
+:class:`NativeChat` owns the request: the role check, the body, the admission wait (200/429 ``too_many_requests``,
+499 when the client left while waiting, 503 while draining), then the request handler (sessions/handler.py) finds the
+user's history and hands it back to :meth:`NativeChat.run_turn`: role promotion, regenerate or append, the streamed
+answer stored in the history.
 
 The body is ``text/plain``, chunked; every chunk is the *cumulative* answer so far followed by ``<::EOS::>``. The
 message id of the answer travels in the header ``X-ChatStream-Last-Generated-Message-Id``. Errors are small JSON
@@ -7,14 +12,243 @@ bodies in the seed's shapes.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+import asyncio
+import inspect
+import logging
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from chatstream.admission.admission import Draining, QueueFull, Slot
+from chatstream.admission.generation import GenerationOutcome
+from chatstream.config import SamplingOverrides
+from chatstream.engine.base import FinishReason
+from chatstream.server.access import ClientRoles, role_checked
+from chatstream.server.errors import BadRequest
+from chatstream.server.http import DEV_TOOL_HEADER, MESSAGE_ID_HEADER, parse_json_object
+from chatstream.service import ChatService
+from chatstream.sessions.handler import (
+    DISCONNECTED_BEFORE_STREAMING,
+    DISCONNECTED_WHILE_STREAMING,
+    SUCCESS,
+    UNKNOWN_ERROR,
+    AbstractRequestHandler,
+    ChatRequestError,
+    Conversation,
+    StreamingFinishedCallback,
+)
+
+if TYPE_CHECKING:
+    from chatstream.prompts.base import AbstractChatPrompt
+
+logger = logging.getLogger(__name__)
+
 FINISH_TOKEN = "<::EOS::>"
-MESSAGE_ID_HEADER = "X-ChatStream-Last-Generated-Message-Id"
-DEV_TOOL_HEADER = "X-ChatStream-API-DevTool-Enabled"
+
+UserCallback = Callable[[Request, str], Any]
+"""``callback(request, message)`` of ``handle_chat_stream_request``, sync or async."""
+
+
+@dataclass(frozen=True)
+class ChatTurnInput:
+    """A parsed /chat_stream body."""
+
+    user_input: str | None
+    regenerate: bool
+
+
+class NativeChat:
+    """The /chat_stream endpoint of one service, serving histories through ``handler`` (attached here)."""
+
+    def __init__(
+        self,
+        service: ChatService,
+        roles: ClientRoles,
+        handler: AbstractRequestHandler,
+        handler_logger: logging.Logger | None = None,
+    ) -> None:
+        self.service = service
+        self.roles = roles
+        self.handler = handler
+        self.logger = handler_logger or logger
+        handler.attach(self, service.prompts, handler_logger)
+
+    @role_checked("chat_stream")
+    async def handle(
+        self, request: Request, request_body: bytes | str | None = None, callback: UserCallback | None = None
+    ) -> Response:
+        """The response to POST /chat_stream; ``callback(request, message)`` is called once when it is done."""
+        if request_body is None:
+            request_body = await request.body()  # read before waiting: the wait polls for a disconnect
+        await self.service.startup()
+        try:
+            slot = await self.service.acquire_slot(request.is_disconnected)
+        except QueueFull as exc:
+            self.logger.info("queue full (%d waiting); rejected", self.service.admission.num_waiting)
+            return too_many_requests(self.service.config.admission.reject_as_http_error, exc.retry_after)
+        except Draining:
+            return service_unavailable("the server is shutting down")
+        if slot is None:
+            await call_user_callback(callback, request, DISCONNECTED_BEFORE_STREAMING)
+            return Response(status_code=499)
+        return await self._serve(request, request_body, slot, callback)
+
+    async def _serve(self, request: Request, body: bytes | str, slot: Slot, callback: UserCallback | None) -> Response:
+        async def finished(req: Request, message: str) -> None:
+            slot.release()
+            await call_user_callback(callback, req, message)
+
+        try:
+            return await self.handler.process_request(request, body, finished)
+        except ChatRequestError as exc:
+            await finished(request, f"{UNKNOWN_ERROR},{exc.reason}")
+            return bad_request(exc.detail) if exc.status == 400 else internal_error(exc.detail)
+        except Exception:
+            self.logger.exception("the request handler failed")
+            await finished(request, f"{UNKNOWN_ERROR},while process_request")
+            return internal_error("generating response")
+
+    # ----- the turn (what request handlers call back into) -----
+
+    async def run_turn(
+        self,
+        request: Request,
+        request_body: bytes | str | None,
+        conversation: Conversation,
+        finished: StreamingFinishedCallback,
+    ) -> Response:
+        """Run one turn on ``conversation`` and return the streaming response. Raises ChatRequestError."""
+        turn = parse_chat_body(request_body if request_body is not None else await request.body())
+
+        async def finish(message: str) -> None:
+            if message in (SUCCESS, DISCONNECTED_WHILE_STREAMING):
+                conversation.save()
+            await finished(request, message)
+
+        promoted = self.promote(request, turn.user_input, finish)
+        if promoted is not None:
+            return promoted
+        add_turn(conversation.chat_prompt, turn)
+        message_id = str(uuid.uuid4())
+        chunks = self.stream_answer(
+            conversation.chat_prompt, finish, conversation.overrides, message_id, conversation.conversation_id
+        )
+
+        async def abandoned() -> None:
+            await chunks.aclose()  # never started: closing runs nothing, so report the disconnect ourselves
+            await finish(DISCONNECTED_BEFORE_STREAMING)
+
+        return NativeStreamingResponse(chunks, abandoned, headers={MESSAGE_ID_HEADER: message_id})
+
+    async def stream_answer(
+        self,
+        chat_prompt: AbstractChatPrompt,
+        finished: Callable[[str], Awaitable[None]],
+        overrides: SamplingOverrides | None,
+        message_id: str | None,
+        conversation_id: str | None,
+    ) -> AsyncGenerator[str, None]:
+        """Native chunks for the pending answer of ``chat_prompt``; the answer (partial on disconnect) is stored in
+        it with ``message_id``, then ``finished`` gets "success", "client_disconnected_while_streaming" or
+        "unknown_error_occurred,..."."""
+        outcome = GenerationOutcome()
+        message = f"{UNKNOWN_ERROR},while generating"
+        try:
+            gen_request = self.service.build_request(chat_prompt, overrides, conversation_id)
+            async with aclosing(self.service.generate(gen_request, outcome)) as deltas:  # closing aborts on disconnect
+                async for delta in deltas:
+                    if delta.text and outcome.text.lstrip():
+                        yield native_chunk(outcome.text.lstrip())
+            if not outcome.text.lstrip():
+                yield native_chunk("")
+            if outcome.finish_reason is FinishReason.ERROR:
+                self.logger.warning("generation %s failed: %s", gen_request.request_id, outcome.error)
+            else:
+                message = SUCCESS
+        except (asyncio.CancelledError, GeneratorExit):
+            message = DISCONNECTED_WHILE_STREAMING
+            raise
+        finally:
+            if chat_prompt.is_chat_mode_enabled():
+                chat_prompt.set_responder_last_msg(outcome.text.strip())
+                if message_id:
+                    chat_prompt.set_responder_last_msg_id(message_id)
+            await finished(message)
+
+    def promote(
+        self, request: Request, user_input: str | None, finish: Callable[[str], Awaitable[None]]
+    ) -> Response | None:
+        """When ``user_input`` is a role pass phrase, grant the role and answer with a short native stream."""
+        granted = self.roles.try_promote(request, user_input)
+        if granted is None:
+            return None
+        self.logger.info("client role %r granted by pass phrase", granted.name)
+        headers = {DEV_TOOL_HEADER: "enabled"} if granted.enable_dev_tool else {}
+
+        async def done() -> None:
+            await finish(SUCCESS)
+
+        async def abandoned() -> None:
+            await finish(DISCONNECTED_BEFORE_STREAMING)
+
+        body = stream_fixed_text(f"New role: '{granted.name}' has been granted", done)
+        return NativeStreamingResponse(body, abandoned, headers=headers)
+
+
+def parse_chat_body(raw: bytes | str) -> ChatTurnInput:
+    """Validate ``{"user_input": str, "regenerate": bool}``; regenerate needs no user_input. Raises ChatRequestError
+    naming the field."""
+    try:
+        data = parse_json_object(raw, example='{"user_input": "..."}')
+    except BadRequest as exc:
+        raise _bad_body(exc.message) from None
+    regenerate = data.get("regenerate", False)
+    if regenerate is not True and regenerate not in (False, None):
+        raise _bad_body("'regenerate' must be a boolean")
+    user_input = data.get("user_input")
+    if regenerate is True:
+        if user_input is not None and not isinstance(user_input, str):
+            raise _bad_body("'user_input' must be a string or null")
+        return ChatTurnInput(user_input=user_input, regenerate=True)
+    if "user_input" not in data:
+        raise _bad_body("'user_input' is missing")
+    if not isinstance(user_input, str):
+        raise _bad_body("'user_input' must be a string")
+    return ChatTurnInput(user_input=user_input, regenerate=False)
+
+
+def add_turn(chat_prompt: AbstractChatPrompt, turn: ChatTurnInput) -> None:
+    """Append the user's message and an empty answer slot, or (regenerate) empty the last answer."""
+    if not turn.regenerate:
+        chat_prompt.add_requester_msg(turn.user_input)
+        chat_prompt.add_responder_msg(None)
+        return
+    if chat_prompt.is_empty():
+        detail = "'regenerate' needs a previous answer; the conversation is empty"
+        raise ChatRequestError(detail, reason="regenerate on an empty history")
+    chat_prompt.clear_last_responder_message()
+
+
+def _bad_body(detail: str) -> ChatRequestError:
+    return ChatRequestError(detail, reason=f"bad request: {detail}")
+
+
+async def call_user_callback(callback: UserCallback | None, request: Request, message: str) -> None:
+    """Call the user's ``callback(request, message)``, awaiting it when it is async."""
+    if callback is None:
+        return
+    result = callback(request, message)
+    if inspect.isawaitable(result):
+        await result
+
+
+# ----- the wire format -----
 
 
 class NativeStreamingResponse(StreamingResponse):

@@ -1,54 +1,43 @@
-"""Operations endpoints: /health, /metrics, /get_load, /get_resource_usage, and the graceful drain on shutdown."""
+"""Operations endpoints: /health, /metrics, /get_load, /get_resource_usage."""
 
 from __future__ import annotations
 
-import logging
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import psutil
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from chatstream.i18n import message
-
-if TYPE_CHECKING:
-    from chatstream.chat_stream import ChatStream
-
-logger = logging.getLogger(__name__)
+from chatstream.server.access import role_checked
+from chatstream.server.context import ServerContext
 
 _GIB = 1024**3
 
 
-async def handle_health(chat_stream: ChatStream, request: Request) -> Response:
+@role_checked("health")
+async def handle_health(ctx: ServerContext, request: Request) -> Response:
     """GET /health: 200 ``{"status": "ok"}`` when the engine runs; 503 "starting" or "draining" otherwise."""
-    denied = chat_stream.client_roles.deny_response(request, "health")
-    if denied is not None:
-        return denied
-    if chat_stream.admission.draining:
+    if ctx.service.admission.draining:
         return JSONResponse({"status": "draining"}, status_code=503)
-    if not chat_stream.engine.is_running:
+    if not ctx.service.engine.is_running:
         return JSONResponse({"status": "starting"}, status_code=503)
     return JSONResponse({"status": "ok"})
 
 
-async def handle_metrics(chat_stream: ChatStream, request: Request) -> Response:
+@role_checked("metrics")
+async def handle_metrics(ctx: ServerContext, request: Request) -> Response:
     """GET /metrics: this instance's Prometheus registry in the text exposition format."""
-    denied = chat_stream.client_roles.deny_response(request, "metrics")
-    if denied is not None:
-        return denied
-    return Response(chat_stream.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    return Response(ctx.service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-async def handle_get_load_request(chat_stream: ChatStream, request: Request) -> Response:
+@role_checked("get_load")
+async def handle_get_load_request(ctx: ServerContext, request: Request) -> Response:
     """GET /get_load: running and waiting generations of this instance (the original's shape)."""
-    denied = chat_stream.client_roles.deny_response(request, "get_load")
-    if denied is not None:
-        return denied
-    stats = chat_stream.admission.stats()
+    stats = ctx.service.admission.stats()
     worker = {
-        "name": chat_stream.name,
+        "name": ctx.service.name,
         "processing": stats.num_running,
         "waiting": stats.num_waiting,
         "max_processing": stats.max_running,
@@ -57,13 +46,11 @@ async def handle_get_load_request(chat_stream: ChatStream, request: Request) -> 
     return JSONResponse({"success": True, "message": "success", "chatstream_workers": [worker]})
 
 
-async def handle_get_resource_usage_request(chat_stream: ChatStream, request: Request) -> Response:
+@role_checked("get_resource_usage")
+async def handle_get_resource_usage_request(ctx: ServerContext, request: Request) -> Response:
     """GET /get_resource_usage: process and GPU memory in GiB (the original's shape)."""
-    denied = chat_stream.client_roles.deny_response(request, "get_resource_usage")
-    if denied is not None:
-        return denied
-    usage = resource_usage(chat_stream.num_gpus, chat_stream.device)
-    usage["name"] = chat_stream.name
+    usage = resource_usage(ctx.service.config.num_gpus, ctx.service.config.device)
+    usage["name"] = ctx.service.name
     return JSONResponse({"success": True, "message": "success", "memory_usage": [usage]})
 
 
@@ -103,12 +90,3 @@ def _gpu_usage(num_gpus: int | None, device: Any) -> list[dict[str, Any]]:
             {"index": i, "total_memory": round(total / _GIB, 2), "used_memory": round((total - free) / _GIB, 2)}
         )
     return gpus
-
-
-async def drain_and_shutdown(chat_stream: ChatStream, drain_timeout: float) -> None:
-    """Stop admitting (new requests get 503), let running streams finish for up to ``drain_timeout`` s, then stop
-    the engine (``chat_stream.shutdown``)."""
-    running = chat_stream.admission.num_running
-    logger.info(message("drain_started", chat_stream.locale), drain_timeout, running)
-    await chat_stream.shutdown(drain_timeout)
-    logger.info(message("drain_finished", chat_stream.locale))

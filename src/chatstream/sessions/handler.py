@@ -1,39 +1,35 @@
-"""Request handlers: where a user's chat history lives and how one chat turn is handled.
+"""Request handlers: where a user's chat history lives.
 
-``AbstractRequestHandler`` holds the turn itself (parse the body, role promotion, regenerate or append, stream the
-answer in the native format, keep the answer in the history). Subclasses decide only where the history is loaded
-from and saved to; :class:`SimpleSessionRequestHandler` keeps it in the HTTP session, as the original did.
+The /chat_stream endpoint (server/native.py) checks the role, waits for a slot, then asks the request handler for the
+response. A handler finds the user's history and hands it back to the endpoint's turn (:meth:`handle_turn`): body,
+role promotion, regenerate or append, the streamed answer, the history saved. Subclasses decide only where histories
+are loaded from and saved to; :class:`SimpleSessionRequestHandler` keeps them in the HTTP session, as the original did.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import json
 import logging
-import uuid
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from starlette.requests import Request
 from starlette.responses import Response
 
-from chatstream.engine.base import FinishReason
-from chatstream.generation import GenerationOutcome, run_generation
-from chatstream.server import native
+from chatstream.config import SamplingOverrides
+from chatstream.sessions.lookup import find_session
 from chatstream.sessions.middleware import session_skipped
 
 if TYPE_CHECKING:
-    from chatstream.chat_stream import ChatStream
     from chatstream.prompts.base import AbstractChatPrompt
+    from chatstream.service import PromptFactory
 
 logger = logging.getLogger(__name__)
 
 StreamingFinishedCallback = Callable[[Request, str], Awaitable[None]]
 """Called once per request with "success", "client_disconnected_while_streaming", "unknown_error_occurred...",
-or "client_disconnected_before_streaming" (the last only by ChatStream's admission wait)."""
+or "client_disconnected_before_streaming"."""
 
 SUCCESS = "success"
 DISCONNECTED_WHILE_STREAMING = "client_disconnected_while_streaming"
@@ -41,54 +37,89 @@ DISCONNECTED_BEFORE_STREAMING = "client_disconnected_before_streaming"
 UNKNOWN_ERROR = "unknown_error_occurred"
 
 
-class BadChatRequest(ValueError):
-    """The request body is not a valid chat turn; the message names the field."""
+class ChatRequestError(Exception):
+    """A chat request that cannot be served as sent; the endpoint answers ``status`` with ``detail``.
+
+    Attributes:
+        detail: what is wrong, for the client (names the field for bad input).
+        status: 400 for the client's mistakes, 500 for the server's.
+        reason: what the finished-callback is told after "unknown_error_occurred,".
+    """
+
+    def __init__(self, detail: str, *, status: int = 400, reason: str = "bad request") -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.status = status
+        self.reason = reason
 
 
-@dataclass(frozen=True)
-class ChatTurnInput:
-    """A parsed /chat_stream body."""
+@dataclass
+class Conversation:
+    """One user's chat as a request handler found it.
 
-    user_input: str | None
-    regenerate: bool
+    Attributes:
+        chat_prompt: the history (a prompt-class object); the turn appends to it and stores the answer in it.
+        save: persists the history (called once the answer is complete, or cut short by a disconnect).
+        overrides: the conversation's own sampling values (POST /set_generation_params).
+        conversation_id: a stable id of the conversation (lets the engine keep its KV cache between turns).
+    """
+
+    chat_prompt: AbstractChatPrompt
+    save: Callable[[], None]
+    overrides: SamplingOverrides | None = None
+    conversation_id: str | None = None
 
 
-def parse_chat_body(raw: bytes | str) -> ChatTurnInput:
-    """Validate ``{"user_input": str, "regenerate": bool}``; regenerate needs no user_input."""
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise BadChatRequest('the request body must be JSON like {"user_input": "..."}') from None
-    if not isinstance(data, dict):
-        raise BadChatRequest("the request body must be a JSON object")
-    regenerate = data.get("regenerate", False)
-    if regenerate is not True and regenerate not in (False, None):
-        raise BadChatRequest("'regenerate' must be a boolean")
-    user_input = data.get("user_input")
-    if regenerate is True:
-        if user_input is not None and not isinstance(user_input, str):
-            raise BadChatRequest("'user_input' must be a string or null")
-        return ChatTurnInput(user_input=user_input, regenerate=True)
-    if "user_input" not in data:
-        raise BadChatRequest("'user_input' is missing")
-    if not isinstance(user_input, str):
-        raise BadChatRequest("'user_input' must be a string")
-    return ChatTurnInput(user_input=user_input, regenerate=False)
+class ChatTurns(Protocol):
+    """What a request handler asks of the /chat_stream endpoint that calls it (server/native.py implements it)."""
+
+    async def run_turn(
+        self,
+        request: Request,
+        request_body: bytes | str | None,
+        conversation: Conversation,
+        finished: StreamingFinishedCallback,
+    ) -> Response:
+        """Run one turn on ``conversation`` and return the native streaming response."""
+
+    def stream_answer(
+        self,
+        chat_prompt: AbstractChatPrompt,
+        finished: Callable[[str], Awaitable[None]],
+        overrides: SamplingOverrides | None,
+        message_id: str | None,
+        conversation_id: str | None,
+    ) -> AsyncGenerator[str, None]:
+        """Native chunks for the pending answer of ``chat_prompt``; the answer is stored in it."""
+
+    def promote(
+        self, request: Request, user_input: str | None, finish: Callable[[str], Awaitable[None]]
+    ) -> Response | None:
+        """The role-grant response when ``user_input`` is a pass phrase, else None."""
 
 
 class AbstractRequestHandler(ABC):
-    """Handles one /chat_stream request: loads the user's history, runs the turn, saves the history.
+    """Handles one /chat_stream request: finds the user's history, runs the turn on it, saves it.
 
-    ChatStream sets ``chat_stream``, ``chat_prompt_clazz``, ``tokenizer`` and ``logger`` on its handler. Subclass
-    and implement :meth:`process_request` (usually by loading the history and calling :meth:`handle_turn`) to keep
-    histories elsewhere, e.g. in a database keyed by a logged-in user.
+    ChatStream attaches its handler to the /chat_stream endpoint (:meth:`attach`), which also sets the original's
+    ``chat_prompt_clazz``, ``tokenizer`` and ``logger``. Subclass and implement :meth:`process_request` (usually by
+    loading the history and calling :meth:`handle_turn`) to keep histories elsewhere, e.g. in a database keyed by a
+    logged-in user.
     """
 
     def __init__(self) -> None:
-        self.chat_stream: ChatStream | None = None
+        self.turns: ChatTurns | None = None
         self.chat_prompt_clazz: type[AbstractChatPrompt] | None = None
         self.tokenizer: Any = None
         self.logger: logging.Logger = logger
+
+    def attach(self, turns: ChatTurns, prompts: PromptFactory, handler_logger: logging.Logger | None = None) -> None:
+        """Connect this handler to the endpoint that calls it and to the service's prompt class and tokenizer."""
+        self.turns = turns
+        self.chat_prompt_clazz = prompts.prompt_class
+        self.tokenizer = prompts.tokenizer
+        if handler_logger is not None:
+            self.logger = handler_logger
 
     def create_chat_prompt(self) -> AbstractChatPrompt:
         """A new, empty history of the configured prompt class, with the tokenizer attached."""
@@ -102,7 +133,8 @@ class AbstractRequestHandler(ABC):
     async def process_request(
         self, request: Request, request_body: bytes | str | None, streaming_finished_callback: StreamingFinishedCallback
     ) -> Response:
-        """Return the response for one chat request; ``streaming_finished_callback`` must be called exactly once."""
+        """Return the response for one chat request; ``streaming_finished_callback`` must be called exactly once
+        (unless :class:`ChatRequestError` is raised: the endpoint then calls it)."""
 
     @abstractmethod
     def get_request_handler_type(self) -> str:
@@ -118,43 +150,16 @@ class AbstractRequestHandler(ABC):
         generation_params: dict[str, Any] | None = None,
         conversation_id: str | None = None,
     ) -> Response:
-        """Run one turn on ``chat_prompt`` and return the native streaming response (or a JSON error)."""
+        """Run one turn on ``chat_prompt`` and return the native streaming response.
 
-        async def finish(message: str) -> None:
-            if message in (SUCCESS, DISCONNECTED_WHILE_STREAMING):
-                save()
-            await streaming_finished_callback(request, message)
+        ``generation_params`` is the session's ``{"temperature", "top_k_value", "top_p_value"}``; ``save`` persists
+        the history. Raises :class:`ChatRequestError` for a body that is no valid chat turn.
+        """
+        overrides = SamplingOverrides.from_seed_params(generation_params)
+        conversation = Conversation(chat_prompt, save, overrides, conversation_id)
+        return await self._require_turns().run_turn(request, request_body, conversation, streaming_finished_callback)
 
-        try:
-            raw = request_body if request_body is not None else await request.body()
-            turn = parse_chat_body(raw)
-        except BadChatRequest as e:
-            await streaming_finished_callback(request, f"{UNKNOWN_ERROR},bad request: {e}")
-            return native.bad_request(str(e))
-
-        promoted = self.detect_special_command_for_role_promotion(request, turn.user_input, finish)
-        if promoted is not None:
-            return promoted
-
-        if turn.regenerate:
-            if chat_prompt.is_empty():
-                await streaming_finished_callback(request, f"{UNKNOWN_ERROR},regenerate on an empty history")
-                return native.bad_request("'regenerate' needs a previous answer; the conversation is empty")
-            chat_prompt.clear_last_responder_message()
-        else:
-            chat_prompt.add_requester_msg(turn.user_input)
-            chat_prompt.add_responder_msg(None)
-
-        message_id = str(uuid.uuid4())
-        chunks = self.generate(chat_prompt, finish, request, generation_params, message_id, conversation_id)
-
-        async def abandoned() -> None:
-            await chunks.aclose()  # never started: closing runs nothing, so report the disconnect ourselves
-            await finish(DISCONNECTED_BEFORE_STREAMING)
-
-        return native.NativeStreamingResponse(chunks, abandoned, headers={native.MESSAGE_ID_HEADER: message_id})
-
-    async def generate(
+    def generate(
         self,
         chat_prompt: AbstractChatPrompt,
         chat_generation_finished_callback: Callable[[str], Awaitable[None]],
@@ -168,61 +173,22 @@ class AbstractRequestHandler(ABC):
         The answer (partial on disconnect) is stored as the last responder message with ``message_id``; the callback
         gets "success", "client_disconnected_while_streaming" or "unknown_error_occurred,...".
         """
-        chat_stream = self._require_chat_stream()
-        gen_request = chat_stream.build_generation_request(chat_prompt, custom_generation_params, conversation_id)
-        outcome = GenerationOutcome()
-        message = f"{UNKNOWN_ERROR},while generating"
-        sent = False
-        try:
-            deltas = run_generation(chat_stream.engine, gen_request, chat_stream.metrics, outcome)
-            async with contextlib.aclosing(deltas):  # closing aborts the engine request on disconnect
-                async for delta in deltas:
-                    shown = outcome.text.lstrip()
-                    if delta.text and shown:
-                        sent = True
-                        yield native.native_chunk(shown)
-            if not sent:
-                yield native.native_chunk("")
-            if outcome.finish_reason is FinishReason.ERROR:
-                self.logger.warning("generation %s failed: %s", gen_request.request_id, outcome.error)
-            else:
-                message = SUCCESS
-        except (asyncio.CancelledError, GeneratorExit):
-            message = DISCONNECTED_WHILE_STREAMING
-            raise
-        finally:
-            if chat_prompt.is_chat_mode_enabled():
-                chat_prompt.set_responder_last_msg(outcome.text.strip())
-                if message_id:
-                    chat_prompt.set_responder_last_msg_id(message_id)
-            await chat_generation_finished_callback(message)
+        overrides = SamplingOverrides.from_seed_params(custom_generation_params)
+        turns = self._require_turns()
+        return turns.stream_answer(
+            chat_prompt, chat_generation_finished_callback, overrides, message_id, conversation_id
+        )
 
     def detect_special_command_for_role_promotion(
         self, request: Request, user_input: str | None, finish: Callable[[str], Awaitable[None]]
     ) -> Response | None:
         """When ``user_input`` is a role pass phrase, grant the role and answer with a short native stream."""
-        chat_stream = self._require_chat_stream()
-        granted = chat_stream.client_roles.try_promote(request, user_input)
-        if granted is None:
-            return None
-        headers = {native.DEV_TOOL_HEADER: "enabled"} if granted.enable_dev_tool else {}
-        text = f"New role: '{granted.name}' has been granted"
-        self.logger.info("client role %r granted by pass phrase", granted.name)
+        return self._require_turns().promote(request, user_input, finish)
 
-        async def done() -> None:
-            await finish(SUCCESS)
-
-        body = native.stream_fixed_text(text, done)
-
-        async def abandoned() -> None:
-            await finish(DISCONNECTED_BEFORE_STREAMING)
-
-        return native.NativeStreamingResponse(body, abandoned, headers=headers)
-
-    def _require_chat_stream(self) -> ChatStream:
-        if self.chat_stream is None:
-            raise RuntimeError("this request handler is not attached to a ChatStream")
-        return self.chat_stream
+    def _require_turns(self) -> ChatTurns:
+        if self.turns is None:
+            raise RuntimeError("this request handler is not attached to a /chat_stream endpoint (see ChatStream)")
+        return self.turns
 
 
 class SimpleSessionRequestHandler(AbstractRequestHandler):
@@ -242,36 +208,36 @@ class SimpleSessionRequestHandler(AbstractRequestHandler):
     async def process_request(
         self, request: Request, request_body: bytes | str | None, streaming_finished_callback: StreamingFinishedCallback
     ) -> Response:
-        session_mgr = getattr(request.state, self.session_attr, None)
-        if session_mgr is None and session_skipped(request):
-            await streaming_finished_callback(request, f"{UNKNOWN_ERROR},no session")
-            return native.bad_request(
-                "/chat_stream keeps the conversation in a session, and this request asked for none (session skip "
-                "header); send the session cookie instead, or use POST /v1/chat/completions"
-            )
-        if session_mgr is None:
-            await streaming_finished_callback(request, f"{UNKNOWN_ERROR},no session")
-            return native.internal_error(
-                "Sessions are not available. Add a session middleware: chat_stream.append_middlewares(app) or "
-                "fastsession's FastSessionMiddleware, so that each user's conversation can be kept."
-            )
-        session = session_mgr.get_session()
-        chat_prompt = session.get("chat_prompt")
+        found = find_session(request, self.session_attr)
+        if found is None:
+            raise _no_session_error(request)
+        chat_prompt = found.data.get("chat_prompt")
         if chat_prompt is None:
-            chat_prompt = self._require_chat_stream().new_chat_prompt()
-            session["chat_prompt"] = chat_prompt
-            session_mgr.save_session()
+            chat_prompt = self.create_chat_prompt()
+            chat_prompt.build_initial_prompt(chat_prompt)
+            found.data["chat_prompt"] = chat_prompt
+            found.save()
         return await self.handle_turn(
             request,
             request_body,
             chat_prompt,
-            session_mgr.save_session,
+            found.save,
             streaming_finished_callback,
-            generation_params=session.get("generation_params"),
-            conversation_id=_session_id(session_mgr),
+            generation_params=found.data.get("generation_params"),
+            conversation_id=found.session_id,
         )
 
 
-def _session_id(session_mgr: Any) -> str | None:
-    get_id = getattr(session_mgr, "get_session_id", None)
-    return str(get_id()) if callable(get_id) else None
+def _no_session_error(request: Request) -> ChatRequestError:
+    if session_skipped(request):
+        return ChatRequestError(
+            "/chat_stream keeps the conversation in a session, and this request asked for none (session skip "
+            "header); send the session cookie instead, or use POST /v1/chat/completions",
+            reason="no session",
+        )
+    return ChatRequestError(
+        "Sessions are not available. Add a session middleware: chat_stream.append_middlewares(app) or "
+        "fastsession's FastSessionMiddleware, so that each user's conversation can be kept.",
+        status=500,
+        reason="no session",
+    )

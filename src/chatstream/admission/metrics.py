@@ -30,31 +30,23 @@ class ChatStreamMetrics:
             "chatstream_cached_prompt_tokens", "Prompt tokens served from the per-conversation KV cache", registry=r
         )
         self.generation_tokens = Counter("chatstream_generation_tokens", "Tokens generated", registry=r)
-        self.time_to_first_token = Histogram(
-            "chatstream_time_to_first_token_seconds",
-            "Time from admission to the first token",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+        self.time_to_first_token = _histogram(
+            r, "chatstream_time_to_first_token_seconds", "Time from admission to the first token", _LATENCY_BUCKETS
         )
-        self.inter_token_latency = Histogram(
-            "chatstream_inter_token_latency_seconds",
-            "Time between two streamed deltas",
-            buckets=_TOKEN_LATENCY_BUCKETS,
-            registry=r,
+        self.inter_token_latency = _histogram(
+            r, "chatstream_inter_token_latency_seconds", "Time between two streamed deltas", _TOKEN_LATENCY_BUCKETS
         )
-        self.e2e_latency = Histogram(
-            "chatstream_e2e_request_latency_seconds",
-            "Time from arrival to the end of the stream",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+        self.e2e_latency = _histogram(
+            r, "chatstream_e2e_request_latency_seconds", "Time from arrival to the end of the stream", _LATENCY_BUCKETS
         )
-        self.queue_time = Histogram(
-            "chatstream_queue_time_seconds",
-            "Time spent waiting for an admission slot",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+        self.queue_time = _histogram(
+            r, "chatstream_queue_time_seconds", "Time spent waiting for an admission slot", _LATENCY_BUCKETS
         )
 
     def render(self) -> bytes:
         """The Prometheus text exposition of this registry."""
         return generate_latest(self.registry)
+
+
+def _histogram(registry: CollectorRegistry, name: str, documentation: str, buckets: tuple[float, ...]) -> Histogram:
+    return Histogram(name, documentation, buckets=buckets, registry=registry)

@@ -36,33 +36,21 @@ class Slot:
         self._started = time.monotonic()
         self._released = False
 
-    @property
-    def released(self) -> bool:
-        return self._released
-
     def release(self) -> None:
         if self._released:
             return
         self._released = True
         self._controller._on_release(time.monotonic() - self._started)
 
-    async def __aenter__(self) -> Slot:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.release()
-
 
 @dataclass(frozen=True)
 class AdmissionStats:
-    """A snapshot for /get_load and /metrics."""
+    """A snapshot for /get_load."""
 
     num_running: int
     num_waiting: int
     max_running: int
     max_waiting: int
-    admitted_total: int
-    rejected_total: int
 
 
 class AdmissionController:
@@ -78,8 +66,6 @@ class AdmissionController:
         self._draining = False
         self._idle = asyncio.Event()
         self._idle.set()
-        self.admitted_total = 0
-        self.rejected_total = 0
 
     @property
     def num_running(self) -> int:
@@ -99,8 +85,6 @@ class AdmissionController:
             num_waiting=len(self._waiters),
             max_running=self.config.max_concurrency,
             max_waiting=self.config.max_queue_size,
-            admitted_total=self.admitted_total,
-            rejected_total=self.rejected_total,
         )
 
     async def acquire(self) -> Slot:
@@ -112,7 +96,6 @@ class AdmissionController:
         if self._num_running < self.config.max_concurrency and not self._waiters:
             return self._grant(arrived)
         if len(self._waiters) >= self.config.max_queue_size:
-            self.rejected_total += 1
             raise QueueFull(self.retry_after())
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
@@ -130,10 +113,6 @@ class AdmissionController:
             self._wake_next()
             raise Draining()
         return self._grant(arrived, counted=True)
-
-    def queue_position(self) -> int:
-        """How many requests wait now (a new waiter would be at this position, 0-based)."""
-        return len(self._waiters)
 
     def retry_after(self) -> int:
         """Seconds after which a rejected client may reasonably retry: the time for the queue ahead to drain,
@@ -163,7 +142,6 @@ class AdmissionController:
         if not counted:
             self._num_running += 1
         self._idle.clear()
-        self.admitted_total += 1
         return Slot(self, queue_time=time.monotonic() - arrived)
 
     def _on_release(self, service_time: float) -> None:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
+from chatstream.admission.metrics import ChatStreamMetrics
 from chatstream.engine.base import Delta, Engine, FinishReason, GenerationRequest
-from chatstream.metrics import ChatStreamMetrics
 
 
 @dataclass
@@ -74,12 +73,3 @@ def _observe_end(metrics: ChatStreamMetrics, outcome: GenerationOutcome, arrived
     metrics.prompt_tokens.inc(outcome.num_prompt_tokens)
     metrics.cached_prompt_tokens.inc(outcome.num_cached_tokens)
     metrics.generation_tokens.inc(outcome.num_generated_tokens)
-
-
-async def cancel_quietly(task: asyncio.Task[object]) -> None:
-    """Cancel a task and wait for it, swallowing its CancelledError."""
-    task.cancel()
-    try:
-        await task
-    except (asyncio.CancelledError, Exception):
-        pass

@@ -1,0 +1,131 @@
+"""The options of the ``chatstream`` command: what each command accepts and how values are checked.
+
+The value types raise ``argparse.ArgumentTypeError`` (or ValueError), which argparse turns into "argument --x: invalid
+... value" and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+API_KEYS_ENV = "CHATSTREAM_API_KEYS"
+"""Comma-separated API keys for the OpenAI endpoints, added to those given with ``--api-key``."""
+DTYPE_CHOICES = ("auto", "bf16", "bfloat16", "fp16", "float16", "fp32", "float32")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def add_model_options(parser: argparse.ArgumentParser, default_log_level: str) -> None:
+    """The model options of a command."""
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default=None, help="model folder or .gguf file (default: embedded Gemma-3-270M)")
+    group.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="weights dtype (default: auto)")
+    group.add_argument("--device", type=_device, default=None, help="cpu, cuda, cuda:N or mps (default: cuda if any)")
+    group.add_argument("--num-gpus", type=_int_at_least(1), default=None, help="split the model over N GPUs")
+    group.add_argument("--cache-dir", type=Path, default=None, help="where converted models are kept")
+    group.add_argument(
+        "--threads",
+        type=_int_at_least(1),
+        default=None,
+        help="compute threads of the engine (default: $CHATSTREAM_NUM_THREADS, else one per physical core)",
+    )
+    group.add_argument(
+        "--no-fused-decoder",
+        dest="fused_decoder",
+        action="store_false",
+        help="run transformers' own forward pass instead of the fused CPU decoder (for comparison or a model it fails)",
+    )
+    group.add_argument("--mock", action="store_true", help="answer with canned text; no model is loaded")
+    group.add_argument("--mock-type", choices=("round", "long", "echo"), default="round")
+    group.add_argument("--mock-time-per-token", type=_float_at_least(0.0), default=0.02, metavar="SEC")
+    group.add_argument("--mock-initial-wait", type=_float_at_least(0.0), default=0.0, metavar="SEC")
+    group.add_argument("--log-level", choices=LOG_LEVELS, default=default_log_level)
+
+
+def add_generation_options(parser: argparse.ArgumentParser) -> None:
+    """The generation options of a command."""
+    group = parser.add_argument_group("generation")
+    group.add_argument("--max-new-tokens", type=_int_at_least(1), default=256)
+    group.add_argument("--context-len", type=_int_at_least(2), default=1024, help="tokens per sequence")
+    group.add_argument("--temperature", type=_float_at_least(0.0), default=1.0)
+    group.add_argument("--top-k", type=_int_at_least(0), default=50)
+    group.add_argument("--top-p", type=_float_in_unit_interval, default=1.0)
+    group.add_argument("--repetition-penalty", type=_float_at_least(0.0), default=None)
+    group.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    group.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help="keep generating past EOS up to --max-new-tokens (benchmarks; the OpenAI API also takes ignore_eos)",
+    )
+    group.add_argument("--locale", choices=("en", "ja"), default=None, help="language of user-facing messages")
+
+
+def add_server_options(parser: argparse.ArgumentParser) -> None:
+    """The server options of a command."""
+    group = parser.add_argument_group("server")
+    group.add_argument("--host", default="127.0.0.1")
+    group.add_argument("--port", type=_port, default=8000, help="0 picks a free port (printed when ready)")
+    group.add_argument("--max-concurrency", type=_int_at_least(1), default=32, help="generations run at once")
+    group.add_argument("--max-queue", type=_int_at_least(0), default=64, help="requests that may wait")
+    group.add_argument(
+        "--too-many-requests-as-http-error", action="store_true", help="reject over-capacity requests with 429"
+    )
+    group.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        help=f"API key for the OpenAI endpoints (repeatable; also ${API_KEYS_ENV})",
+    )
+    group.add_argument("--web-ui-title", default=None, help="title of the built-in chat page")
+    group.add_argument("--drain-timeout", type=_float_at_least(0.0), default=30.0, metavar="SEC")
+    group.add_argument(
+        "--secure-cookies",
+        action="store_true",
+        help="mark the session cookie Secure (only when clients reach the server over HTTPS, e.g. behind a proxy)",
+    )
+
+
+def _device(text: str) -> str:
+    from chatstream.models.devices import parse_device
+
+    try:
+        return str(parse_device(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid device {text!r} (use cpu, cuda, cuda:N or mps)") from None
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port {value} is not in 0..65535")
+    return value
+
+
+def _int_at_least(minimum: int) -> Any:
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is less than {minimum}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def _float_at_least(minimum: float) -> Any:
+    def parse(text: str) -> float:
+        value = float(text)
+        if not value >= minimum:  # also rejects nan
+            raise argparse.ArgumentTypeError(f"{value} is less than {minimum}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+def _float_in_unit_interval(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value} is not in (0, 1]")
+    return value
