@@ -205,7 +205,7 @@ def _chat_stream_options(
 
 
 def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
-    from chatstream.engine.cpu_runtime import NUM_THREADS_ENV
+    from chatstream.engine.cpu.runtime import NUM_THREADS_ENV
     from chatstream.models import load_model
 
     if args.threads is not None:

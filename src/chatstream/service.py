@@ -78,7 +78,7 @@ def create_engine(model: Any, tokenizer: Any, config: EngineConfig, mock: MockCo
         return MockEngine(mock)
     if model is None or tokenizer is None:
         raise ValueError("model and tokenizer are required unless use_mock_response=True")
-    from chatstream.engine.transformers_engine import TransformersEngine  # the one place that names it
+    from chatstream.engine.async_engine import TransformersEngine  # the one place that names it
 
     return TransformersEngine(model, tokenizer, config)
 
