@@ -157,14 +157,14 @@ async def test_untouched_and_late_sessions_are_not_stored(tmp_path: Any, caplog:
         with caplog.at_level(logging.WARNING, logger="chatstream.sessions.middleware"):
             assert "set-cookie" not in (await client.get("/late")).headers
         assert "not stored" in caplog.text
-        async with store.db.read() as conn:
+        async with store.db.connection() as conn:
             assert list(await conn.execute_fetchall("SELECT count(*) FROM sessions")) == [(0,)]
 
 
 async def test_a_damaged_session_starts_a_new_one(tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:
     async with SQLiteStore(tmp_path / "s.db") as store, _client(_app(store, Route("/count", count))) as client:
         assert (await client.get("/count")).text == "1"
-        async with store.db.read() as conn:
+        async with store.db.connection() as conn:
             await conn.execute("UPDATE sessions SET data = 'garbage'")
         with caplog.at_level(logging.WARNING, logger="chatstream.sessions.middleware"):
             response = await client.get("/count")

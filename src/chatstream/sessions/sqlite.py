@@ -40,7 +40,7 @@ class SQLiteSessionStore(AsyncSessionStore):
 
     async def get(self, session_id: str) -> SessionData | None:
         now = self._clock()
-        async with self._db.read() as conn:
+        async with self._db.connection() as conn:
             rows = list(
                 await conn.execute_fetchall("SELECT data, expires_at FROM sessions WHERE id = ?", (session_id,))
             )
@@ -55,7 +55,7 @@ class SQLiteSessionStore(AsyncSessionStore):
     async def save(self, session_id: str, data: SessionData) -> None:
         text = encode_session(session_id, data)
         expires_at = self._clock() + self.ttl_seconds if self.ttl_seconds is not None else None
-        async with self._db.read() as conn:
+        async with self._db.connection() as conn:
             await conn.execute(
                 "INSERT INTO sessions (id, data, expires_at) VALUES (?, ?, ?) "
                 "ON CONFLICT (id) DO UPDATE SET data = excluded.data, expires_at = excluded.expires_at",
@@ -63,7 +63,7 @@ class SQLiteSessionStore(AsyncSessionStore):
             )
 
     async def delete(self, session_id: str) -> None:
-        async with self._db.read() as conn:
+        async with self._db.connection() as conn:
             await conn.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
 
 

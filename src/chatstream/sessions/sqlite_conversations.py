@@ -65,7 +65,7 @@ class SQLiteConversationStore(ConversationStore):
 
     async def create(self, conversation: Conversation) -> Conversation:
         title = conversation.derived_title()
-        async with self._db.write() as conn:
+        async with self._db.transaction() as conn:
             try:
                 await conn.execute(
                     "INSERT INTO conversations (id, owner, title, created_at, updated_at, version, prompt_class, "
@@ -87,7 +87,7 @@ class SQLiteConversationStore(ConversationStore):
         return dataclasses.replace(conversation, title=title, version=1)
 
     async def get(self, owner: str, conversation_id: str) -> Conversation:
-        async with self._db.read() as conn:
+        async with self._db.connection() as conn:
             cursor = await conn.execute(
                 f"SELECT {_CONVERSATION}, {_MESSAGE} FROM conversations c "
                 "LEFT JOIN messages m ON m.conversation_id = c.id WHERE c.id = ? AND c.owner = ? ORDER BY m.seq",
@@ -103,7 +103,7 @@ class SQLiteConversationStore(ConversationStore):
     ) -> ConversationPage:
         check_page_size(limit)
         where, params = "owner = ?", [owner]
-        async with self._db.read() as conn:
+        async with self._db.connection() as conn:
             if after is not None:
                 anchor = list(
                     await conn.execute_fetchall(
@@ -137,7 +137,7 @@ class SQLiteConversationStore(ConversationStore):
         params: list[Any] = [self._clock(), len(messages), title_from_messages(messages), conversation_id, owner]
         if expected_version is not None:
             params.append(expected_version)
-        async with self._db.write() as conn:
+        async with self._db.transaction() as conn:
             rows = list(await conn.execute_fetchall(sql, params))
             if not rows:
                 await _raise_missing_or_conflict(conn, owner, conversation_id, expected_version)
@@ -157,7 +157,7 @@ class SQLiteConversationStore(ConversationStore):
             conversation.owner,
             conversation.version,
         )
-        async with self._db.write() as conn:
+        async with self._db.transaction() as conn:
             rows = list(await conn.execute_fetchall(sql, params))
             if not rows:
                 await _raise_missing_or_conflict(conn, conversation.owner, conversation.id, conversation.version)
@@ -170,7 +170,7 @@ class SQLiteConversationStore(ConversationStore):
 
     async def rename(self, owner: str, conversation_id: str, title: str) -> ConversationSummary:
         title = clean_title(title)
-        async with self._db.write() as conn:
+        async with self._db.transaction() as conn:
             if not title:
                 first = list(
                     await conn.execute_fetchall(
@@ -191,7 +191,7 @@ class SQLiteConversationStore(ConversationStore):
         return _summary(rows[0])
 
     async def delete(self, owner: str, conversation_id: str) -> None:
-        async with self._db.write() as conn:
+        async with self._db.transaction() as conn:
             cursor = await conn.execute(
                 "DELETE FROM conversations WHERE id = ? AND owner = ?", (conversation_id, owner)
             )
@@ -199,14 +199,14 @@ class SQLiteConversationStore(ConversationStore):
                 raise ConversationNotFound(conversation_id)
 
     async def delete_owner(self, owner: str) -> int:
-        async with self._db.write() as conn:
+        async with self._db.transaction() as conn:
             cursor = await conn.execute("DELETE FROM conversations WHERE owner = ?", (owner,))
             return cursor.rowcount
 
     async def sweep(self, policy: RetentionPolicy, *, now: float | None = None) -> int:
         now = self._clock() if now is None else now
         deleted = 0
-        async with self._db.write() as conn:
+        async with self._db.transaction() as conn:
             await conn.execute("DELETE FROM sessions WHERE expires_at IS NOT NULL AND expires_at <= ?", (now,))
             if policy.max_age_seconds is not None:
                 cursor = await conn.execute(

@@ -54,13 +54,13 @@ class SQLiteDatabase:
                 await conn.close()
 
     @contextlib.asynccontextmanager
-    async def read(self) -> AsyncIterator[aiosqlite.Connection]:
+    async def connection(self) -> AsyncIterator[aiosqlite.Connection]:
         """The connection, for statements that need no transaction (each one is atomic by itself)."""
         async with self._lock, _translated_errors(self.path):
             yield await self._connection()
 
     @contextlib.asynccontextmanager
-    async def write(self) -> AsyncIterator[aiosqlite.Connection]:
+    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
         """The connection inside ``BEGIN IMMEDIATE`` ... ``COMMIT`` (rolled back when the block raises)."""
         async with self._lock, _translated_errors(self.path):
             conn = await self._connection()
