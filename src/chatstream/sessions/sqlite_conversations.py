@@ -88,12 +88,13 @@ class SQLiteConversationStore(ConversationStore):
 
     async def get(self, owner: str, conversation_id: str) -> Conversation:
         async with self._db.connection() as conn:
-            cursor = await conn.execute(
-                f"SELECT {_CONVERSATION}, {_MESSAGE} FROM conversations c "
-                "LEFT JOIN messages m ON m.conversation_id = c.id WHERE c.id = ? AND c.owner = ? ORDER BY m.seq",
-                (conversation_id, owner),
+            rows = list(
+                await conn.execute_fetchall(
+                    f"SELECT {_CONVERSATION}, {_MESSAGE} FROM conversations c LEFT JOIN messages m "
+                    "ON m.conversation_id = c.id WHERE c.id = ? AND c.owner = ? ORDER BY m.seq",
+                    (conversation_id, owner),
+                )
             )
-            rows = list(await cursor.fetchall())
         if not rows:
             raise ConversationNotFound(conversation_id)
         return _conversation_from_rows(conversation_id, rows)
