@@ -205,3 +205,19 @@ async def test_a_change_made_while_a_cut_off_stream_unwinds_is_still_written(sto
     scope |= {"path": "/stream", "raw_path": b"/stream", "query_string": b"", "root_path": "", "headers": []}
     await asyncio.wait_for(_app(store, Route("/stream", stream))(scope, receive, send), timeout=10)
     assert await store.sessions.get(managers[0].get_session_id()) == {"answer": "partial"}
+
+
+async def test_commit_session_also_works_with_fastsession() -> None:
+    import fastsession
+
+    async def commit(request: Request) -> Response:
+        request.state.session.get_session()["current"] = "conv_1"
+        await commit_session(request.state.session)
+        return PlainTextResponse(request.state.session.get_session()["current"])
+
+    app = Starlette(routes=[Route("/commit", commit)])
+    app.add_middleware(
+        fastsession.FastSessionMiddleware, secret_key=SECRET, store=fastsession.MemoryStore(), secure=False
+    )
+    async with _client(app) as client:
+        assert (await client.get("/commit")).text == "conv_1"

@@ -54,13 +54,12 @@ def save_session(session_mgr: Any) -> None:
 
 
 async def commit_session(session_mgr: Any) -> None:
-    """Write a session now: ``await commit()`` on ours, ``save_session()`` on a manager without it (fastsession's,
-    which writes synchronously to its memory store)."""
+    """Save a session and write it now: ``save_session()``, then ``await commit()`` on ours (fastsession's
+    ``save_session()`` already writes, synchronously, to its memory store)."""
+    save_session(session_mgr)
     commit = getattr(session_mgr, "commit", None)
     if callable(commit):
         await commit()
-    else:
-        save_session(session_mgr)
 
 
 def session_skipped(conn: HTTPConnection) -> bool:
@@ -88,7 +87,6 @@ class HttpSession:
         self.is_new = data is None
         self.touched = False
         self._dirty = False
-        self._written = False
         # Serialising stores: a change made without save_session() is still noticed (fastsession's dicts were live).
         self._snapshot = None if sessions.live_objects or data is None else _fingerprint(session_id, data)
 
@@ -139,11 +137,6 @@ class HttpSession:
             self._dirty = True
             raise
         self._snapshot = snapshot
-        if self.is_new and not self._written and self._sessions.live_objects:
-            stored = await self._sessions.get(self._session_id)  # a store may keep its own dict (fastsession's do)
-            if stored is not None:
-                self._data = stored
-        self._written = True
 
     def _materialize(self) -> SessionData:
         self.touched = True
