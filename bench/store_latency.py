@@ -47,15 +47,21 @@ OPERATIONS = ("session_get", "load", "append", "session_save", "turn")
 
 def main() -> None:
     args = _parse_args()
+    load_before = os.getloadavg()
     with _redis_url(args.redis_url) as redis_url, tempfile.TemporaryDirectory() as tmp:
         urls = {"memory": "memory://", "sqlite": f"sqlite:///{tmp}/bench.db"}
         if redis_url is not None:
             urls["redis"] = redis_url
         results = asyncio.run(_run_all(urls, args))
     _print_table(results)
+    print(
+        f"load average (1 min) before / after: {load_before[0]:.1f} / {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"settings": vars(args), "machine": _machine(), "results": results}, indent=2) + "\n")
+    machine = {**_machine(), "loadavg_1m_before_after": [load_before[0], os.getloadavg()[0]]}
+    settings = {**vars(args), "out": str(out.relative_to(ROOT)) if out.is_relative_to(ROOT) else str(out)}
+    out.write_text(json.dumps({"settings": settings, "machine": machine, "results": results}, indent=2) + "\n")
     print(f"\nwritten to {out}")
 
 
