@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from chatstream.sessions.base import DEFAULT_SESSION_TTL
+from chatstream.sessions.base import DEFAULT_SESSION_TTL, redacted_url
 from chatstream.sessions.redis_store import RedisStore
 from chatstream.sessions.sqlite import SQLiteStore
 from chatstream.sessions.store import MemoryStore
-from chatstream.sessions.urls import open_store, parse_duration, redacted_url
+from chatstream.sessions.urls import open_store, parse_duration
 
 
 def test_memory() -> None:

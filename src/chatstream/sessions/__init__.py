@@ -5,7 +5,7 @@ small JSON data, ``store.conversations`` the conversation records. The prompt-ob
 :mod:`chatstream.sessions.prompt_bridge`; the exports are :mod:`chatstream.sessions.export`.
 """
 
-from chatstream.sessions.base import AsyncSessionStore, ConversationStore, SessionData, Store
+from chatstream.sessions.base import AsyncSessionStore, ConversationStore, SessionData, Store, run_retention
 from chatstream.sessions.errors import (
     Conflict,
     ConversationNotFound,
@@ -23,7 +23,7 @@ from chatstream.sessions.records import (
     Feedback,
     Message,
 )
-from chatstream.sessions.retention import RetentionPolicy, run_retention
+from chatstream.sessions.retention import RetentionPolicy
 from chatstream.sessions.urls import open_store
 
 __all__ = [

@@ -2,11 +2,14 @@
 
 A :class:`Store` has two parts, ``store.sessions`` (:class:`AsyncSessionStore`: a small JSON dict per session id) and
 ``store.conversations`` (:class:`ConversationStore`: conversation records per owner). :func:`chatstream.sessions.
-urls.open_store` picks the implementation from a URL. No method blocks the event loop.
+urls.open_store` picks the implementation from a URL. No method blocks the event loop. :func:`run_retention` is the
+background task that applies a :class:`~chatstream.sessions.retention.RetentionPolicy`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import types
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -24,6 +27,8 @@ from chatstream.sessions.records import (
 )
 from chatstream.sessions.retention import RetentionPolicy
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "DEFAULT_PAGE_SIZE",
     "DEFAULT_SESSION_TTL",
@@ -35,6 +40,8 @@ __all__ = [
     "check_page_size",
     "decode_session",
     "encode_session",
+    "redacted_url",
+    "run_retention",
 ]
 
 SessionData = dict[str, Any]
@@ -258,3 +265,29 @@ def _is_json(value: Any) -> bool:
     except (TypeError, ValueError):
         return False
     return True
+
+
+async def run_retention(store: Store, policy: RetentionPolicy, interval_seconds: float = 3600.0) -> None:
+    """Sweep ``store`` now and then every ``interval_seconds`` until cancelled (start it as a task in the app's
+    lifespan, cancel it at shutdown). A failed sweep is logged and retried at the next interval."""
+    if interval_seconds <= 0:
+        raise ValueError(f"interval_seconds must be positive, got {interval_seconds!r}")
+    while True:
+        try:
+            deleted = await store.conversations.sweep(policy)
+        except Exception:
+            logger.exception("retention sweep of %s failed; retrying in %.0f s", store.describe(), interval_seconds)
+        else:
+            if deleted:
+                logger.info("retention sweep of %s deleted %d conversation(s)", store.describe(), deleted)
+        await asyncio.sleep(interval_seconds)
+
+
+def redacted_url(url: str) -> str:
+    """The URL without its password (for logs and error messages)."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not at:
+        return url
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}{sep}{user + ':' if user else ':'}***@{host}"

@@ -23,10 +23,10 @@ from chatstream.sessions.base import (
     Store,
     decode_session,
     encode_session,
+    redacted_url,
 )
 from chatstream.sessions.redis_conversations import RedisConversationStore
 from chatstream.sessions.redis_keys import RedisKeys, translated_errors, whole_seconds
-from chatstream.sessions.urls import redacted_url
 
 logger = logging.getLogger(__name__)
 

@@ -1,19 +1,14 @@
-"""Retention: how long conversations are kept, and the background loop that deletes the rest."""
+"""Retention: how long conversations are kept.
+
+The loop that applies a policy now and then is :func:`chatstream.sessions.base.run_retention`.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from chatstream.sessions.base import Store
-
-logger = logging.getLogger(__name__)
-
-__all__ = ["RetentionPolicy", "expired_ids", "run_retention"]
+__all__ = ["RetentionPolicy", "expired_ids"]
 
 
 @dataclass(frozen=True)
@@ -53,19 +48,3 @@ def expired_ids(recent: Sequence[tuple[str, float]], policy: RetentionPolicy, no
         for rank, (conversation_id, updated_at) in enumerate(newest_first)
         if rank >= keep or (cutoff is not None and updated_at < cutoff)
     ]
-
-
-async def run_retention(store: Store, policy: RetentionPolicy, interval_seconds: float = 3600.0) -> None:
-    """Sweep ``store`` now and then every ``interval_seconds`` until cancelled (start it as a task in the app's
-    lifespan, cancel it at shutdown). A failed sweep is logged and retried at the next interval."""
-    if interval_seconds <= 0:
-        raise ValueError(f"interval_seconds must be positive, got {interval_seconds!r}")
-    while True:
-        try:
-            deleted = await store.conversations.sweep(policy)
-        except Exception:
-            logger.exception("retention sweep of %s failed; retrying in %.0f s", store.describe(), interval_seconds)
-        else:
-            if deleted:
-                logger.info("retention sweep of %s deleted %d conversation(s)", store.describe(), deleted)
-        await asyncio.sleep(interval_seconds)

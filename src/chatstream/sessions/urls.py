@@ -22,9 +22,9 @@ from __future__ import annotations
 import re
 import urllib.parse
 
-from chatstream.sessions.base import DEFAULT_SESSION_TTL, Store
+from chatstream.sessions.base import DEFAULT_SESSION_TTL, Store, redacted_url
 
-__all__ = ["open_store", "parse_duration", "redacted_url"]
+__all__ = ["open_store", "parse_duration"]
 
 _NEVER = ("never", "none", "0")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -91,16 +91,6 @@ def open_store(
     if kind == "sqlite":
         return _sqlite(parts, options)
     return _redis(parts, query, options)
-
-
-def redacted_url(url: str) -> str:
-    """The URL without its password (for logs and error messages)."""
-    scheme, sep, rest = url.partition("://")
-    credentials, at, host = rest.rpartition("@")
-    if not at:
-        return url
-    user = credentials.split(":", 1)[0]
-    return f"{scheme}{sep}{user + ':' if user else ':'}***@{host}"
 
 
 def _memory(parts: urllib.parse.SplitResult, options: dict[str, object]) -> Store:
