@@ -81,7 +81,7 @@ class SQLiteDatabase:
     async def _connect(self) -> aiosqlite.Connection:
         location = str(self.path)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            await asyncio.to_thread(self.path.parent.mkdir, parents=True, exist_ok=True)
             conn = await aiosqlite.connect(location, isolation_level=None)
         except (OSError, sqlite3.Error) as exc:
             raise StoreUnavailable(f"cannot open {location}: {exc}") from exc
