@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent setup of a fresh machine: a virtualenv in .venv with the CPU build of torch, ChatStream and its dev
-# tools, and Debian's chromium for the browser tests. Re-running it only installs what is missing.
+# tools, Debian's chromium for the browser tests and Debian's redis-server for the Redis store's tests. Re-running it
+# only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,5 +21,14 @@ if [ "${CHATSTREAM_SKIP_BROWSER:-0}" != "1" ] && { ! command -v chromium >/dev/n
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-ipafont-gothic >/dev/null
   else
     echo "note: chromium is not installed; browser tests will be skipped (sudo apt-get install chromium)" >&2
+  fi
+fi
+
+# redis-server for the Redis store's tests (they start their own on a free port and never use a system service).
+if ! command -v redis-server >/dev/null 2>&1; then
+  if [ "$(id -u)" = "0" ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+  else
+    echo "note: redis-server is not installed; the Redis store's tests will be skipped (sudo apt-get install redis-server)" >&2
   fi
 fi

@@ -1,8 +1,12 @@
-"""Session stores: where each user's session data lives, keyed by session id.
+"""The in-memory store, and the synchronous session interface that came before the async stores.
 
-:class:`SessionStore` is the interface the session middleware talks to; :class:`MemoryStore` keeps the data as live
-Python objects in this process (a conversation's prompt object stays an object, nothing is serialised), with an idle
-timeout and a bounded size.
+:class:`MemoryStore` is today's behaviour: sessions as live Python objects in this process (a conversation's prompt
+object stays an object, nothing is serialised), with an idle timeout and a bounded size, and conversation records in
+memory. It is a :class:`~chatstream.sessions.base.Store` (``store.sessions``, ``store.conversations``) and keeps its
+synchronous :class:`SessionStore` methods (``get`` / ``save`` / ``delete``) for code written against them.
+
+:class:`SessionStore` is that synchronous interface; :func:`as_session_store` wraps any session store the middleware
+is given into the async one.
 """
 
 from __future__ import annotations
@@ -16,20 +20,27 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from chatstream.sessions.base import AsyncSessionStore, SessionData, Store
+from chatstream.sessions.memory import MemoryConversationStore
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["FastSessionStoreAdapter", "MemoryStore", "SessionData", "SessionStore"]
-
-SessionData = dict[str, Any]
-"""One session's data: a plain dict the application reads and writes."""
+__all__ = [
+    "FastSessionStoreAdapter",
+    "LegacySessionStore",
+    "MemoryStore",
+    "SessionData",
+    "SessionStore",
+    "as_session_store",
+]
 
 
 class SessionStore(ABC):
-    """Where session data lives. Implementations decide how (memory, SQLite, Redis) and when data expires.
+    """The synchronous session interface (in-memory stores only: a blocking call would stall the event loop).
 
-    The methods are synchronous and must be cheap: the middleware calls :meth:`get` once per request and
-    :meth:`save` when the session is created or saved. A store that serialises must return a fresh dict from
-    :meth:`get` and persist it in :meth:`save`; an in-memory store may return the live dict.
+    The middleware calls :meth:`get` once per request and :meth:`save` when the session was created or saved. An
+    in-memory store may return the live dict. Stores that do I/O implement
+    :class:`~chatstream.sessions.base.AsyncSessionStore` instead.
     """
 
     @abstractmethod
@@ -51,16 +62,18 @@ class _Entry:
     expires_at: float
 
 
-class MemoryStore(SessionStore):
-    """Sessions as live Python objects in this process, least recently used first out.
+class MemoryStore(SessionStore, Store):
+    """Sessions as live Python objects in this process, least recently used first out; conversations in memory.
 
     Args:
         ttl_seconds: idle timeout; a session not read or saved for this long is gone. None keeps sessions until they
             are evicted.
         max_sessions: upper bound on the number of sessions; beyond it the least recently used one is dropped.
-        clock: the time source (seconds, monotonic); tests pass a fake one.
+        clock: the time source of session expiry (seconds, monotonic); tests pass a fake one.
+        wall_clock: the time source of conversation times (Unix seconds).
 
-    Thread-safe: a lock guards every operation, so a store can be shared with threads outside the event loop.
+    Sessions are thread-safe (a lock guards every operation, so the store can be shared with threads outside the
+    event loop); conversations are for the event loop only. Everything is lost when the process ends.
     """
 
     def __init__(
@@ -68,6 +81,7 @@ class MemoryStore(SessionStore):
         ttl_seconds: float | None = 12 * 3600,
         max_sessions: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         if ttl_seconds is not None and ttl_seconds <= 0:
             raise ValueError(f"ttl_seconds must be positive or None, got {ttl_seconds!r}")
@@ -78,6 +92,14 @@ class MemoryStore(SessionStore):
         self._clock = clock
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._lock = threading.Lock()
+        self.sessions: AsyncSessionStore = LegacySessionStore(self)
+        self.conversations: MemoryConversationStore = MemoryConversationStore(wall_clock)
+
+    async def close(self) -> None:
+        """Nothing to release (the data stays until the object is dropped)."""
+
+    def describe(self) -> str:
+        return "memory (this process only; lost on restart)"
 
     def get(self, session_id: str) -> SessionData | None:
         with self._lock:
@@ -169,3 +191,40 @@ class FastSessionStoreAdapter(SessionStore):
             data = self.fastsession_store.get_store(session_id)
             if data is not None:
                 data.clear()
+
+
+class LegacySessionStore(AsyncSessionStore):
+    """A synchronous :class:`SessionStore` (in memory, with live objects) behind the async interface."""
+
+    live_objects = True
+
+    def __init__(self, store: SessionStore) -> None:
+        self.store = store
+
+    async def get(self, session_id: str) -> SessionData | None:
+        return self.store.get(session_id)
+
+    async def save(self, session_id: str, data: SessionData) -> None:
+        self.store.save(session_id, data)
+
+    async def delete(self, session_id: str) -> None:
+        self.store.delete(session_id)
+
+
+def as_session_store(store: Store | AsyncSessionStore | SessionStore) -> AsyncSessionStore:
+    """The async session interface of whatever the middleware was given: a Store's ``sessions``, an
+    :class:`AsyncSessionStore` itself, or a synchronous :class:`SessionStore` wrapped.
+
+    Raises:
+        TypeError: none of these.
+    """
+    if isinstance(store, Store):
+        return store.sessions
+    if isinstance(store, AsyncSessionStore):
+        return store
+    if isinstance(store, SessionStore):
+        return LegacySessionStore(store)
+    raise TypeError(
+        f"{type(store).__name__} is not a session store (a chatstream Store from open_store(), an "
+        "AsyncSessionStore or a SessionStore); for fastsession's stores use FastSessionStoreAdapter"
+    )
