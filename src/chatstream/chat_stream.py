@@ -25,7 +25,9 @@ from chatstream.server.access import ClientRoles
 from chatstream.server.context import ServerContext
 from chatstream.server.native import NativeChat, UserCallback
 from chatstream.service import ChatService, ConsoleItem, PromptFactory, create_engine, default_prompt_class
+from chatstream.sessions.base import Store
 from chatstream.sessions.handler import AbstractRequestHandler, SimpleSessionRequestHandler
+from chatstream.sessions.keeper import DEFAULT_RETENTION_INTERVAL, ConversationKeeper
 
 if TYPE_CHECKING:
     import torch
@@ -71,6 +73,13 @@ class ChatStream:
         fused_decoder: on the CPU, run the model families it supports (Llama, Mistral, Qwen2, Qwen3, Gemma-3)
             through the engine's fused decoder; False keeps transformers' own forward pass (``chatstream serve
             --no-fused-decoder``).
+        store: where sessions and conversations are kept: a URL (``memory://``, the default; ``sqlite:///path.db``;
+            ``redis://host:6379/0``) or a store from ``chatstream.sessions.open_store`` (docs/conversations.md).
+            ``append_middlewares`` keeps sessions in it too.
+        conversation_max_age: conversations not updated for this long are deleted (seconds, or "90d", "12h";
+            "never" keeps them); None: the store's default (memory 12 h, SQLite and Redis never).
+        max_conversations_per_user: each user keeps at most this many, the most recently updated (None: no limit).
+        retention_interval: seconds between two sweeps of the retention task.
     """
 
     def __init__(
@@ -109,6 +118,10 @@ class ChatStream:
         token_sampler: Any = None,
         probe_mode_enabled: bool = False,
         fused_decoder: bool = True,
+        store: str | Store = "memory://",
+        conversation_max_age: float | str | None = None,
+        max_conversations_per_user: int | None = None,
+        retention_interval: float = DEFAULT_RETENTION_INTERVAL,
     ) -> None:
         self.name = name
         self.logger = logger or logging.getLogger("chatstream")
@@ -142,7 +155,14 @@ class ChatStream:
         self.chat_prompt_clazz = chat_prompt_clazz or default_prompt_class(tokenizer, use_mock_response)
         self.request_handler = request_handler or SimpleSessionRequestHandler()
         self.service = self._create_service(locale, model_name, mock_params)
-        chat = NativeChat(self.service, self.client_roles, self.request_handler, self.logger)
+        self.conversations = ConversationKeeper(
+            store,
+            self.service.prompts,
+            max_age=conversation_max_age,
+            max_per_owner=max_conversations_per_user,
+            retention_interval=retention_interval,
+        )
+        chat = NativeChat(self.service, self.client_roles, self.request_handler, self.logger, self.conversations)
         self.server_context = ServerContext(
             self.service, self.client_roles, chat, tuple(api_keys), on_feedback_received
         )
@@ -198,16 +218,20 @@ class ChatStream:
     # ----- lifecycle -----
 
     async def startup(self) -> None:
-        """Start the engine (idempotent). Called by the app's lifespan or on the first request."""
+        """Start the engine and open the conversation store (idempotent). Called by the app's lifespan or on the
+        first request."""
         await self.service.startup()
+        await self.conversations.startup()
 
     async def start_queue_worker(self) -> None:
         """Kept for code written for the original package (a startup hook); same as :meth:`startup`."""
-        await self.service.startup()
+        await self.startup()
 
     async def shutdown(self, drain_timeout: float = 0.0) -> None:
-        """Stop admitting, let running streams finish for up to ``drain_timeout`` s, then stop the engine."""
+        """Stop admitting, let running streams finish for up to ``drain_timeout`` s, stop the engine, then close
+        the conversation store."""
         await self.service.shutdown(drain_timeout)
+        await self.conversations.shutdown()
 
     # ----- the chat endpoint and the console -----
 
