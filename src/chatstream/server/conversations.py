@@ -18,7 +18,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from chatstream.server.context import ServerContext
-from chatstream.server.conversations_render import conversation_json, export_response, item_json, list_json
+from chatstream.server.conversations_render import (
+    EXPORT_FORMATS,
+    conversation_json,
+    export_response,
+    item_json,
+    list_json,
+)
 from chatstream.server.errors import ApiError, BadRequest, Forbidden, openai_error_response
 from chatstream.server.http import parse_json_object
 from chatstream.sessions.base import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
@@ -91,7 +97,7 @@ def _conversation_id(request: Request) -> str:
     try:
         check_conversation_id(value)
     except ValueError as exc:
-        raise BadRequest(str(exc), param="conversation_id") from None
+        raise BadRequest(f"'conversation_id': {exc}", param="conversation_id") from None
     return str(value)
 
 
@@ -190,6 +196,8 @@ async def delete_conversation(ctx: ServerContext, request: Request) -> Response:
 async def export_conversation(ctx: ServerContext, request: Request) -> Response:
     """GET /conversations/{id}/export?format=json|markdown: a file to download."""
     export_format = request.query_params.get("format", "json")
+    if export_format not in EXPORT_FORMATS:
+        raise BadRequest(f"'format' must be one of {sorted(EXPORT_FORMATS)}, got {export_format!r:.40}", param="format")
     _found, record = await _owned(ctx, request)
     return export_response(record, export_format)
 

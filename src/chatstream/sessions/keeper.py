@@ -101,8 +101,10 @@ class ConversationKeeper:
         """Open the store and start the retention task (idempotent; also done on first use)."""
         if self._started:
             return
+        await self.store.open()  # StoreUnavailable: the next call tries again
+        if self._started:  # another request started it meanwhile
+            return
         self._started = True
-        await self.store.open()
         logger.info("conversations are kept in %s (%s)", self.describe(), _retention_text(self.retention))
         self._retention_task = asyncio.create_task(
             run_retention(self.store, self.retention, self.retention_interval), name="chatstream-retention"
