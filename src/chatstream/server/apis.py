@@ -33,7 +33,8 @@ from chatstream.server.webui import index, js
 from chatstream.service import ChatService
 from chatstream.sessions.errors import ConversationNotFound, StoreError
 from chatstream.sessions.lookup import FoundSession, find_session
-from chatstream.sessions.records import Conversation, Feedback, check_conversation_id
+from chatstream.sessions.records import Conversation, Feedback
+from chatstream.sessions.turns import CONVERSATION_ID_HEADER, pick_conversation_id
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -281,19 +282,17 @@ async def handle_get_generation_params_request(ctx: ServerContext, request: Requ
     return _ok(generation_params=session_generation_params(ctx.service, found.data))
 
 
-def _parse_feedback(data: Mapping[str, Any]) -> tuple[str, bool, Any, str | None]:
+def _parse_feedback(data: Mapping[str, Any], header: str | None) -> tuple[str, bool, Any, str | None]:
     message_id = data.get("message_id")
     if not isinstance(message_id, str) or not message_id:
         raise BadRequest("'message_id' is required and must be a string", param="message_id")
     is_like = data.get("is_like", False)
     if not isinstance(is_like, bool):
         raise BadRequest(f"'is_like' must be true or false, got {is_like!r}", param="is_like")
-    conversation_id = data.get("conversation_id")
-    if conversation_id is not None:
-        try:
-            check_conversation_id(conversation_id)
-        except ValueError as exc:
-            raise BadRequest(f"'conversation_id': {exc}", param="conversation_id") from None
+    try:
+        conversation_id = pick_conversation_id(data.get("conversation_id"), header)
+    except ValueError as exc:
+        raise BadRequest(str(exc), param="conversation_id") from None
     return message_id, is_like, data.get("form_data", ""), conversation_id
 
 
@@ -306,7 +305,10 @@ async def handle_set_feedback_request(
     if not ctx.keeps_history_in_session:
         return _fail(_NOT_SESSION_HANDLER)
     try:
-        message_id, is_like, form_data, conversation_id = _parse_feedback(parse_json_object(await request.body()))
+        body = parse_json_object(await request.body())
+        message_id, is_like, form_data, conversation_id = _parse_feedback(
+            body, request.headers.get(CONVERSATION_ID_HEADER)
+        )
         found = find_session(request)
         if found is None:
             return _fail("no session")

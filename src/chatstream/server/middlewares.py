@@ -20,7 +20,7 @@ from chatstream.i18n import message
 from chatstream.server.access import ClientRoles
 from chatstream.server.context import ServerContext
 from chatstream.server.http import DEV_TOOL_HEADER, MESSAGE_ID_HEADER, SKIP_SESSION_HEADER
-from chatstream.sessions.handler import CONVERSATION_ID_HEADER
+from chatstream.sessions.turns import CONVERSATION_ID_HEADER
 
 if TYPE_CHECKING:
     from fastapi import FastAPI

@@ -22,7 +22,7 @@ from chatstream.sessions.errors import Conflict, ConversationNotFound, StoreErro
 from chatstream.sessions.keeper import ConversationKeeper
 from chatstream.sessions.lookup import find_session
 from chatstream.sessions.middleware import session_skipped
-from chatstream.sessions.turns import commit_turn, open_for_turn, requested_conversation_id
+from chatstream.sessions.turns import CONVERSATION_ID_HEADER, commit_turn, open_for_turn, requested_conversation_id
 
 if TYPE_CHECKING:
     from chatstream.prompts.base import AbstractChatPrompt
@@ -38,9 +38,6 @@ SUCCESS = "success"
 DISCONNECTED_WHILE_STREAMING = "client_disconnected_while_streaming"
 DISCONNECTED_BEFORE_STREAMING = "client_disconnected_before_streaming"
 UNKNOWN_ERROR = "unknown_error_occurred"
-
-CONVERSATION_ID_HEADER = "X-ChatStream-Conversation-Id"
-"""The id of the conversation a /chat_stream answer belongs to (sent by :class:`SimpleSessionRequestHandler`)."""
 
 SaveHistory = Callable[[], Awaitable[None] | None]
 """Persists a history: a plain function (the original's handlers) or a coroutine function (a store write)."""
@@ -247,7 +244,8 @@ class SimpleSessionRequestHandler(AbstractRequestHandler):
         keeper = self.require_conversations()
         body = request_body if request_body is not None else await request.body()
         try:
-            turn = await open_for_turn(keeper, found, requested_conversation_id(body))
+            requested = requested_conversation_id(body, request.headers.get(CONVERSATION_ID_HEADER))
+            turn = await open_for_turn(keeper, found, requested)
         except ValueError as exc:
             raise ChatRequestError(str(exc), reason=f"bad request: {exc}") from None
         except StoreError as exc:

@@ -32,7 +32,19 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CONFLICT_ATTEMPTS", "TurnConversation", "commit_turn", "open_for_turn", "requested_conversation_id"]
+__all__ = [
+    "CONFLICT_ATTEMPTS",
+    "CONVERSATION_ID_HEADER",
+    "TurnConversation",
+    "commit_turn",
+    "open_for_turn",
+    "pick_conversation_id",
+    "requested_conversation_id",
+]
+
+CONVERSATION_ID_HEADER = "X-ChatStream-Conversation-Id"
+"""Names the conversation of a /chat_stream or /set_feedback request (instead of ``"conversation_id"`` in the body);
+the /chat_stream answer carries it back."""
 
 CONFLICT_ATTEMPTS = 3
 """How often a regenerated answer is put into a conversation that keeps changing before the write gives up."""
@@ -55,25 +67,36 @@ class TurnConversation:
     prompt: AbstractChatPrompt
 
 
-def requested_conversation_id(body: bytes | str | None) -> str | None:
-    """The ``"conversation_id"`` a /chat_stream body names, if any (a body that is no JSON object is left to the
-    turn, which answers it with a 400).
+def requested_conversation_id(body: bytes | str | None, header: str | None = None) -> str | None:
+    """The conversation a /chat_stream request names: ``"conversation_id"`` in the body or the
+    ``X-ChatStream-Conversation-Id`` header (the web UI's way, which leaves the original's body as it was); None
+    when it names none. A body that is no JSON object is left to the turn, which answers it with a 400.
 
     Raises:
-        ValueError: the field is there but is no valid conversation id (the message names the field).
+        ValueError: no valid conversation id, or two different ones (the message names the field).
     """
     try:
         data = json.loads(body) if body else None
     except (ValueError, UnicodeDecodeError):
-        return None
-    value = data.get("conversation_id") if isinstance(data, dict) else None
-    if value is None:
-        return None
-    try:
-        check_conversation_id(value)
-    except ValueError as exc:
-        raise ValueError(f"'conversation_id': {exc}") from None
-    return str(value)
+        data = None
+    return pick_conversation_id(data.get("conversation_id") if isinstance(data, dict) else None, header)
+
+
+def pick_conversation_id(in_body: Any, header: str | None) -> str | None:
+    """The conversation id of a request from its body's ``"conversation_id"`` and its header, either or neither.
+
+    Raises:
+        ValueError: no valid conversation id, or two different ones (the message names the field).
+    """
+    for name, value in (("'conversation_id'", in_body), (CONVERSATION_ID_HEADER, header)):
+        if value is not None:
+            try:
+                check_conversation_id(value)
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
+    if in_body is not None and header is not None and in_body != header:
+        raise ValueError(f"'conversation_id' {in_body!r} and the {CONVERSATION_ID_HEADER} header {header!r} differ")
+    return str(in_body) if in_body is not None else header
 
 
 async def open_for_turn(
