@@ -257,3 +257,36 @@ async def test_roles_that_do_not_allow_the_api_get_a_403() -> None:
     assert response.status_code == 403
     assert response.json()["error"]["type"] == "permission_error"
     assert "list_conversations" in response.json()["error"]["message"]
+
+
+async def test_the_header_names_the_conversation_too(client: httpx.AsyncClient) -> None:
+    first_id = (await chat(client, "one")).headers[CONVERSATION_ID]
+    await client.post("/conversations", json={})  # now another one is current
+    by_header = await client.post("/chat_stream", json={"user_input": "two"}, headers={CONVERSATION_ID: first_id})
+    assert by_header.status_code == 200 and by_header.headers[CONVERSATION_ID] == first_id
+    both = await client.post(
+        "/chat_stream", json={"user_input": "x", "conversation_id": "conv_other"}, headers={CONVERSATION_ID: first_id}
+    )
+    assert both.status_code == 400 and "differ" in both.json()["detail"]
+
+
+async def test_fastsession_sessions_own_records_too() -> None:
+    """The original's setup (fastsession's middleware and store): the user id lives in fastsession's session, the
+    conversations in ChatStream's store, and the prompt object is also left at session["chat_prompt"]."""
+    from fastsession import FastSessionMiddleware
+    from fastsession import MemoryStore as FastStore
+
+    chat_stream = mock_chat_stream()
+    fast_store = FastStore()
+    app = FastAPI()
+    app.add_middleware(FastSessionMiddleware, secret_key="k", store=fast_store, http_only=True, secure=False)
+    append_apis(chat_stream.server_context, app, {"all": True})
+    async with asgi_client(app) as client:
+        conversation_id = (await chat(client, "kept in records")).headers[CONVERSATION_ID]
+        (listed,) = (await listing(client))["data"]
+    (entry,) = fast_store.raw_memory_store.values()
+    session = entry["store"]
+    assert listed["id"] == conversation_id == session["conversation_id"]
+    assert session["chat_prompt"].get_responder_last_msg() == "kept in records"
+    record = await chat_stream.conversations.store.conversations.get(session["user_id"], conversation_id)
+    assert [m.text for m in record.messages] == ["kept in records", "kept in records"]
