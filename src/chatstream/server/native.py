@@ -164,10 +164,8 @@ class NativeChat:
         commit: Callable[[str], Awaitable[None]] | None = None,
     ) -> AsyncGenerator[str, None]:
         """Native chunks for the pending answer of ``chat_prompt``; the answer (partial on disconnect) is stored in
-        it with ``message_id`` and ``commit`` is awaited with the outcome, before the last chunk when the answer is
-        complete (so a client that has the whole stream finds the turn stored); then ``finished`` gets "success",
-        "client_disconnected_while_streaming" or "unknown_error_occurred,...". A failed commit cuts the stream
-        short: the client sees an incomplete answer, not a false success."""
+        it with ``message_id``, ``commit`` is awaited before the last chunk (a failed commit cuts the stream short),
+        then ``finished`` gets "success", "client_disconnected_while_streaming" or "unknown_error_occurred,..."."""
         answer = _KeptAnswer(chat_prompt, message_id, commit)
         outcome = GenerationOutcome()
         message = f"{UNKNOWN_ERROR},while generating"
