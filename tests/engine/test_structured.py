@@ -18,6 +18,8 @@ from chatstream.engine.structured import (
     GrammarKind,
     GrammarMatcher,
     GrammarSpec,
+    _mask_rows_by_row,
+    _mask_rows_dense,
     allocate_bitmask,
     apply_masks,
     bitmask_to_bool,
@@ -197,6 +199,27 @@ def test_apply_masks_touches_only_constrained_rows(compiler: GrammarCompiler, ti
     apply_masks(logits, [None, None, None])
     with pytest.raises(ValueError, match="2 matchers for 3 rows"):
         apply_masks(logits, [matcher, None])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_by_row_masks_match_the_dense_ones(
+    compiler: GrammarCompiler, tiny_tokenizer: Any, dtype: torch.dtype
+) -> None:
+    start = compiler.matcher(GrammarSpec.json_object())  # allows "{" only: rebuilt from its allowed logits
+    inside = compiler.matcher(GrammarSpec.json_object())  # inside a string: most tokens allowed
+    assert all(inside.accept(t) for t in encode(tiny_tokenizer, '{"a":"'))
+    assert int(inside.allowed().sum()) > len(tiny_tokenizer) // 2
+    finished = compiler.matcher(GrammarSpec.json_schema({"const": 1}))
+    assert finished.accept(encode(tiny_tokenizer, "1")[0])  # allows EOS only
+    bitmask = allocate_bitmask(3, len(tiny_tokenizer))
+    for index, matcher in enumerate((start, inside, finished)):
+        matcher.fill_bitmask(bitmask, index)
+    logits = torch.randn(4, len(tiny_tokenizer)).to(dtype)  # [B, V]
+    by_row, dense = logits.clone(), logits.clone()
+    _mask_rows_by_row(by_row, [0, 2, 3], bitmask)
+    _mask_rows_dense(dense, [0, 2, 3], bitmask)
+    assert torch.equal(by_row, dense) and torch.equal(by_row[1], logits[1])
+    assert by_row[3].isfinite().nonzero().flatten().tolist() == [tiny_tokenizer.eos_token_id]
 
 
 def test_apply_masks_rejects_a_vocabulary_mismatch(compiler: GrammarCompiler, tiny_tokenizer: Any) -> None:

@@ -42,6 +42,14 @@ MAX_CACHED_GRAMMARS = 64
 """Compiled grammars kept per tokenizer (least recently used dropped first)."""
 
 
+DENSE_MASK_MAX_ELEMENTS = 1 << 20
+"""On the CPU, masks over more logits than this (rows × vocabulary) are applied row by row (see
+:func:`_mask_rows_by_row`); below it one masked fill is cheaper than a Python loop."""
+
+FEW_ALLOWED_FRACTION = 16
+"""A row allowing at most 1/16 of the vocabulary is rebuilt from its allowed logits instead of masked."""
+
+
 class GrammarKind(enum.Enum):
     """What a :class:`GrammarSpec` holds."""
 
@@ -247,12 +255,46 @@ def apply_masks(logits: torch.Tensor, matchers: Sequence[GrammarMatcher | None])
         matcher = matchers[row]
         assert matcher is not None
         matcher.fill_bitmask(bitmask, index)
-    forbidden = ~bitmask_to_bool(bitmask, vocab_size).to(logits.device)  # [R, V]
+    if vocab_size % 32:
+        bitmask[:, -1] &= (1 << (vocab_size % 32)) - 1  # the padding bits of the last word: never allowed
+    if logits.device.type == "cpu" and len(rows) * vocab_size > DENSE_MASK_MAX_ELEMENTS:
+        _mask_rows_by_row(logits, rows, bitmask)
+    else:
+        _mask_rows_dense(logits, rows, bitmask)
+
+
+def _mask_rows_dense(logits: torch.Tensor, rows: Sequence[int], bitmask: torch.Tensor) -> None:
+    """One masked fill over all constrained rows: the accelerator path, and the CPU one for small vocabularies."""
+    # logits: [B, V]; bitmask: [R, W] int32
+    forbidden = ~bitmask_to_bool(bitmask, logits.shape[-1]).to(logits.device)  # [R, V]
     if len(rows) == logits.shape[0]:
         logits.masked_fill_(forbidden, float("-inf"))
-        return
+    else:
+        index = torch.tensor(rows, device=logits.device)
+        logits[index] = logits[index].masked_fill(forbidden, float("-inf"))
+
+
+def _mask_rows_by_row(logits: torch.Tensor, rows: Sequence[int], bitmask: torch.Tensor) -> None:
+    """The CPU path for large vocabularies, row by row, in place. A grammar row allows either a few tokens (JSON
+    punctuation, an enum, a key) or nearly all of them (inside a string): a row that allows all needs nothing; a row
+    that allows few keeps its allowed logits by index over a ``-inf`` row; the others get one branch-free select."""
+    # logits: [B, V]; bitmask: [R, W] int32
+    vocab_size = logits.shape[-1]
+    allowed_counts = np.bitwise_count(bitmask.numpy().view(np.uint32)).sum(axis=1)  # [R]
+    bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, count=vocab_size, bitorder="little")  # [R, V]
+    allowed = torch.from_numpy(bits).view(torch.bool)  # [R, V], shares memory with bits
+    minus_inf = torch.tensor(float("-inf"), dtype=logits.dtype)
     for index, row in enumerate(rows):
-        logits[row].masked_fill_(forbidden[index], float("-inf"))
+        count = int(allowed_counts[index])
+        if count == vocab_size:
+            continue
+        if count <= vocab_size // FEW_ALLOWED_FRACTION:
+            keep = torch.from_numpy(np.flatnonzero(bits[index]))  # [K]
+            kept = logits[row, keep]
+            logits[row].fill_(float("-inf"))
+            logits[row, keep] = kept
+        else:
+            torch.where(allowed[index], logits[row], minus_inf, out=logits[row])
 
 
 def _one_line(message: str, limit: int = 300) -> str:
