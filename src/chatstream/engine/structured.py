@@ -33,6 +33,7 @@ __all__ = [
     "GrammarMatcher",
     "GrammarSpec",
     "allocate_bitmask",
+    "apply_bitmask",
     "apply_masks",
     "bitmask_to_bool",
     "response_format_grammar",
@@ -255,6 +256,16 @@ def apply_masks(logits: torch.Tensor, matchers: Sequence[GrammarMatcher | None])
         matcher = matchers[row]
         assert matcher is not None
         matcher.fill_bitmask(bitmask, index)
+    apply_bitmask(logits, rows, bitmask)
+
+
+def apply_bitmask(logits: torch.Tensor, rows: Sequence[int], bitmask: torch.Tensor) -> None:
+    """Set ``logits[rows[i], t]`` to ``-inf`` where bit ``t`` of ``bitmask[i]`` is 0; in place.
+
+    ``bitmask`` is int32 ``[len(rows), ceil(V / 32)]`` on the CPU, filled by :meth:`GrammarMatcher.fill_bitmask`.
+    """
+    # logits: [B, V]; bitmask: [R, W]
+    vocab_size = logits.shape[-1]
     if vocab_size % 32:
         bitmask[:, -1] &= (1 << (vocab_size % 32)) - 1  # the padding bits of the last word: never allowed
     if logits.device.type == "cpu" and len(rows) * vocab_size > DENSE_MASK_MAX_ELEMENTS:
