@@ -277,3 +277,28 @@ def test_twenty_random_generations_parse_and_validate(
     for text in texts:
         jsonschema.validate(json.loads(text), PERSON_SCHEMA)
     assert len(set(texts)) == 20  # the seeds really sampled: the rows differ
+
+
+@pytest.mark.slow
+def test_gemma_tokenizer_random_walks_parse_and_validate() -> None:
+    """Gemma-3's SentencePiece-style vocabulary (262k tokens, byte fallback, ``<end_of_turn>`` as a second stop)."""
+    from transformers import AutoTokenizer
+
+    from chatstream.models import prepare_model_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(str(prepare_model_dir(None, progress=False)), local_files_only=True)
+    stops = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")]
+    compiler = GrammarCompiler(tokenizer, 262144, stops)
+    spec = GrammarSpec.json_schema(PERSON_SCHEMA)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        matcher, tokens = compiler.matcher(spec), []
+        while len(tokens) < MAX_NEW_TOKENS:
+            logits = torch.randn(1, 262144, generator=generator) * 3  # [1, V]
+            apply_masks(logits, [matcher])
+            token = int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+            assert matcher.accept(token), matcher.error
+            if token in stops:
+                break
+            tokens.append(token)
+        jsonschema.validate(json.loads(tokenizer.decode(tokens)), PERSON_SCHEMA)
