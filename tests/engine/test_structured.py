@@ -120,11 +120,13 @@ def test_invalid_schema_is_a_value_error_naming_the_field(compiler: GrammarCompi
 def test_compiled_grammars_are_cached_and_bounded(tiny_tokenizer: PreTrainedTokenizerFast) -> None:
     small = GrammarCompiler(tiny_tokenizer, len(tiny_tokenizer), [tiny_tokenizer.eos_token_id], max_cached=2)
     specs = [GrammarSpec.json_schema({"type": "object", "maxProperties": n}) for n in range(3)]
-    first = small._template(specs[0])
-    assert small._template(specs[0]) is first
+    small.validate(specs[0])
+    first = small._templates[f"json_schema:{specs[0].text}"]
+    small.validate(specs[0])
+    assert small._templates[f"json_schema:{specs[0].text}"] is first
     small.validate(specs[1])
     small.validate(specs[2])
-    assert len(small._templates) == 2 and small._template(specs[0]) is not first
+    assert len(small._templates) == 2 and f"json_schema:{specs[0].text}" not in small._templates
 
 
 def test_matchers_of_one_grammar_are_independent(compiler: GrammarCompiler, tiny_tokenizer: Any) -> None:

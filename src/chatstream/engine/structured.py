@@ -17,6 +17,7 @@ from __future__ import annotations
 import enum
 import json
 import logging
+import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -153,14 +154,17 @@ class GrammarCompiler:
         self.max_cached = max_cached
         self._tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=list(stop_token_ids))
         self._templates: OrderedDict[str, Any] = OrderedDict()
+        self._lock = threading.Lock()  # the server validates in a worker thread while the engine thread compiles
 
     def matcher(self, spec: GrammarSpec) -> GrammarMatcher:
         """A matcher at the start of ``spec``; ValueError naming ``spec.field`` when the grammar is invalid."""
-        return GrammarMatcher(self._template(spec).deep_copy(), self.vocab_size)
+        with self._lock:
+            return GrammarMatcher(self._template(spec).deep_copy(), self.vocab_size)
 
     def validate(self, spec: GrammarSpec) -> None:
         """Compile ``spec`` (cached) or raise ValueError: for the server, before the request is queued."""
-        self._template(spec)
+        with self._lock:
+            self._template(spec)
 
     def _template(self, spec: GrammarSpec) -> Any:
         import llguidance
