@@ -73,6 +73,8 @@ class ChatStream:
         fused_decoder: on the CPU, run the model families it supports (Llama, Mistral, Qwen2, Qwen3, Gemma-3)
             through the engine's fused decoder; False keeps transformers' own forward pass (``chatstream serve
             --no-fused-decoder``).
+        engine: an engine instance to generate with (any implementation of ``chatstream.engine.Engine``) instead of
+            the one built from ``model`` (then ``model`` is not needed; ``tokenizer`` still renders the prompts).
         store: where sessions and conversations are kept: a URL (``memory://``, the default; ``sqlite:///path.db``;
             ``redis://host:6379/0``) or a store from ``chatstream.sessions.open_store`` (docs/conversations.md).
             ``append_middlewares`` keeps sessions in it too.
@@ -118,6 +120,7 @@ class ChatStream:
         token_sampler: Any = None,
         probe_mode_enabled: bool = False,
         fused_decoder: bool = True,
+        engine: Engine | None = None,
         store: str | Store = "memory://",
         conversation_max_age: float | str | None = None,
         max_conversations_per_user: int | None = None,
@@ -154,7 +157,7 @@ class ChatStream:
         self.client_roles = ClientRoles.from_config(client_roles)
         self.chat_prompt_clazz = chat_prompt_clazz or default_prompt_class(tokenizer, use_mock_response)
         self.request_handler = request_handler or SimpleSessionRequestHandler()
-        self.service = self._create_service(locale, model_name, mock_params)
+        self.service = self._create_service(locale, model_name, mock_params, engine)
         self.conversations = ConversationKeeper(
             store,
             self.service.prompts,
@@ -169,7 +172,11 @@ class ChatStream:
         self._console_prompt: AbstractChatPrompt | None = None
 
     def _create_service(
-        self, locale: str | None, model_name: str | None, mock_params: Mapping[Any, Any] | None
+        self,
+        locale: str | None,
+        model_name: str | None,
+        mock_params: Mapping[Any, Any] | None,
+        engine: Engine | None,
     ) -> ChatService:
         config = ServiceConfig(
             name=self.name,
@@ -181,8 +188,9 @@ class ChatStream:
             num_gpus=self.num_gpus,
             device=self.device,
         )
-        mock = MockConfig.from_seed_params(dict(mock_params or {})) if self.use_mock_response else None
-        engine = create_engine(self.model, self.tokenizer, self.engine_config, mock)
+        if engine is None:
+            mock = MockConfig.from_seed_params(dict(mock_params or {})) if self.use_mock_response else None
+            engine = create_engine(self.model, self.tokenizer, self.engine_config, mock)
         return ChatService(config, engine, PromptFactory(self.chat_prompt_clazz, self.tokenizer), self.logger)
 
     # ----- what the service holds -----
