@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -16,6 +17,7 @@ from chatstream.server.apis import append_apis
 from chatstream.server.middlewares import append_middlewares
 from chatstream.sessions import Store
 from chatstream.sessions.records import conversation_from_json
+from chatstream.sessions.store import MemoryStore
 
 EOS = "<::EOS::>"
 MESSAGE_ID = "X-ChatStream-Last-Generated-Message-Id"
@@ -290,3 +292,26 @@ async def test_fastsession_sessions_own_records_too() -> None:
     assert session["chat_prompt"].get_responder_last_msg() == "kept in records"
     record = await chat_stream.conversations.store.conversations.get(session["user_id"], conversation_id)
     assert [m.text for m in record.messages] == ["kept in records", "kept in records"]
+
+
+async def test_the_retention_task_applies_the_chat_streams_limits() -> None:
+    chat_stream = mock_chat_stream(max_conversations_per_user=1, retention_interval=0.05)
+    async with asgi_client(build_app(chat_stream)) as client:
+        older = (await chat(client, "older")).headers[CONVERSATION_ID]
+        await client.post("/clear_context")
+        newer = (await chat(client, "newer")).headers[CONVERSATION_ID]
+        for _ in range(100):
+            if [c["id"] for c in (await listing(client))["data"]] == [newer]:
+                break
+            await asyncio.sleep(0.05)
+        assert [c["id"] for c in (await listing(client))["data"]] == [newer]
+        assert (await client.get(f"/conversations/{older}")).status_code == 404
+    await chat_stream.shutdown(0)
+
+
+async def test_the_session_store_option_takes_stores_and_refuses_anything_else() -> None:
+    chat_stream = mock_chat_stream()
+    for store in (chat_stream.conversations.store, MemoryStore()):
+        append_middlewares(chat_stream.server_context, FastAPI(), {"session": {"secret_key": "k", "store": store}})
+    with pytest.raises(ValueError, match="'store' must be a chatstream store"):
+        append_middlewares(chat_stream.server_context, FastAPI(), {"session": {"secret_key": "k", "store": "redis://"}})

@@ -4,6 +4,7 @@ whose cookie jar is the browser."""
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -58,3 +59,23 @@ def test_two_servers_sharing_redis_serve_one_conversation(tmp_path: Path, redis_
         page, texts = history(browser, two.url)
     assert len(page["data"]) == 1
     assert texts[::2] == ["started on one", "continued on two", "back on one"]
+
+
+def test_another_users_id_and_a_damaged_record_fail_alone(tmp_path: Path) -> None:
+    server_options = ("--data-dir", str(tmp_path), "--mock-time-per-token", "0.001")
+    with serving(*server_options) as server, httpx.Client(timeout=30) as alice, httpx.Client(timeout=30) as bob:
+        turn(alice, server.url, "alice's question")
+        theirs = alice.get(f"{server.url}/conversations").json()["current_id"]
+        stolen = bob.post(f"{server.url}/chat_stream", json={"user_input": "hi", "conversation_id": theirs})
+        assert stolen.status_code == 404 and stolen.json()["error"] == "not_found"
+        assert bob.get(f"{server.url}/conversations/{theirs}/items").status_code == 404
+        with sqlite3.connect(tmp_path / "chatstream.db") as conn:  # damage alice's record behind the server
+            conn.execute("UPDATE messages SET children = '[not json' WHERE conversation_id = ?", (theirs,))
+        broken = alice.post(f"{server.url}/chat_stream", json={"user_input": "again"})
+        assert broken.status_code == 500 and theirs in broken.json()["detail"]
+        items = alice.get(f"{server.url}/conversations/{theirs}/items")
+        assert items.status_code == 500 and items.json()["error"]["code"] == "corrupt_record"
+        assert turn(bob, server.url, "bob is still served") == ROUND_ANSWERS[0]
+        alice.post(f"{server.url}/clear_context")
+        assert turn(alice, server.url, "a new conversation works") == ROUND_ANSWERS[0]
+        assert httpx.get(f"{server.url}/health").status_code == 200
