@@ -110,7 +110,7 @@ class HttpSession:
         self._dirty = True
 
     def get_session_id(self) -> str:
-        """The session id (also a stable id for the user's conversation)."""
+        """The session id (the value the cookie carries, signed)."""
         self._materialize()
         return self._session_id
 
