@@ -156,8 +156,9 @@ def test_the_sidebar_is_a_drawer_on_phones(browser_context: Any, server: LiveSer
     page.click("#cs-side-toggle")
     assert page.get_attribute("#cs-side-toggle", "aria-expanded") == "true"
     assert page.evaluate("document.activeElement.id") == "cs-new-chat"
-    page.click("#cs-new-chat")  # starts over and closes the drawer
-    assert page.is_hidden("#cs-conv-list") and page.locator(".cs-msg-user").count() == 0
+    page.click("#cs-new-chat")  # closes the drawer and starts over
+    page.wait_for_function("document.querySelectorAll('.cs-msg-user').length === 0")
+    assert page.is_hidden("#cs-conv-list")
     page.click("#cs-side-toggle")
     page.wait_for_selector("#cs-conv-list .cs-conv-open")
     page.keyboard.press("Escape")
