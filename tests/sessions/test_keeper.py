@@ -10,7 +10,7 @@ import pytest
 
 from chatstream.prompts import ChatPromptTogetherRedPajamaINCITEChat
 from chatstream.service import PromptFactory
-from chatstream.sessions import ConversationNotFound, Store
+from chatstream.sessions import Conflict, ConversationNotFound, Store
 from chatstream.sessions.keeper import LEGACY_PROMPT_KEY, MEMORY_MAX_AGE, ConversationKeeper
 from chatstream.sessions.lookup import FoundSession
 from chatstream.sessions.sqlite import SQLiteStore
@@ -153,3 +153,34 @@ async def test_lifecycle_closes_only_the_store_it_opened(tmp_path: Path) -> None
     await owned.shutdown()
     await owned.shutdown()
     assert isinstance(ConversationKeeper("memory://", PROMPTS).store, MemoryStore)
+
+
+async def test_a_regenerated_answer_is_put_in_place_after_a_conflicting_turn(store: Store) -> None:
+    keeper = ConversationKeeper(store, PROMPTS)
+    found = session()
+    conversation_id = await turn(keeper, found, "question")
+    regenerating = await open_for_turn(keeper, found)  # reads the record, then another tab writes a turn
+    await turn(keeper, found, "meanwhile")
+    regenerating.prompt.clear_last_responder_message()
+    regenerating.prompt.set_responder_last_msg("a better answer")
+    regenerating.prompt.set_responder_last_msg_id("regenerated")
+    await commit_turn(keeper, found, regenerating)
+    record = await store.conversations.get(found.data["user_id"], conversation_id)
+    texts = [m.text for m in record.messages]
+    assert texts == ["question", "a better answer", "meanwhile", "answer to meanwhile"]
+    assert record.messages[1].id == "regenerated"
+
+
+async def test_a_regenerate_whose_answer_is_gone_is_a_conflict(store: Store) -> None:
+    keeper = ConversationKeeper(store, PROMPTS)
+    found = session()
+    conversation_id = await turn(keeper, found, "question")
+    first, second = await open_for_turn(keeper, found), await open_for_turn(keeper, found)
+    for opened, text in ((first, "first try"), (second, "second try")):
+        opened.prompt.set_responder_last_msg(text)
+        opened.prompt.set_responder_last_msg_id(text.replace(" ", "-"))
+    await commit_turn(keeper, found, first)
+    with pytest.raises(Conflict):
+        await commit_turn(keeper, found, second)  # the answer it replaces was replaced by the first
+    record = await store.conversations.get(found.data["user_id"], conversation_id)
+    assert [m.text for m in record.messages] == ["question", "first try"]
