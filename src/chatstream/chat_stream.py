@@ -23,7 +23,9 @@ from chatstream.i18n import normalize_locale
 from chatstream.server import apis, middlewares, ops, webui
 from chatstream.server.access import ClientRoles
 from chatstream.server.context import ServerContext
+from chatstream.server.http import DEFAULT_MAX_BODY_BYTES
 from chatstream.server.native import NativeChat, UserCallback
+from chatstream.server.queue_position import handle_queue_position_request
 from chatstream.service import ChatService, ConsoleItem, PromptFactory, create_engine, default_prompt_class
 from chatstream.sessions.handler import AbstractRequestHandler, SimpleSessionRequestHandler
 
@@ -71,6 +73,11 @@ class ChatStream:
         fused_decoder: on the CPU, run the model families it supports (Llama, Mistral, Qwen2, Qwen3, Gemma-3)
             through the engine's fused decoder; False keeps transformers' own forward pass (``chatstream serve
             --no-fused-decoder``).
+        max_body_bytes: the largest request body accepted (default 1 MiB); longer ones get 413 before they are
+            read whole.
+        fair_queue: serve the waiting line fairly across users (default); False: first come, first served.
+        max_running_per_user: a hard cap on one user's running generations; None (default): each user's fair
+            share, kept by the order in which freed slots are handed out (docs/api.md, "Fair queueing").
     """
 
     def __init__(
@@ -109,6 +116,9 @@ class ChatStream:
         token_sampler: Any = None,
         probe_mode_enabled: bool = False,
         fused_decoder: bool = True,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        fair_queue: bool = True,
+        max_running_per_user: int | None = None,
     ) -> None:
         self.name = name
         self.logger = logger or logging.getLogger("chatstream")
@@ -129,7 +139,11 @@ class ChatStream:
             ignore_eos=ignore_eos,
         )
         self.admission_config = AdmissionConfig(
-            num_of_concurrent_executions, max_queue_size, reject_as_http_error=too_many_request_as_http_error
+            num_of_concurrent_executions,
+            max_queue_size,
+            reject_as_http_error=too_many_request_as_http_error,
+            fair=fair_queue,
+            max_running_per_user=max_running_per_user,
         )
         self.engine_config = EngineConfig(
             context_len=context_len,
@@ -142,7 +156,7 @@ class ChatStream:
         self.chat_prompt_clazz = chat_prompt_clazz or default_prompt_class(tokenizer, use_mock_response)
         self.request_handler = request_handler or SimpleSessionRequestHandler()
         self.service = self._create_service(locale, model_name, mock_params)
-        chat = NativeChat(self.service, self.client_roles, self.request_handler, self.logger)
+        chat = NativeChat(self.service, self.client_roles, self.request_handler, self.logger, max_body_bytes)
         self.server_context = ServerContext(
             self.service, self.client_roles, chat, tuple(api_keys), on_feedback_received
         )
@@ -160,6 +174,7 @@ class ChatStream:
             add_special_tokens=self.engine_config.add_special_tokens,
             num_gpus=self.num_gpus,
             device=self.device,
+            context_len=None if self.use_mock_response else self.engine_config.context_len,
         )
         mock = MockConfig.from_seed_params(dict(mock_params or {})) if self.use_mock_response else None
         engine = create_engine(self.model, self.tokenizer, self.engine_config, mock)
@@ -233,6 +248,11 @@ class ChatStream:
         item: ConsoleItem
         async for item in self.service.console_turn(self._console_prompt, user_input, f"console-{id(self)}"):
             yield item
+
+    async def handle_queue_position_request(self, request: Request) -> Response:
+        """GET /chat_stream/queue_position?ticket=<id>: the place in line of the /chat_stream request that was sent
+        with ``X-ChatStream-Queue-Ticket: <id>`` (mount it next to your /chat_stream route; docs/api.md)."""
+        return await handle_queue_position_request(self.server_context, request)
 
     def verify_role_for_api(self, request: Request, api_name: str) -> JSONResponse | None:
         """None when the caller's client role allows ``api_name``, else the role layer's 403 response."""

@@ -253,6 +253,8 @@ class ServiceConfig:
         add_special_tokens: passed to the tokenizer when prompts are encoded (None: decided per prompt class).
         num_gpus: GPUs the model was loaded on (for /get_resource_usage).
         device: the device the model runs on (a ``torch.device``; None when unknown).
+        context_len: the model's context in tokens, when the service should fit prompts into it (native chats drop
+            their oldest turns, OpenAI requests that do not fit are refused); None leaves prompts to the engine.
     """
 
     name: str = "node:0"
@@ -263,10 +265,12 @@ class ServiceConfig:
     add_special_tokens: bool | None = None
     num_gpus: int | None = None
     device: Any = None
+    context_len: int | None = None
 
     def __post_init__(self) -> None:
         _check(self.locale in ("en", "ja"), "locale", self.locale, "must be 'en' or 'ja'")
         _check(self.num_gpus is None or self.num_gpus >= 0, "num_gpus", self.num_gpus, "must be >= 0")
+        _check(self.context_len is None or self.context_len >= 2, "context_len", self.context_len, "must be >= 2")
 
 
 @dataclass(frozen=True)
