@@ -21,6 +21,7 @@ from chatstream.server.access import API_NAMES, role_checked
 from chatstream.server.context import ServerContext
 from chatstream.server.errors import ApiError, BadRequest, NotFound, native_error_response
 from chatstream.server.http import read_json_object
+from chatstream.server.openapi_docs import endpoint_options, install_openapi
 from chatstream.server.ops import (
     handle_get_load_request,
     handle_get_resource_usage_request,
@@ -113,6 +114,7 @@ def append_apis(ctx: ServerContext, app: FastAPI, opts: Mapping[str, Any] | None
     selected = select_apis(opts)
     if not selected:
         logger.warning(message("no_apis_selected", ctx.service.locale))
+    install_openapi(app)
     for name in selected:
         if name == "openai":
             from chatstream.server.openai import add_openai_routes
@@ -120,7 +122,8 @@ def append_apis(ctx: ServerContext, app: FastAPI, opts: Mapping[str, Any] | None
             add_openai_routes(app, ctx, (*ctx.api_keys, *tuple(opts.get("api_keys") or ())))
             continue
         method, path = API_PATHS[name]
-        app.add_api_route(path, _endpoint(ctx, name, opts), methods=[method], name=f"chatstream_{name}")
+        endpoint = _endpoint(ctx, name, opts)
+        app.add_api_route(path, endpoint, methods=[method], name=f"chatstream_{name}", **endpoint_options(name))
         logger.debug("API endpoint %s %s (%s) added", method, path, name)
         if name == "chat_stream":
             _add_queue_position_route(ctx, app)
@@ -131,7 +134,8 @@ def _add_queue_position_route(ctx: ServerContext, app: FastAPI) -> None:
     async def queue_position(request: Request) -> Response:
         return await handle_queue_position_request(ctx, request)
 
-    app.add_api_route(QUEUE_POSITION_PATH, queue_position, methods=["GET"], name="chatstream_queue_position")
+    options = endpoint_options("queue_position")
+    app.add_api_route(QUEUE_POSITION_PATH, queue_position, methods=["GET"], name="chatstream_queue_position", **options)
 
 
 def _endpoint(ctx: ServerContext, name: str, opts: Mapping[str, Any]) -> Callable[[Request], Awaitable[Response]]:

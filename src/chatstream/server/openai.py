@@ -42,6 +42,7 @@ from chatstream.server.fairness import user_key
 from chatstream.server.http import read_json_object
 from chatstream.server.openai_render import Renderer, SseResponse, finish_reason_name, sse
 from chatstream.server.openai_schemas import ChatCompletionRequest, CompletionRequest, check_unsupported
+from chatstream.server.openapi_docs import endpoint_options, install_openapi
 from chatstream.server.queue_position import queued_events
 from chatstream.service import ChatService
 
@@ -82,9 +83,13 @@ def add_openai_routes(app: FastAPI, server: ServerContext, api_keys: Sequence[st
     async def models(request: Request) -> Response:
         return await handle_models(ctx, request)
 
-    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"], name="openai_chat_completions")
-    app.add_api_route("/v1/completions", completions, methods=["POST"], name="openai_completions")
-    app.add_api_route("/v1/models", models, methods=["GET"], name="openai_models")
+    install_openapi(app)
+    for path, endpoint, method, name in (
+        ("/v1/chat/completions", chat_completions, "POST", "openai_chat_completions"),
+        ("/v1/completions", completions, "POST", "openai_completions"),
+        ("/v1/models", models, "GET", "openai_models"),
+    ):
+        app.add_api_route(path, endpoint, methods=[method], name=name, **endpoint_options(name))
 
 
 # ----- handlers -----
