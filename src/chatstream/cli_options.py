@@ -91,6 +91,11 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
         help="the session cookie's Secure flag: auto (default: when the request came over HTTPS, also through a "
         "trusted proxy), always (the flag alone means always), never",
     )
+    _add_limit_options(group)
+
+
+def _add_limit_options(group: Any) -> None:
+    """Bounds on what requests may ask of the server, and how the waiting line is shared."""
     group.add_argument(
         "--max-body-bytes",
         type=_int_at_least(1),

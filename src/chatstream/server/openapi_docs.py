@@ -44,8 +44,8 @@ SECURITY_SCHEMES: dict[str, Any] = {
         "$CHATSTREAM_API_KEYS, ChatStream(api_keys=...)).",
     },
 }
-_NATIVE_SECURITY = [{"SessionCookie": []}, {"AgentPassPhrase": []}, {}]
-_OPENAI_SECURITY = [{"ApiKey": []}, {"AgentPassPhrase": []}, {}]
+_NATIVE_SECURITY: list[dict[str, list[str]]] = [{"SessionCookie": []}, {"AgentPassPhrase": []}, {}]
+_OPENAI_SECURITY: list[dict[str, list[str]]] = [{"ApiKey": []}, {"AgentPassPhrase": []}, {}]
 
 
 def ref(model: type[BaseModel]) -> dict[str, str]:
