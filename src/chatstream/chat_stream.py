@@ -78,6 +78,8 @@ class ChatStream:
         fair_queue: serve the waiting line fairly across users (default); False: first come, first served.
         max_running_per_user: a hard cap on one user's running generations; None (default): each user's fair
             share, kept by the order in which freed slots are handed out (docs/api.md, "Fair queueing").
+        engine: an engine instance to generate with (any implementation of ``chatstream.engine.Engine``) instead of
+            the one built from ``model`` (then ``model`` is not needed; ``tokenizer`` still renders the prompts).
     """
 
     def __init__(
@@ -119,6 +121,7 @@ class ChatStream:
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         fair_queue: bool = True,
         max_running_per_user: int | None = None,
+        engine: Engine | None = None,
     ) -> None:
         self.name = name
         self.logger = logger or logging.getLogger("chatstream")
@@ -155,7 +158,7 @@ class ChatStream:
         self.client_roles = ClientRoles.from_config(client_roles)
         self.chat_prompt_clazz = chat_prompt_clazz or default_prompt_class(tokenizer, use_mock_response)
         self.request_handler = request_handler or SimpleSessionRequestHandler()
-        self.service = self._create_service(locale, model_name, mock_params)
+        self.service = self._create_service(locale, model_name, mock_params, engine)
         chat = NativeChat(self.service, self.client_roles, self.request_handler, self.logger, max_body_bytes)
         self.server_context = ServerContext(
             self.service, self.client_roles, chat, tuple(api_keys), on_feedback_received
@@ -163,7 +166,11 @@ class ChatStream:
         self._console_prompt: AbstractChatPrompt | None = None
 
     def _create_service(
-        self, locale: str | None, model_name: str | None, mock_params: Mapping[Any, Any] | None
+        self,
+        locale: str | None,
+        model_name: str | None,
+        mock_params: Mapping[Any, Any] | None,
+        engine: Engine | None,
     ) -> ChatService:
         config = ServiceConfig(
             name=self.name,
@@ -174,11 +181,22 @@ class ChatStream:
             add_special_tokens=self.engine_config.add_special_tokens,
             num_gpus=self.num_gpus,
             device=self.device,
-            context_len=None if self.use_mock_response else self.engine_config.context_len,
+            context_len=self._prompt_context_len(engine),
         )
-        mock = MockConfig.from_seed_params(dict(mock_params or {})) if self.use_mock_response else None
-        engine = create_engine(self.model, self.tokenizer, self.engine_config, mock)
+        if engine is None:
+            mock = MockConfig.from_seed_params(dict(mock_params or {})) if self.use_mock_response else None
+            engine = create_engine(self.model, self.tokenizer, self.engine_config, mock)
         return ChatService(config, engine, PromptFactory(self.chat_prompt_clazz, self.tokenizer), self.logger)
+
+    def _prompt_context_len(self, engine: Engine | None) -> int | None:
+        """The context prompts are fitted into: the engine built here, or a given engine's own configured context
+        (an engine that tells none, e.g. a remote server, keeps its own limits)."""
+        if self.use_mock_response:
+            return None
+        if engine is None:
+            return self.engine_config.context_len
+        context_len = getattr(getattr(engine, "config", None), "context_len", None)
+        return context_len if isinstance(context_len, int) else None
 
     # ----- what the service holds -----
 
