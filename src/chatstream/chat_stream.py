@@ -23,7 +23,9 @@ from chatstream.i18n import normalize_locale
 from chatstream.server import apis, middlewares, ops, webui
 from chatstream.server.access import ClientRoles
 from chatstream.server.context import ServerContext
+from chatstream.server.http import DEFAULT_MAX_BODY_BYTES
 from chatstream.server.native import NativeChat, UserCallback
+from chatstream.server.queue_position import handle_queue_position_request
 from chatstream.service import ChatService, ConsoleItem, PromptFactory, create_engine, default_prompt_class
 from chatstream.sessions.base import Store
 from chatstream.sessions.handler import AbstractRequestHandler, SimpleSessionRequestHandler
@@ -73,6 +75,11 @@ class ChatStream:
         fused_decoder: on the CPU, run the model families it supports (Llama, Mistral, Qwen2, Qwen3, Gemma-3)
             through the engine's fused decoder; False keeps transformers' own forward pass (``chatstream serve
             --no-fused-decoder``).
+        max_body_bytes: the largest request body accepted (default 1 MiB); longer ones get 413 before they are
+            read whole.
+        fair_queue: serve the waiting line fairly across users (default); False: first come, first served.
+        max_running_per_user: a hard cap on one user's running generations; None (default): each user's fair
+            share, kept by the order in which freed slots are handed out (docs/api.md, "Fair queueing").
         engine: an engine instance to generate with (any implementation of ``chatstream.engine.Engine``) instead of
             the one built from ``model`` (then ``model`` is not needed; ``tokenizer`` still renders the prompts).
         store: where sessions and conversations are kept: a URL (``memory://``, the default; ``sqlite:///path.db``;
@@ -120,6 +127,9 @@ class ChatStream:
         token_sampler: Any = None,
         probe_mode_enabled: bool = False,
         fused_decoder: bool = True,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        fair_queue: bool = True,
+        max_running_per_user: int | None = None,
         engine: Engine | None = None,
         store: str | Store = "memory://",
         conversation_max_age: float | str | None = None,
@@ -145,7 +155,11 @@ class ChatStream:
             ignore_eos=ignore_eos,
         )
         self.admission_config = AdmissionConfig(
-            num_of_concurrent_executions, max_queue_size, reject_as_http_error=too_many_request_as_http_error
+            num_of_concurrent_executions,
+            max_queue_size,
+            reject_as_http_error=too_many_request_as_http_error,
+            fair=fair_queue,
+            max_running_per_user=max_running_per_user,
         )
         self.engine_config = EngineConfig(
             context_len=context_len,
@@ -165,7 +179,9 @@ class ChatStream:
             max_per_owner=max_conversations_per_user,
             retention_interval=retention_interval,
         )
-        chat = NativeChat(self.service, self.client_roles, self.request_handler, self.logger, self.conversations)
+        chat = NativeChat(
+            self.service, self.client_roles, self.request_handler, self.logger, self.conversations, max_body_bytes
+        )
         self.server_context = ServerContext(
             self.service, self.client_roles, chat, tuple(api_keys), on_feedback_received
         )
@@ -187,11 +203,22 @@ class ChatStream:
             add_special_tokens=self.engine_config.add_special_tokens,
             num_gpus=self.num_gpus,
             device=self.device,
+            context_len=self._prompt_context_len(engine),
         )
         if engine is None:
             mock = MockConfig.from_seed_params(dict(mock_params or {})) if self.use_mock_response else None
             engine = create_engine(self.model, self.tokenizer, self.engine_config, mock)
         return ChatService(config, engine, PromptFactory(self.chat_prompt_clazz, self.tokenizer), self.logger)
+
+    def _prompt_context_len(self, engine: Engine | None) -> int | None:
+        """The context prompts are fitted into: the engine built here, or a given engine's own configured context
+        (an engine that tells none, e.g. a remote server, keeps its own limits)."""
+        if self.use_mock_response:
+            return None
+        if engine is None:
+            return self.engine_config.context_len
+        context_len = getattr(getattr(engine, "config", None), "context_len", None)
+        return context_len if isinstance(context_len, int) else None
 
     # ----- what the service holds -----
 
@@ -265,6 +292,11 @@ class ChatStream:
         item: ConsoleItem
         async for item in self.service.console_turn(self._console_prompt, user_input, f"console-{id(self)}"):
             yield item
+
+    async def handle_queue_position_request(self, request: Request) -> Response:
+        """GET /chat_stream/queue_position?ticket=<id>: the place in line of the /chat_stream request that was sent
+        with ``X-ChatStream-Queue-Ticket: <id>`` (mount it next to your /chat_stream route; docs/api.md)."""
+        return await handle_queue_position_request(self.server_context, request)
 
     def verify_role_for_api(self, request: Request, api_name: str) -> JSONResponse | None:
         """None when the caller's client role allows ``api_name``, else the role layer's 403 response."""

@@ -11,13 +11,16 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from chatstream.cli_options import (
     API_KEYS_ENV,
+    DEFAULT_MAX_BODY_BYTES,
     LOG_LEVELS,
     add_conversation_options,
     add_generation_options,
@@ -128,8 +131,7 @@ def _serve_app(args: argparse.Namespace, chat_stream: ChatStream, server: Any, d
     from chatstream.server.app import create_app
 
     web_ui_params = {"title": args.web_ui_title} if args.web_ui_title else None
-    # serve speaks plain HTTP: a Secure cookie would be dropped by browsers that reach it by a LAN address
-    session: dict[str, Any] = {"secure": bool(args.secure_cookies)}
+    session: dict[str, Any] = {"secure": {"auto": "auto", "always": True, "never": False}[args.secure_cookies]}
     if data.session_secret is not None:
         session["secret_key"] = data.session_secret
     return create_app(
@@ -236,6 +238,10 @@ def _chat_stream_options(
         "seed": args.seed,
         "ignore_eos": args.ignore_eos,
         "locale": args.locale,
+        # server options (``serve`` only)
+        "fair_queue": getattr(args, "fair_queue", True),
+        "max_running_per_user": getattr(args, "max_running_per_user", None),
+        "max_body_bytes": getattr(args, "max_body_bytes", DEFAULT_MAX_BODY_BYTES),
     }
 
 
@@ -335,11 +341,28 @@ def _run_uvicorn(config: Any) -> None:
             if self.started:
                 print(f"ChatStream is ready: {_listening_url(self)}", flush=True)
 
+    _exit_quietly_on_sigterm()
     try:
         AnnouncingServer(config).run()
-    except KeyboardInterrupt:
-        # uvicorn has already shut down gracefully; it re-raises the interrupt for the caller to see
+    except (KeyboardInterrupt, _Terminated):
+        # uvicorn has already shut down gracefully (streams drained); it re-raises the signal for the caller to see
         logger.info("Stopped")
+
+
+class _Terminated(Exception):
+    """SIGTERM arrived (uvicorn raises the signal again once it has shut down)."""
+
+
+def _exit_quietly_on_sigterm() -> None:
+    """Make the SIGTERM that uvicorn re-raises after a graceful shutdown end the command with status 0 (a service
+    manager's normal stop), instead of killing the process with the signal's default action."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def terminated(signum: int, frame: Any) -> None:
+        raise _Terminated()
+
+    signal.signal(signal.SIGTERM, terminated)
 
 
 def _listening_url(server: Any) -> str:

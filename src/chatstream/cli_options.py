@@ -14,6 +14,9 @@ API_KEYS_ENV = "CHATSTREAM_API_KEYS"
 """Comma-separated API keys for the OpenAI endpoints, added to those given with ``--api-key``."""
 DTYPE_CHOICES = ("auto", "bf16", "bfloat16", "fp16", "float16", "fp32", "float32")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+SECURE_COOKIE_CHOICES = ("auto", "always", "never")
+DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+"""As ``chatstream.server.http.DEFAULT_MAX_BODY_BYTES`` (not imported: the parser loads no server code)."""
 
 
 def add_model_options(parser: argparse.ArgumentParser, default_log_level: str) -> None:
@@ -81,8 +84,37 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--drain-timeout", type=_float_at_least(0.0), default=30.0, metavar="SEC")
     group.add_argument(
         "--secure-cookies",
-        action="store_true",
-        help="mark the session cookie Secure (only when clients reach the server over HTTPS, e.g. behind a proxy)",
+        nargs="?",
+        choices=SECURE_COOKIE_CHOICES,
+        const="always",
+        default="auto",
+        help="the session cookie's Secure flag: auto (default: when the request came over HTTPS, also through a "
+        "trusted proxy), always (the flag alone means always), never",
+    )
+    _add_limit_options(group)
+
+
+def _add_limit_options(group: Any) -> None:
+    """Bounds on what requests may ask of the server, and how the waiting line is shared."""
+    group.add_argument(
+        "--max-body-bytes",
+        type=_int_at_least(1),
+        default=DEFAULT_MAX_BODY_BYTES,
+        metavar="N",
+        help="the largest request body accepted; longer ones get 413 (default: 1048576, 1 MiB)",
+    )
+    group.add_argument(
+        "--no-fair-queue",
+        dest="fair_queue",
+        action="store_false",
+        help="serve waiting requests first come, first served instead of fairly across users",
+    )
+    group.add_argument(
+        "--max-running-per-user",
+        type=_int_at_least(1),
+        default=None,
+        metavar="N",
+        help="a hard cap on one user's running generations (default: none; each user gets a fair share)",
     )
 
 

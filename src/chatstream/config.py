@@ -174,17 +174,30 @@ class AdmissionConfig:
 
     Attributes:
         max_concurrency: the seed's ``num_of_concurrent_executions``.
-        max_queue_size: requests that may wait (FIFO) beyond the running ones; the next is rejected at once.
+        max_queue_size: requests that may wait beyond the running ones; the next is rejected at once.
         reject_as_http_error: the seed's ``too_many_request_as_http_error``: 429 + Retry-After instead of 200.
+        fair: serve the waiting line fairly across users (see ``admission/fair_queue.py``): a freed slot goes to the
+            waiting user with the fewest generations running. False: one first-come, first-served line for all.
+        max_running_per_user: a hard cap on one user's running generations (slots may stay idle because of it).
+            None (the default): no hard cap; each user's fair share, max_concurrency / users waiting or running,
+            is kept by the order in which freed slots are handed out, and a lone user may use every slot.
     """
 
     max_concurrency: int = 2
     max_queue_size: int = 5
     reject_as_http_error: bool = False
+    fair: bool = True
+    max_running_per_user: int | None = None
 
     def __post_init__(self) -> None:
         _check(self.max_concurrency >= 1, "num_of_concurrent_executions", self.max_concurrency, "must be >= 1")
         _check(self.max_queue_size >= 0, "max_queue_size", self.max_queue_size, "must be >= 0")
+        _check(
+            self.max_running_per_user is None or self.max_running_per_user >= 1,
+            "max_running_per_user",
+            self.max_running_per_user,
+            "must be >= 1 or None",
+        )
 
 
 class MockType(enum.Enum):
@@ -240,6 +253,8 @@ class ServiceConfig:
         add_special_tokens: passed to the tokenizer when prompts are encoded (None: decided per prompt class).
         num_gpus: GPUs the model was loaded on (for /get_resource_usage).
         device: the device the model runs on (a ``torch.device``; None when unknown).
+        context_len: the model's context in tokens, when the service should fit prompts into it (native chats drop
+            their oldest turns, OpenAI requests that do not fit are refused); None leaves prompts to the engine.
     """
 
     name: str = "node:0"
@@ -250,10 +265,12 @@ class ServiceConfig:
     add_special_tokens: bool | None = None
     num_gpus: int | None = None
     device: Any = None
+    context_len: int | None = None
 
     def __post_init__(self) -> None:
         _check(self.locale in ("en", "ja"), "locale", self.locale, "must be 'en' or 'ja'")
         _check(self.num_gpus is None or self.num_gpus >= 0, "num_gpus", self.num_gpus, "must be >= 0")
+        _check(self.context_len is None or self.context_len >= 2, "context_len", self.context_len, "must be >= 2")
 
 
 @dataclass(frozen=True)

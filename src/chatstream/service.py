@@ -17,13 +17,14 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from chatstream.admission.admission import AdmissionController, QueueFull, Slot
+from chatstream.admission.admission import DEFAULT_USER, AdmissionController, QueueFull, Slot, Ticket
 from chatstream.admission.generation import GenerationOutcome, run_generation
 from chatstream.admission.metrics import ChatStreamMetrics
 from chatstream.config import EngineConfig, MockConfig, SamplingOverrides, SamplingParams, ServiceConfig
 from chatstream.engine.base import Delta, Engine, GenerationRequest
 from chatstream.engine.mock_engine import MockEngine, MockRequest
 from chatstream.i18n import message
+from chatstream.prompts.window import ContextWindow
 
 if TYPE_CHECKING:
     from chatstream.prompts.base import AbstractChatPrompt
@@ -102,6 +103,10 @@ class ChatService:
         self.logger = logger or logging.getLogger(__name__)
         self._admission: AdmissionController | None = None
         self._metrics: ChatStreamMetrics | None = None
+        self.context_window: ContextWindow | None = None
+        """Set when prompts are fitted into the model's context (``config.context_len`` and a tokenizer)."""
+        if config.context_len is not None and prompts.tokenizer is not None:
+            self.context_window = ContextWindow(config.context_len, prompts.tokenizer, config.add_special_tokens)
 
     @property
     def name(self) -> str:
@@ -151,21 +156,63 @@ class ChatService:
         overrides: SamplingOverrides | None = None,
         conversation_id: str | None = None,
     ) -> GenerationRequest:
-        """The engine request for the pending answer of ``chat_prompt`` (prompt text, stops, replacements)."""
+        """The engine request for the pending answer of ``chat_prompt`` (prompt text, stops, replacements).
+
+        When the conversation no longer fits the context, its oldest whole turns are left out of the prompt (the
+        system text and the latest turn stay; see ``prompts/window.py``); the history itself is not changed.
+        """
         stops = tuple(chat_prompt._get_final_stop_strs() or ()) if chat_prompt.is_chat_mode_enabled() else ()
+        sampling = self.sampling_for(overrides).with_updates(stop=stops)
+        add_special_tokens = self._add_special_tokens_for(chat_prompt)
         request = GenerationRequest(
             request_id=f"chat-{uuid.uuid4().hex}",
-            prompt=chat_prompt.create_prompt(),
-            sampling=self.sampling_for(overrides).with_updates(stop=stops),
+            prompt=self._prompt_within_context(chat_prompt, sampling.max_new_tokens, add_special_tokens),
+            sampling=sampling,
             output_replacements=tuple(chat_prompt.get_replacement_when_output() or ()),
             conversation_id=conversation_id,
-            add_special_tokens=self._add_special_tokens_for(chat_prompt),
+            add_special_tokens=add_special_tokens,
         )
         return self._for_engine(request, chat_prompt.get_requester_last_msg(), chat_prompt.get_turn())
+
+    async def prepare_request(
+        self,
+        chat_prompt: AbstractChatPrompt,
+        overrides: SamplingOverrides | None = None,
+        conversation_id: str | None = None,
+    ) -> GenerationRequest:
+        """:meth:`build_request` off the event loop when it may tokenize (a long history measured against the
+        context)."""
+        if self.context_window is not None:
+            return await asyncio.to_thread(self.build_request, chat_prompt, overrides, conversation_id)
+        return self.build_request(chat_prompt, overrides, conversation_id)
 
     def build_text_request(self, request_id: str, prompt: str, sampling: SamplingParams) -> GenerationRequest:
         """The engine request for a raw prompt (no chat formatting, no conversation)."""
         return self._for_engine(GenerationRequest(request_id=request_id, prompt=prompt, sampling=sampling), prompt)
+
+    async def check_context(self, request: GenerationRequest, max_tokens_given: bool) -> GenerationRequest:
+        """``request`` if its prompt and ``max_new_tokens`` fit the context. When they do not: raise
+        ContextLengthExceeded if the client asked for that many new tokens (or the prompt alone fills the
+        context), else lower ``max_new_tokens`` to what fits (as vLLM does)."""
+        window, max_new = self.context_window, request.sampling.max_new_tokens
+        if window is None or not window.needs_counting(request.prompt, max_new):
+            return request
+        fitted = await asyncio.to_thread(
+            window.max_new_tokens_for, request.prompt, max_new, max_tokens_given, request.add_special_tokens
+        )
+        if fitted == max_new:
+            return request
+        return dataclasses.replace(request, sampling=request.sampling.with_updates(max_new_tokens=fitted))
+
+    def _prompt_within_context(
+        self, chat_prompt: AbstractChatPrompt, max_new_tokens: int, add_special_tokens: bool | None
+    ) -> str:
+        if self.context_window is None:
+            return chat_prompt.create_prompt()
+        text, dropped = self.context_window.chat_prompt_text(chat_prompt, max_new_tokens, add_special_tokens)
+        if dropped:
+            self.logger.info("conversation longer than the context: %d oldest turns left out of the prompt", dropped)
+        return text
 
     def _add_special_tokens_for(self, chat_prompt: AbstractChatPrompt) -> bool | None:
         # The configured add_special_tokens wins; otherwise a prompt class whose text already holds the special
@@ -183,20 +230,44 @@ class ChatService:
 
     # ----- admission and generation -----
 
-    async def acquire_slot(self, is_disconnected: IsDisconnected) -> Slot | None:
-        """A slot to generate: at once, or after waiting in line; None when the client left while waiting.
+    async def acquire_slot(
+        self, is_disconnected: IsDisconnected, user: str = DEFAULT_USER, ticket_id: str | None = None
+    ) -> Slot | None:
+        """A slot to generate: at once, or after waiting in line (fairly across users: ``user`` names the caller);
+        None when the client left while waiting. ``ticket_id`` lets the caller's place in line be looked up.
 
         Raises QueueFull (the line is full; counted as a rejection) or Draining (shutting down).
         """
+        return await self.wait_for_slot(self.enqueue(user, ticket_id), is_disconnected)
+
+    def enqueue(self, user: str = DEFAULT_USER, ticket_id: str | None = None) -> Ticket:
+        """A place in line (already admitted when a slot is free). Raises QueueFull (counted) or Draining."""
         try:
-            slot = await run_unless_disconnected(self.admission.acquire(), is_disconnected, Slot.release)
+            ticket = self.admission.enqueue(user, ticket_id)
+        except QueueFull:
+            self.metrics.rejected.inc()
+            raise
+        if ticket.slot is not None:
+            self.record_admission(ticket.slot)
+        return ticket
+
+    async def wait_for_slot(self, ticket: Ticket, is_disconnected: IsDisconnected) -> Slot | None:
+        """The ticket's slot once admitted; None (and the ticket closed) when the client leaves first."""
+        if ticket.slot is not None:
+            return ticket.slot
+        try:
+            slot = await run_unless_disconnected(ticket.wait(), is_disconnected, Slot.release)
         except QueueFull:
             self.metrics.rejected.inc()
             raise
         if slot is not None:
-            self.metrics.admitted.inc()
-            self.metrics.queue_time.observe(slot.queue_time)
+            self.record_admission(slot)
         return slot
+
+    def record_admission(self, slot: Slot) -> None:
+        """Count an admission and its time in line."""
+        self.metrics.admitted.inc()
+        self.metrics.queue_time.observe(slot.queue_time)
 
     def generate(
         self, request: GenerationRequest, outcome: GenerationOutcome, arrived: float | None = None

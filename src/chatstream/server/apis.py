@@ -22,13 +22,15 @@ from chatstream.server.access import API_NAMES, role_checked
 from chatstream.server.context import ServerContext
 from chatstream.server.conversations import CONVERSATION_ROUTES, add_conversation_route
 from chatstream.server.errors import ApiError, BadRequest, NotFound, native_error_response
-from chatstream.server.http import parse_json_object
+from chatstream.server.http import read_json_object
+from chatstream.server.openapi_docs import endpoint_options, install_openapi
 from chatstream.server.ops import (
     handle_get_load_request,
     handle_get_resource_usage_request,
     handle_health,
     handle_metrics,
 )
+from chatstream.server.queue_position import QUEUE_POSITION_PATH, handle_queue_position_request
 from chatstream.server.webui import index, js
 from chatstream.service import ChatService
 from chatstream.sessions.errors import ConversationNotFound, StoreError
@@ -118,6 +120,7 @@ def append_apis(ctx: ServerContext, app: FastAPI, opts: Mapping[str, Any] | None
     selected = select_apis(opts)
     if not selected:
         logger.warning(message("no_apis_selected", ctx.service.locale))
+    install_openapi(app)
     for name in selected:
         if name == "openai":
             from chatstream.server.openai import add_openai_routes
@@ -128,9 +131,20 @@ def append_apis(ctx: ServerContext, app: FastAPI, opts: Mapping[str, Any] | None
             add_conversation_route(app, ctx, name)
             continue
         method, path = API_PATHS[name]
-        app.add_api_route(path, _endpoint(ctx, name, opts), methods=[method], name=f"chatstream_{name}")
+        endpoint = _endpoint(ctx, name, opts)
+        app.add_api_route(path, endpoint, methods=[method], name=f"chatstream_{name}", **endpoint_options(name))
         logger.debug("API endpoint %s %s (%s) added", method, path, name)
+        if name == "chat_stream":
+            _add_queue_position_route(ctx, app)
     return selected
+
+
+def _add_queue_position_route(ctx: ServerContext, app: FastAPI) -> None:
+    async def queue_position(request: Request) -> Response:
+        return await handle_queue_position_request(ctx, request)
+
+    options = endpoint_options("queue_position")
+    app.add_api_route(QUEUE_POSITION_PATH, queue_position, methods=["GET"], name="chatstream_queue_position", **options)
 
 
 def _endpoint(ctx: ServerContext, name: str, opts: Mapping[str, Any]) -> Callable[[Request], Awaitable[Response]]:
@@ -260,7 +274,7 @@ def parse_generation_params(data: Mapping[str, Any]) -> dict[str, float | int]:
 async def handle_set_generation_params_request(ctx: ServerContext, request: Request) -> Response:
     """POST /set_generation_params: keep temperature / top_k_value / top_p_value for this session's next turns."""
     try:
-        params = parse_generation_params(parse_json_object(await request.body()))
+        params = parse_generation_params(await read_json_object(request, ctx.max_body_bytes))
     except ApiError as exc:
         return native_error_response(exc)
     found = find_session(request)
@@ -305,7 +319,7 @@ async def handle_set_feedback_request(
     if not ctx.keeps_history_in_session:
         return _fail(_NOT_SESSION_HANDLER)
     try:
-        body = parse_json_object(await request.body())
+        body = await read_json_object(request, ctx.max_body_bytes)
         message_id, is_like, form_data, conversation_id = _parse_feedback(
             body, request.headers.get(CONVERSATION_ID_HEADER)
         )

@@ -20,13 +20,15 @@ def create_app(
     api_keys: Sequence[str] = (),
     drain_timeout: float = 30.0,
     middleware_opts: Mapping[str, Any] | None = None,
+    max_body_bytes: int | None = None,
 ) -> FastAPI:
     """An app serving every API (native, OpenAI, web UI, /health, /metrics) of a ChatStream (or a server context).
 
     The lifespan starts the engine and opens the conversation store (with its retention task) and, on shutdown,
     stops admitting (503), lets running streams finish for up to ``drain_timeout`` seconds, stops the engine, then
     closes the store. ``api_keys`` protect the OpenAI API (``Authorization:
-    Bearer``); ``middleware_opts`` go to :func:`append_middlewares` (session cookie settings, CORS).
+    Bearer``); ``middleware_opts`` go to :func:`append_middlewares` (session cookie settings, CORS);
+    ``max_body_bytes`` bounds every request body (default: the ChatStream's ``max_body_bytes``, 1 MiB).
     """
     if drain_timeout < 0:
         raise ValueError(f"drain_timeout={drain_timeout!r} must be >= 0")
@@ -45,6 +47,9 @@ def create_app(
                 await ctx.conversations.shutdown()  # after the drain: finishing streams still commit their turns
 
     app = FastAPI(title=f"ChatStream ({ctx.service.name})", lifespan=lifespan)
-    append_middlewares(ctx, app, middleware_opts)
+    opts = dict(middleware_opts or {})
+    if max_body_bytes is not None:
+        opts["max_body_bytes"] = max_body_bytes
+    append_middlewares(ctx, app, opts)
     append_apis(ctx, app, {"all": True, "web_ui_params": dict(web_ui_params or {}), "api_keys": tuple(api_keys)})
     return app

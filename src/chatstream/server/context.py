@@ -40,6 +40,11 @@ class ServerContext:
     on_feedback_received: FeedbackHook | None = None
 
     @property
+    def max_body_bytes(self) -> int:
+        """The largest request body the endpoints accept (the /chat_stream endpoint holds the setting)."""
+        return self.chat.max_body_bytes
+
+    @property
     def request_handler(self) -> AbstractRequestHandler:
         return self.chat.handler
 

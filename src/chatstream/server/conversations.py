@@ -26,7 +26,7 @@ from chatstream.server.conversations_render import (
     list_json,
 )
 from chatstream.server.errors import ApiError, BadRequest, Forbidden, openai_error_response
-from chatstream.server.http import parse_json_object
+from chatstream.server.http import parse_json_object, read_body
 from chatstream.sessions.base import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from chatstream.sessions.errors import ConversationNotFound, CorruptRecord, StoreError
 from chatstream.sessions.lookup import FoundSession, find_session
@@ -101,8 +101,8 @@ def _conversation_id(request: Request) -> str:
     return str(value)
 
 
-async def _body(request: Request) -> dict[str, Any]:
-    raw = await request.body()
+async def _body(ctx: ServerContext, request: Request) -> dict[str, Any]:
+    raw = await read_body(request, ctx.max_body_bytes)
     return parse_json_object(raw) if raw.strip() else {}
 
 
@@ -135,7 +135,7 @@ async def list_conversations(ctx: ServerContext, request: Request) -> Response:
 
 async def create_conversation(ctx: ServerContext, request: Request) -> Response:
     """POST /conversations ``{"title": "...", "make_current": true}``: a new, empty conversation."""
-    body = await _body(request)
+    body = await _body(ctx, request)
     title = _title(body, required=False)
     make_current = body.get("make_current", True)
     if not isinstance(make_current, bool):
@@ -167,7 +167,7 @@ async def update_conversation(ctx: ServerContext, request: Request) -> Response:
     """POST /conversations/{id} ``{"title": "..."}`` (or OpenAI's ``{"metadata": {"title": "..."}}``): rename;
     an empty title derives it again from the first message."""
     conversation_id = _conversation_id(request)
-    title = _title(await _body(request), required=True)
+    title = _title(await _body(ctx, request), required=True)
     found, owner = _owner_of(ctx, request, conversation_id)
     await ctx.conversations.startup()
     summary = await ctx.conversations.store.conversations.rename(owner, conversation_id, title)

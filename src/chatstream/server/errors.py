@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse
 
 from chatstream.admission.admission import Draining, QueueFull
 from chatstream.engine.base import EngineError, EngineOverloaded
+from chatstream.prompts.window import ContextLengthExceeded
 from chatstream.sessions import errors as store_errors
 
 ROLE_DENIED_BODY: dict[str, Any] = {"success": False, "message": "Forbidden", "detail": "Denied on role layer."}
@@ -85,6 +86,31 @@ class Conflict(ApiError):
     default_code = "conflict"
 
 
+class PayloadTooLarge(ApiError):
+    """The request body is larger than the server accepts (``limit`` bytes)."""
+
+    status = 413
+    error_type = "invalid_request_error"
+    default_code = "payload_too_large"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"The request body is too large: the limit is {limit} bytes ({format_bytes(limit)}).",
+            headers={"Connection": "close"},  # the rest of the body is not read: the connection cannot be reused
+        )
+        self.limit = limit
+
+
+def format_bytes(size: int) -> str:
+    """``1048576`` → ``"1 MiB"``; ``1500`` → ``"1.5 KiB"``."""
+    value = float(size)
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{size} bytes"  # not reached
+
+
 class TooManyRequests(ApiError):
     """The admission queue is full; retry after ``retry_after`` seconds."""
 
@@ -122,6 +148,8 @@ def to_api_error(exc: BaseException) -> ApiError:
         return bad_request_from_validation(exc)
     if isinstance(exc, store_errors.StoreError):
         return store_api_error(exc)
+    if isinstance(exc, ContextLengthExceeded):
+        return BadRequest(str(exc), param="messages", code="context_length_exceeded")
     return ApiError("Internal server error.", code="internal_error")
 
 
@@ -150,11 +178,16 @@ def bad_request_from_validation(exc: ValidationError) -> BadRequest:
     return BadRequest(f"Invalid request body: {message}")
 
 
+def openai_error_body(error: BaseException) -> dict[str, Any]:
+    """``{"error": {"message", "type", "param", "code"}}`` for any exception (also sent as an SSE event)."""
+    err = to_api_error(error)
+    return {"error": {"message": err.message, "type": err.error_type, "param": err.param, "code": err.code}}
+
+
 def openai_error_response(error: BaseException) -> JSONResponse:
     """The OpenAI error shape with the mapped status (and Retry-After for 429)."""
     err = to_api_error(error)
-    body = {"error": {"message": err.message, "type": err.error_type, "param": err.param, "code": err.code}}
-    return JSONResponse(body, status_code=err.status, headers=err.headers or None)
+    return JSONResponse(openai_error_body(err), status_code=err.status, headers=err.headers or None)
 
 
 def native_error_response(error: BaseException) -> JSONResponse:

@@ -1,11 +1,17 @@
-"""What every endpoint shares about HTTP itself: the header names of the protocol and the one JSON-body reader."""
+"""What every endpoint shares about HTTP itself: the header names of the protocol and the one body reader.
+
+Every body is bounded: :func:`read_body` stops reading (PayloadTooLarge, 413) as soon as more than the limit has
+arrived, or at once when ``Content-Length`` announces more, so a huge or endless body is never read whole.
+"""
 
 from __future__ import annotations
 
 import json
 from typing import Any, Final
 
-from chatstream.server.errors import BadRequest
+from starlette.requests import Request
+
+from chatstream.server.errors import BadRequest, PayloadTooLarge
 
 MESSAGE_ID_HEADER: Final = "X-ChatStream-Last-Generated-Message-Id"
 """The id of the answer /chat_stream streams (the original's header)."""
@@ -15,6 +21,59 @@ AUTH_HEADER: Final = "X-ChatStream-Auth-Header"
 """An agent's pass phrase for a ``header_phrase`` role (docs/roles.md)."""
 SKIP_SESSION_HEADER: Final = {"header_name": "X-FastSession-Skip", "header_value": "skip"}
 """Requests that carry it get no session (agents); fastsession's convention."""
+QUEUE_TICKET_HEADER: Final = "X-ChatStream-Queue-Ticket"
+"""A client-chosen id of one /chat_stream request, to look up its place in line while it waits (docs/api.md)."""
+
+DEFAULT_MAX_BODY_BYTES: Final = 1024 * 1024
+"""The default limit of a request body (1 MiB)."""
+BODY_LIMIT_STATE: Final = "chatstream_max_body_bytes"
+"""``request.state`` attribute: the body limit the body-limit middleware enforced (it wins over an endpoint's own)."""
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The request body, at most ``max_bytes`` long (the body-limit middleware's limit wins when it ran).
+
+    Raises PayloadTooLarge without reading further once the body is longer. The body stays available to
+    ``request.body()`` afterwards (request handlers written for the original read it again).
+    """
+    limit = getattr(request.state, BODY_LIMIT_STATE, None) or max_bytes
+    cached = getattr(request, "_body", None)
+    if isinstance(cached, bytes):
+        if len(cached) > limit:
+            raise PayloadTooLarge(limit)
+        return cached
+    if declared_length(request.headers.get("content-length")) > limit:
+        raise PayloadTooLarge(limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(limit)
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    request._body = body  # what Request.body() returns from now on
+    return body
+
+
+async def read_json_object(request: Request, max_bytes: int, *, example: str | None = None) -> dict[str, Any]:
+    """:func:`read_body` parsed by :func:`parse_json_object`."""
+    return parse_json_object(await read_body(request, max_bytes), example=example)
+
+
+def check_body_size(body: bytes | str, max_bytes: int) -> None:
+    """PayloadTooLarge when a body that was read elsewhere is longer than ``max_bytes``."""
+    size = len(body) if isinstance(body, bytes) else len(body.encode())
+    if size > max_bytes:
+        raise PayloadTooLarge(max_bytes)
+
+
+def declared_length(value: str | None) -> int:
+    """The ``Content-Length`` value as a number (0 when absent or not a number)."""
+    try:
+        return int(value) if value else 0
+    except ValueError:
+        return 0
 
 
 def parse_json_object(raw: bytes | str, *, example: str | None = None) -> dict[str, Any]:

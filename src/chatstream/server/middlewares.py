@@ -1,7 +1,8 @@
 """``append_middlewares``: the session middleware, the client-role middleware and (only when asked) CORS.
 
-Order matters: Starlette runs the middleware added last first, so CORS (outermost) answers preflights, then the
-session middleware attaches ``request.state.session``, then the role middleware resolves the caller's role.
+Order matters: Starlette runs the middleware added last first, so CORS (outermost) answers preflights, then the body
+limit refuses oversized bodies (413, before any session is made), then the session middleware attaches
+``request.state.session``, then the role middleware resolves the caller's role.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from chatstream.i18n import message
 from chatstream.server.access import ClientRoles
+from chatstream.server.body_limit import BodyLimitMiddleware
 from chatstream.server.context import ServerContext
 from chatstream.server.http import DEV_TOOL_HEADER, MESSAGE_ID_HEADER, SKIP_SESSION_HEADER
 from chatstream.sessions.turns import CONVERSATION_ID_HEADER
@@ -30,7 +32,7 @@ logger = logging.getLogger(__name__)
 ROLE_STATE_KEY = "chatstream_client_role"
 """``request.state`` attribute holding the resolved role's name (set by :class:`ClientRoleMiddleware`)."""
 
-_OPTION_KEYS = frozenset({"session", "fast_session", "cors", "develop_mode"})
+_OPTION_KEYS = frozenset({"session", "fast_session", "cors", "develop_mode", "max_body_bytes"})
 _SESSION_KEYS = frozenset(
     {"secret_key", "store", "same_site", "secure", "http_only", "max_age", "session_cookie", "skip_session_header"}
 )
@@ -72,11 +74,14 @@ def append_middlewares(ctx: ServerContext, app: FastAPI, opts: Mapping[str, Any]
     Options (all optional):
         session (or the original's ``fast_session``): ``secret_key`` (default: a random per-process secret, with a
             warning), ``store`` (default: the ChatStream's store, so that sessions live beside the conversations),
-            ``secure`` (default True), ``http_only`` (default True), ``same_site``, ``max_age``,
-            ``session_cookie``; ``False`` adds no session middleware (bring your own).
+            ``secure`` (default "auto": Secure when the request came over HTTPS; True / False force it),
+            ``http_only`` (default True), ``same_site``, ``max_age``, ``session_cookie``; ``False`` adds no session
+            middleware (bring your own).
         cors: ``{"allow_origins": [...], "allow_credentials": bool}``; CORS is added only with this key or
             ``develop_mode``.
         develop_mode: True allows CORS from every origin (logged as a warning).
+        max_body_bytes: the largest request body any endpoint accepts (default: the ChatStream's
+            ``max_body_bytes``, 1 MiB); longer bodies get 413 before they are read whole.
     """
     opts = dict(opts or {})
     for key in set(opts) - _OPTION_KEYS:
@@ -85,9 +90,17 @@ def append_middlewares(ctx: ServerContext, app: FastAPI, opts: Mapping[str, Any]
     session_opts = opts.get("session", opts.get("fast_session"))
     if session_opts is not False:
         _add_session_middleware(ctx, app, session_opts or {})
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=_max_body_bytes(ctx, opts))
     cors = _cors_options(ctx.service.locale, opts)
     if cors is not None:
         app.add_middleware(CORSMiddleware, **cors)
+
+
+def _max_body_bytes(ctx: ServerContext, opts: Mapping[str, Any]) -> int:
+    value = opts.get("max_body_bytes", ctx.max_body_bytes)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"append_middlewares option 'max_body_bytes' must be a positive integer, got {value!r}")
+    return value
 
 
 def _add_session_middleware(ctx: ServerContext, app: FastAPI, session_opts: Mapping[str, Any]) -> None:
@@ -106,7 +119,7 @@ def _add_session_middleware(ctx: ServerContext, app: FastAPI, session_opts: Mapp
     if not kwargs.get("secret_key"):
         kwargs["secret_key"] = secrets.token_urlsafe(32)
         logger.warning(message("session_secret_generated", locale))
-    kwargs.setdefault("secure", True)
+    kwargs.setdefault("secure", "auto")
     kwargs.setdefault("http_only", True)
     kwargs.setdefault("skip_session_header", dict(SKIP_SESSION_HEADER))
     app.add_middleware(SessionMiddleware, **kwargs)

@@ -30,8 +30,16 @@ from chatstream.admission.generation import GenerationOutcome
 from chatstream.config import SamplingOverrides
 from chatstream.engine.base import FinishReason
 from chatstream.server.access import ClientRoles, role_checked
-from chatstream.server.errors import BadRequest
-from chatstream.server.http import DEV_TOOL_HEADER, MESSAGE_ID_HEADER, parse_json_object
+from chatstream.server.errors import BadRequest, PayloadTooLarge
+from chatstream.server.fairness import queue_ticket_id, user_key
+from chatstream.server.http import (
+    DEFAULT_MAX_BODY_BYTES,
+    DEV_TOOL_HEADER,
+    MESSAGE_ID_HEADER,
+    check_body_size,
+    parse_json_object,
+    read_body,
+)
 from chatstream.service import ChatService
 from chatstream.sessions.handler import (
     DISCONNECTED_BEFORE_STREAMING,
@@ -75,11 +83,16 @@ class NativeChat:
         handler: AbstractRequestHandler,
         handler_logger: logging.Logger | None = None,
         conversations: ConversationKeeper | None = None,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     ) -> None:
+        if max_body_bytes < 1:
+            raise ValueError(f"max_body_bytes={max_body_bytes!r} must be >= 1")
         self.service = service
         self.roles = roles
         self.handler = handler
         self.logger = handler_logger or logger
+        self.max_body_bytes = max_body_bytes
+        """The largest request body accepted (longer ones get 413 before they are read whole)."""
         self.conversations = conversations or ConversationKeeper("memory://", service.prompts)
         handler.attach(self, service.prompts, handler_logger, self.conversations)
 
@@ -88,11 +101,17 @@ class NativeChat:
         self, request: Request, request_body: bytes | str | None = None, callback: UserCallback | None = None
     ) -> Response:
         """The response to POST /chat_stream; ``callback(request, message)`` is called once when it is done."""
-        if request_body is None:
-            request_body = await request.body()  # read before waiting: the wait polls for a disconnect
+        try:  # read before waiting: the wait polls for a disconnect
+            if request_body is None:
+                request_body = await read_body(request, self.max_body_bytes)
+            else:
+                check_body_size(request_body, self.max_body_bytes)
+        except PayloadTooLarge as exc:
+            return payload_too_large(exc)
         await self.service.startup()
+        user, ticket_id = user_key(request, self.roles), queue_ticket_id(request)
         try:
-            slot = await self.service.acquire_slot(request.is_disconnected)
+            slot = await self.service.acquire_slot(request.is_disconnected, user, ticket_id)
         except QueueFull as exc:
             self.logger.info("queue full (%d waiting); rejected", self.service.admission.num_waiting)
             return too_many_requests(self.service.config.admission.reject_as_http_error, exc.retry_after)
@@ -128,7 +147,7 @@ class NativeChat:
         finished: StreamingFinishedCallback,
     ) -> Response:
         """Run one turn on ``conversation`` and return the streaming response. Raises ChatRequestError."""
-        turn = parse_chat_body(request_body if request_body is not None else await request.body())
+        turn = parse_chat_body(request_body if request_body is not None else await self._read_body(request))
 
         async def commit(message: str) -> None:
             if message in (SUCCESS, DISCONNECTED_WHILE_STREAMING):
@@ -154,6 +173,12 @@ class NativeChat:
 
         return NativeStreamingResponse(chunks, abandoned, headers={MESSAGE_ID_HEADER: message_id})
 
+    async def _read_body(self, request: Request) -> bytes:
+        try:
+            return await read_body(request, self.max_body_bytes)
+        except PayloadTooLarge as exc:
+            raise _bad_body(exc.message) from None
+
     async def stream_answer(
         self,
         chat_prompt: AbstractChatPrompt,
@@ -170,7 +195,7 @@ class NativeChat:
         outcome = GenerationOutcome()
         message = f"{UNKNOWN_ERROR},while generating"
         try:
-            gen_request = self.service.build_request(chat_prompt, overrides, conversation_id)
+            gen_request = await self.service.prepare_request(chat_prompt, overrides, conversation_id)
             shown = ""
             async with aclosing(self.service.generate(gen_request, outcome)) as deltas:  # closing aborts on disconnect
                 async for delta in deltas:
@@ -368,6 +393,11 @@ def too_many_requests(as_http_error: bool, retry_after: int) -> JSONResponse:
     if as_http_error:
         return JSONResponse({"error": "too_many_requests"}, status_code=429, headers={"Retry-After": str(retry_after)})
     return JSONResponse({"error": "too_many_requests"})
+
+
+def payload_too_large(error: PayloadTooLarge) -> JSONResponse:
+    """413 in the shape of /chat_stream's other errors; the limit is in ``detail``."""
+    return JSONResponse({"error": "payload_too_large", "detail": error.message}, status_code=413, headers=error.headers)
 
 
 def service_unavailable(detail: str) -> JSONResponse:

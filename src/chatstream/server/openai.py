@@ -8,6 +8,7 @@ which aborts the engine request and releases the admission slot.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import hmac
 import json
@@ -26,6 +27,7 @@ from chatstream.admission.admission import Draining, QueueFull
 from chatstream.admission.generation import GenerationOutcome
 from chatstream.config import SamplingParams
 from chatstream.engine.base import EngineError, FinishReason, GenerationRequest
+from chatstream.prompts.window import ContextLengthExceeded
 from chatstream.server.context import ServerContext
 from chatstream.server.errors import (
     ApiError,
@@ -36,9 +38,12 @@ from chatstream.server.errors import (
     Unauthorized,
     openai_error_response,
 )
-from chatstream.server.http import parse_json_object
+from chatstream.server.fairness import user_key
+from chatstream.server.http import read_json_object
 from chatstream.server.openai_render import Renderer, SseResponse, finish_reason_name, sse
 from chatstream.server.openai_schemas import ChatCompletionRequest, CompletionRequest, check_unsupported
+from chatstream.server.openapi_docs import endpoint_options, install_openapi
+from chatstream.server.queue_position import queued_events
 from chatstream.service import ChatService
 
 if TYPE_CHECKING:
@@ -78,9 +83,13 @@ def add_openai_routes(app: FastAPI, server: ServerContext, api_keys: Sequence[st
     async def models(request: Request) -> Response:
         return await handle_models(ctx, request)
 
-    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"], name="openai_chat_completions")
-    app.add_api_route("/v1/completions", completions, methods=["POST"], name="openai_completions")
-    app.add_api_route("/v1/models", models, methods=["GET"], name="openai_models")
+    install_openapi(app)
+    for path, endpoint, method, name in (
+        ("/v1/chat/completions", chat_completions, "POST", "openai_chat_completions"),
+        ("/v1/completions", completions, "POST", "openai_completions"),
+        ("/v1/models", models, "GET", "openai_models"),
+    ):
+        app.add_api_route(path, endpoint, methods=[method], name=name, **endpoint_options(name))
 
 
 # ----- handlers -----
@@ -115,14 +124,15 @@ async def _guarded(
 ) -> Response:
     try:
         authorize(ctx, request)
-        body = schema.model_validate(parse_json_object(await request.body()))
+        body = schema.model_validate(await read_json_object(request, ctx.server.max_body_bytes))
         check_unsupported(body)
         check_model(ctx.service, body.model)
-        gen_request = build(ctx.service, body)
+        gen_request = await ctx.service.check_context(build(ctx.service, body), body.new_token_limit() is not None)
         renderer = Renderer(kind, gen_request.request_id, ctx.service.model_name)
-        return await _respond(ctx.service, request, gen_request, renderer, body)
+        user = user_key(request, ctx.server.roles, as_agent=True)
+        return await _respond(ctx.service, request, gen_request, renderer, body, user)
     except Exception as exc:
-        if not isinstance(exc, ApiError | QueueFull | Draining | ValidationError | EngineError):
+        if not isinstance(exc, ApiError | QueueFull | Draining | ValidationError | EngineError | ContextLengthExceeded):
             logger.exception("OpenAI %s request failed", kind)
         return openai_error_response(exc)
 
@@ -234,9 +244,14 @@ async def _respond(
     gen_request: GenerationRequest,
     renderer: Renderer,
     body: ChatCompletionRequest | CompletionRequest,
+    user: str,
 ) -> Response:
     arrived = time.monotonic()
-    slot = await service.acquire_slot(request.is_disconnected)
+    ticket = service.enqueue(user)
+    if body.stream and ticket.slot is None:  # tell the client its place in line while it waits (SSE comments)
+        answer = functools.partial(_event_stream, service, gen_request, renderer, body.include_usage, arrived)
+        return SseResponse(queued_events(service, ticket, answer), ticket.close)
+    slot = await service.wait_for_slot(ticket, request.is_disconnected)
     if slot is None:
         return Response(status_code=499)
     try:

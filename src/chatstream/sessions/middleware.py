@@ -17,7 +17,7 @@ import asyncio
 import logging
 import secrets
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 from starlette.datastructures import Headers, MutableHeaders
@@ -34,6 +34,12 @@ __all__ = ["HttpSession", "SessionMiddleware", "commit_session", "save_session",
 
 _SIGNING_SALT = "chatstream.session"
 _SAME_SITE_VALUES = ("lax", "strict", "none")
+
+SecureOption = bool | Literal["auto"]
+"""The cookie's Secure flag: True / False force it; "auto" sets it when the request came over HTTPS."""
+
+SECURE_SCHEMES = frozenset({"https", "wss"})
+"""ASGI schemes that count as HTTPS (uvicorn reports "https" behind a trusted proxy that says so)."""
 
 SkipHeader = Mapping[str, str] | Sequence[Mapping[str, str]]
 """``{"header_name": "X-FastSession-Skip", "header_value": "skip"}`` (``"*"`` matches any value), or a list of them."""
@@ -176,7 +182,10 @@ class SessionMiddleware:
             :class:`~chatstream.sessions.store.SessionStore`; a new :class:`MemoryStore` per middleware when None.
             The middleware does not open or close it: the application's lifespan does.
         http_only: the cookie is invisible to JavaScript.
-        secure: the cookie is sent over HTTPS only (browsers treat http://localhost as secure).
+        secure: ``"auto"`` (the default) marks the cookie Secure when the request arrived over HTTPS (the ASGI
+            scheme: behind a proxy, uvicorn sets it from the trusted ``X-Forwarded-Proto``), so that plain-HTTP
+            clients keep their session; True always marks it (browsers then send it only over HTTPS, or to
+            http://localhost), False never does.
         same_site: ``"lax"``, ``"strict"``, ``"none"`` or None (no attribute).
         max_age: seconds; > 0 makes the cookie persistent for that long and the signature expire after it,
             0 gives a browser-session cookie whose signature never expires (data still expires in the store).
@@ -193,7 +202,7 @@ class SessionMiddleware:
         secret_key: str,
         store: Store | AsyncSessionStore | SessionStore | None = None,
         http_only: bool = True,
-        secure: bool = True,
+        secure: SecureOption = "auto",
         same_site: str | None = "lax",
         max_age: int = 0,
         session_cookie: str = "sid",
@@ -216,7 +225,12 @@ class SessionMiddleware:
         self.session_object = session_object
         self.skip_headers = _normalize_skip_header(skip_session_header)
         self._serializer = URLSafeTimedSerializer(secret_key, salt=_SIGNING_SALT)
-        self._cookie_attributes = _cookie_attributes(cookie_path, max_age, http_only, secure, same_site)
+        if secure not in (True, False, "auto"):
+            raise ValueError(f"secure must be True, False or 'auto', got {secure!r}")
+        self.secure: SecureOption = secure
+        self._cookie_attributes = {
+            flag: _cookie_attributes(cookie_path, max_age, http_only, flag, same_site) for flag in (True, False)
+        }
         self._logger = logger if logger is not None else logging.getLogger(__name__)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -239,7 +253,8 @@ class SessionMiddleware:
                 if session.touched:
                     await session.commit()
                 if session.is_new and session.touched:
-                    MutableHeaders(scope=message).append("set-cookie", self._cookie_header(session.get_session_id()))
+                    cookie = self._cookie_header(session.get_session_id(), self._is_secure(scope))
+                    MutableHeaders(scope=message).append("set-cookie", cookie)
                     cookie_sent = True
             elif _is_last_body(message) and session.touched and (cookie_sent or not session.is_new):
                 await session.commit()
@@ -297,8 +312,13 @@ class SessionMiddleware:
             return None
         return value if isinstance(value, str) and value else None
 
-    def _cookie_header(self, session_id: str) -> str:
-        return f"{self.session_cookie}={self._serializer.dumps(session_id)}{self._cookie_attributes}"
+    def _is_secure(self, scope: Scope) -> bool:
+        if self.secure == "auto":
+            return scope.get("scheme") in SECURE_SCHEMES
+        return bool(self.secure)
+
+    def _cookie_header(self, session_id: str, secure: bool) -> str:
+        return f"{self.session_cookie}={self._serializer.dumps(session_id)}{self._cookie_attributes[secure]}"
 
 
 def _is_last_body(message: Message) -> bool:

@@ -35,6 +35,7 @@
       confirmDelete: "Delete “{title}”? This cannot be undone.", deleted: "Conversation deleted",
       loadFailed: "Could not load the conversation.", renameFailed: "Could not rename the conversation.",
       deleteFailed: "Could not delete the conversation.",
+      queueAhead: "Waiting in line: {n} ahead of you", queueNext: "Waiting in line: you are next",
     },
     ja: {
       skip: "入力欄へ移動", clear: "会話をクリア", developer: "開発者",
@@ -63,6 +64,7 @@
       confirmDelete: "「{title}」を削除しますか?元に戻せません。", deleted: "会話を削除しました",
       loadFailed: "会話を読み込めませんでした。", renameFailed: "会話の名前を変更できませんでした。",
       deleteFailed: "会話を削除できませんでした。",
+      queueAhead: "順番待ち: あと {n} 件", queueNext: "順番待ち: 次の番です",
     },
   };
 
@@ -267,15 +269,18 @@
    * POST /chat_stream and follow the native stream: each segment is the cumulative answer followed by <::EOS::>;
    * network chunks may split or merge segments, so only the last COMPLETE segment is shown.
    */
-  async function streamChat(body, signal, onText, headers) {
+  async function streamChat(body, signal, onText, extraHeaders, queue) {
     let response;
+    const headers = Object.assign({ "Content-Type": "application/json" }, extraHeaders);
+    if (queue) headers["X-ChatStream-Queue-Ticket"] = queue.ticket;
     try {
       response = await fetch(apiUrl("chat_stream"), {
-        method: "POST", credentials: "same-origin", signal: signal,
-        headers: Object.assign({ "Content-Type": "application/json" }, headers), body: JSON.stringify(body),
+        method: "POST", credentials: "same-origin", signal: signal, headers: headers, body: JSON.stringify(body),
       });
     } catch (err) {
       return { kind: isAbort(err) ? "aborted" : "network", text: "" };
+    } finally {
+      if (queue) queue.stop(); // the response starts when the request leaves the line
     }
     const extra = {
       text: "",
@@ -308,6 +313,44 @@
     pending += decoder.decode();
     if (!sawSegment && pending) extra.text = pending; // a plain-text reply without the marker
     return Object.assign(extra, { kind: "done" });
+  }
+
+  // ---------------------------------------------------------------- queue position
+  const QUEUE_POLL_MS = 1000;
+
+  /**
+   * While a /chat_stream request waits for a free slot, show its place in line ("N ahead of you") as the view's note:
+   * the request carries a random ticket (X-ChatStream-Queue-Ticket) and the page polls
+   * GET chat_stream/queue_position?ticket=... until the response starts. Servers without the endpoint: no note.
+   */
+  function watchQueue(view, t) {
+    const bytes = new Uint8Array(16);
+    crypto.getRandomValues(bytes);
+    const ticket = Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+    let stopped = false;
+    let timer = 0;
+    async function poll() {
+      const result = await requestJson("GET", "chat_stream/queue_position?ticket=" + ticket);
+      if (stopped) return;
+      const data = result.data;
+      if (result.ok && data && data.waiting) {
+        view.setNote(data.ahead > 0 ? format(t.queueAhead, { n: data.ahead }) : t.queueNext);
+        view.note.dataset.queue = String(data.ahead);
+      }
+      if (result.ok || result.status === 0) timer = setTimeout(poll, QUEUE_POLL_MS);
+    }
+    timer = setTimeout(poll, QUEUE_POLL_MS / 4);
+    return {
+      ticket: ticket,
+      stop() {
+        stopped = true;
+        clearTimeout(timer);
+        if (view.note.dataset.queue !== undefined) {
+          delete view.note.dataset.queue;
+          view.setNote("");
+        }
+      },
+    };
   }
 
   // ---------------------------------------------------------------- small DOM helpers
@@ -974,8 +1017,9 @@
       this.setGenerating(true);
       this.announce(this.t.generating);
       this.controller = new AbortController();
+      const queue = watchQueue(view, this.t);
       const onText = (text) => this.renderStreaming(view, text);
-      const result = await streamChat(body, this.controller.signal, onText, this.conversationHeader());
+      const result = await streamChat(body, this.controller.signal, onText, this.conversationHeader(), queue);
       this.flushRender();
       this.controller = null;
       view.setStreaming(false);
