@@ -51,7 +51,8 @@ class ChatStream:
         max_queue_size: requests that may wait for a slot; the next one is rejected at once.
         too_many_request_as_http_error: reject with 429 + Retry-After instead of the seed's 200.
         use_mock_response, mock_params: canned answers without a model; mock_params keys ``type`` ("round",
-            "long", "echo"), ``initial_wait_sec``, ``time_per_token_sec``.
+            "long", "echo", "script"), ``initial_wait_sec``, ``time_per_token_sec``, ``script`` (the answers of
+            "script", one per request in turn). A tokenizer given with the mock counts its prompt tokens.
         chat_prompt_clazz: the prompt class (a subclass of ``AbstractChatPrompt``); None picks
             ``ChatTemplatePrompt`` when the tokenizer has a chat template, else the plain User/Assistant preset.
         max_new_tokens, context_len, temperature, top_k, top_p, repetition_penalty, repetition_penalty_method:

@@ -75,7 +75,7 @@ def default_prompt_class(tokenizer: Any, mock: bool) -> type[AbstractChatPrompt]
 def create_engine(model: Any, tokenizer: Any, config: EngineConfig, mock: MockConfig | None = None) -> Engine:
     """The mock engine (``mock`` given), else the transformers engine on ``model`` and ``tokenizer``."""
     if mock is not None:
-        return MockEngine(mock)
+        return MockEngine(mock, tokenizer)
     if model is None or tokenizer is None:
         raise ValueError("model and tokenizer are required unless use_mock_response=True")
     from chatstream.engine.async_engine import TransformersEngine  # the one place that names it
