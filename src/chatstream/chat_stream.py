@@ -24,6 +24,7 @@ from chatstream.server import apis, middlewares, ops, webui
 from chatstream.server.access import ClientRoles
 from chatstream.server.context import ServerContext
 from chatstream.server.native import NativeChat, UserCallback
+from chatstream.server.tool_calls import get_format
 from chatstream.service import ChatService, ConsoleItem, PromptFactory, create_engine, default_prompt_class
 from chatstream.sessions.handler import AbstractRequestHandler, SimpleSessionRequestHandler
 
@@ -72,6 +73,9 @@ class ChatStream:
         fused_decoder: on the CPU, run the model families it supports (Llama, Mistral, Qwen2, Qwen3, Gemma-3)
             through the engine's fused decoder; False keeps transformers' own forward pass (``chatstream serve
             --no-fused-decoder``).
+        tool_call_format: how the model writes tool calls (``hermes``, ``llama3_json``, ``mistral``,
+            ``functiongemma``, ``pythonic``, or one added with ``chatstream.server.tool_calls.register_format``);
+            None detects it from the chat template (docs/api.md, tool calling).
     """
 
     def __init__(
@@ -110,6 +114,7 @@ class ChatStream:
         token_sampler: Any = None,
         probe_mode_enabled: bool = False,
         fused_decoder: bool = True,
+        tool_call_format: str | None = None,
     ) -> None:
         self.name = name
         self.logger = logger or logging.getLogger("chatstream")
@@ -142,6 +147,9 @@ class ChatStream:
         self.client_roles = ClientRoles.from_config(client_roles)
         self.chat_prompt_clazz = chat_prompt_clazz or default_prompt_class(tokenizer, use_mock_response)
         self.request_handler = request_handler or SimpleSessionRequestHandler()
+        if tool_call_format is not None:
+            get_format(tool_call_format)  # ValueError listing the known formats
+        self.tool_call_format = tool_call_format
         self.service = self._create_service(locale, model_name, mock_params)
         chat = NativeChat(self.service, self.client_roles, self.request_handler, self.logger)
         self.server_context = ServerContext(
@@ -161,6 +169,8 @@ class ChatStream:
             add_special_tokens=self.engine_config.add_special_tokens,
             num_gpus=self.num_gpus,
             device=self.device,
+            model_type=getattr(getattr(self.model, "config", None), "model_type", None),
+            tool_call_format=self.tool_call_format,
         )
         mock = MockConfig.from_seed_params(dict(mock_params or {})) if self.use_mock_response else None
         engine = create_engine(self.model, self.tokenizer, self.engine_config, mock)

@@ -258,6 +258,9 @@ class ServiceConfig:
         add_special_tokens: passed to the tokenizer when prompts are encoded (None: decided per prompt class).
         num_gpus: GPUs the model was loaded on (for /get_resource_usage).
         device: the device the model runs on (a ``torch.device``; None when unknown).
+        model_type: the model's ``config.model_type`` (picks the tool-call format when the chat template names none).
+        tool_call_format: the tool-call format of the model's output (``hermes``, ``llama3_json``, ``mistral``,
+            ``functiongemma``, ``pythonic`` or a registered one); None detects it from the chat template.
     """
 
     name: str = "node:0"
@@ -268,6 +271,8 @@ class ServiceConfig:
     add_special_tokens: bool | None = None
     num_gpus: int | None = None
     device: Any = None
+    model_type: str | None = None
+    tool_call_format: str | None = None
 
     def __post_init__(self) -> None:
         _check(self.locale in ("en", "ja"), "locale", self.locale, "must be 'en' or 'ja'")

@@ -164,7 +164,8 @@ async def test_models(client: httpx.AsyncClient) -> None:
 @pytest.mark.parametrize(
     ("path", "body", "param"),
     [
-        ("/v1/chat/completions", chat_body(n=2), "n"),
+        ("/v1/chat/completions", chat_body(n=0), "n"),
+        ("/v1/chat/completions", chat_body(n=17), "n"),
         ("/v1/chat/completions", chat_body(temperature=2.5), "temperature"),
         ("/v1/chat/completions", chat_body(temperature="hot"), "temperature"),
         ("/v1/chat/completions", chat_body(top_p=0), "top_p"),
@@ -173,8 +174,15 @@ async def test_models(client: httpx.AsyncClient) -> None:
         ("/v1/chat/completions", chat_body(stream="yes"), "stream"),
         ("/v1/chat/completions", chat_body(stop=[""]), "stop"),
         ("/v1/chat/completions", chat_body(stop=[str(i) for i in range(17)]), "stop"),
-        ("/v1/chat/completions", chat_body(logprobs=True), "logprobs"),
-        ("/v1/chat/completions", chat_body(tools=[{"type": "function"}]), "tools"),
+        ("/v1/chat/completions", chat_body(top_logprobs=2), "top_logprobs"),
+        ("/v1/chat/completions", chat_body(logprobs=True, top_logprobs=21), "top_logprobs"),
+        ("/v1/chat/completions", chat_body(tools=[{"type": "function"}]), "tools[0].function.name"),
+        ("/v1/chat/completions", chat_body(tools=[{"type": "retrieval"}]), "tools[0]"),
+        ("/v1/chat/completions", chat_body(tool_choice="required"), "tool_choice"),
+        ("/v1/chat/completions", chat_body(functions=[{"name": "f"}]), "functions"),
+        ("/v1/chat/completions", chat_body(response_format={"type": "xml"}), "response_format.type"),
+        ("/v1/chat/completions", chat_body(response_format={"type": "json_schema"}), "response_format.json_schema"),
+        ("/v1/completions", {"prompt": "a", "logprobs": 6}, "logprobs"),
         ("/v1/chat/completions", {"model": MOCK}, "messages"),
         ("/v1/chat/completions", {"model": MOCK, "messages": []}, "messages"),
         ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
@@ -347,7 +355,7 @@ def test_the_official_openai_sdk_streams_and_completes() -> None:
         assert legacy.choices[0].text == "raw" and legacy.choices[0].finish_reason == "length"
 
         with pytest.raises(openai.BadRequestError) as bad:
-            sdk.chat.completions.create(model=MOCK, messages=[{"role": "user", "content": "x"}], n=2)
+            sdk.chat.completions.create(model=MOCK, messages=[{"role": "user", "content": "x"}], n=0)
         assert bad.value.status_code == 400
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()

@@ -76,6 +76,14 @@ class NotFound(ApiError):
     default_code = "not_found"
 
 
+class MethodNotAllowed(ApiError):
+    """The path exists, but not for this method."""
+
+    status = 405
+    error_type = "invalid_request_error"
+    default_code = "method_not_allowed"
+
+
 class TooManyRequests(ApiError):
     """The admission queue is full; retry after ``retry_after`` seconds."""
 

@@ -1,55 +1,53 @@
-"""The OpenAI-compatible API: POST /v1/chat/completions, POST /v1/completions, GET /v1/models.
+"""The OpenAI-compatible API: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /v1/models/{id},
+the Responses API (server/responses.py), and OpenAI's error shape for every other /v1 path.
 
-Requests go through the same admission control and engine as /chat_stream. Streaming answers are Server-Sent
-Events (``data: {chunk}\\n\\n`` ... ``data: [DONE]\\n\\n``). A client that disconnects closes the event generator,
-which aborts the engine request and releases the admission slot.
+Requests go through the same admission control and engine as /chat_stream. Everything a request's content can get
+wrong is checked before it takes an admission slot (server/openai_chat.py). Streaming answers are Server-Sent Events
+(``data: {chunk}\\n\\n`` ... ``data: [DONE]\\n\\n``). A client that disconnects closes the event generator, which
+aborts the engine requests and releases the admission slot.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import hmac
-import json
 import logging
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import aclosing
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from chatstream.admission.admission import Draining, QueueFull
-from chatstream.admission.generation import GenerationOutcome
-from chatstream.config import SamplingParams
-from chatstream.engine.base import EngineError, FinishReason, GenerationRequest
+from chatstream.admission.admission import Draining, QueueFull, Slot
+from chatstream.engine.base import EngineError, FinishReason
 from chatstream.server.context import ServerContext
 from chatstream.server.errors import (
     ApiError,
-    BadRequest,
     Forbidden,
+    MethodNotAllowed,
     NotFound,
     ServiceUnavailable,
     Unauthorized,
     openai_error_response,
 )
 from chatstream.server.http import parse_json_object
-from chatstream.server.openai_render import Renderer, SseResponse, finish_reason_name, sse
+from chatstream.server.openai_chat import OpenAIJob, conversation_key, prepare_chat, prepare_completion
+from chatstream.server.openai_render import Renderer, SseResponse
 from chatstream.server.openai_schemas import ChatCompletionRequest, CompletionRequest, check_unsupported
+from chatstream.server.openai_stream import event_stream
 from chatstream.service import ChatService
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-    from chatstream.prompts.base import AbstractChatPrompt
+__all__ = ["OpenAIContext", "add_openai_routes", "api_key_matches", "authorize", "check_model", "conversation_key"]
 
 logger = logging.getLogger(__name__)
 
-COMPLETIONS_DEFAULT_MAX_TOKENS = 16
-"""OpenAI's default ``max_tokens`` for the legacy completions endpoint."""
+OPENAI_PREFIX = "/v1/"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,24 +64,55 @@ class OpenAIContext:
 
 
 def add_openai_routes(app: FastAPI, server: ServerContext, api_keys: Sequence[str] = ()) -> None:
-    """Mount the three endpoints on ``app``."""
+    """Mount the endpoints on ``app``, and answer unknown /v1 paths in OpenAI's error shape."""
+    from chatstream.server.responses import add_responses_routes
+
     ctx = OpenAIContext(server, tuple(k for k in api_keys if k))
 
-    async def chat_completions(request: Request) -> Response:
-        return await handle_chat_completions(ctx, request)
+    def bind(handler: Callable[[OpenAIContext, Request], Awaitable[Response]]) -> Callable[..., Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            return await handler(ctx, request)
 
-    async def completions(request: Request) -> Response:
-        return await handle_completions(ctx, request)
+        return endpoint
 
-    async def models(request: Request) -> Response:
-        return await handle_models(ctx, request)
+    for path, handler, method, name in (
+        ("/v1/chat/completions", handle_chat_completions, "POST", "openai_chat_completions"),
+        ("/v1/completions", handle_completions, "POST", "openai_completions"),
+        ("/v1/models", handle_models, "GET", "openai_models"),
+        ("/v1/models/{model_id:path}", handle_model, "GET", "openai_model"),
+    ):
+        app.add_api_route(path, bind(handler), methods=[method], name=name)
+    add_responses_routes(app, ctx)
+    _answer_unknown_paths_in_openai_shape(app)
 
-    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"], name="openai_chat_completions")
-    app.add_api_route("/v1/completions", completions, methods=["POST"], name="openai_completions")
-    app.add_api_route("/v1/models", models, methods=["GET"], name="openai_models")
+
+def _answer_unknown_paths_in_openai_shape(app: FastAPI) -> None:
+    """404 and 405 under /v1/ in OpenAI's error shape; other paths keep the app's own handlers."""
+    for status, fallback in ((404, app.exception_handlers.get(404)), (405, app.exception_handlers.get(405))):
+        app.add_exception_handler(status, _openai_http_error(status, fallback))
+
+
+def _openai_http_error(status: int, fallback: Callable[..., Any] | None) -> Callable[..., Awaitable[Response]]:
+    async def handler(request: Request, exc: Exception) -> Response:
+        if request.url.path.startswith(OPENAI_PREFIX):
+            path = request.url.path
+            if status == 405:
+                return openai_error_response(MethodNotAllowed(f"{request.method} is not allowed on {path}."))
+            return openai_error_response(NotFound(f"Unknown path {request.method} {path}.", code="unknown_url"))
+        if fallback is not None:
+            result = fallback(request, exc)
+            return await result if hasattr(result, "__await__") else result  # type: ignore[no-any-return]
+        detail = exc.detail if isinstance(exc, HTTPException) else "Not Found"
+        return JSONResponse({"detail": detail}, status_code=status)
+
+    return handler
 
 
 # ----- handlers -----
+
+
+def model_object(ctx: OpenAIContext) -> dict[str, Any]:
+    return {"id": ctx.service.model_name, "object": "model", "created": ctx.created, "owned_by": "chatstream"}
 
 
 async def handle_models(ctx: OpenAIContext, request: Request) -> Response:
@@ -92,25 +121,42 @@ async def handle_models(ctx: OpenAIContext, request: Request) -> Response:
         authorize(ctx, request)
     except ApiError as exc:
         return openai_error_response(exc)
-    model = {"id": ctx.service.model_name, "object": "model", "created": ctx.created, "owned_by": "chatstream"}
-    return JSONResponse({"object": "list", "data": [model]})
+    return JSONResponse({"object": "list", "data": [model_object(ctx)]})
+
+
+async def handle_model(ctx: OpenAIContext, request: Request) -> Response:
+    """GET /v1/models/{id}: the model, when it is the one this server runs (the SDK's ``models.retrieve``)."""
+    try:
+        authorize(ctx, request)
+        check_model(ctx.service, request.path_params["model_id"] or "-")
+    except ApiError as exc:
+        return openai_error_response(exc)
+    return JSONResponse(model_object(ctx))
 
 
 async def handle_chat_completions(ctx: OpenAIContext, request: Request) -> Response:
     """POST /v1/chat/completions."""
-    return await _guarded(ctx, request, ChatCompletionRequest, _chat_generation_request, "chat")
+
+    async def prepare(body: Any) -> OpenAIJob:
+        return await prepare_chat(ctx.service, body)
+
+    return await _guarded(ctx, request, ChatCompletionRequest, prepare, "chat")
 
 
 async def handle_completions(ctx: OpenAIContext, request: Request) -> Response:
     """POST /v1/completions."""
-    return await _guarded(ctx, request, CompletionRequest, _completion_generation_request, "completion")
+
+    async def prepare(body: Any) -> OpenAIJob:
+        return await prepare_completion(ctx.service, body)
+
+    return await _guarded(ctx, request, CompletionRequest, prepare, "completion")
 
 
 async def _guarded(
     ctx: OpenAIContext,
     request: Request,
     schema: type[ChatCompletionRequest] | type[CompletionRequest],
-    build: Callable[[ChatService, Any], GenerationRequest],
+    prepare: Callable[[Any], Awaitable[OpenAIJob]],
     kind: str,
 ) -> Response:
     try:
@@ -118,9 +164,16 @@ async def _guarded(
         body = schema.model_validate(parse_json_object(await request.body()))
         check_unsupported(body)
         check_model(ctx.service, body.model)
-        gen_request = build(ctx.service, body)
-        renderer = Renderer(kind, gen_request.request_id, ctx.service.model_name)
-        return await _respond(ctx.service, request, gen_request, renderer, body)
+        job = await prepare(body)
+        renderer = Renderer(
+            kind,
+            job.request_id,
+            ctx.service.model_name,
+            tool_format=job.tool_format,
+            tool_names=job.tool_names,
+            logprobs=job.logprobs,
+        )
+        return await _respond(ctx.service, request, job, renderer, body)
     except Exception as exc:
         if not isinstance(exc, ApiError | QueueFull | Draining | ValidationError | EngineError):
             logger.exception("OpenAI %s request failed", kind)
@@ -171,74 +224,15 @@ def check_model(service: ChatService, model: str | None) -> None:
         )
 
 
-# ----- building the engine request -----
-
-
-def _chat_generation_request(service: ChatService, body: ChatCompletionRequest) -> GenerationRequest:
-    from chatstream.prompts import ChatTemplatePrompt, load_openai_messages
-
-    messages = [m.model_dump(exclude_none=True) for m in body.messages]
-    tokenizer = service.prompts.tokenizer
-    if getattr(tokenizer, "chat_template", None):
-        chat_prompt: AbstractChatPrompt = ChatTemplatePrompt(tokenizer)
-    else:
-        chat_prompt = service.new_chat_prompt()
-    try:
-        load_openai_messages(chat_prompt, messages)
-        base = service.build_request(chat_prompt)
-    except ValueError as exc:
-        raise BadRequest(str(exc), param="messages") from None
-    return dataclasses.replace(
-        base,
-        request_id=f"chatcmpl-{uuid.uuid4().hex}",
-        sampling=_sampling(body, base.sampling),
-        conversation_id=conversation_key(messages, body.user),
-    )
-
-
-def conversation_key(messages: list[dict[str, Any]], user: str | None) -> str:
-    """A stable id for the conversation a stateless OpenAI request continues: its messages up to the first user
-    message (and the ``user`` field). The next turn of the same chat has the same opening, so the engine's
-    per-conversation KV cache serves it; two chats with the same opening only share (or replace) a cache entry,
-    which is safe because reuse covers only the token prefix they actually have in common."""
-    opening: list[dict[str, Any]] = []
-    for message in messages:
-        opening.append(message)
-        if message.get("role") == "user":
-            break
-    digest = hashlib.sha256(json.dumps([user, opening], sort_keys=True, default=str).encode()).hexdigest()
-    return f"openai-{digest[:32]}"
-
-
-def _completion_generation_request(service: ChatService, body: CompletionRequest) -> GenerationRequest:
-    sampling = _sampling(body, service.default_sampling, COMPLETIONS_DEFAULT_MAX_TOKENS)
-    return service.build_text_request(f"cmpl-{uuid.uuid4().hex}", body.prompt_text, sampling)
-
-
-def _sampling(
-    body: ChatCompletionRequest | CompletionRequest, defaults: SamplingParams, default_max_tokens: int | None = None
-) -> SamplingParams:
-    try:
-        return body.sampling(defaults, default_max_tokens=default_max_tokens)
-    except ValueError as exc:
-        param = str(exc).split("=", 1)[0] if "=" in str(exc) else None
-        raise BadRequest(str(exc), param=param) from None
-
-
 # ----- admission and responses -----
 
 
-async def _respond(
-    service: ChatService,
-    request: Request,
-    gen_request: GenerationRequest,
-    renderer: Renderer,
-    body: ChatCompletionRequest | CompletionRequest,
-) -> Response:
-    arrived = time.monotonic()
+async def admitted(service: ChatService, request: Request) -> Slot | None:
+    """An admission slot with the engine running (None: the client left while waiting); raises QueueFull,
+    Draining, or ServiceUnavailable when the engine is not ready."""
     slot = await service.acquire_slot(request.is_disconnected)
     if slot is None:
-        return Response(status_code=499)
+        return None
     try:
         await service.startup()
         if not service.engine.is_running:
@@ -246,34 +240,31 @@ async def _respond(
     except BaseException:
         slot.release()
         raise
+    return slot
+
+
+async def _respond(
+    service: ChatService,
+    request: Request,
+    job: OpenAIJob,
+    renderer: Renderer,
+    body: ChatCompletionRequest | CompletionRequest,
+) -> Response:
+    arrived = time.monotonic()
+    slot = await admitted(service, request)
+    if slot is None:
+        return Response(status_code=499)
     if body.stream:
-        return SseResponse(_event_stream(service, gen_request, renderer, body.include_usage, arrived), slot.release)
+        events = event_stream(service, job, renderer, body.include_usage, arrived)
+        return SseResponse(events, slot.release, job.headers)
     try:
-        outcome = await service.collect(gen_request, request.is_disconnected, arrived)
+        outcomes = await service.collect_all(job.requests, request.is_disconnected, arrived)
     finally:
         slot.release()
-    if outcome is None:
+    if outcomes is None:
         return Response(status_code=499)
-    if outcome.finish_reason is FinishReason.ERROR:
-        logger.warning("generation %s failed: %s", gen_request.request_id, outcome.error)
-        raise ApiError(f"Generation failed: {outcome.error or 'engine error'}", code="generation_error")
-    return JSONResponse(renderer.complete(outcome))
-
-
-async def _event_stream(
-    service: ChatService, gen_request: GenerationRequest, renderer: Renderer, include_usage: bool, arrived: float
-) -> AsyncIterator[str]:
-    outcome = GenerationOutcome()
-    yield sse(renderer.first_chunk(include_usage))
-    async with aclosing(service.generate(gen_request, outcome, arrived)) as deltas:
-        async for delta in deltas:
-            if delta.text:
-                yield sse(renderer.chunk(delta.text, None, include_usage))
-    if outcome.finish_reason is FinishReason.ERROR:
-        message = f"Generation failed: {outcome.error or 'engine error'}"
-        yield sse({"error": {"message": message, "type": "server_error", "param": None, "code": "generation_error"}})
-    else:
-        yield sse(renderer.chunk("", finish_reason_name(outcome.finish_reason), include_usage))
-        if include_usage:
-            yield sse(renderer.usage_chunk(outcome))
-    yield "data: [DONE]\n\n"
+    failed = next((o for o in outcomes if o.finish_reason is FinishReason.ERROR), None)
+    if failed is not None:
+        logger.warning("generation %s failed: %s", job.request_id, failed.error)
+        raise ApiError(f"Generation failed: {failed.error or 'engine error'}", code="generation_error")
+    return JSONResponse(renderer.complete(outcomes), headers=job.headers or None)

@@ -22,6 +22,7 @@ __all__ = [
     "ToolChoice",
     "ToolPlan",
     "detect_format",
+    "fold_tool_traffic",
     "marker_token_ids",
     "plan_tools",
     "render_chat",
@@ -175,6 +176,12 @@ def render_chat(
     if not isinstance(text, str):
         raise TypeError(f"apply_chat_template(tokenize=False) returned {type(text).__name__}, expected str")
     return text
+
+
+def fold_tool_traffic(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Plain ``system``/``user``/``assistant`` messages for a prompt format without tools: assistant calls become
+    JSON text in the assistant's turn, ``tool`` results user turns (``[name result]`` and the text)."""
+    return _merge_same_roles([_normalise(message, False) for message in messages])
 
 
 def _normalise(message: Mapping[str, Any], supported: bool) -> dict[str, Any]:
