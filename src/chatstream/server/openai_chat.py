@@ -94,12 +94,12 @@ def tool_format_of(service: ChatService) -> ToolFormat | None:
     return detect_format(template if isinstance(template, str) else None, service.config.model_type)
 
 
-def plan_for(service: ChatService, tools: Sequence[Any] | None, tool_choice: Any) -> ToolPlan:
+def plan_for(service: ChatService, tools: Sequence[Any] | None, tool_choice: Any, parallel: bool | None) -> ToolPlan:
     """The tool plan of a request on this model; BadRequest naming ``tools`` or ``tool_choice``."""
     fmt = tool_format_of(service)
     special = marker_token_ids(service.prompts.tokenizer, fmt) if fmt is not None else {}
     try:
-        plan = plan_tools(tools, tool_choice, fmt, special)
+        plan = plan_tools(tools, tool_choice, fmt, special, parallel=parallel is not False)
     except ValueError as exc:
         raise bad_request(exc, "tools") from None
     if plan.ignored:
@@ -217,7 +217,7 @@ def choices(request: GenerationRequest, n: int) -> tuple[GenerationRequest, ...]
 async def prepare_chat(service: ChatService, body: ChatCompletionRequest) -> OpenAIJob:
     """The job of a /v1/chat/completions request (every check done; no slot taken yet)."""
     messages = [m.model_dump(exclude_none=True) for m in body.messages]
-    plan = plan_for(service, body.tools, body.tool_choice)
+    plan = plan_for(service, body.tools, body.tool_choice, body.parallel_tool_calls)
     grammar = await checked_grammar(service, output_grammar(plan, body.response_format))
     base = prompt_request(service, messages, plan, body.has_tool_traffic)
     request = dataclasses.replace(
