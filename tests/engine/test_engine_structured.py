@@ -94,6 +94,8 @@ def test_logprobs_are_the_log_softmax_of_the_logits(tiny_model: Any, tiny_tokeni
     assert [t.token_id for t in first.top] == ids.tolist()
     assert [t.logprob for t in first.top] == pytest.approx(values.tolist(), abs=1e-4)
     assert all(len(d.logprobs) == len(d.token_ids) for d in outputs["top5"])
+    raw = b"".join(lp.token_bytes for d in outputs["top5"] for lp in d.logprobs)
+    assert raw.decode("utf-8", "replace") == tiny_tokenizer.decode(tokens(outputs["top5"]), skip_special_tokens=False)
     assert all(not d.logprobs for d in outputs["none"])
     assert all(len(d.logprobs) == 1 and d.logprobs[0].top == () for d in outputs["chosen"] if d.token_ids)
 

@@ -81,16 +81,19 @@ class GenerationRequest:
 
 @dataclass(frozen=True)
 class TopLogprob:
-    """One candidate token at one position: its id, its text and its log-probability."""
+    """One candidate token at one position: its id, its text (U+FFFD for a piece of a multi-byte character), its
+    bytes and its log-probability."""
 
     token_id: int
     token: str
     logprob: float
+    token_bytes: bytes = b""
 
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """The log-probability of one generated token, and the most likely tokens at its position (best first).
+    """The log-probability of one generated token (its text and bytes as in :class:`TopLogprob`), and the most
+    likely tokens at its position (best first).
 
     Log-probabilities are those of the distribution the token was drawn from before temperature and the top-k/p
     filters: the log-softmax of the logits after the grammar's mask and the repetition penalties.
@@ -100,6 +103,7 @@ class TokenLogprob:
     token: str
     logprob: float
     top: tuple[TopLogprob, ...] = ()
+    token_bytes: bytes = b""
 
 
 @dataclass(frozen=True)

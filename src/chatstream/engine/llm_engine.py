@@ -134,16 +134,18 @@ class LLMEngine:
             ),
             generator=sampler.make_generator(params.seed),
             matcher=None if request.grammar is None else self.grammars.matcher(request.grammar),
-            token_text=None if request.logprobs is None else self.token_text,
+            token_piece=None if request.logprobs is None else self.token_piece,
         )
 
     def validate_grammar(self, spec: GrammarSpec) -> None:
         """Compile ``spec`` (building the token table first if need be) or raise ValueError naming its field."""
         self.grammars.validate(spec)
 
-    def token_text(self, token_id: int) -> str:
-        """One token's text as the logprobs show it (a piece of a multi-byte character decodes to U+FFFD)."""
-        return str(self.tokenizer.decode([token_id], skip_special_tokens=False))
+    def token_piece(self, token_id: int) -> tuple[str, bytes]:
+        """One token as the logprobs show it: its text (a piece of a multi-byte character decodes to U+FFFD) and
+        its bytes (exact where the grammar compiler's token table is built, else the text's UTF-8)."""
+        text = str(self.tokenizer.decode([token_id], skip_special_tokens=False))
+        return text, self.grammars.token_bytes(token_id) or text.encode()
 
     def _encode(self, prompt: str, add_special_tokens: bool | None) -> list[int]:
         special = self.config.add_special_tokens if add_special_tokens is None else add_special_tokens

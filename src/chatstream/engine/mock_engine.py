@@ -187,4 +187,5 @@ class MockEngine:
 
 def _certain(token_id: int, piece: str, num_top: int) -> TokenLogprob:
     """The logprobs of a piece the mock was sure of."""
-    return TokenLogprob(token_id, piece, 0.0, (TopLogprob(token_id, piece, 0.0),)[:num_top])
+    raw = piece.encode()
+    return TokenLogprob(token_id, piece, 0.0, (TopLogprob(token_id, piece, 0.0, raw),)[:num_top], raw)

@@ -57,7 +57,7 @@ class Sequence:
 
     A constrained sequence has a ``matcher`` (its grammar's state): the model runner masks its logits with it before
     sampling, :meth:`append_token` advances it. A sequence that asked for logprobs gets them from the runner
-    (:attr:`sampled_logprobs`, set with each sampled token) and turns token ids into text with ``token_text``.
+    (:attr:`sampled_logprobs`, set with each sampled token) and names the tokens with ``token_piece`` (text, bytes).
     """
 
     request: GenerationRequest
@@ -73,7 +73,7 @@ class Sequence:
     finish_reason: FinishReason | None = None
     error: str | None = None
     matcher: GrammarMatcher | None = None
-    token_text: Callable[[int], str] | None = None
+    token_piece: Callable[[int], tuple[str, bytes]] | None = None
     sampled_logprobs: RowLogprobs | None = field(default=None, init=False, repr=False)
     _new_token_ids: list[int] = field(default_factory=list, init=False, repr=False)
     _new_text: str = field(default="", init=False, repr=False)
@@ -125,9 +125,14 @@ class Sequence:
             self._new_text += self.detokenizer.add_tokens((token_id,))
 
     def _logprob_of(self, token_id: int, row: RowLogprobs) -> TokenLogprob:
-        text = self.token_text or str
+        piece = self.token_piece or _plain_piece
         chosen, top = row
-        return TokenLogprob(token_id, text(token_id), chosen, tuple(TopLogprob(t, text(t), v) for t, v in top))
+        alternatives = []
+        for alternative, value in top:
+            text, raw = piece(alternative)
+            alternatives.append(TopLogprob(alternative, text, value, raw))
+        text, raw = piece(token_id)
+        return TokenLogprob(token_id, text, chosen, tuple(alternatives), raw)
 
     def finish(self, reason: FinishReason, error: str | None = None) -> None:
         """End the sequence; the text held back is released unless it failed."""
@@ -150,6 +155,10 @@ class Sequence:
         )
         self._new_text, self._new_token_ids, self._new_logprobs = "", [], []
         return delta
+
+
+def _plain_piece(token_id: int) -> tuple[str, bytes]:
+    return str(token_id), str(token_id).encode()
 
 
 def stop_reason(seq: Sequence, token_id: int) -> FinishReason | None:

@@ -81,6 +81,12 @@ class GrammarCompiler:
         with self._lock:
             return GrammarMatcher(self._template(spec).deep_copy(), self.vocab_size)
 
+    def token_bytes(self, token_id: int) -> bytes | None:
+        """The bytes of one token (None for special tokens and ids outside the tokenizer)."""
+        if not 0 <= token_id < self._tokenizer.vocab_size or self._tokenizer.is_special_token(token_id):
+            return None
+        return bytes(self._tokenizer.decode_bytes([token_id]))
+
     def validate(self, spec: GrammarSpec) -> None:
         """Compile ``spec`` (cached) or raise ValueError: for the server, before the request is queued."""
         with self._lock:
@@ -155,6 +161,11 @@ class LazyGrammarCompiler:
         if self._compiler is None:
             raise ValueError(self._error or "constrained decoding is not available")
         return self._compiler
+
+    def token_bytes(self, token_id: int) -> bytes | None:
+        """The bytes of one token, once the compiler is built (None before, or for special tokens)."""
+        compiler = self._compiler
+        return None if compiler is None else compiler.token_bytes(token_id)
 
     def validate(self, spec: GrammarSpec) -> None:
         """Compile ``spec`` or raise ValueError naming its field."""

@@ -72,11 +72,9 @@ def chat_logprobs(logprobs: Sequence[TokenLogprob]) -> dict[str, Any]:
 
 
 def _token_entry(lp: TokenLogprob, *, with_top: bool) -> dict[str, Any]:
-    entry: dict[str, Any] = {"token": lp.token, "logprob": lp.logprob, "bytes": list(lp.token.encode("utf-8"))}
+    entry: dict[str, Any] = {"token": lp.token, "logprob": lp.logprob, "bytes": list(lp.token_bytes)}
     if with_top:
-        entry["top_logprobs"] = [
-            {"token": t.token, "logprob": t.logprob, "bytes": list(t.token.encode("utf-8"))} for t in lp.top
-        ]
+        entry["top_logprobs"] = [{"token": t.token, "logprob": t.logprob, "bytes": list(t.token_bytes)} for t in lp.top]
     return entry
 
 
