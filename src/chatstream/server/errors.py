@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse
 
 from chatstream.admission.admission import Draining, QueueFull
 from chatstream.engine.base import EngineError, EngineOverloaded
+from chatstream.sessions.errors import StoreUnavailable
 
 ROLE_DENIED_BODY: dict[str, Any] = {"success": False, "message": "Forbidden", "detail": "Denied on role layer."}
 
@@ -117,6 +118,8 @@ def to_api_error(exc: BaseException) -> ApiError:
         return TooManyRequests(f"Too many requests: {exc} Retry after {exc.retry_after} s.", exc.retry_after)
     if isinstance(exc, EngineError):
         return ServiceUnavailable(f"The engine cannot serve requests: {exc}", code="engine_unavailable")
+    if isinstance(exc, StoreUnavailable):
+        return ServiceUnavailable("The conversation store is unavailable; retry later.", code="store_unavailable")
     if isinstance(exc, ValidationError):
         return bad_request_from_validation(exc)
     return ApiError("Internal server error.", code="internal_error")

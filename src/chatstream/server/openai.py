@@ -9,8 +9,6 @@ aborts the engine requests and releases the admission slot.
 
 from __future__ import annotations
 
-import dataclasses
-import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -21,23 +19,24 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from chatstream.admission.admission import Draining, QueueFull, Slot
+from chatstream.admission.admission import Draining, QueueFull
 from chatstream.engine.base import EngineError, FinishReason
 from chatstream.server.context import ServerContext
-from chatstream.server.errors import (
-    ApiError,
-    Forbidden,
-    MethodNotAllowed,
-    NotFound,
-    ServiceUnavailable,
-    Unauthorized,
-    openai_error_response,
-)
+from chatstream.server.errors import ApiError, MethodNotAllowed, NotFound, openai_error_response
 from chatstream.server.http import parse_json_object
 from chatstream.server.openai_chat import OpenAIJob, conversation_key, prepare_chat, prepare_completion
+from chatstream.server.openai_context import (
+    OpenAIContext,
+    admitted,
+    api_key_matches,
+    authorize,
+    check_model,
+    model_object,
+)
 from chatstream.server.openai_render import Renderer, SseResponse
 from chatstream.server.openai_schemas import ChatCompletionRequest, CompletionRequest, check_unsupported
 from chatstream.server.openai_stream import event_stream
+from chatstream.server.responses import add_responses_routes
 from chatstream.service import ChatService
 
 if TYPE_CHECKING:
@@ -50,23 +49,8 @@ logger = logging.getLogger(__name__)
 OPENAI_PREFIX = "/v1/"
 
 
-@dataclasses.dataclass(frozen=True)
-class OpenAIContext:
-    """What every OpenAI handler needs: the server context, the API keys in force and the models' creation time."""
-
-    server: ServerContext
-    api_keys: tuple[str, ...] = ()
-    created: int = dataclasses.field(default_factory=lambda: int(time.time()))
-
-    @property
-    def service(self) -> ChatService:
-        return self.server.service
-
-
 def add_openai_routes(app: FastAPI, server: ServerContext, api_keys: Sequence[str] = ()) -> None:
     """Mount the endpoints on ``app``, and answer unknown /v1 paths in OpenAI's error shape."""
-    from chatstream.server.responses import add_responses_routes
-
     ctx = OpenAIContext(server, tuple(k for k in api_keys if k))
 
     def bind(handler: Callable[[OpenAIContext, Request], Awaitable[Response]]) -> Callable[..., Awaitable[Response]]:
@@ -109,10 +93,6 @@ def _openai_http_error(status: int, fallback: Callable[..., Any] | None) -> Call
 
 
 # ----- handlers -----
-
-
-def model_object(ctx: OpenAIContext) -> dict[str, Any]:
-    return {"id": ctx.service.model_name, "object": "model", "created": ctx.created, "owned_by": "chatstream"}
 
 
 async def handle_models(ctx: OpenAIContext, request: Request) -> Response:
@@ -180,67 +160,7 @@ async def _guarded(
         return openai_error_response(exc)
 
 
-# ----- access -----
-
-
-def authorize(ctx: OpenAIContext, request: Request) -> None:
-    """API key (when configured) or client role; raises Unauthorized / Forbidden.
-
-    With API keys configured, a valid ``Authorization: Bearer <key>`` is required, unless the request carries a
-    header phrase of an agent role that allows "openai". Without keys, the client role decides; OpenAI clients are
-    agents, so a session is ignored.
-    """
-    roles = ctx.server.roles
-    role = roles.resolve(request, as_agent=True)
-    if ctx.api_keys:
-        if api_key_matches(request.headers.get("authorization"), ctx.api_keys):
-            return
-        if role.auth_method.is_header_phrase and role.allows("openai"):
-            return
-        raise Unauthorized("Incorrect or missing API key: send 'Authorization: Bearer <key>'.", param="api_key")
-    if not roles.is_allowed(request, "openai", as_agent=True):
-        raise Forbidden(f"The OpenAI API is not allowed for client role '{role.name}'.")
-
-
-def api_key_matches(authorization: str | None, api_keys: Sequence[str]) -> bool:
-    """True when the header is ``Bearer <one of api_keys>``; every key is compared in constant time."""
-    scheme, _, token = (authorization or "").partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token:
-        return False
-    matched = False
-    for key in api_keys:
-        matched |= hmac.compare_digest(token.encode(), key.encode())
-    return matched
-
-
-def check_model(service: ChatService, model: str | None) -> None:
-    """NotFound unless ``model`` is empty or the model this server runs."""
-    if model and model != service.model_name:
-        raise NotFound(
-            f"The model '{model}' does not exist; this server runs '{service.model_name}' (GET /v1/models).",
-            param="model",
-            code="model_not_found",
-        )
-
-
 # ----- admission and responses -----
-
-
-async def admitted(service: ChatService, request: Request) -> Slot | None:
-    """An admission slot with the engine running (None: the client left while waiting); raises QueueFull,
-    Draining, or ServiceUnavailable when the engine is not ready."""
-    slot = await service.acquire_slot(request.is_disconnected)
-    if slot is None:
-        return None
-    try:
-        await service.startup()
-        if not service.engine.is_running:
-            raise ServiceUnavailable("The model is not ready yet.", code="engine_not_ready")
-    except BaseException:
-        slot.release()
-        raise
-    return slot
 
 
 async def _respond(

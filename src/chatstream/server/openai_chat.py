@@ -14,7 +14,7 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -107,16 +107,20 @@ def plan_for(service: ChatService, tools: Sequence[Any] | None, tool_choice: Any
     return plan
 
 
-def output_grammar(plan: ToolPlan, response_format: Any, field_name: str = "response_format") -> GrammarSpec | None:
-    """The grammar the output must follow: ``response_format``'s, or the forced tool call's."""
+def response_format_spec(response_format: Any) -> GrammarSpec | None:
+    """The grammar of a chat request's ``response_format``; BadRequest naming the field."""
     try:
-        spec = response_format_grammar(response_format, field_name)
+        return response_format_grammar(response_format, "response_format")
     except ValueError as exc:
-        raise bad_request(exc, field_name) from None
+        raise bad_request(exc, "response_format") from None
+
+
+def output_grammar(plan: ToolPlan, spec: GrammarSpec | None) -> GrammarSpec | None:
+    """The grammar the output must follow: the format's (``spec``), or the forced tool call's."""
     if plan.grammar is None:
         return spec
     if spec is not None:
-        raise BadRequest(f"{field_name} can not be combined with a required tool call", param=field_name)
+        raise BadRequest(f"{spec.field} can not be combined with a required tool call", param=spec.field)
     return GrammarSpec.lark(plan.grammar, "tool_choice")
 
 
@@ -214,24 +218,53 @@ def choices(request: GenerationRequest, n: int) -> tuple[GenerationRequest, ...]
     return tuple(copies)
 
 
-async def prepare_chat(service: ChatService, body: ChatCompletionRequest) -> OpenAIJob:
-    """The job of a /v1/chat/completions request (every check done; no slot taken yet)."""
-    messages = [m.model_dump(exclude_none=True) for m in body.messages]
-    plan = plan_for(service, body.tools, body.tool_choice, body.parallel_tool_calls)
-    grammar = await checked_grammar(service, output_grammar(plan, body.response_format))
-    base = prompt_request(service, messages, plan, body.has_tool_traffic)
+@dataclass(frozen=True)
+class ChatSpec:
+    """What a chat-shaped job needs besides the messages: the engine request's id and conversation, the request's
+    sampling over the prompt's own, the number of choices and of logprobs."""
+
+    request_id: str
+    conversation_id: str | None
+    sampling: Callable[[SamplingParams], SamplingParams]
+    n: int = 1
+    logprobs: int | None = None
+
+
+async def chat_job(
+    service: ChatService, messages: list[dict[str, Any]], plan: ToolPlan, spec: GrammarSpec | None, chat: ChatSpec
+) -> OpenAIJob:
+    """The job for chat ``messages`` with a tool plan and an output format (shared by /v1/chat/completions and
+    /v1/responses); the grammar is compiled before anything else, so a bad one is a 400 before admission."""
+    grammar = await checked_grammar(service, output_grammar(plan, spec))
+    tool_traffic = any(m.get("role") == "tool" or m.get("tool_calls") for m in messages)
+    base = prompt_request(service, messages, plan, tool_traffic)
     request = dataclasses.replace(
         base,
-        request_id=f"chatcmpl-{uuid.uuid4().hex}",
-        sampling=sampling_of(body, base.sampling),
-        conversation_id=conversation_key(messages, body.user),
+        request_id=chat.request_id,
+        sampling=chat.sampling(base.sampling),
+        conversation_id=chat.conversation_id,
         grammar=grammar,
-        logprobs=body.num_logprobs,
+        logprobs=chat.logprobs,
         skip_special_tokens=not (plan.format and marker_token_ids(service.prompts.tokenizer, plan.format)),
     )
     headers = {TOOLS_IGNORED_HEADER: plan.ignored} if plan.ignored else {}
     names = tuple(tool["function"]["name"] for tool in plan.tools)
-    return OpenAIJob(choices(request, body.n or 1), plan.format, names, body.logprobs is True, headers)
+    return OpenAIJob(choices(request, chat.n), plan.format, names, chat.logprobs is not None, headers)
+
+
+async def prepare_chat(service: ChatService, body: ChatCompletionRequest) -> OpenAIJob:
+    """The job of a /v1/chat/completions request (every check done; no slot taken yet)."""
+    messages = [m.model_dump(exclude_none=True) for m in body.messages]
+    plan = plan_for(service, body.tools, body.tool_choice, body.parallel_tool_calls)
+    spec = response_format_spec(body.response_format)
+    chat = ChatSpec(
+        request_id=f"chatcmpl-{uuid.uuid4().hex}",
+        conversation_id=conversation_key(messages, body.user),
+        sampling=lambda prompt_sampling: sampling_of(body, prompt_sampling),
+        n=body.n or 1,
+        logprobs=body.num_logprobs,
+    )
+    return await chat_job(service, messages, plan, spec, chat)
 
 
 async def prepare_completion(service: ChatService, body: CompletionRequest) -> OpenAIJob:
