@@ -137,3 +137,25 @@ def test_verify_role_for_api_answers_the_role_layer() -> None:
     assert cs.verify_role_for_api(browser, "chat_stream") is None
     denied = cs.verify_role_for_api(browser, "get_load")
     assert denied is not None and denied.status_code == 403
+
+
+async def test_a_given_engine_instance_generates_without_a_model(tiny_model: Any, tiny_tokenizer: Any) -> None:
+    from chatstream.config import EngineConfig
+    from chatstream.engine.async_engine import TransformersEngine
+
+    engine = TransformersEngine(tiny_model, tiny_tokenizer, EngineConfig(max_batch_size=2))
+    cs = ChatStream(
+        tokenizer=tiny_tokenizer,
+        engine=engine,
+        model_name="given",
+        max_new_tokens=6,
+        temperature=0.0,
+        chat_prompt_clazz=ChatPromptTogetherRedPajamaINCITEChat,
+    )
+    assert cs.engine is engine and cs.model_name == "given"
+    try:
+        items = [item async for item in cs.handle_console_input("hello")]
+        assert items[-1][2] == "end" and items[-1][0]
+        assert engine.stats().num_generated_tokens_total > 0
+    finally:
+        await cs.shutdown()

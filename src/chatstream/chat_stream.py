@@ -73,6 +73,8 @@ class ChatStream:
         fused_decoder: on the CPU, run the model families it supports (Llama, Mistral, Qwen2, Qwen3, Gemma-3)
             through the engine's fused decoder; False keeps transformers' own forward pass (``chatstream serve
             --no-fused-decoder``).
+        engine: an engine instance to generate with (any implementation of ``chatstream.engine.Engine``) instead of
+            the one built from ``model`` (then ``model`` is not needed; ``tokenizer`` still renders the prompts).
         tool_call_format: how the model writes tool calls (``hermes``, ``llama3_json``, ``mistral``,
             ``functiongemma``, ``pythonic``, or one added with ``chatstream.server.tool_calls.register_format``);
             None detects it from the chat template (docs/api.md, tool calling).
@@ -114,6 +116,7 @@ class ChatStream:
         token_sampler: Any = None,
         probe_mode_enabled: bool = False,
         fused_decoder: bool = True,
+        engine: Engine | None = None,
         tool_call_format: str | None = None,
     ) -> None:
         self.name = name
@@ -150,7 +153,7 @@ class ChatStream:
         if tool_call_format is not None:
             get_format(tool_call_format)  # ValueError listing the known formats
         self.tool_call_format = tool_call_format
-        self.service = self._create_service(locale, model_name, mock_params)
+        self.service = self._create_service(locale, model_name, mock_params, engine)
         chat = NativeChat(self.service, self.client_roles, self.request_handler, self.logger)
         self.server_context = ServerContext(
             self.service, self.client_roles, chat, tuple(api_keys), on_feedback_received
@@ -158,7 +161,11 @@ class ChatStream:
         self._console_prompt: AbstractChatPrompt | None = None
 
     def _create_service(
-        self, locale: str | None, model_name: str | None, mock_params: Mapping[Any, Any] | None
+        self,
+        locale: str | None,
+        model_name: str | None,
+        mock_params: Mapping[Any, Any] | None,
+        engine: Engine | None,
     ) -> ChatService:
         config = ServiceConfig(
             name=self.name,
@@ -172,8 +179,9 @@ class ChatStream:
             model_type=getattr(getattr(self.model, "config", None), "model_type", None),
             tool_call_format=self.tool_call_format,
         )
-        mock = MockConfig.from_seed_params(dict(mock_params or {})) if self.use_mock_response else None
-        engine = create_engine(self.model, self.tokenizer, self.engine_config, mock)
+        if engine is None:
+            mock = MockConfig.from_seed_params(dict(mock_params or {})) if self.use_mock_response else None
+            engine = create_engine(self.model, self.tokenizer, self.engine_config, mock)
         return ChatService(config, engine, PromptFactory(self.chat_prompt_clazz, self.tokenizer), self.logger)
 
     # ----- what the service holds -----
