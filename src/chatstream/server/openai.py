@@ -9,6 +9,7 @@ aborts the engine requests and releases the admission slot.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -71,23 +72,24 @@ def add_openai_routes(app: FastAPI, server: ServerContext, api_keys: Sequence[st
 
 
 def _answer_unknown_paths_in_openai_shape(app: FastAPI) -> None:
-    """404 and 405 under /v1/ in OpenAI's error shape; other paths keep the app's own handlers."""
-    for status, fallback in ((404, app.exception_handlers.get(404)), (405, app.exception_handlers.get(405))):
-        app.add_exception_handler(status, _openai_http_error(status, fallback))
+    """404 and 405 under /v1/ in OpenAI's error shape; other paths keep the app's own handlers (FastAPI's
+    ``{"detail": ...}`` unless the app registered others)."""
+    from fastapi.exception_handlers import http_exception_handler
+
+    for status in (404, 405):
+        fallback = app.exception_handlers.get(status) or app.exception_handlers.get(HTTPException)
+        app.add_exception_handler(status, _openai_http_error(status, fallback or http_exception_handler))
 
 
-def _openai_http_error(status: int, fallback: Callable[..., Any] | None) -> Callable[..., Awaitable[Response]]:
+def _openai_http_error(status: int, fallback: Callable[..., Any]) -> Callable[..., Awaitable[Response]]:
     async def handler(request: Request, exc: Exception) -> Response:
-        if request.url.path.startswith(OPENAI_PREFIX):
-            path = request.url.path
-            if status == 405:
-                return openai_error_response(MethodNotAllowed(f"{request.method} is not allowed on {path}."))
-            return openai_error_response(NotFound(f"Unknown path {request.method} {path}.", code="unknown_url"))
-        if fallback is not None:
+        path = request.url.path
+        if not path.startswith(OPENAI_PREFIX):
             result = fallback(request, exc)
-            return await result if hasattr(result, "__await__") else result  # type: ignore[no-any-return]
-        detail = exc.detail if isinstance(exc, HTTPException) else "Not Found"
-        return JSONResponse({"detail": detail}, status_code=status)
+            return await result if inspect.isawaitable(result) else result  # type: ignore[no-any-return]
+        if status == 405:
+            return openai_error_response(MethodNotAllowed(f"{request.method} is not allowed on {path}."))
+        return openai_error_response(NotFound(f"Unknown path {request.method} {path}.", code="unknown_url"))
 
     return handler
 
