@@ -383,3 +383,28 @@ async def test_the_next_turn_of_an_openai_chat_reuses_its_kv_cache(tiny_model: A
         second = (await client.post("/v1/chat/completions", json={"messages": second_messages})).json()
     assert second["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
     assert second["usage"]["prompt_tokens_details"]["cached_tokens"] < second["usage"]["prompt_tokens"]
+
+
+async def test_completions_with_logprobs_and_several_choices(client: httpx.AsyncClient) -> None:
+    body = (await client.post("/v1/completions", json={"prompt": "one two", "logprobs": 1, "n": 2})).json()
+    assert [c["index"] for c in body["choices"]] == [0, 1] and body["usage"]["completion_tokens"] == 4
+    logprobs = body["choices"][1]["logprobs"]
+    assert logprobs == {
+        "tokens": ["one", " two"],
+        "token_logprobs": [0.0, 0.0],
+        "top_logprobs": [{"one": 0.0}, {" two": 0.0}],
+        "text_offset": [0, 3],
+    }
+    streamed = await client.post("/v1/completions", json={"prompt": "one two", "logprobs": 0, "stream": True})
+    chunks = [json.loads(e) for e in sse_events(streamed.text)[:-1]]
+    assert [t for c in chunks if c["choices"][0]["logprobs"] for t in c["choices"][0]["logprobs"]["tokens"]] == [
+        "one",
+        " two",
+    ]
+
+
+async def test_chat_logprobs_on_the_mock(client: httpx.AsyncClient) -> None:
+    body = (await client.post("/v1/chat/completions", json=chat_body("a b", logprobs=True, top_logprobs=3))).json()
+    content = body["choices"][0]["logprobs"]["content"]
+    assert [(e["token"], e["logprob"], e["bytes"]) for e in content] == [("a", 0.0, [97]), (" b", 0.0, [32, 98])]
+    assert content[0]["top_logprobs"] == [{"token": "a", "logprob": 0.0, "bytes": [97]}]
