@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
@@ -149,11 +150,14 @@ class LazyGrammarCompiler:
             if self.is_built:
                 return
             tokenizer, vocab_size, stops = self._args
+            started = time.perf_counter()
             try:
                 self._compiler = GrammarCompiler(tokenizer, vocab_size, stops)
             except Exception as exc:  # not a fast tokenizer, no EOS, llguidance missing ...
                 logger.warning("constrained decoding is not available for this tokenizer: %s", exc)
                 self._error = f"constrained decoding is not available for this model's tokenizer ({exc})"
+                return
+            logger.info("grammar token table of %d tokens built in %.1f s", vocab_size, time.perf_counter() - started)
 
     def get(self) -> GrammarCompiler:
         """The compiler (built now if need be); ValueError when it can not be built."""
