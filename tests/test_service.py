@@ -267,3 +267,18 @@ async def test_n_copies_run_together_and_a_disconnect_aborts_them_all() -> None:
         assert svc.engine.stats().num_running == 0
     finally:
         await svc.shutdown(0.0)
+
+
+async def test_startup_builds_the_grammar_table_before_serving(tiny_model: Any, tiny_tokenizer: Any) -> None:
+    from chatstream.engine.grammar import GrammarSpec
+
+    cs = ChatStream(model=tiny_model, tokenizer=tiny_tokenizer)
+    assert not cs.engine.llm.grammars.is_built  # type: ignore[attr-defined]
+    await cs.startup()
+    try:
+        assert cs.engine.llm.grammars.is_built  # type: ignore[attr-defined]
+        await cs.service.validate_grammar(GrammarSpec.json_object())
+        with pytest.raises(ValueError, match="cannot constrain"):
+            await mock_service().validate_grammar(GrammarSpec.json_object())
+    finally:
+        await cs.shutdown(0.0)
