@@ -209,7 +209,7 @@ def sampling_of(
 
 def choices(request: GenerationRequest, n: int) -> tuple[GenerationRequest, ...]:
     """``n`` copies of ``request`` with their own ids (and seeds ``seed + i``, so that seeded copies differ). They
-    share the prompt's KV through the engine's prefix cache (see docs/api.md, ``n``)."""
+    rely on the engine's prefix cache to share the prompt's KV (see docs/api.md, ``n``)."""
     copies = [request]
     for index in range(1, n):
         seed = request.sampling.seed
