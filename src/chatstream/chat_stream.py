@@ -26,7 +26,9 @@ from chatstream.server.context import ServerContext
 from chatstream.server.native import NativeChat, UserCallback
 from chatstream.server.tool_calls import get_format
 from chatstream.service import ChatService, ConsoleItem, PromptFactory, create_engine, default_prompt_class
+from chatstream.sessions.base import Store
 from chatstream.sessions.handler import AbstractRequestHandler, SimpleSessionRequestHandler
+from chatstream.sessions.keeper import DEFAULT_RETENTION_INTERVAL, ConversationKeeper
 
 if TYPE_CHECKING:
     import torch
@@ -75,6 +77,13 @@ class ChatStream:
             --no-fused-decoder``).
         engine: an engine instance to generate with (any implementation of ``chatstream.engine.Engine``) instead of
             the one built from ``model`` (then ``model`` is not needed; ``tokenizer`` still renders the prompts).
+        store: where sessions and conversations are kept: a URL (``memory://``, the default; ``sqlite:///path.db``;
+            ``redis://host:6379/0``) or a store from ``chatstream.sessions.open_store`` (docs/conversations.md).
+            ``append_middlewares`` keeps sessions in it too.
+        conversation_max_age: conversations not updated for this long are deleted (seconds, or "90d", "12h";
+            "never" keeps them); None: the store's default (memory 12 h, SQLite and Redis never).
+        max_conversations_per_user: each user keeps at most this many, the most recently updated (None: no limit).
+        retention_interval: seconds between two sweeps of the retention task.
         tool_call_format: how the model writes tool calls (``hermes``, ``llama3_json``, ``mistral``,
             ``functiongemma``, ``pythonic``, or one added with ``chatstream.server.tool_calls.register_format``);
             None detects it from the chat template (docs/api.md, tool calling).
@@ -117,6 +126,10 @@ class ChatStream:
         probe_mode_enabled: bool = False,
         fused_decoder: bool = True,
         engine: Engine | None = None,
+        store: str | Store = "memory://",
+        conversation_max_age: float | str | None = None,
+        max_conversations_per_user: int | None = None,
+        retention_interval: float = DEFAULT_RETENTION_INTERVAL,
         tool_call_format: str | None = None,
     ) -> None:
         self.name = name
@@ -154,7 +167,14 @@ class ChatStream:
             get_format(tool_call_format)  # ValueError listing the known formats
         self.tool_call_format = tool_call_format
         self.service = self._create_service(locale, model_name, mock_params, engine)
-        chat = NativeChat(self.service, self.client_roles, self.request_handler, self.logger)
+        self.conversations = ConversationKeeper(
+            store,
+            self.service.prompts,
+            max_age=conversation_max_age,
+            max_per_owner=max_conversations_per_user,
+            retention_interval=retention_interval,
+        )
+        chat = NativeChat(self.service, self.client_roles, self.request_handler, self.logger, self.conversations)
         self.server_context = ServerContext(
             self.service, self.client_roles, chat, tuple(api_keys), on_feedback_received
         )
@@ -217,16 +237,20 @@ class ChatStream:
     # ----- lifecycle -----
 
     async def startup(self) -> None:
-        """Start the engine (idempotent). Called by the app's lifespan or on the first request."""
+        """Start the engine and open the conversation store (idempotent). Called by the app's lifespan or on the
+        first request."""
         await self.service.startup()
+        await self.conversations.startup()
 
     async def start_queue_worker(self) -> None:
         """Kept for code written for the original package (a startup hook); same as :meth:`startup`."""
-        await self.service.startup()
+        await self.startup()
 
     async def shutdown(self, drain_timeout: float = 0.0) -> None:
-        """Stop admitting, let running streams finish for up to ``drain_timeout`` s, then stop the engine."""
+        """Stop admitting, let running streams finish for up to ``drain_timeout`` s, stop the engine, then close
+        the conversation store."""
         await self.service.shutdown(drain_timeout)
+        await self.conversations.shutdown()
 
     # ----- the chat endpoint and the console -----
 

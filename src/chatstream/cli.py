@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from chatstream.cli_options import (
     API_KEYS_ENV,
     LOG_LEVELS,
+    add_conversation_options,
     add_generation_options,
     add_model_options,
     add_server_options,
@@ -26,6 +27,7 @@ from chatstream.cli_options import (
 
 if TYPE_CHECKING:
     from chatstream.chat_stream import ChatStream
+    from chatstream.cli_data import ServeData
     from chatstream.prompts.base import AbstractChatPrompt
 
 logger = logging.getLogger(__name__)
@@ -48,7 +50,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 class ModelOptionError(Exception):
-    """A model option that looked fine to the parser but failed at load time (missing path, absent device)."""
+    """An option that looked fine to the parser but failed when used (a missing model path, an absent device, a
+    store URL that names no store, a data directory that cannot be written)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(serve, default_log_level="info")
     add_generation_options(serve)
     add_server_options(serve)
+    add_conversation_options(serve)
     serve.set_defaults(run=run_serve, subparser=serve)
     chat = commands.add_parser("chat", help="chat with the model in this terminal")
     add_model_options(chat, default_log_level="warning")
@@ -80,29 +84,24 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from chatstream.config import ServerConfig
-    from chatstream.server.app import create_app
 
     server = ServerConfig(
         host=args.host, port=args.port, api_keys=api_keys_from(args), drain_timeout_sec=args.drain_timeout
     )
+    data = serve_data(args)
     chat_stream = build_chat_stream(
         args,
         max_concurrency=args.max_concurrency,
         max_queue_size=args.max_queue,
         reject_as_http_error=args.too_many_requests_as_http_error,
+        store_url=data.store_url,
     )
-    web_ui_params = {"title": args.web_ui_title} if args.web_ui_title else None
-    # serve speaks plain HTTP: a Secure cookie would be dropped by browsers that reach it by a LAN address
-    middleware_opts = {"session": {"secure": bool(args.secure_cookies)}}
-    app = create_app(
-        chat_stream,
-        web_ui_params=web_ui_params,
-        api_keys=server.api_keys,
-        drain_timeout=server.drain_timeout_sec,
-        middleware_opts=middleware_opts,
+    print(
+        f"Conversations are kept in {chat_stream.conversations.describe()}; session secret: {data.secret_source}",
+        flush=True,
     )
     config = uvicorn.Config(
-        app,
+        _serve_app(args, chat_stream, server, data),
         host=server.host,
         port=server.port,
         log_level=args.log_level,
@@ -112,6 +111,34 @@ def run_serve(args: argparse.Namespace) -> int:
     )
     _run_uvicorn(config)
     return 0
+
+
+def serve_data(args: argparse.Namespace) -> ServeData:
+    """The store URL and session secret of ``serve`` (see chatstream.cli_data)."""
+    from chatstream.cli_data import default_data_dir, resolve_serve_data
+
+    data_dir = args.data_dir if args.data_dir is not None else default_data_dir()
+    try:
+        return resolve_serve_data(args.store, data_dir, args.session_secret)
+    except OSError as exc:
+        raise ModelOptionError(f"--data-dir {data_dir}: {exc}") from exc
+
+
+def _serve_app(args: argparse.Namespace, chat_stream: ChatStream, server: Any, data: ServeData) -> Any:
+    from chatstream.server.app import create_app
+
+    web_ui_params = {"title": args.web_ui_title} if args.web_ui_title else None
+    # serve speaks plain HTTP: a Secure cookie would be dropped by browsers that reach it by a LAN address
+    session: dict[str, Any] = {"secure": bool(args.secure_cookies)}
+    if data.session_secret is not None:
+        session["secret_key"] = data.session_secret
+    return create_app(
+        chat_stream,
+        web_ui_params=web_ui_params,
+        api_keys=server.api_keys,
+        drain_timeout=server.drain_timeout_sec,
+        middleware_opts={"session": session},
+    )
 
 
 def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
@@ -159,12 +186,20 @@ async def stream_answer(chat_stream: ChatStream, text: str, console: _Console) -
 
 
 def build_chat_stream(
-    args: argparse.Namespace, *, max_concurrency: int, max_queue_size: int, reject_as_http_error: bool
+    args: argparse.Namespace,
+    *,
+    max_concurrency: int,
+    max_queue_size: int,
+    reject_as_http_error: bool,
+    store_url: str | None = None,
 ) -> ChatStream:
-    """A ChatStream for the parsed options: the mock engine, or the loaded model with its prompt preset."""
+    """A ChatStream for the parsed options: the mock engine, or the loaded model with its prompt preset; with
+    ``store_url``, its conversations there (and the retention options of ``serve``)."""
     from chatstream.chat_stream import ChatStream
 
     common = _chat_stream_options(args, max_concurrency, max_queue_size, reject_as_http_error)
+    if store_url is not None:
+        common.update(_conversation_options(args, store_url))
     if args.mock:
         mock_params = {
             "type": args.mock_type,
@@ -201,6 +236,20 @@ def _chat_stream_options(
         "seed": args.seed,
         "ignore_eos": args.ignore_eos,
         "locale": args.locale,
+    }
+
+
+def _conversation_options(args: argparse.Namespace, store_url: str) -> dict[str, Any]:
+    from chatstream.sessions.urls import open_store
+
+    try:
+        open_store(store_url)  # no I/O: only checks the URL, so that a bad one is a usage error (exit 2)
+    except ValueError as exc:
+        raise ModelOptionError(f"--store: {exc}") from exc
+    return {
+        "store": store_url,
+        "conversation_max_age": args.max_conversation_age,
+        "max_conversations_per_user": args.max_conversations_per_user,
     }
 
 
