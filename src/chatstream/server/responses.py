@@ -3,7 +3,8 @@
 A request is turned into chat messages (the stored turns of ``previous_response_id``, then ``input``, after
 ``instructions``) and runs through the same machinery as /v1/chat/completions: the chat template with tools, tool
 calls parsed from the output, ``text.format`` by constrained decoding, admission, the engine. Responses are kept as
-conversation records (server/responses_store.py), so the engine's KV of a chain's conversation serves its next step.
+conversation records in the ChatStream's store (server/responses_store.py), so the engine's KV of a chain's
+conversation serves its next step.
 """
 
 from __future__ import annotations
@@ -46,7 +47,6 @@ from chatstream.server.responses_store import (
     owner_of,
 )
 from chatstream.sessions.base import Store
-from chatstream.sessions.urls import open_store
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -57,16 +57,13 @@ logger = logging.getLogger(__name__)
 
 
 def conversation_store_of(ctx: OpenAIContext) -> StoreProvider:
-    """The store that keeps the responses: the one seam to point at ChatStream's own store once it has one (the
-    conversations work adds ``ChatStream(store=...)``); until then a memory store of this app, opened on first use."""
-    holder: list[Store] = []
+    """The store that keeps the responses: the ChatStream's own (``ChatStream(store=...)``), opened on first use,
+    with its retention (age, conversations per owner) applied to responses as to every conversation."""
+    keeper = ctx.server.conversations
 
     async def provide() -> Store:
-        if not holder:
-            store = open_store("memory://")
-            await store.open()
-            holder.append(store)
-        return holder[0]
+        await keeper.startup()
+        return keeper.store
 
     return provide
 
