@@ -158,3 +158,17 @@ def test_function_calls_and_their_outputs_with_a_scripted_model() -> None:
     assert "response.function_call_arguments.done" in kinds and "response.output_text.delta" not in kinds
     (item,) = events[-1].response.output  # type: ignore[union-attr]
     assert item.type == "function_call" and json.loads(item.arguments) == {"city": "Oslo"}  # type: ignore[union-attr]
+
+
+def test_responses_live_in_the_chatstream_store_and_survive_a_restart(tmp_path: Any) -> None:
+    url = f"sqlite:///{tmp_path / 'chats.db'}"
+    first_server = mock_chat_stream(store=url)
+    with run_server(create_app(first_server, drain_timeout=1.0)) as base:
+        sdk = openai.OpenAI(base_url=f"{base}/v1", api_key="sk-x", max_retries=0, timeout=20)
+        first = sdk.responses.create(model=MOCK, input="remember me")
+    second_server = mock_chat_stream(store=url)
+    with run_server(create_app(second_server, drain_timeout=1.0)) as base:
+        sdk = openai.OpenAI(base_url=f"{base}/v1", api_key="sk-x", max_retries=0, timeout=20)
+        assert sdk.responses.retrieve(first.id).output_text == "remember me"
+        follow_up = sdk.responses.create(model=MOCK, input="and me", previous_response_id=first.id)
+        assert follow_up.output_text == "and me" and follow_up.previous_response_id == first.id
