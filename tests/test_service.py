@@ -226,3 +226,59 @@ async def test_shutdown_waits_for_running_generations_then_stops_the_engine() ->
     outcome = collecting.result()
     assert outcome is not None and outcome.text == LONG_ANSWER
     assert not svc.engine.is_running and svc.admission.draining
+
+
+async def test_merge_streams_interleaves_closes_and_raises() -> None:
+    from chatstream.service import merge_streams
+
+    closed: list[int] = []
+
+    async def numbers(index: int, count: int, fail: bool = False) -> AsyncIterator[int]:
+        try:
+            for value in range(count):
+                await asyncio.sleep(0)
+                yield value
+            if fail:
+                raise RuntimeError(f"stream {index} failed")
+        finally:
+            closed.append(index)
+
+    items = [item async for item in merge_streams([numbers(0, 3), numbers(1, 2)])]  # type: ignore[list-item]
+    assert sorted(items) == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)] and sorted(closed) == [0, 1]
+    closed.clear()
+    with pytest.raises(RuntimeError, match="stream 1 failed"):
+        async for _ in merge_streams([numbers(0, 1000), numbers(1, 1, fail=True)]):  # type: ignore[list-item]
+            pass
+    assert sorted(closed) == [0, 1]  # the other stream was closed too (its request aborted)
+
+
+async def test_n_copies_run_together_and_a_disconnect_aborts_them_all() -> None:
+    svc = mock_service(time_per_token=0.001)
+    await svc.startup()
+    try:
+        requests = [svc.build_text_request(f"cmpl-{i}", "x", SamplingParams()) for i in range(3)]
+        outcomes = await svc.collect_all(requests, connected)
+        assert outcomes is not None and [o.text for o in outcomes] == [LONG_ANSWER] * 3
+        assert await svc.collect_all(requests, disconnected) is None
+        for _ in range(100):
+            if svc.engine.stats().num_running == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert svc.engine.stats().num_running == 0
+    finally:
+        await svc.shutdown(0.0)
+
+
+async def test_startup_builds_the_grammar_table_before_serving(tiny_model: Any, tiny_tokenizer: Any) -> None:
+    from chatstream.engine.grammar import GrammarSpec
+
+    cs = ChatStream(model=tiny_model, tokenizer=tiny_tokenizer)
+    assert not cs.engine.llm.grammars.is_built  # type: ignore[attr-defined]
+    await cs.startup()
+    try:
+        assert cs.engine.llm.grammars.is_built  # type: ignore[attr-defined]
+        await cs.service.validate_grammar(GrammarSpec.json_object())
+        with pytest.raises(ValueError, match="cannot constrain"):
+            await mock_service().validate_grammar(GrammarSpec.json_object())
+    finally:
+        await cs.shutdown(0.0)

@@ -26,6 +26,7 @@ from chatstream.server.context import ServerContext
 from chatstream.server.http import DEFAULT_MAX_BODY_BYTES
 from chatstream.server.native import NativeChat, UserCallback
 from chatstream.server.queue_position import handle_queue_position_request
+from chatstream.server.tool_calls import get_format
 from chatstream.service import ChatService, ConsoleItem, PromptFactory, create_engine, default_prompt_class
 from chatstream.sessions.base import Store
 from chatstream.sessions.handler import AbstractRequestHandler, SimpleSessionRequestHandler
@@ -55,7 +56,8 @@ class ChatStream:
         max_queue_size: requests that may wait for a slot; the next one is rejected at once.
         too_many_request_as_http_error: reject with 429 + Retry-After instead of the seed's 200.
         use_mock_response, mock_params: canned answers without a model; mock_params keys ``type`` ("round",
-            "long", "echo"), ``initial_wait_sec``, ``time_per_token_sec``.
+            "long", "echo", "script"), ``initial_wait_sec``, ``time_per_token_sec``, ``script`` (the answers of
+            "script", one per request in turn). A tokenizer given with the mock counts its prompt tokens.
         chat_prompt_clazz: the prompt class (a subclass of ``AbstractChatPrompt``); None picks
             ``ChatTemplatePrompt`` when the tokenizer has a chat template, else the plain User/Assistant preset.
         max_new_tokens, context_len, temperature, top_k, top_p, repetition_penalty, repetition_penalty_method:
@@ -89,6 +91,9 @@ class ChatStream:
             "never" keeps them); None: the store's default (memory 12 h, SQLite and Redis never).
         max_conversations_per_user: each user keeps at most this many, the most recently updated (None: no limit).
         retention_interval: seconds between two sweeps of the retention task.
+        tool_call_format: how the model writes tool calls (``hermes``, ``llama3_json``, ``mistral``,
+            ``functiongemma``, ``pythonic``, or one added with ``chatstream.server.tool_calls.register_format``);
+            None detects it from the chat template (docs/api.md, tool calling).
     """
 
     def __init__(
@@ -135,6 +140,7 @@ class ChatStream:
         conversation_max_age: float | str | None = None,
         max_conversations_per_user: int | None = None,
         retention_interval: float = DEFAULT_RETENTION_INTERVAL,
+        tool_call_format: str | None = None,
     ) -> None:
         self.name = name
         self.logger = logger or logging.getLogger("chatstream")
@@ -171,6 +177,9 @@ class ChatStream:
         self.client_roles = ClientRoles.from_config(client_roles)
         self.chat_prompt_clazz = chat_prompt_clazz or default_prompt_class(tokenizer, use_mock_response)
         self.request_handler = request_handler or SimpleSessionRequestHandler()
+        if tool_call_format is not None:
+            get_format(tool_call_format)  # ValueError listing the known formats
+        self.tool_call_format = tool_call_format
         self.service = self._create_service(locale, model_name, mock_params, engine)
         self.conversations = ConversationKeeper(
             store,
@@ -204,6 +213,8 @@ class ChatStream:
             num_gpus=self.num_gpus,
             device=self.device,
             context_len=self._prompt_context_len(engine),
+            model_type=getattr(getattr(self.model, "config", None), "model_type", None),
+            tool_call_format=self.tool_call_format,
         )
         if engine is None:
             mock = MockConfig.from_seed_params(dict(mock_params or {})) if self.use_mock_response else None

@@ -209,24 +209,41 @@ class MockType(enum.Enum):
     """One long text."""
     ECHO = "echo"
     """The user's own input."""
+    SCRIPT = "script"
+    """The texts of ``MockConfig.script``, one per request in arrival order, starting over after the last (tests
+    that need a given output: a tool call, a JSON answer)."""
 
 
 @dataclass(frozen=True)
 class MockConfig:
-    """The seed's ``mock_params``: canned answers streamed without a model."""
+    """The seed's ``mock_params``: canned answers streamed without a model.
+
+    Attributes:
+        type: what to answer (:class:`MockType`).
+        initial_wait_sec: delay before the first token.
+        time_per_token_sec: delay between tokens.
+        script: the answers of the "script" type (at least one).
+    """
 
     type: MockType = MockType.ROUND
     initial_wait_sec: float = 0.0
     time_per_token_sec: float = 0.02
+    script: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.type, str):
             try:
                 object.__setattr__(self, "type", MockType(self.type))
             except ValueError:
-                raise ValueError(f"mock_params type {self.type!r} must be one of 'round', 'long', 'echo'") from None
+                names = ", ".join(repr(t.value) for t in MockType)
+                raise ValueError(f"mock_params type {self.type!r} must be one of {names}") from None
+        if isinstance(self.script, str) or not isinstance(self.script, tuple):
+            object.__setattr__(self, "script", (self.script,) if isinstance(self.script, str) else tuple(self.script))
         _check(self.initial_wait_sec >= 0, "initial_wait_sec", self.initial_wait_sec, "must be >= 0")
         _check(self.time_per_token_sec >= 0, "time_per_token_sec", self.time_per_token_sec, "must be >= 0")
+        _check(all(isinstance(s, str) for s in self.script), "script", self.script, "must be strings")
+        if self.type is MockType.SCRIPT:
+            _check(bool(self.script), "script", self.script, "must hold at least one answer for type 'script'")
 
     @classmethod
     def from_seed_params(cls, params: dict[Any, Any] | None) -> MockConfig:
@@ -237,6 +254,7 @@ class MockConfig:
             type=kind,
             initial_wait_sec=float(params.get("initial_wait_sec", 0.0)),
             time_per_token_sec=float(params.get("time_per_token_sec", cls.time_per_token_sec)),
+            script=params.get("script", ()),
         )
 
 
@@ -255,6 +273,9 @@ class ServiceConfig:
         device: the device the model runs on (a ``torch.device``; None when unknown).
         context_len: the model's context in tokens, when the service should fit prompts into it (native chats drop
             their oldest turns, OpenAI requests that do not fit are refused); None leaves prompts to the engine.
+        model_type: the model's ``config.model_type`` (picks the tool-call format when the chat template names none).
+        tool_call_format: the tool-call format of the model's output (``hermes``, ``llama3_json``, ``mistral``,
+            ``functiongemma``, ``pythonic`` or a registered one); None detects it from the chat template.
     """
 
     name: str = "node:0"
@@ -266,6 +287,8 @@ class ServiceConfig:
     num_gpus: int | None = None
     device: Any = None
     context_len: int | None = None
+    model_type: str | None = None
+    tool_call_format: str | None = None
 
     def __post_init__(self) -> None:
         _check(self.locale in ("en", "ja"), "locale", self.locale, "must be 'en' or 'ja'")

@@ -12,7 +12,7 @@ import asyncio
 import dataclasses
 import logging
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -21,7 +21,8 @@ from chatstream.admission.admission import DEFAULT_USER, AdmissionController, Qu
 from chatstream.admission.generation import GenerationOutcome, run_generation
 from chatstream.admission.metrics import ChatStreamMetrics
 from chatstream.config import EngineConfig, MockConfig, SamplingOverrides, SamplingParams, ServiceConfig
-from chatstream.engine.base import Delta, Engine, GenerationRequest
+from chatstream.engine.base import Delta, Engine, GenerationRequest, GrammarEngine
+from chatstream.engine.grammar import GrammarSpec
 from chatstream.engine.mock_engine import MockEngine, MockRequest
 from chatstream.i18n import message
 from chatstream.prompts.window import ContextWindow
@@ -76,7 +77,7 @@ def default_prompt_class(tokenizer: Any, mock: bool) -> type[AbstractChatPrompt]
 def create_engine(model: Any, tokenizer: Any, config: EngineConfig, mock: MockConfig | None = None) -> Engine:
     """The mock engine (``mock`` given), else the transformers engine on ``model`` and ``tokenizer``."""
     if mock is not None:
-        return MockEngine(mock)
+        return MockEngine(mock, tokenizer)
     if model is None or tokenizer is None:
         raise ValueError("model and tokenizer are required unless use_mock_response=True")
     from chatstream.engine.async_engine import TransformersEngine  # the one place that names it
@@ -214,6 +215,30 @@ class ChatService:
             self.logger.info("conversation longer than the context: %d oldest turns left out of the prompt", dropped)
         return text
 
+    def build_rendered_request(
+        self, prompt: str, *, user_input: str | None, conversation_id: str | None = None
+    ) -> GenerationRequest:
+        """The engine request for a prompt already rendered by the chat template (tools, tool results): default
+        sampling, no stop strings of a prompt class, encoded without adding special tokens unless configured."""
+        special = self.config.add_special_tokens if self.config.add_special_tokens is not None else False
+        request = GenerationRequest(
+            request_id=f"chat-{uuid.uuid4().hex}",
+            prompt=prompt,
+            sampling=self.default_sampling,
+            conversation_id=conversation_id,
+            add_special_tokens=special,
+        )
+        return self._for_engine(request, user_input)
+
+    # ----- constrained output -----
+
+    async def validate_grammar(self, spec: GrammarSpec) -> None:
+        """Compile ``spec`` in a worker thread (cached by the engine), or raise ValueError naming ``spec.field``:
+        the schema is bad, or this engine cannot constrain its output."""
+        if not isinstance(self.engine, GrammarEngine):
+            raise ValueError(f"{spec.field}: the {type(self.engine).__name__} cannot constrain its output")
+        await asyncio.to_thread(self.engine.validate_grammar, spec)
+
     def _add_special_tokens_for(self, chat_prompt: AbstractChatPrompt) -> bool | None:
         # The configured add_special_tokens wins; otherwise a prompt class whose text already holds the special
         # tokens (a chat template starts with BOS) says not to add them again.
@@ -290,6 +315,29 @@ class ChatService:
 
         return await run_unless_disconnected(consume(), is_disconnected)
 
+    async def collect_all(
+        self, requests: Sequence[GenerationRequest], is_disconnected: IsDisconnected, arrived: float | None = None
+    ) -> list[GenerationOutcome] | None:
+        """Run several requests (the ``n`` choices of one OpenAI request) to their ends, together; None (and every
+        request aborted) when the client disconnects first."""
+        outcomes = await asyncio.gather(*(self.collect(r, is_disconnected, arrived) for r in requests))
+        return None if any(o is None for o in outcomes) else [o for o in outcomes if o is not None]
+
+    async def generate_all(
+        self, requests: Sequence[GenerationRequest], outcomes: Sequence[GenerationOutcome], arrived: float | None = None
+    ) -> AsyncGenerator[tuple[int, Delta], None]:
+        """The deltas of several requests as they come, each with the index of its request; closing the iterator
+        aborts the ones still running."""
+        if len(requests) == 1:
+            async with aclosing(self.generate(requests[0], outcomes[0], arrived)) as deltas:
+                async for delta in deltas:
+                    yield 0, delta
+            return
+        streams = [self.generate(r, o, arrived) for r, o in zip(requests, outcomes, strict=True)]
+        async with aclosing(merge_streams(streams)) as merged:
+            async for item in merged:
+                yield item
+
     async def console_turn(
         self, chat_prompt: AbstractChatPrompt, user_input: str, conversation_id: str | None = None
     ) -> AsyncIterator[ConsoleItem]:
@@ -313,9 +361,14 @@ class ChatService:
     # ----- lifecycle -----
 
     async def startup(self) -> None:
-        """Start the engine (idempotent). Called by the app's lifespan or on the first request."""
+        """Start the engine (idempotent). Called by the app's lifespan or on the first request.
+
+        An engine that constrains output builds its grammar token table here, in a worker thread, before the server
+        takes requests: the build holds the GIL for seconds on a large vocabulary (see engine/structured.py)."""
         if not self.engine.is_running:
             self.engine.start()
+            if isinstance(self.engine, GrammarEngine):
+                await asyncio.to_thread(self.engine.prepare_grammars)
             self.logger.info("ChatStream %r started (%s)", self.name, type(self.engine).__name__)
 
     async def shutdown(self, drain_timeout: float = 0.0) -> None:
@@ -326,6 +379,31 @@ class ChatService:
             self.logger.warning("drain timed out after %.1f s; aborting running generations", drain_timeout)
         await asyncio.to_thread(self.engine.stop)
         self.logger.info(message("drain_finished", self.locale))
+
+
+async def merge_streams(streams: Sequence[AsyncGenerator[T, None]]) -> AsyncGenerator[tuple[int, T], None]:
+    """The items of several async generators as they come, each with its generator's index. Every generator is
+    closed (its request aborted) when the merge ends or is closed; the first exception of one is raised."""
+    queue: asyncio.Queue[tuple[int, T] | asyncio.Task[None]] = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncGenerator[T, None]) -> None:
+        async with aclosing(stream):
+            async for item in stream:
+                queue.put_nowait((index, item))
+
+    tasks = [asyncio.ensure_future(pump(i, stream)) for i, stream in enumerate(streams)]
+    for task in tasks:
+        task.add_done_callback(queue.put_nowait)
+    try:
+        for _ in tasks:
+            while not isinstance(entry := await queue.get(), asyncio.Task):
+                yield entry
+            error = None if entry.cancelled() else entry.exception()
+            if error is not None:
+                raise error
+    finally:
+        for task in tasks:
+            await _cancel_quietly(task)
 
 
 async def run_unless_disconnected(

@@ -75,3 +75,21 @@ def test_seed_mock_params_with_builtin_type_key() -> None:
     assert MockConfig.from_seed_params({"type": "echo", "time_per_token_sec": 0}).time_per_token_sec == 0
     with pytest.raises(ValueError, match="'nope'"):
         MockConfig.from_seed_params({"type": "nope"})
+
+
+async def test_script_answers_in_turn_and_counts_prompt_tokens(tiny_tokenizer: object) -> None:
+    engine = MockEngine(MockConfig(type="script", script=("first answer", "second"), time_per_token_sec=0))
+    engine.start()
+    texts = [(await collect(engine, request(request_id=f"r{i}")))[0] for i in range(3)]
+    assert texts == ["first answer", "second", "first answer"]
+    deltas = [d async for d in engine.add_request(request(prompt="three words here", logprobs=1))]
+    assert all(d.num_prompt_tokens == 3 for d in deltas)
+    assert [lp.token for d in deltas for lp in d.logprobs] == ["second"]
+    assert deltas[0].logprobs[0].logprob == 0.0 and [t.token for t in deltas[0].logprobs[0].top] == ["second"]
+    counted = MockEngine(MockConfig(time_per_token_sec=0), tiny_tokenizer)
+    counted.start()
+    prompt = "Hello, how are you today?"
+    first = await anext(aiter(counted.add_request(request(prompt=prompt))))
+    assert first.num_prompt_tokens == len(tiny_tokenizer.encode(prompt)) > 0  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="script"):
+        MockConfig(type="script")

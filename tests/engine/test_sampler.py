@@ -375,3 +375,31 @@ def test_batch_shape_mismatch_is_an_error() -> None:
         sample(torch.zeros(2, 4), [params()], [()], [()], [None])
     with pytest.raises(ValueError, match=r"\[batch, vocab\]"):
         sample(torch.zeros(4), [params()], [()], [()], [None])
+
+
+# --- logprobs -----------------------------------------------------------------------------------------------------
+
+
+def test_logprobs_of_chosen_and_top_tokens_with_penalties_and_masks() -> None:
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 3.0, float("-inf"), float("-inf")], [1.0, 1.0, 1.0, 1.0]])
+    rows = [params(temperature=0.0, repetition_penalty=4.0), params(temperature=0.7, seed=1), params()]
+    prompts, outputs = [[0], [], []], [[], [], []]
+    generators = [make_generator(p.seed) for p in rows]
+    tokens, logprobs = sampler_module.sample_with_logprobs(logits, rows, prompts, outputs, generators, [2, 5, None])
+    again = sample(logits, rows, prompts, outputs, [make_generator(p.seed) for p in rows])
+    assert tokens.tolist()[:2] == again.tolist()[:2]
+    penalised = torch.tensor([0.5, 1.0, 0.0, -1.0]).log_softmax(-1)  # 2.0 / 4 for the prompt's token 0
+    chosen, top = logprobs[0]  # type: ignore[misc]
+    assert tokens[0] == 1 and chosen == pytest.approx(float(penalised[1]))
+    assert [t for t, _ in top] == [1, 0] and [v for _, v in top] == pytest.approx(penalised[[1, 0]].tolist())
+    _, masked_top = logprobs[1]  # type: ignore[misc]
+    assert [t for t, _ in masked_top] == [1, 0]  # the masked tokens are never offered
+    assert logprobs[2] is None
+
+
+def test_logprobs_not_asked_for_cost_nothing() -> None:
+    logits = torch.randn(3, 10)
+    tokens, logprobs = sampler_module.sample_with_logprobs(
+        logits, [params(temperature=0.0)] * 3, [[]] * 3, [[]] * 3, [None] * 3, [None] * 3
+    )
+    assert tokens.tolist() == logits.argmax(-1).tolist() and logprobs == [None, None, None]

@@ -164,7 +164,8 @@ async def test_models(client: httpx.AsyncClient) -> None:
 @pytest.mark.parametrize(
     ("path", "body", "param"),
     [
-        ("/v1/chat/completions", chat_body(n=2), "n"),
+        ("/v1/chat/completions", chat_body(n=0), "n"),
+        ("/v1/chat/completions", chat_body(n=17), "n"),
         ("/v1/chat/completions", chat_body(temperature=2.5), "temperature"),
         ("/v1/chat/completions", chat_body(temperature="hot"), "temperature"),
         ("/v1/chat/completions", chat_body(top_p=0), "top_p"),
@@ -173,8 +174,15 @@ async def test_models(client: httpx.AsyncClient) -> None:
         ("/v1/chat/completions", chat_body(stream="yes"), "stream"),
         ("/v1/chat/completions", chat_body(stop=[""]), "stop"),
         ("/v1/chat/completions", chat_body(stop=[str(i) for i in range(17)]), "stop"),
-        ("/v1/chat/completions", chat_body(logprobs=True), "logprobs"),
-        ("/v1/chat/completions", chat_body(tools=[{"type": "function"}]), "tools"),
+        ("/v1/chat/completions", chat_body(top_logprobs=2), "top_logprobs"),
+        ("/v1/chat/completions", chat_body(logprobs=True, top_logprobs=21), "top_logprobs"),
+        ("/v1/chat/completions", chat_body(tools=[{"type": "function"}]), "tools[0].function.name"),
+        ("/v1/chat/completions", chat_body(tools=[{"type": "retrieval"}]), "tools[0]"),
+        ("/v1/chat/completions", chat_body(tool_choice="required"), "tool_choice"),
+        ("/v1/chat/completions", chat_body(functions=[{"name": "f"}]), "functions"),
+        ("/v1/chat/completions", chat_body(response_format={"type": "xml"}), "response_format.type"),
+        ("/v1/chat/completions", chat_body(response_format={"type": "json_schema"}), "response_format.json_schema"),
+        ("/v1/completions", {"prompt": "a", "logprobs": 6}, "logprobs"),
         ("/v1/chat/completions", {"model": MOCK}, "messages"),
         ("/v1/chat/completions", {"model": MOCK, "messages": []}, "messages"),
         ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
@@ -347,7 +355,7 @@ def test_the_official_openai_sdk_streams_and_completes() -> None:
         assert legacy.choices[0].text == "raw" and legacy.choices[0].finish_reason == "length"
 
         with pytest.raises(openai.BadRequestError) as bad:
-            sdk.chat.completions.create(model=MOCK, messages=[{"role": "user", "content": "x"}], n=2)
+            sdk.chat.completions.create(model=MOCK, messages=[{"role": "user", "content": "x"}], n=0)
         assert bad.value.status_code == 400
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
@@ -375,3 +383,28 @@ async def test_the_next_turn_of_an_openai_chat_reuses_its_kv_cache(tiny_model: A
         second = (await client.post("/v1/chat/completions", json={"messages": second_messages})).json()
     assert second["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
     assert second["usage"]["prompt_tokens_details"]["cached_tokens"] < second["usage"]["prompt_tokens"]
+
+
+async def test_completions_with_logprobs_and_several_choices(client: httpx.AsyncClient) -> None:
+    body = (await client.post("/v1/completions", json={"prompt": "one two", "logprobs": 1, "n": 2})).json()
+    assert [c["index"] for c in body["choices"]] == [0, 1] and body["usage"]["completion_tokens"] == 4
+    logprobs = body["choices"][1]["logprobs"]
+    assert logprobs == {
+        "tokens": ["one", " two"],
+        "token_logprobs": [0.0, 0.0],
+        "top_logprobs": [{"one": 0.0}, {" two": 0.0}],
+        "text_offset": [0, 3],
+    }
+    streamed = await client.post("/v1/completions", json={"prompt": "one two", "logprobs": 0, "stream": True})
+    chunks = [json.loads(e) for e in sse_events(streamed.text)[:-1]]
+    assert [t for c in chunks if c["choices"][0]["logprobs"] for t in c["choices"][0]["logprobs"]["tokens"]] == [
+        "one",
+        " two",
+    ]
+
+
+async def test_chat_logprobs_on_the_mock(client: httpx.AsyncClient) -> None:
+    body = (await client.post("/v1/chat/completions", json=chat_body("a b", logprobs=True, top_logprobs=3))).json()
+    content = body["choices"][0]["logprobs"]["content"]
+    assert [(e["token"], e["logprob"], e["bytes"]) for e in content] == [("a", 0.0, [97]), (" b", 0.0, [32, 98])]
+    assert content[0]["top_logprobs"] == [{"token": "a", "logprob": 0.0, "bytes": [97]}]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from chatstream.admission.metrics import ChatStreamMetrics
-from chatstream.engine.base import Delta, Engine, FinishReason, GenerationRequest
+from chatstream.engine.base import Delta, Engine, FinishReason, GenerationRequest, TokenLogprob
 
 
 @dataclass
@@ -20,6 +20,7 @@ class GenerationOutcome:
     num_generated_tokens: int = 0
     num_cached_tokens: int = 0
     error: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 async def run_generation(
@@ -61,6 +62,7 @@ def _record(outcome: GenerationOutcome, delta: Delta) -> None:
     outcome.num_prompt_tokens = delta.num_prompt_tokens
     outcome.num_generated_tokens = delta.num_generated_tokens
     outcome.num_cached_tokens = delta.num_cached_tokens
+    outcome.logprobs.extend(delta.logprobs)
     if delta.finish_reason is not None:
         outcome.finish_reason = delta.finish_reason
         outcome.error = delta.error

@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 from chatstream.config import EngineConfig
 from chatstream.engine.base import Delta, EngineError, EngineStats, GenerationRequest, RequestStream
 from chatstream.engine.cpu import runtime
+from chatstream.engine.grammar import GrammarSpec
 from chatstream.engine.llm_engine import LLMEngine, RequestOutput
 
 logger = logging.getLogger(__name__)
@@ -107,6 +108,15 @@ class TransformersEngine:
     @property
     def is_running(self) -> bool:
         return self._thread is not None and not self._stopping
+
+    def prepare_grammars(self) -> None:
+        """Build the grammar compiler's token table now (blocking, and holding the GIL: seconds on a large
+        vocabulary); the service does it at start-up, before the server takes requests."""
+        self.llm.grammars.build()
+
+    def validate_grammar(self, spec: GrammarSpec) -> None:
+        """Compile ``spec`` or raise ValueError naming its field (blocking: call it in a worker thread)."""
+        self.llm.validate_grammar(spec)
 
     def add_request(self, request: GenerationRequest) -> RequestStream:
         """Queue ``request``; returns its stream. Must be called on the event loop."""

@@ -14,6 +14,10 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from chatstream.config import SamplingParams
+from chatstream.engine.grammar import GrammarSpec
+
+MAX_TOP_LOGPROBS = 20
+"""The most alternatives per token a request may ask for (OpenAI's limit)."""
 
 
 class FinishReason(enum.Enum):
@@ -45,6 +49,12 @@ class GenerationRequest:
             this conversation's KV cache after the request so that the next turn prefills only the new tokens.
         add_special_tokens: passed to the tokenizer when the engine encodes ``prompt``; None uses the engine's
             setting (``EngineConfig.add_special_tokens``). False for prompts that already contain BOS (chat templates).
+        grammar: the output must follow it (constrained decoding: the tokens it forbids are masked at every step);
+            engines that cannot constrain output refuse such requests (see :class:`GrammarEngine`).
+        logprobs: None for none; ``k`` (0 to :data:`MAX_TOP_LOGPROBS`): each delta carries the log-probability of
+            every generated token and the ``k`` most likely alternatives (:class:`TokenLogprob`).
+        skip_special_tokens: leave special tokens out of the text (False keeps tool-call markers that a tokenizer
+            has as special tokens, such as ``[TOOL_CALLS]``).
     """
 
     request_id: str
@@ -54,14 +64,46 @@ class GenerationRequest:
     output_replacements: tuple[tuple[str, str], ...] = ()
     conversation_id: str | None = None
     add_special_tokens: bool | None = None
+    grammar: GrammarSpec | None = None
+    logprobs: int | None = None
+    skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
         if not self.request_id:
             raise ValueError("request_id must be a non-empty string")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs={self.logprobs!r} must be None or in [0, {MAX_TOP_LOGPROBS}]")
         if self.prompt_token_ids is not None and not isinstance(self.prompt_token_ids, tuple):
             object.__setattr__(self, "prompt_token_ids", tuple(self.prompt_token_ids))
         if not isinstance(self.output_replacements, tuple):
             object.__setattr__(self, "output_replacements", tuple(tuple(p) for p in self.output_replacements))
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    """One candidate token at one position: its id, its text (U+FFFD for a piece of a multi-byte character), its
+    bytes and its log-probability."""
+
+    token_id: int
+    token: str
+    logprob: float
+    token_bytes: bytes = b""
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The log-probability of one generated token (its text and bytes as in :class:`TopLogprob`), and the most
+    likely tokens at its position (best first).
+
+    Log-probabilities are those of the distribution the token was drawn from before temperature and the top-k/p
+    filters: the log-softmax of the logits after the grammar's mask and the repetition penalties.
+    """
+
+    token_id: int
+    token: str
+    logprob: float
+    top: tuple[TopLogprob, ...] = ()
+    token_bytes: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -77,6 +119,7 @@ class Delta:
         num_generated_tokens: generated tokens so far.
         num_cached_tokens: prompt tokens whose KV came from the prefix cache instead of a prefill.
         error: a message when ``finish_reason`` is ERROR.
+        logprobs: one :class:`TokenLogprob` per new token when the request asked for them, else empty.
     """
 
     text: str
@@ -86,6 +129,7 @@ class Delta:
     num_generated_tokens: int = 0
     num_cached_tokens: int = 0
     error: str | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()
 
     @property
     def finished(self) -> bool:
@@ -176,3 +220,14 @@ class Engine(Protocol):
 
     def stats(self) -> EngineStats:
         """Current load."""
+
+
+@runtime_checkable
+class GrammarEngine(Protocol):
+    """An engine that constrains output to a grammar (:attr:`GenerationRequest.grammar`)."""
+
+    def prepare_grammars(self) -> None:
+        """Build what grammars need (a token table: seconds, blocking); the service calls it once at start-up."""
+
+    def validate_grammar(self, spec: GrammarSpec) -> None:
+        """Compile ``spec`` or raise ValueError naming its field (blocking: call it in a worker thread)."""

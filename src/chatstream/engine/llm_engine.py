@@ -16,9 +16,11 @@ from chatstream.config import EngineConfig
 from chatstream.engine import sampler
 from chatstream.engine.base import Delta, EngineStats, FinishReason, GenerationRequest
 from chatstream.engine.detokenizer import IncrementalDetokenizer
+from chatstream.engine.grammar import GrammarSpec
 from chatstream.engine.model_runner import ModelRunner
 from chatstream.engine.scheduler import Scheduler
 from chatstream.engine.sequence import Sequence, eos_token_ids, stop_token_ids, truncate_prompt
+from chatstream.engine.structured import LazyGrammarCompiler
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +52,7 @@ class LLMEngine:
         kv_bytes_per_token = self.model_runner.kv_bytes_per_token() if self.config.prefix_cache_bytes > 0 else 0
         self.scheduler = Scheduler(self.config, kv_bytes_per_token)
         self.eos_token_ids = eos_token_ids(model, tokenizer)
+        self.grammars = LazyGrammarCompiler(tokenizer, self.model_runner.vocab_size, sorted(self.eos_token_ids))
 
     def add_request(self, request: GenerationRequest) -> list[RequestOutput]:
         """Queue ``request``. Returns its last (ERROR) delta at once when it cannot be served, else nothing."""
@@ -123,10 +126,26 @@ class LLMEngine:
             max_new_tokens=max_new_tokens,
             stop_token_ids=stop_token_ids(params.stop_token_ids, self.eos_token_ids, params.ignore_eos),
             detokenizer=IncrementalDetokenizer(
-                self.tokenizer, prompt_ids, stop=params.stop, replacements=request.output_replacements
+                self.tokenizer,
+                prompt_ids,
+                stop=params.stop,
+                replacements=request.output_replacements,
+                skip_special_tokens=request.skip_special_tokens,
             ),
             generator=sampler.make_generator(params.seed),
+            matcher=None if request.grammar is None else self.grammars.matcher(request.grammar),
+            token_piece=None if request.logprobs is None else self.token_piece,
         )
+
+    def validate_grammar(self, spec: GrammarSpec) -> None:
+        """Compile ``spec`` (building the token table first if need be) or raise ValueError naming its field."""
+        self.grammars.validate(spec)
+
+    def token_piece(self, token_id: int) -> tuple[str, bytes]:
+        """One token as the logprobs show it: its text (a piece of a multi-byte character decodes to U+FFFD) and
+        its bytes (exact where the grammar compiler's token table is built, else the text's UTF-8)."""
+        text = str(self.tokenizer.decode([token_id], skip_special_tokens=False))
+        return text, self.grammars.token_bytes(token_id) or text.encode()
 
     def _encode(self, prompt: str, add_special_tokens: bool | None) -> list[int]:
         special = self.config.add_special_tokens if add_special_tokens is None else add_special_tokens

@@ -2,6 +2,11 @@
 
 English text streams word by word, Japanese (and other wide-character) text character by character. The mock has no
 compute, so each request is a small asyncio task that sleeps ``time_per_token_sec`` between tokens.
+
+Usage: with a tokenizer the mock counts the prompt's tokens with it; without one it counts them as it counts its
+own output, by pieces (words, or wide characters one by one). Logprobs, when asked for, are those of a certain
+model: every piece has log-probability 0 and is its own only alternative. The mock cannot constrain its output to a
+grammar (it is no :class:`~chatstream.engine.base.GrammarEngine`).
 """
 
 from __future__ import annotations
@@ -10,9 +15,19 @@ import asyncio
 import logging
 import unicodedata
 from dataclasses import dataclass
+from typing import Any
 
 from chatstream.config import MockConfig, MockType
-from chatstream.engine.base import Delta, EngineError, EngineStats, FinishReason, GenerationRequest, RequestStream
+from chatstream.engine.base import (
+    Delta,
+    EngineError,
+    EngineStats,
+    FinishReason,
+    GenerationRequest,
+    RequestStream,
+    TokenLogprob,
+    TopLogprob,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -66,14 +81,22 @@ def split_mock_tokens(text: str) -> list[str]:
 
 
 class MockEngine:
-    """Streams canned answers chosen by ``MockConfig.type``; implements the Engine protocol."""
+    """Streams canned answers chosen by ``MockConfig.type``; implements the Engine protocol.
 
-    def __init__(self, config: MockConfig | None = None) -> None:
+    Args:
+        config: what to answer and how fast.
+        tokenizer: counts the prompt tokens when given (see the module's note on usage).
+    """
+
+    def __init__(self, config: MockConfig | None = None, tokenizer: Any = None) -> None:
         self.config = config or MockConfig()
+        self.tokenizer = tokenizer
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._streams: dict[str, RequestStream] = {}
         self._running = False
         self._generated_total = 0
+        self._prompt_total = 0
+        self._num_scripted = 0
 
     @property
     def is_running(self) -> bool:
@@ -88,17 +111,33 @@ class MockEngine:
         self._running = False
 
     def stats(self) -> EngineStats:
-        return EngineStats(num_running=len(self._tasks), num_generated_tokens_total=self._generated_total)
+        return EngineStats(
+            num_running=len(self._tasks),
+            num_generated_tokens_total=self._generated_total,
+            num_prompt_tokens_total=self._prompt_total,
+        )
 
     def answer_for(self, request: GenerationRequest) -> str:
-        """The canned text for this request."""
+        """The canned text for this request (the "script" type moves on to its next answer)."""
         user_input = request.user_input if isinstance(request, MockRequest) else None
         turn = request.turn if isinstance(request, MockRequest) else 0
         if self.config.type is MockType.ECHO:
             return user_input or ""
         if self.config.type is MockType.LONG:
             return LONG_ANSWER
+        if self.config.type is MockType.SCRIPT:
+            self._num_scripted += 1
+            return self.config.script[(self._num_scripted - 1) % len(self.config.script)]
         return ROUND_ANSWERS[max(turn - 1, 0) % len(ROUND_ANSWERS)]
+
+    def count_prompt_tokens(self, request: GenerationRequest) -> int:
+        """The prompt's length in tokens: the tokenizer's count, else the number of mock pieces."""
+        if request.prompt_token_ids is not None:
+            return len(request.prompt_token_ids)
+        if self.tokenizer is None:
+            return len([piece for piece in split_mock_tokens(request.prompt) if piece.strip()])
+        special = {} if request.add_special_tokens is None else {"add_special_tokens": request.add_special_tokens}
+        return len(self.tokenizer.encode(request.prompt, **special))
 
     def add_request(self, request: GenerationRequest) -> RequestStream:
         if not self._running:
@@ -123,6 +162,8 @@ class MockEngine:
         all_pieces = split_mock_tokens(self.answer_for(request))
         pieces = all_pieces[: request.sampling.max_new_tokens]
         truncated = len(all_pieces) > len(pieces)
+        num_prompt = self.count_prompt_tokens(request)
+        self._prompt_total += num_prompt
         count = 0
         try:
             if self.config.initial_wait_sec > 0:
@@ -134,10 +175,17 @@ class MockEngine:
                 reason = None
                 if count == len(pieces):
                     reason = FinishReason.LENGTH if truncated else FinishReason.STOP
+                logprobs = () if request.logprobs is None else (_certain(count, piece, request.logprobs),)
                 stream.put_nowait(
-                    Delta(text=piece, token_ids=(count,), finish_reason=reason, num_generated_tokens=count)
+                    Delta(piece, (count,), reason, num_prompt, count, logprobs=logprobs)  # one piece per "token"
                 )
             if not pieces:
-                stream.put_nowait(Delta(text="", finish_reason=FinishReason.STOP))
+                stream.put_nowait(Delta(text="", finish_reason=FinishReason.STOP, num_prompt_tokens=num_prompt))
         except asyncio.CancelledError:
-            stream.put_nowait(Delta(text="", finish_reason=FinishReason.ABORT, num_generated_tokens=count))
+            stream.put_nowait(Delta("", (), FinishReason.ABORT, num_prompt, num_generated_tokens=count))
+
+
+def _certain(token_id: int, piece: str, num_top: int) -> TokenLogprob:
+    """The logprobs of a piece the mock was sure of."""
+    raw = piece.encode()
+    return TokenLogprob(token_id, piece, 0.0, (TopLogprob(token_id, piece, 0.0, raw),)[:num_top], raw)

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from chatstream.engine import sampler
+from chatstream.engine import sampler, structured
 from chatstream.engine.cpu.fast_path import CpuFastPath, packing_supported
 from chatstream.engine.cpu.fused_decoder import FusedDecoder
 from chatstream.engine.kv_cache import BatchKVCache, DecodeBatch, RowKV
@@ -168,13 +168,22 @@ class ModelRunner:
         return ModelOutput(sampled=dict(zip(batch.seq_ids, tokens.tolist(), strict=True)))
 
     def _sample(self, seqs: SequenceABC[Sequence], logits: torch.Tensor) -> torch.Tensor:
-        return sampler.sample(
+        """The next token of every row: grammar masks first (constrained rows), then the sampler; the logprobs a
+        sequence asked for are left on it for :meth:`Sequence.append_token`."""
+        matchers = [s.matcher for s in seqs]
+        if any(m is not None for m in matchers):
+            structured.apply_masks(logits, matchers)  # in place: these logits are this step's own
+        tokens, logprobs = sampler.sample_with_logprobs(
             logits,
             [s.sampling for s in seqs],
             [s.prompt_ids for s in seqs],
             [s.output_ids for s in seqs],
             [s.generator for s in seqs],
+            [s.num_logprobs for s in seqs],
         )
+        for seq, row in zip(seqs, logprobs, strict=True):
+            seq.sampled_logprobs = row
+        return tokens
 
     # ---- batches ---------------------------------------------------------------------------------------------------
 

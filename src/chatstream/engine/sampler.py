@@ -16,6 +16,7 @@ vocabulary); sorting happens only for rows that need top-p, and only over the to
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -27,6 +28,10 @@ TOP_P_PREFILTER = 1024
 
 GREEDY_CHUNK_ELEMENTS = 1 << 21
 """Logits widened to float32 at a time by :func:`greedy_argmax` (8 MiB: 8 rows of a 262k vocabulary)."""
+
+RowLogprobs = tuple[float, tuple[tuple[int, float], ...]]
+"""One row's logprobs: the chosen token's, and ``(token id, logprob)`` of the top tokens, best first."""
+
 
 _TOP_P_TOLERANCE = 1e-6
 """float32 cumulative sums are off by about this much; a cumulative probability this close to p has reached p."""
@@ -53,13 +58,62 @@ def sample(
     ``logits`` is never modified; it may have any float dtype (the math runs in float32).
     """
     _check_batch(logits, params, prompt_ids, output_ids, generators)
-    sampled_rows = [row for row, p in enumerate(params) if not p.greedy]
     penalised = any(_has_penalties(p) for p in params)
-    if not sampled_rows and not penalised:
+    if all(p.greedy for p in params) and not penalised:
         return greedy_argmax(logits)
     logits = logits.float()  # logits: [B, V]
     if penalised:
         logits = apply_penalties(logits, params, prompt_ids, output_ids)
+    return _pick(logits, params, generators)
+
+
+def sample_with_logprobs(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    prompt_ids: Sequence[Sequence[int]],
+    output_ids: Sequence[Sequence[int]],
+    generators: Sequence[torch.Generator | None],
+    num_logprobs: Sequence[int | None],
+) -> tuple[torch.Tensor, list[RowLogprobs | None]]:
+    """:func:`sample`, plus the log-probabilities of the rows whose ``num_logprobs`` is not None: the chosen token's
+    and the top ``k`` tokens' of the log-softmax of the penalised logits (before temperature and filters)."""
+    if len(num_logprobs) != logits.shape[0]:
+        raise ValueError(f"{len(num_logprobs)} logprob counts for {logits.shape[0]} rows")
+    if all(k is None for k in num_logprobs):
+        return sample(logits, params, prompt_ids, output_ids, generators), [None] * len(num_logprobs)
+    _check_batch(logits, params, prompt_ids, output_ids, generators)
+    processed = logits.float()  # [B, V]
+    if any(_has_penalties(p) for p in params):
+        processed = apply_penalties(processed, params, prompt_ids, output_ids)
+    next_ids = _pick(processed, params, generators)
+    return next_ids, token_logprobs(processed, next_ids, num_logprobs)
+
+
+def token_logprobs(
+    logits: torch.Tensor, next_ids: torch.Tensor, num_logprobs: Sequence[int | None]
+) -> list[RowLogprobs | None]:
+    """The chosen token's log-probability and the top ``k`` of every row with a count; tokens whose probability is
+    zero (masked by a grammar) are never among the top ones."""
+    # logits: [B, V] float32; next_ids: [B]
+    rows = [row for row, k in enumerate(num_logprobs) if k is not None]
+    index = torch.tensor(rows, device=logits.device)
+    logprobs = logits[index].log_softmax(dim=-1)  # [R, V]
+    chosen = logprobs.gather(1, next_ids[index].unsqueeze(1)).squeeze(1).tolist()  # [R]
+    k = min(max(num_logprobs[row] or 0 for row in rows), logits.shape[-1])
+    top_values, top_ids = logprobs.topk(k, dim=-1)  # [R, k] each
+    values, ids = top_values.tolist(), top_ids.tolist()
+    out: list[RowLogprobs | None] = [None] * len(num_logprobs)
+    for i, row in enumerate(rows):
+        pairs = zip(ids[i][: num_logprobs[row]], values[i][: num_logprobs[row]], strict=True)
+        out[row] = (chosen[i], tuple((token, value) for token, value in pairs if value != -math.inf))
+    return out
+
+
+def _pick(
+    logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]
+) -> torch.Tensor:
+    """The next token of every row from float32 (penalised) logits: argmax for greedy rows, a draw for the others."""
+    sampled_rows = [row for row, p in enumerate(params) if not p.greedy]
     if not sampled_rows:
         return logits.argmax(dim=-1)  # [B]
     if len(sampled_rows) == len(params):

@@ -7,16 +7,19 @@ from __future__ import annotations
 
 import enum
 import itertools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from chatstream.config import SamplingParams
-from chatstream.engine.base import Delta, FinishReason, GenerationRequest
+from chatstream.engine.base import Delta, FinishReason, GenerationRequest, TokenLogprob, TopLogprob
 
 if TYPE_CHECKING:
     import torch
+
+    from chatstream.engine.sampler import RowLogprobs
+    from chatstream.engine.structured import GrammarMatcher
 
 
 class SequenceStatus(enum.Enum):
@@ -51,6 +54,10 @@ class Sequence:
 
     ``seq_id`` is unique for the engine's lifetime (a request id may be reused once its request has finished), so
     the scheduler, the model runner and the prefix cache name sequences by it.
+
+    A constrained sequence has a ``matcher`` (its grammar's state): the model runner masks its logits with it before
+    sampling, :meth:`append_token` advances it. A sequence that asked for logprobs gets them from the runner
+    (:attr:`sampled_logprobs`, set with each sampled token) and names the tokens with ``token_piece`` (text, bytes).
     """
 
     request: GenerationRequest
@@ -65,8 +72,12 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
     error: str | None = None
+    matcher: GrammarMatcher | None = None
+    token_piece: Callable[[int], tuple[str, bytes]] | None = None
+    sampled_logprobs: RowLogprobs | None = field(default=None, init=False, repr=False)
     _new_token_ids: list[int] = field(default_factory=list, init=False, repr=False)
     _new_text: str = field(default="", init=False, repr=False)
+    _new_logprobs: list[TokenLogprob] = field(default_factory=list, init=False, repr=False)
 
     @property
     def request_id(self) -> str:
@@ -79,6 +90,11 @@ class Sequence:
     @property
     def conversation_id(self) -> str | None:
         return self.request.conversation_id
+
+    @property
+    def num_logprobs(self) -> int | None:
+        """How many alternatives per token the request wants (None: no logprobs)."""
+        return self.request.logprobs
 
     @property
     def num_tokens(self) -> int:
@@ -94,11 +110,29 @@ class Sequence:
         return (self.prompt_ids + self.output_ids)[: max(self.num_tokens - 1, 0)]
 
     def append_token(self, token_id: int) -> None:
-        """Add a sampled token and the text it releases (a stop token releases none)."""
+        """Add a sampled token and the text it releases (a stop token releases none); advance the grammar.
+
+        Raises RuntimeError when the grammar refuses the token (the runner masks what it forbids, so only a bug or
+        a vocabulary mismatch gets here)."""
         self.output_ids.append(token_id)
         self._new_token_ids.append(token_id)
+        if self.sampled_logprobs is not None:
+            self._new_logprobs.append(self._logprob_of(token_id, self.sampled_logprobs))
+            self.sampled_logprobs = None
+        if self.matcher is not None and not self.matcher.accept(token_id):
+            raise RuntimeError(f"the grammar refused token {token_id}: {self.matcher.error}")
         if token_id not in self.stop_token_ids and self.detokenizer is not None:
             self._new_text += self.detokenizer.add_tokens((token_id,))
+
+    def _logprob_of(self, token_id: int, row: RowLogprobs) -> TokenLogprob:
+        piece = self.token_piece or _plain_piece
+        chosen, top = row
+        alternatives = []
+        for alternative, value in top:
+            text, raw = piece(alternative)
+            alternatives.append(TopLogprob(alternative, text, value, raw))
+        text, raw = piece(token_id)
+        return TokenLogprob(token_id, text, chosen, tuple(alternatives), raw)
 
     def finish(self, reason: FinishReason, error: str | None = None) -> None:
         """End the sequence; the text held back is released unless it failed."""
@@ -117,9 +151,14 @@ class Sequence:
             num_generated_tokens=len(self.output_ids),
             num_cached_tokens=self.num_cached_tokens,
             error=self.error,
+            logprobs=tuple(self._new_logprobs),
         )
-        self._new_text, self._new_token_ids = "", []
+        self._new_text, self._new_token_ids, self._new_logprobs = "", [], []
         return delta
+
+
+def _plain_piece(token_id: int) -> tuple[str, bytes]:
+    return str(token_id), str(token_id).encode()
 
 
 def stop_reason(seq: Sequence, token_id: int) -> FinishReason | None:
@@ -129,6 +168,8 @@ def stop_reason(seq: Sequence, token_id: int) -> FinishReason | None:
         return FinishReason.STOP
     if seq.detokenizer is not None and seq.detokenizer.stopped:
         return FinishReason.STOP
+    if seq.matcher is not None and seq.matcher.is_finished:
+        return FinishReason.STOP  # the grammar is complete: only a stop token could follow
     if len(seq.output_ids) >= seq.max_new_tokens:
         return FinishReason.LENGTH
     return None

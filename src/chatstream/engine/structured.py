@@ -1,8 +1,10 @@
 """Constrained decoding: per-row token masks that keep a sequence inside a grammar (any JSON object, a JSON schema,
 or a Lark grammar such as a model family's tool-call format), computed with llguidance.
 
-One :class:`GrammarCompiler` per tokenizer: building its token table takes seconds on a 262k vocabulary, so the engine
-builds it once (lazily, or at start-up in the engine thread) and keeps it. It validates and caches grammars by their
+One :class:`GrammarCompiler` per tokenizer: building its token table takes seconds on a 262k vocabulary and holds the
+GIL all along (llguidance's constructor does not release it), so the engine builds it once, through
+:class:`LazyGrammarCompiler`: the service builds it while the app starts, before the server accepts requests (a
+background thread would freeze the event loop just the same). It validates and caches grammars by their
 canonical text and hands out one :class:`GrammarMatcher` per constrained sequence. Each decode step
 :func:`apply_masks` sets the logits of the tokens a row's grammar forbids to ``-inf`` (rows without a matcher are left
 alone), the sampler picks, and the engine calls ``matcher.accept(token_id)``. The stop tokens given to the compiler
@@ -14,17 +16,17 @@ until ``max_tokens`` cuts it. The answer then ends with finish reason ``length``
 
 from __future__ import annotations
 
-import enum
-import json
 import logging
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
+
+from chatstream.engine.grammar import GrammarKind, GrammarSpec, response_format_grammar
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +35,7 @@ __all__ = [
     "GrammarKind",
     "GrammarMatcher",
     "GrammarSpec",
+    "LazyGrammarCompiler",
     "allocate_bitmask",
     "apply_bitmask",
     "apply_masks",
@@ -52,86 +55,6 @@ FEW_ALLOWED_FRACTION = 16
 """A row allowing at most 1/16 of the vocabulary is rebuilt from its allowed logits instead of masked."""
 
 
-class GrammarKind(enum.Enum):
-    """What a :class:`GrammarSpec` holds."""
-
-    JSON_OBJECT = "json_object"
-    JSON_SCHEMA = "json_schema"
-    LARK = "lark"
-
-
-@dataclass(frozen=True)
-class GrammarSpec:
-    """A grammar to constrain one sequence, as plain data (it crosses from the server into the engine).
-
-    ``text`` is the canonical JSON of the schema (JSON_SCHEMA) or the Lark source (LARK); ``field`` is the request
-    field that errors name (``response_format.json_schema.schema``, ``tool_choice`` ...).
-    """
-
-    kind: GrammarKind
-    text: str = ""
-    field: str = "response_format"
-
-    def __post_init__(self) -> None:
-        if self.kind is not GrammarKind.JSON_OBJECT and not self.text:
-            raise ValueError(f"{self.field}: a {self.kind.value} grammar needs its text")
-
-    @classmethod
-    def json_object(cls, field: str = "response_format") -> GrammarSpec:
-        return cls(GrammarKind.JSON_OBJECT, "", field)
-
-    @classmethod
-    def json_schema(cls, schema: Any, field: str = "response_format.json_schema.schema") -> GrammarSpec:
-        """A schema given as a dict (or a bool); ValueError naming ``field`` when it is not a JSON object."""
-        if not isinstance(schema, dict | bool):
-            raise ValueError(f"{field} must be a JSON object, got {type(schema).__name__}")
-        try:
-            text = json.dumps(schema, sort_keys=True, separators=(",", ":"), allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"{field} is not valid JSON: {exc}") from None
-        return cls(GrammarKind.JSON_SCHEMA, text, field)
-
-    @classmethod
-    def lark(cls, source: str, field: str = "tool_choice") -> GrammarSpec:
-        return cls(GrammarKind.LARK, source, field)
-
-    def grammar_text(self) -> str:
-        """The llguidance grammar (a JSON document) for this spec."""
-        import llguidance
-
-        if self.kind is GrammarKind.LARK:
-            return str(llguidance.LLMatcher.grammar_from_lark(self.text))
-        schema: Any = {"type": "object"} if self.kind is GrammarKind.JSON_OBJECT else json.loads(self.text)
-        # compact JSON ({"a":1,"b":[2,3]}): no free whitespace for a model to loop in; overrides win over the
-        # schema's own "x-guidance" options
-        return str(llguidance.LLMatcher.grammar_from_json_schema(schema, overrides={"whitespace_flexible": False}))
-
-
-def response_format_grammar(value: Any, field: str = "response_format") -> GrammarSpec | None:
-    """The grammar for an OpenAI ``response_format``: None for ``text`` (or no value); ValueError naming the field.
-
-    ``{"type": "json_object"}`` → any JSON object; ``{"type": "json_schema", "json_schema": {"name": ..., "schema":
-    {...}, "strict": ...}}`` → that schema (``strict`` changes nothing: the schema is always enforced).
-    """
-    if value is None:
-        return None
-    if not isinstance(value, Mapping):
-        raise ValueError(f"{field} must be an object, got {type(value).__name__}")
-    kind = value.get("type", "text")
-    if kind == "text":
-        return None
-    if kind == "json_object":
-        return GrammarSpec.json_object(field)
-    if kind != "json_schema":
-        raise ValueError(f"{field}.type must be 'text', 'json_object' or 'json_schema', got {kind!r}")
-    body = value.get("json_schema")
-    if not isinstance(body, Mapping):
-        raise ValueError(f"{field}.json_schema must be an object with a 'schema'")
-    if "schema" not in body:
-        raise ValueError(f"{field}.json_schema.schema is required")
-    return GrammarSpec.json_schema(body["schema"], f"{field}.json_schema.schema")
-
-
 class GrammarCompiler:
     """Grammars for one tokenizer: validated once, cached by their text, a fresh matcher per sequence.
 
@@ -145,14 +68,12 @@ class GrammarCompiler:
     def __init__(
         self, tokenizer: Any, vocab_size: int, stop_token_ids: Sequence[int], *, max_cached: int = MAX_CACHED_GRAMMARS
     ) -> None:
-        import llguidance.hf
-
         if not stop_token_ids:
             raise ValueError("stop_token_ids must name at least one token (EOS)")
         self.vocab_size = vocab_size
         self.stop_token_ids = tuple(stop_token_ids)
         self.max_cached = max_cached
-        self._tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=list(stop_token_ids))
+        self._tokenizer = _llg_tokenizer(tokenizer, vocab_size, list(stop_token_ids))
         self._templates: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()  # the server validates in a worker thread while the engine thread compiles
 
@@ -160,6 +81,12 @@ class GrammarCompiler:
         """A matcher at the start of ``spec``; ValueError naming ``spec.field`` when the grammar is invalid."""
         with self._lock:
             return GrammarMatcher(self._template(spec).deep_copy(), self.vocab_size)
+
+    def token_bytes(self, token_id: int) -> bytes | None:
+        """The bytes of one token (None for special tokens and ids outside the tokenizer)."""
+        if not 0 <= token_id < self._tokenizer.vocab_size or self._tokenizer.is_special_token(token_id):
+            return None
+        return bytes(self._tokenizer.decode_bytes([token_id]))
 
     def validate(self, spec: GrammarSpec) -> None:
         """Compile ``spec`` (cached) or raise ValueError: for the server, before the request is queued."""
@@ -184,6 +111,78 @@ class GrammarCompiler:
         if len(self._templates) > self.max_cached:
             self._templates.popitem(last=False)
         return template
+
+
+def _llg_tokenizer(tokenizer: Any, vocab_size: int, stop_token_ids: list[int]) -> Any:
+    """llguidance's token table. ``llguidance.hf.from_tokenizer`` first copies the Rust tokenizer (to turn padding
+    and truncation off), which costs as much as the rest on a 262k vocabulary; without them the copy is skipped."""
+    import llguidance
+    import llguidance.hf
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or backend.padding is not None or backend.truncation is not None:
+        return llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=stop_token_ids)
+    return llguidance.LLTokenizer(backend.to_str(), n_vocab=vocab_size, eos_token=stop_token_ids)
+
+
+class LazyGrammarCompiler:
+    """The :class:`GrammarCompiler` of one tokenizer, built once on first use (or by :meth:`build`) in whatever
+    thread asks first; other threads wait for it. A failed build is remembered: every later use raises the same
+    ValueError (the server answers 400: this model cannot constrain its output).
+
+    Args:
+        tokenizer, vocab_size, stop_token_ids: as for :class:`GrammarCompiler`.
+    """
+
+    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: Sequence[int]) -> None:
+        self._args = (tokenizer, vocab_size, tuple(stop_token_ids))
+        self._lock = threading.Lock()
+        self._compiler: GrammarCompiler | None = None
+        self._error: str | None = None
+
+    @property
+    def is_built(self) -> bool:
+        return self._compiler is not None or self._error is not None
+
+    def build(self) -> None:
+        """Build the compiler now (blocking, seconds on a large vocabulary; idempotent); errors are kept for later."""
+        with self._lock:
+            if self.is_built:
+                return
+            tokenizer, vocab_size, stops = self._args
+            started = time.perf_counter()
+            try:
+                self._compiler = GrammarCompiler(tokenizer, vocab_size, stops)
+            except Exception as exc:  # not a fast tokenizer, no EOS, llguidance missing ...
+                logger.warning("constrained decoding is not available for this tokenizer: %s", exc)
+                self._error = f"constrained decoding is not available for this model's tokenizer ({exc})"
+                return
+            logger.info("grammar token table of %d tokens built in %.1f s", vocab_size, time.perf_counter() - started)
+
+    def get(self) -> GrammarCompiler:
+        """The compiler (built now if need be); ValueError when it can not be built."""
+        self.build()
+        if self._compiler is None:
+            raise ValueError(self._error or "constrained decoding is not available")
+        return self._compiler
+
+    def token_bytes(self, token_id: int) -> bytes | None:
+        """The bytes of one token, once the compiler is built (None before, or for special tokens)."""
+        compiler = self._compiler
+        return None if compiler is None else compiler.token_bytes(token_id)
+
+    def validate(self, spec: GrammarSpec) -> None:
+        """Compile ``spec`` or raise ValueError naming its field."""
+        try:
+            compiler = self.get()
+        except ValueError as exc:
+            raise ValueError(f"{spec.field}: {exc}") from None
+        compiler.validate(spec)
+
+    def matcher(self, spec: GrammarSpec) -> GrammarMatcher:
+        """A fresh matcher for ``spec``; ValueError naming its field."""
+        self.validate(spec)
+        return self.get().matcher(spec)
 
 
 class GrammarMatcher:

@@ -78,6 +78,14 @@ class NotFound(ApiError):
     default_code = "not_found"
 
 
+class MethodNotAllowed(ApiError):
+    """The path exists, but not for this method."""
+
+    status = 405
+    error_type = "invalid_request_error"
+    default_code = "method_not_allowed"
+
+
 class Conflict(ApiError):
     """A write based on a stale version: someone else changed the conversation first."""
 

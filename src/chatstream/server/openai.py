@@ -1,95 +1,104 @@
-"""The OpenAI-compatible API: POST /v1/chat/completions, POST /v1/completions, GET /v1/models.
+"""The OpenAI-compatible API: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /v1/models/{id},
+the Responses API (server/responses.py), and OpenAI's error shape for every other /v1 path.
 
-Requests go through the same admission control and engine as /chat_stream. Streaming answers are Server-Sent
-Events (``data: {chunk}\\n\\n`` ... ``data: [DONE]\\n\\n``). A client that disconnects closes the event generator,
-which aborts the engine request and releases the admission slot.
+Requests go through the same admission control and engine as /chat_stream. Everything a request's content can get
+wrong is checked before it takes an admission slot (server/openai_chat.py). Streaming answers are Server-Sent Events
+(``data: {chunk}\\n\\n`` ... ``data: [DONE]\\n\\n``). A client that disconnects closes the event generator, which
+aborts the engine requests and releases the admission slot.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import hmac
-import json
+import inspect
 import logging
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import aclosing
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from chatstream.admission.admission import Draining, QueueFull
-from chatstream.admission.generation import GenerationOutcome
-from chatstream.config import SamplingParams
-from chatstream.engine.base import EngineError, FinishReason, GenerationRequest
+from chatstream.engine.base import EngineError, FinishReason
 from chatstream.prompts.window import ContextLengthExceeded
 from chatstream.server.context import ServerContext
-from chatstream.server.errors import (
-    ApiError,
-    BadRequest,
-    Forbidden,
-    NotFound,
-    ServiceUnavailable,
-    Unauthorized,
-    openai_error_response,
-)
+from chatstream.server.errors import ApiError, MethodNotAllowed, NotFound, openai_error_response
 from chatstream.server.fairness import user_key
 from chatstream.server.http import read_json_object
-from chatstream.server.openai_render import Renderer, SseResponse, finish_reason_name, sse
+from chatstream.server.openai_chat import OpenAIJob, conversation_key, prepare_chat, prepare_completion
+from chatstream.server.openai_context import (
+    OpenAIContext,
+    admitted,
+    api_key_matches,
+    authorize,
+    check_model,
+    model_object,
+)
+from chatstream.server.openai_render import Renderer, SseResponse
 from chatstream.server.openai_schemas import ChatCompletionRequest, CompletionRequest, check_unsupported
+from chatstream.server.openai_stream import event_stream
 from chatstream.server.openapi_docs import endpoint_options, install_openapi
 from chatstream.server.queue_position import queued_events
+from chatstream.server.responses import add_responses_routes
 from chatstream.service import ChatService
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-    from chatstream.prompts.base import AbstractChatPrompt
+__all__ = ["OpenAIContext", "add_openai_routes", "api_key_matches", "authorize", "check_model", "conversation_key"]
 
 logger = logging.getLogger(__name__)
 
-COMPLETIONS_DEFAULT_MAX_TOKENS = 16
-"""OpenAI's default ``max_tokens`` for the legacy completions endpoint."""
-
-
-@dataclasses.dataclass(frozen=True)
-class OpenAIContext:
-    """What every OpenAI handler needs: the server context, the API keys in force and the models' creation time."""
-
-    server: ServerContext
-    api_keys: tuple[str, ...] = ()
-    created: int = dataclasses.field(default_factory=lambda: int(time.time()))
-
-    @property
-    def service(self) -> ChatService:
-        return self.server.service
+OPENAI_PREFIX = "/v1/"
 
 
 def add_openai_routes(app: FastAPI, server: ServerContext, api_keys: Sequence[str] = ()) -> None:
-    """Mount the three endpoints on ``app``."""
+    """Mount the endpoints on ``app``, and answer unknown /v1 paths in OpenAI's error shape."""
     ctx = OpenAIContext(server, tuple(k for k in api_keys if k))
 
-    async def chat_completions(request: Request) -> Response:
-        return await handle_chat_completions(ctx, request)
+    def bind(handler: Callable[[OpenAIContext, Request], Awaitable[Response]]) -> Callable[..., Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            return await handler(ctx, request)
 
-    async def completions(request: Request) -> Response:
-        return await handle_completions(ctx, request)
-
-    async def models(request: Request) -> Response:
-        return await handle_models(ctx, request)
+        return endpoint
 
     install_openapi(app)
-    for path, endpoint, method, name in (
-        ("/v1/chat/completions", chat_completions, "POST", "openai_chat_completions"),
-        ("/v1/completions", completions, "POST", "openai_completions"),
-        ("/v1/models", models, "GET", "openai_models"),
+    for path, handler, method, name in (
+        ("/v1/chat/completions", handle_chat_completions, "POST", "openai_chat_completions"),
+        ("/v1/completions", handle_completions, "POST", "openai_completions"),
+        ("/v1/models", handle_models, "GET", "openai_models"),
+        ("/v1/models/{model_id:path}", handle_model, "GET", "openai_model"),
     ):
-        app.add_api_route(path, endpoint, methods=[method], name=name, **endpoint_options(name))
+        app.add_api_route(path, bind(handler), methods=[method], name=name, **endpoint_options(name))
+    add_responses_routes(app, ctx)
+    _answer_unknown_paths_in_openai_shape(app)
+
+
+def _answer_unknown_paths_in_openai_shape(app: FastAPI) -> None:
+    """404 and 405 under /v1/ in OpenAI's error shape; other paths keep the app's own handlers (FastAPI's
+    ``{"detail": ...}`` unless the app registered others)."""
+    from fastapi.exception_handlers import http_exception_handler
+
+    for status in (404, 405):
+        fallback = app.exception_handlers.get(status) or app.exception_handlers.get(HTTPException)
+        app.add_exception_handler(status, _openai_http_error(status, fallback or http_exception_handler))
+
+
+def _openai_http_error(status: int, fallback: Callable[..., Any]) -> Callable[..., Awaitable[Response]]:
+    async def handler(request: Request, exc: Exception) -> Response:
+        path = request.url.path
+        if not path.startswith(OPENAI_PREFIX):
+            result = fallback(request, exc)
+            return await result if inspect.isawaitable(result) else result  # type: ignore[no-any-return]
+        if status == 405:
+            return openai_error_response(MethodNotAllowed(f"{request.method} is not allowed on {path}."))
+        return openai_error_response(NotFound(f"Unknown path {request.method} {path}.", code="unknown_url"))
+
+    return handler
 
 
 # ----- handlers -----
@@ -101,25 +110,42 @@ async def handle_models(ctx: OpenAIContext, request: Request) -> Response:
         authorize(ctx, request)
     except ApiError as exc:
         return openai_error_response(exc)
-    model = {"id": ctx.service.model_name, "object": "model", "created": ctx.created, "owned_by": "chatstream"}
-    return JSONResponse({"object": "list", "data": [model]})
+    return JSONResponse({"object": "list", "data": [model_object(ctx)]})
+
+
+async def handle_model(ctx: OpenAIContext, request: Request) -> Response:
+    """GET /v1/models/{id}: the model, when it is the one this server runs (the SDK's ``models.retrieve``)."""
+    try:
+        authorize(ctx, request)
+        check_model(ctx.service, request.path_params["model_id"] or "-")
+    except ApiError as exc:
+        return openai_error_response(exc)
+    return JSONResponse(model_object(ctx))
 
 
 async def handle_chat_completions(ctx: OpenAIContext, request: Request) -> Response:
     """POST /v1/chat/completions."""
-    return await _guarded(ctx, request, ChatCompletionRequest, _chat_generation_request, "chat")
+
+    async def prepare(body: Any) -> OpenAIJob:
+        return await prepare_chat(ctx.service, body)
+
+    return await _guarded(ctx, request, ChatCompletionRequest, prepare, "chat")
 
 
 async def handle_completions(ctx: OpenAIContext, request: Request) -> Response:
     """POST /v1/completions."""
-    return await _guarded(ctx, request, CompletionRequest, _completion_generation_request, "completion")
+
+    async def prepare(body: Any) -> OpenAIJob:
+        return await prepare_completion(ctx.service, body)
+
+    return await _guarded(ctx, request, CompletionRequest, prepare, "completion")
 
 
 async def _guarded(
     ctx: OpenAIContext,
     request: Request,
     schema: type[ChatCompletionRequest] | type[CompletionRequest],
-    build: Callable[[ChatService, Any], GenerationRequest],
+    prepare: Callable[[Any], Awaitable[OpenAIJob]],
     kind: str,
 ) -> Response:
     try:
@@ -127,112 +153,21 @@ async def _guarded(
         body = schema.model_validate(await read_json_object(request, ctx.server.max_body_bytes))
         check_unsupported(body)
         check_model(ctx.service, body.model)
-        gen_request = await ctx.service.check_context(build(ctx.service, body), body.new_token_limit() is not None)
-        renderer = Renderer(kind, gen_request.request_id, ctx.service.model_name)
+        job = await _within_context(ctx.service, await prepare(body), body.new_token_limit() is not None)
+        renderer = Renderer(
+            kind,
+            job.request_id,
+            ctx.service.model_name,
+            tool_format=job.tool_format,
+            tool_names=job.tool_names,
+            logprobs=job.logprobs,
+        )
         user = user_key(request, ctx.server.roles, as_agent=True)
-        return await _respond(ctx.service, request, gen_request, renderer, body, user)
+        return await _respond(ctx.service, request, job, renderer, body, user)
     except Exception as exc:
         if not isinstance(exc, ApiError | QueueFull | Draining | ValidationError | EngineError | ContextLengthExceeded):
             logger.exception("OpenAI %s request failed", kind)
         return openai_error_response(exc)
-
-
-# ----- access -----
-
-
-def authorize(ctx: OpenAIContext, request: Request) -> None:
-    """API key (when configured) or client role; raises Unauthorized / Forbidden.
-
-    With API keys configured, a valid ``Authorization: Bearer <key>`` is required, unless the request carries a
-    header phrase of an agent role that allows "openai". Without keys, the client role decides; OpenAI clients are
-    agents, so a session is ignored.
-    """
-    roles = ctx.server.roles
-    role = roles.resolve(request, as_agent=True)
-    if ctx.api_keys:
-        if api_key_matches(request.headers.get("authorization"), ctx.api_keys):
-            return
-        if role.auth_method.is_header_phrase and role.allows("openai"):
-            return
-        raise Unauthorized("Incorrect or missing API key: send 'Authorization: Bearer <key>'.", param="api_key")
-    if not roles.is_allowed(request, "openai", as_agent=True):
-        raise Forbidden(f"The OpenAI API is not allowed for client role '{role.name}'.")
-
-
-def api_key_matches(authorization: str | None, api_keys: Sequence[str]) -> bool:
-    """True when the header is ``Bearer <one of api_keys>``; every key is compared in constant time."""
-    scheme, _, token = (authorization or "").partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token:
-        return False
-    matched = False
-    for key in api_keys:
-        matched |= hmac.compare_digest(token.encode(), key.encode())
-    return matched
-
-
-def check_model(service: ChatService, model: str | None) -> None:
-    """NotFound unless ``model`` is empty or the model this server runs."""
-    if model and model != service.model_name:
-        raise NotFound(
-            f"The model '{model}' does not exist; this server runs '{service.model_name}' (GET /v1/models).",
-            param="model",
-            code="model_not_found",
-        )
-
-
-# ----- building the engine request -----
-
-
-def _chat_generation_request(service: ChatService, body: ChatCompletionRequest) -> GenerationRequest:
-    from chatstream.prompts import ChatTemplatePrompt, load_openai_messages
-
-    messages = [m.model_dump(exclude_none=True) for m in body.messages]
-    tokenizer = service.prompts.tokenizer
-    if getattr(tokenizer, "chat_template", None):
-        chat_prompt: AbstractChatPrompt = ChatTemplatePrompt(tokenizer)
-    else:
-        chat_prompt = service.new_chat_prompt()
-    try:
-        load_openai_messages(chat_prompt, messages)
-        base = service.build_request(chat_prompt)
-    except ValueError as exc:
-        raise BadRequest(str(exc), param="messages") from None
-    return dataclasses.replace(
-        base,
-        request_id=f"chatcmpl-{uuid.uuid4().hex}",
-        sampling=_sampling(body, base.sampling),
-        conversation_id=conversation_key(messages, body.user),
-    )
-
-
-def conversation_key(messages: list[dict[str, Any]], user: str | None) -> str:
-    """A stable id for the conversation a stateless OpenAI request continues: its messages up to the first user
-    message (and the ``user`` field). The next turn of the same chat has the same opening, so the engine's
-    per-conversation KV cache serves it; two chats with the same opening only share (or replace) a cache entry,
-    which is safe because reuse covers only the token prefix they actually have in common."""
-    opening: list[dict[str, Any]] = []
-    for message in messages:
-        opening.append(message)
-        if message.get("role") == "user":
-            break
-    digest = hashlib.sha256(json.dumps([user, opening], sort_keys=True, default=str).encode()).hexdigest()
-    return f"openai-{digest[:32]}"
-
-
-def _completion_generation_request(service: ChatService, body: CompletionRequest) -> GenerationRequest:
-    sampling = _sampling(body, service.default_sampling, COMPLETIONS_DEFAULT_MAX_TOKENS)
-    return service.build_text_request(f"cmpl-{uuid.uuid4().hex}", body.prompt_text, sampling)
-
-
-def _sampling(
-    body: ChatCompletionRequest | CompletionRequest, defaults: SamplingParams, default_max_tokens: int | None = None
-) -> SamplingParams:
-    try:
-        return body.sampling(defaults, default_max_tokens=default_max_tokens)
-    except ValueError as exc:
-        param = str(exc).split("=", 1)[0] if "=" in str(exc) else None
-        raise BadRequest(str(exc), param=param) from None
 
 
 # ----- admission and responses -----
@@ -241,7 +176,7 @@ def _sampling(
 async def _respond(
     service: ChatService,
     request: Request,
-    gen_request: GenerationRequest,
+    job: OpenAIJob,
     renderer: Renderer,
     body: ChatCompletionRequest | CompletionRequest,
     user: str,
@@ -249,46 +184,28 @@ async def _respond(
     arrived = time.monotonic()
     ticket = service.enqueue(user)
     if body.stream and ticket.slot is None:  # tell the client its place in line while it waits (SSE comments)
-        answer = functools.partial(_event_stream, service, gen_request, renderer, body.include_usage, arrived)
-        return SseResponse(queued_events(service, ticket, answer), ticket.close)
-    slot = await service.wait_for_slot(ticket, request.is_disconnected)
+        answer = functools.partial(event_stream, service, job, renderer, body.include_usage, arrived)
+        return SseResponse(queued_events(service, ticket, answer), ticket.close, job.headers)
+    slot = await admitted(service, ticket, request)
     if slot is None:
         return Response(status_code=499)
-    try:
-        await service.startup()
-        if not service.engine.is_running:
-            raise ServiceUnavailable("The model is not ready yet.", code="engine_not_ready")
-    except BaseException:
-        slot.release()
-        raise
     if body.stream:
-        return SseResponse(_event_stream(service, gen_request, renderer, body.include_usage, arrived), slot.release)
+        events = event_stream(service, job, renderer, body.include_usage, arrived)
+        return SseResponse(events, slot.release, job.headers)
     try:
-        outcome = await service.collect(gen_request, request.is_disconnected, arrived)
+        outcomes = await service.collect_all(job.requests, request.is_disconnected, arrived)
     finally:
         slot.release()
-    if outcome is None:
+    if outcomes is None:
         return Response(status_code=499)
-    if outcome.finish_reason is FinishReason.ERROR:
-        logger.warning("generation %s failed: %s", gen_request.request_id, outcome.error)
-        raise ApiError(f"Generation failed: {outcome.error or 'engine error'}", code="generation_error")
-    return JSONResponse(renderer.complete(outcome))
+    failed = next((o for o in outcomes if o.finish_reason is FinishReason.ERROR), None)
+    if failed is not None:
+        logger.warning("generation %s failed: %s", job.request_id, failed.error)
+        raise ApiError(f"Generation failed: {failed.error or 'engine error'}", code="generation_error")
+    return JSONResponse(renderer.complete(outcomes), headers=job.headers or None)
 
 
-async def _event_stream(
-    service: ChatService, gen_request: GenerationRequest, renderer: Renderer, include_usage: bool, arrived: float
-) -> AsyncIterator[str]:
-    outcome = GenerationOutcome()
-    yield sse(renderer.first_chunk(include_usage))
-    async with aclosing(service.generate(gen_request, outcome, arrived)) as deltas:
-        async for delta in deltas:
-            if delta.text:
-                yield sse(renderer.chunk(delta.text, None, include_usage))
-    if outcome.finish_reason is FinishReason.ERROR:
-        message = f"Generation failed: {outcome.error or 'engine error'}"
-        yield sse({"error": {"message": message, "type": "server_error", "param": None, "code": "generation_error"}})
-    else:
-        yield sse(renderer.chunk("", finish_reason_name(outcome.finish_reason), include_usage))
-        if include_usage:
-            yield sse(renderer.usage_chunk(outcome))
-    yield "data: [DONE]\n\n"
+async def _within_context(service: ChatService, job: OpenAIJob, max_tokens_given: bool) -> OpenAIJob:
+    """``job`` with each request fitted to the model's context (ContextLengthExceeded when one cannot fit)."""
+    fitted = tuple([await service.check_context(request, max_tokens_given) for request in job.requests])
+    return dataclasses.replace(job, requests=fitted)

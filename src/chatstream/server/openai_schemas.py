@@ -1,8 +1,9 @@
 """Request bodies of the OpenAI-compatible endpoints, validated with pydantic (strict types, OpenAI's ranges).
 
 Unknown fields are ignored (clients send many optional ones); fields we cannot honour with a value other than their
-default (``n`` > 1, ``logprobs``, ``tools``, ``echo`` ...) are rejected by :func:`check_unsupported` with a 400
-that names them, instead of being silently ignored.
+default (``functions``, ``echo``, ``suffix``, ``best_of`` ...) are rejected by :func:`check_unsupported` with a 400
+that names them, instead of being silently ignored. ``tools``, ``tool_choice`` and ``response_format`` are checked
+where the request is built (server/openai_chat.py), against the model.
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ from chatstream.config import SamplingParams
 from chatstream.server.errors import BadRequest
 
 MAX_STOP_STRINGS = 16
+MAX_CHOICES = 16
+"""The most choices (``n``) one request may ask for."""
+MAX_TOP_LOGPROBS = 20
+MAX_COMPLETION_LOGPROBS = 5
 
 
 class StreamOptions(BaseModel):
@@ -43,7 +48,7 @@ class _GenerationFields(BaseModel):
     stop: list[str] | None = None
     ignore_eos: bool | None = None
     """An extension (as in vLLM): keep generating past EOS, up to the token limit. For benchmarks."""
-    n: int | None = 1
+    n: int | None = Field(default=1, ge=1, le=MAX_CHOICES)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -94,14 +99,36 @@ class _GenerationFields(BaseModel):
         return defaults.with_updates(**changes)
 
 
-class ChatMessage(BaseModel):
-    """One message; ``content`` is a string or a list of text parts (checked when the prompt is built)."""
+class ToolCallFunction(BaseModel):
+    """``function`` of an assistant's tool call: the name and the arguments as JSON text."""
 
     model_config = ConfigDict(extra="ignore", strict=True)
 
-    role: Literal["system", "developer", "user", "assistant"]
+    name: str
+    arguments: str = "{}"
+
+
+class AssistantToolCall(BaseModel):
+    """One call in an assistant message's ``tool_calls``."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
+class ChatMessage(BaseModel):
+    """One message; ``content`` is a string or a list of text parts (checked when the prompt is built). Assistant
+    messages may carry ``tool_calls``, ``tool`` messages answer one with ``tool_call_id``."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Any = None
     name: str | None = None
+    tool_calls: list[AssistantToolCall] | None = None
+    tool_call_id: str | None = None
 
 
 class ChatCompletionRequest(_GenerationFields):
@@ -110,10 +137,23 @@ class ChatCompletionRequest(_GenerationFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[Any] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
     functions: list[Any] | None = None
+    function_call: Any = None
     response_format: dict[str, Any] | None = None
+
+    @property
+    def num_logprobs(self) -> int | None:
+        """Alternatives per token for the engine (None: no logprobs)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    @property
+    def has_tool_traffic(self) -> bool:
+        """The history holds tool calls or tool results."""
+        return any(m.role == "tool" or m.tool_calls for m in self.messages)
 
     def new_token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -125,8 +165,12 @@ class CompletionRequest(_GenerationFields):
     prompt: str | list[str]
     echo: bool | None = False
     suffix: str | None = None
-    logprobs: int | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_COMPLETION_LOGPROBS)
     best_of: int | None = None
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod
@@ -142,21 +186,15 @@ class CompletionRequest(_GenerationFields):
 
 def check_unsupported(body: ChatCompletionRequest | CompletionRequest) -> None:
     """Raise BadRequest naming the first field set to a value this server cannot honour."""
-    if body.n not in (None, 1):
-        raise BadRequest("'n' must be 1: only one choice per request is supported", param="n")
     if isinstance(body, ChatCompletionRequest):
-        if body.logprobs or body.top_logprobs:
-            raise BadRequest("'logprobs' is not supported", param="logprobs")
-        if body.tools or body.functions:
-            raise BadRequest("'tools' and 'functions' (tool calling) are not supported", param="tools")
-        if body.response_format and body.response_format.get("type", "text") != "text":
-            raise BadRequest("only response_format {'type': 'text'} is supported", param="response_format")
+        if body.functions or body.function_call is not None:
+            raise BadRequest("'functions' and 'function_call' are deprecated: use 'tools'", param="functions")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise BadRequest("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
         return
     if body.echo:
         raise BadRequest("'echo' is not supported", param="echo")
     if body.suffix:
         raise BadRequest("'suffix' is not supported", param="suffix")
-    if body.logprobs is not None:
-        raise BadRequest("'logprobs' is not supported", param="logprobs")
     if body.best_of not in (None, 1):
         raise BadRequest("'best_of' must be 1", param="best_of")

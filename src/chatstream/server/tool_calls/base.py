@@ -109,9 +109,12 @@ class ToolFormat:
         """The ``(name, arguments)`` pairs in one block (arguments a dict or JSON text); None when malformed."""
         raise NotImplementedError
 
-    def call_grammar(self, tools: Sequence[dict[str, Any]], special_ids: dict[str, int]) -> str | None:
+    def call_grammar(
+        self, tools: Sequence[dict[str, Any]], special_ids: dict[str, int], *, parallel: bool = True
+    ) -> str | None:
         """A Lark grammar (llguidance dialect) that admits only calls of ``tools`` in this format, for
-        ``tool_choice`` "required" or a named function; None when this format cannot be enforced."""
+        ``tool_choice`` "required" or a named function (one call, unless ``parallel``); None when this format
+        cannot be enforced."""
         return None
 
     def parse(self, text: str, tool_names: Collection[str] | None = None) -> ParsedOutput:

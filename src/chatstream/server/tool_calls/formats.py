@@ -66,10 +66,13 @@ class HermesFormat(ToolFormat):
         call = json.loads(inner)
         return [(call["name"], call.get("arguments", call.get("parameters", {})))]
 
-    def call_grammar(self, tools: Sequence[dict[str, Any]], special_ids: dict[str, int]) -> str | None:
+    def call_grammar(
+        self, tools: Sequence[dict[str, Any]], special_ids: dict[str, int], *, parallel: bool = True
+    ) -> str | None:
         schema = json.dumps(_call_schema(tools, "arguments"))
         start, end = _literal("<tool_call>", special_ids), _literal("</tool_call>", special_ids)
-        return f'start: call ("\\n" call)*\ncall: {start} "\\n" %json{schema} "\\n" {end}\n'
+        calls = 'call ("\\n" call)*' if parallel else "call"
+        return f'start: {calls}\ncall: {start} "\\n" %json{schema} "\\n" {end}\n'
 
 
 class Llama3JsonFormat(ToolFormat):
@@ -88,7 +91,9 @@ class Llama3JsonFormat(ToolFormat):
             position = len(text) - len(text[position:].lstrip().removeprefix(";").lstrip())
         return calls
 
-    def call_grammar(self, tools: Sequence[dict[str, Any]], special_ids: dict[str, int]) -> str | None:
+    def call_grammar(
+        self, tools: Sequence[dict[str, Any]], special_ids: dict[str, int], *, parallel: bool = True
+    ) -> str | None:
         return f"start: %json{json.dumps(_call_schema(tools, 'parameters'))}\n"
 
 
@@ -111,8 +116,12 @@ class MistralFormat(ToolFormat):
                 calls.append((item["name"], item.get("arguments", item.get("parameters", {}))))
         return calls
 
-    def call_grammar(self, tools: Sequence[dict[str, Any]], special_ids: dict[str, int]) -> str | None:
-        schema = {"type": "array", "minItems": 1, "items": _call_schema(tools, "arguments")}
+    def call_grammar(
+        self, tools: Sequence[dict[str, Any]], special_ids: dict[str, int], *, parallel: bool = True
+    ) -> str | None:
+        schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": _call_schema(tools, "arguments")}
+        if not parallel:
+            schema["maxItems"] = 1
         return f"start: {_literal('[TOOL_CALLS]', special_ids)} %json{json.dumps(schema)}\n"
 
 

@@ -22,6 +22,7 @@ __all__ = [
     "ToolChoice",
     "ToolPlan",
     "detect_format",
+    "fold_tool_traffic",
     "marker_token_ids",
     "plan_tools",
     "render_chat",
@@ -96,8 +97,11 @@ def plan_tools(
     tool_choice: Any,
     fmt: ToolFormat | None,
     special_ids: Mapping[str, int] | None = None,
+    *,
+    parallel: bool = True,
 ) -> ToolPlan:
-    """The plan for ``tools`` / ``tool_choice`` on a model whose call format is ``fmt`` (None: no tool support).
+    """The plan for ``tools`` / ``tool_choice`` on a model whose call format is ``fmt`` (None: no tool support); a
+    forced choice admits one call only unless ``parallel`` (OpenAI's ``parallel_tool_calls``).
 
     Raises ValueError naming ``tools`` or ``tool_choice`` (a 400): a malformed tool or choice, a named function not
     in ``tools``, or "required"/named on a model that cannot call tools or whose format cannot be enforced.
@@ -117,7 +121,7 @@ def plan_tools(
     grammar = None
     if choice is ToolChoice.REQUIRED:
         allowed = [tool for tool in checked if forced is None or tool["function"]["name"] == forced]
-        grammar = fmt.call_grammar(allowed, dict(special_ids or {}))
+        grammar = fmt.call_grammar(allowed, dict(special_ids or {}), parallel=parallel)
         if grammar is None:
             raise ValueError(f"tool_choice: calls can not be forced in the {fmt.name!r} format of this model")
     return ToolPlan(checked, choice, fmt, grammar, forced)
@@ -175,6 +179,12 @@ def render_chat(
     if not isinstance(text, str):
         raise TypeError(f"apply_chat_template(tokenize=False) returned {type(text).__name__}, expected str")
     return text
+
+
+def fold_tool_traffic(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Plain ``system``/``user``/``assistant`` messages for a prompt format without tools: assistant calls become
+    JSON text in the assistant's turn, ``tool`` results user turns (``[name result]`` and the text)."""
+    return _merge_same_roles([_normalise(message, False) for message in messages])
 
 
 def _normalise(message: Mapping[str, Any], supported: bool) -> dict[str, Any]:
