@@ -1,4 +1,5 @@
-"""OpenAIUpstreamEngine against real upstream processes (``chatstream serve`` on 127.0.0.1) and small faulty servers."""
+"""OpenAIUpstreamEngine and its wire format, against real upstream processes (``chatstream serve`` on 127.0.0.1)
+and small faulty servers."""
 
 from __future__ import annotations
 
@@ -22,14 +23,8 @@ from tests.tiny_model import collect, greedy
 from chatstream.config import SamplingParams
 from chatstream.engine.base import EngineError, EngineOverloaded, FinishReason, GenerationRequest
 from chatstream.engine.mock_engine import LONG_ANSWER
-from chatstream.engine.upstream_engine import (
-    OpenAIUpstreamEngine,
-    OutputFilter,
-    UpstreamChatRequest,
-    UpstreamConfig,
-    request_body,
-    retry_after_seconds,
-)
+from chatstream.engine.upstream_engine import OpenAIUpstreamEngine, OutputFilter, UpstreamChatRequest, UpstreamConfig
+from chatstream.engine.upstream_protocol import request_body, retry_after_seconds
 
 PROMPT = "The quick brown fox jumps over the lazy dog."
 SLOW_MOCK = ["--mock", "--mock-type", "long", "--mock-time-per-token", "0.05"]
@@ -240,7 +235,7 @@ def faulty_app() -> Starlette:
         return JSONResponse({"error": {"message": "the model crashed"}}, status_code=500)
 
     async def silent(request: Request) -> Response:
-        await asyncio.sleep(30)
+        await asyncio.sleep(2)  # longer than the engine waits
         return Response()
 
     routes = [

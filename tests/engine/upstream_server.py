@@ -39,6 +39,7 @@ class UpstreamServer:
     def start(self) -> UpstreamServer:
         env = {**os.environ, "PYTHONPATH": str(SRC_DIR), "PYTHONUNBUFFERED": "1"}
         argv = [sys.executable, "-m", "chatstream", "serve", "--port", str(self.port), "--log-level", "warning"]
+        argv += ["--drain-timeout", "0"]  # stop() needs no graceful drain
         self._stdout, self._stderr = [], []
         self.proc = subprocess.Popen([*argv, *self.argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
         for pipe, chunks in ((self.proc.stdout, self._stdout), (self.proc.stderr, self._stderr)):
