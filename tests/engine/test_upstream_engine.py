@@ -196,6 +196,14 @@ async def test_killed_upstream_ends_streams_with_an_error_and_recovers(make_engi
         server.stop()
 
 
+async def test_abort_before_the_request_ran_still_ends_its_stream(make_engine: Any) -> None:
+    engine = make_engine(f"http://127.0.0.1:{free_port()}/v1")
+    stream = engine.add_request(request())
+    engine.abort(stream.request_id)  # its task has not started yet
+    out = await asyncio.wait_for(collect(stream), 5)
+    assert out.finish_reason is FinishReason.ABORT and engine.stats().num_running == 0
+
+
 async def test_unreachable_upstream_fails_with_an_error_naming_it(make_engine: Any) -> None:
     url = f"http://127.0.0.1:{free_port()}/v1"
     engine = make_engine(url, connect_timeout_sec=2)

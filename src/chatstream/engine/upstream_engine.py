@@ -102,7 +102,7 @@ class OpenAIUpstreamEngine:
         client = self._client_for(stream.loop)
         task = stream.loop.create_task(self._forward(client, request, body, stream))
         self._tasks[request.request_id] = task
-        task.add_done_callback(lambda _: self._tasks.pop(request.request_id, None))
+        task.add_done_callback(lambda done: self._forget(request.request_id, done, stream))
         return stream
 
     def abort(self, request_id: str) -> None:
@@ -119,6 +119,11 @@ class OpenAIUpstreamEngine:
             num_prompt_tokens_total=self._counters["prompt"],
             num_cached_tokens_total=self._counters["cached"],
         )
+
+    def _forget(self, request_id: str, task: asyncio.Task[None], stream: RequestStream) -> None:
+        self._tasks.pop(request_id, None)
+        if task.cancelled():  # cancelled before it ran: its own handler never put the last delta
+            stream.put_nowait(Delta(text="", finish_reason=FinishReason.ABORT))
 
     def _client_for(self, loop: asyncio.AbstractEventLoop) -> httpx.AsyncClient:
         if self._client is None or self._loop is not loop:
