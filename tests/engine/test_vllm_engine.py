@@ -152,12 +152,18 @@ def test_subtractive_repetition_penalty_is_refused_with_the_field_named() -> Non
 
 
 def test_config_maps_to_engine_args_and_is_validated() -> None:
+    assert VLLMConfig(dtype="bf16").dtype == "bfloat16"
     config = VLLMConfig(dtype="bfloat16", tensor_parallel_size=2, engine_args={"kv_cache_dtype": "fp8"})
     kwargs = config.engine_kwargs("/models/m")
     assert kwargs["model"] == "/models/m" and kwargs["tensor_parallel_size"] == 2 and kwargs["dtype"] == "bfloat16"
     assert kwargs["enable_prefix_caching"] is True and kwargs["kv_cache_dtype"] == "fp8"
     assert "max_model_len" not in kwargs and "add_special_tokens" not in kwargs
-    for bad in ({"max_num_seqs": 0}, {"gpu_memory_utilization": 1.5}, {"engine_args": {"model": "x"}}):
+    for bad in (
+        {"max_num_seqs": 0},
+        {"gpu_memory_utilization": 1.5},
+        {"engine_args": {"model": "x"}},
+        {"dtype": "int4"},
+    ):
         with pytest.raises(ValueError):
             VLLMConfig(**bad)
     with pytest.raises(EngineError, match="not running"):

@@ -30,6 +30,9 @@ logger = logging.getLogger(__name__)
 
 _FINISH_REASONS = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "abort": FinishReason.ABORT}
 
+_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+"""ChatStream's short dtype names (``--dtype bf16``) as vLLM spells them."""
+
 _OWN_ARGS = frozenset({"model", "disable_log_stats", "enable_log_requests"})
 """AsyncEngineArgs fields the engine sets itself; ``engine_args`` may not override them."""
 
@@ -39,7 +42,7 @@ class VLLMConfig:
     """Settings of the vLLM engine (each maps to the ``vllm serve`` option of the same name).
 
     Attributes:
-        dtype: weights and activations dtype: "auto", "float32", "bfloat16", "float16".
+        dtype: weights and activations dtype: "auto", "float32", "bfloat16", "float16" (or "fp32", "bf16", "fp16").
         max_model_len: tokens per sequence (prompt + generated); None takes the model's. Longer prompts are cut
             from the left, keeping room for ``max_new_tokens``, as in our own engine.
         max_num_seqs: the most sequences in one batch.
@@ -77,6 +80,8 @@ class VLLMConfig:
     engine_args: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "dtype", _DTYPES.get(self.dtype, self.dtype))
+        _check(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype", self.dtype)
         if not isinstance(self.engine_args, tuple):
             object.__setattr__(self, "engine_args", tuple(dict(self.engine_args).items()))
         _check(self.max_model_len is None or self.max_model_len >= 2, "max_model_len", self.max_model_len)
