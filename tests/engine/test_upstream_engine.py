@@ -157,6 +157,18 @@ async def test_abort_closes_the_upstream_request(mock_upstream: UpstreamServer, 
         await asyncio.sleep(0.05)
 
 
+async def test_stop_from_another_thread_aborts_running_requests(mock_upstream: UpstreamServer) -> None:
+    engine = OpenAIUpstreamEngine(UpstreamConfig(mock_upstream.base_url))
+    engine.start()
+    deltas = aiter(engine.add_request(request(sampling=greedy(200))))
+    await anext(deltas)
+    await asyncio.to_thread(engine.stop)
+    rest = [delta async for delta in deltas]
+    assert rest[-1].finish_reason is FinishReason.ABORT and not engine.is_running
+    with pytest.raises(EngineError, match="not running"):
+        engine.add_request(request())
+
+
 async def test_upstream_429_becomes_engine_overloaded_with_its_retry_after(make_engine: Any) -> None:
     server = UpstreamServer([*SLOW_MOCK, "--max-concurrency", "1", "--max-queue", "0"])
     server.argv.append("--too-many-requests-as-http-error")

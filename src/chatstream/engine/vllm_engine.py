@@ -238,7 +238,8 @@ class VLLMEngine:
         async with contextlib.aclosing(outputs):  # leaving early (a stop string) aborts the request in vLLM
             async for output in outputs:
                 self._streaming.add(run.request.request_id)
-                run.num_cached = int(output.num_cached_tokens or 0)
+                if output.num_cached_tokens is not None:
+                    run.num_cached = int(output.num_cached_tokens)
                 completion = output.outputs[0]
                 token_ids, stopped = run.take(completion.token_ids)
                 if stopped:
@@ -253,6 +254,9 @@ class VLLMEngine:
             raise EngineError("vLLM ended the request's output without finishing it")
 
     def _fail(self, run: _Run, stream: RequestStream, exc: Exception) -> None:
+        if self._llm is None:  # stop() shut vLLM down under the request
+            stream.put_nowait(run.delta((), FinishReason.ABORT))
+            return
         dead = type(exc).__name__ == "EngineDeadError"
         if dead:
             logger.error("vLLM engine died during request %s: %s", run.request.request_id, exc)
