@@ -332,8 +332,10 @@ def test_request_body_refuses_what_the_upstream_cannot_be_asked() -> None:
     plain = UpstreamConfig("https://api.example.com/v1", sampling_extensions=False)
     with pytest.raises(ValueError, match="top_k=50"):
         request_body(request(sampling=SamplingParams()), plain)
-    body = request_body(request(sampling=SamplingParams(top_k=None)), plain)
-    assert "top_k" not in body and "min_p" not in body
+    with pytest.raises(ValueError, match="stop_token_ids"):
+        OpenAIUpstreamEngine(plain).check_sampling(SamplingParams(top_k=None, stop_token_ids=(5,)))
+    body = request_body(request(sampling=SamplingParams(top_k=None), add_special_tokens=False), plain)
+    assert "top_k" not in body and "min_p" not in body and "add_special_tokens" not in body
 
 
 def test_config_is_validated() -> None:

@@ -150,6 +150,10 @@ def test_subtractive_repetition_penalty_is_refused_with_the_field_named() -> Non
     with pytest.raises(ValueError, match="repetition_penalty_method='subtractive'"):
         check_sampling(SamplingParams(repetition_penalty=0.5, repetition_penalty_method="subtractive"))
     check_sampling(SamplingParams(repetition_penalty=1.2))  # multiplicative maps to vLLM's own
+    with pytest.raises(ValueError, match="subtractive"):
+        VLLMEngine("/models/m").check_sampling(
+            SamplingParams(repetition_penalty=0.5, repetition_penalty_method="subtractive")
+        )
 
 
 def test_config_maps_to_engine_args_and_is_validated() -> None:

@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 
+from chatstream.config import SamplingParams
 from chatstream.engine.base import Delta, EngineError, EngineStats, FinishReason, GenerationRequest, RequestStream
 from chatstream.engine.detokenizer import _Replacer, _StopMatcher
 from chatstream.engine.upstream_protocol import (
@@ -29,6 +30,7 @@ from chatstream.engine.upstream_protocol import (
     UpstreamChatRequest,
     UpstreamConfig,
     UpstreamFailure,
+    check_sampling,
     check_status,
     describe,
     error_message,
@@ -104,6 +106,10 @@ class OpenAIUpstreamEngine:
         self._tasks[request.request_id] = task
         task.add_done_callback(lambda done: self._forget(request.request_id, done, stream))
         return stream
+
+    def check_sampling(self, sampling: SamplingParams) -> None:
+        """ValueError naming the first field this upstream cannot be asked for (``add_request`` checks it too)."""
+        check_sampling(sampling, self.config)
 
     def abort(self, request_id: str) -> None:
         """Cancel the request's task: its connection closes and its stream ends with ABORT."""

@@ -115,13 +115,29 @@ def request_body(request: GenerationRequest, config: UpstreamConfig) -> dict[str
         body["messages"] = [{"role": role, "content": content} for role, content in request.messages]
     else:
         body["prompt"] = request.prompt
+    check_sampling(sampling, config)
     body.update(openai_sampling(sampling))
-    extensions = sampling_extensions(sampling, request.add_special_tokens)
     if config.sampling_extensions:
-        body.update(extensions)
-    else:
-        _refuse_extensions(sampling, extensions)
+        body.update(sampling_extensions(sampling, request.add_special_tokens))
     return body
+
+
+def check_sampling(sampling: SamplingParams, config: UpstreamConfig) -> None:
+    """ValueError naming the first field this upstream cannot be asked for."""
+    if sampling.repetition_penalty_method is RepetitionPenaltyMethod.SUBTRACTIVE and sampling.repetition_penalty:
+        raise ValueError(
+            "repetition_penalty_method='subtractive' cannot be forwarded to an OpenAI-compatible upstream "
+            "(it knows only the multiplicative repetition_penalty); use 'multiplicative' or presence_penalty"
+        )
+    if config.sampling_extensions:
+        return
+    neutral = {"top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0, "ignore_eos": False}
+    for name, value in sampling_extensions(sampling, None).items():
+        if neutral.get(name) != value:
+            raise ValueError(
+                f"{name}={value!r} cannot be sent to an upstream with sampling_extensions=False (OpenAI's API has "
+                f"no such field); leave it at its neutral value ({neutral.get(name, 'unset')!r})"
+            )
 
 
 def openai_sampling(sampling: SamplingParams) -> dict[str, Any]:
@@ -143,11 +159,6 @@ def openai_sampling(sampling: SamplingParams) -> dict[str, Any]:
 def sampling_extensions(sampling: SamplingParams, add_special_tokens: bool | None) -> dict[str, Any]:
     """The vLLM-style fields beyond OpenAI's; explicit values even where they disable a filter, so that the upstream's
     own defaults (e.g. a model's generation config) do not apply."""
-    if sampling.repetition_penalty_method is RepetitionPenaltyMethod.SUBTRACTIVE and sampling.repetition_penalty:
-        raise ValueError(
-            "repetition_penalty_method='subtractive' cannot be forwarded to an OpenAI-compatible upstream "
-            "(it knows only the multiplicative repetition_penalty); use 'multiplicative' or presence_penalty"
-        )
     fields: dict[str, Any] = {
         "top_k": sampling.top_k or -1,
         "min_p": sampling.min_p,
@@ -159,16 +170,6 @@ def sampling_extensions(sampling: SamplingParams, add_special_tokens: bool | Non
     if add_special_tokens is not None:
         fields["add_special_tokens"] = add_special_tokens
     return fields
-
-
-def _refuse_extensions(sampling: SamplingParams, extensions: dict[str, Any]) -> None:
-    neutral = {"top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0, "ignore_eos": False}
-    for name, value in extensions.items():
-        if name != "add_special_tokens" and neutral.get(name) != value:
-            raise ValueError(
-                f"{name}={value!r} cannot be sent to an upstream with sampling_extensions=False (OpenAI's API has "
-                f"no such field); leave it at its neutral value {neutral.get(name)!r}"
-            )
 
 
 async def check_status(response: httpx.Response) -> None:

@@ -180,6 +180,10 @@ class VLLMEngine:
         task.add_done_callback(lambda done: self._forget(request.request_id, done, stream))
         return stream
 
+    def check_sampling(self, sampling: SamplingParams) -> None:
+        """ValueError naming the first field vLLM cannot sample by (``add_request`` checks it too)."""
+        check_sampling(sampling)
+
     def abort(self, request_id: str) -> None:
         """Cancel the request: vLLM drops it at its next step and its stream ends with ABORT."""
         task = self._tasks.get(request_id)
