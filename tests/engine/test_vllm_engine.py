@@ -19,8 +19,8 @@ from tests.engine.vllm_tiny_model import CONTEXT_LEN, build_vllm_tiny, load_gold
 from tests.tiny_model import PROMPTS, collect, greedy, reference
 
 from chatstream.config import EngineConfig, SamplingParams
+from chatstream.engine.async_engine import TransformersEngine
 from chatstream.engine.base import Engine, EngineError, FinishReason, GenerationRequest
-from chatstream.engine.transformers_engine import TransformersEngine
 from chatstream.engine.vllm_engine import VLLMConfig, VLLMEngine, check_sampling
 
 BLOCK_SIZE = 32

@@ -93,7 +93,7 @@ def load_golden() -> list[dict[str, Any]]:
 
 async def _transformers_answers() -> list[dict[str, Any]]:
     from chatstream.config import EngineConfig
-    from chatstream.engine.transformers_engine import TransformersEngine
+    from chatstream.engine.async_engine import TransformersEngine
 
     with tempfile.TemporaryDirectory() as folder:
         model, tokenizer = build_vllm_tiny(Path(folder))

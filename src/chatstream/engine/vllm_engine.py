@@ -5,7 +5,7 @@ vLLM runs its engine core in a process of its own; the event loop only submits r
 Each request is an asyncio task that tokenizes the prompt in a worker thread, truncates it like our own engine, and
 iterates vLLM's output stream (token ids only: vLLM does not detokenize). Text comes from our
 :class:`~chatstream.engine.detokenizer.IncrementalDetokenizer`, so stop strings and output replacements behave
-exactly as in :class:`~chatstream.engine.transformers_engine.TransformersEngine`; a stop string closes vLLM's stream,
+exactly as in :class:`~chatstream.engine.async_engine.TransformersEngine`; a stop string closes vLLM's stream,
 which aborts the request there. Prefix caching is on: a conversation's next turn finds its earlier turns' KV blocks.
 
 vLLM is imported when the engine starts (``pip install "chatstream[vllm]"``); importing this module does not need it.
@@ -24,7 +24,7 @@ from typing import Any
 from chatstream.config import RepetitionPenaltyMethod, SamplingParams
 from chatstream.engine.base import Delta, EngineError, EngineStats, FinishReason, GenerationRequest, RequestStream
 from chatstream.engine.detokenizer import IncrementalDetokenizer
-from chatstream.engine.scheduler import truncate_prompt
+from chatstream.engine.sequence import truncate_prompt
 
 logger = logging.getLogger(__name__)
 
