@@ -23,7 +23,7 @@ from tests.tiny_model import collect, greedy
 from chatstream.config import SamplingParams
 from chatstream.engine.base import EngineError, EngineOverloaded, FinishReason, GenerationRequest
 from chatstream.engine.mock_engine import LONG_ANSWER
-from chatstream.engine.upstream_engine import OpenAIUpstreamEngine, OutputFilter, UpstreamChatRequest, UpstreamConfig
+from chatstream.engine.upstream_engine import OpenAIUpstreamEngine, UpstreamChatRequest, UpstreamConfig
 from chatstream.engine.upstream_protocol import request_body, retry_after_seconds
 
 PROMPT = "The quick brown fox jumps over the lazy dog."
@@ -355,9 +355,3 @@ def test_retry_after_seconds() -> None:
     assert retry_after_seconds(None) == 1 and retry_after_seconds("soon") == 1
     later = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 30))
     assert 28 <= retry_after_seconds(later) <= 31
-
-
-def test_output_filter_replaces_across_chunks_and_stops() -> None:
-    f = OutputFilter(stop=("STOP",), replacements=(("ab", "X"),))
-    pieces = [f.push(p) for p in ("xa", "bya", "bS", "TO", "P tail")]
-    assert "".join(pieces) == "xXyX" and f.stopped and f.push("more", final=True) == ""

@@ -17,14 +17,13 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Sequence
 from typing import Any
 
 import httpx
 
 from chatstream.config import SamplingParams
 from chatstream.engine.base import Delta, EngineError, EngineStats, FinishReason, GenerationRequest, RequestStream
-from chatstream.engine.detokenizer import _Replacer, _StopMatcher
+from chatstream.engine.detokenizer import TextFilter
 from chatstream.engine.upstream_protocol import (
     UpstreamAPI,
     UpstreamChatRequest,
@@ -38,7 +37,7 @@ from chatstream.engine.upstream_protocol import (
     sse_chunks,
 )
 
-__all__ = ["OpenAIUpstreamEngine", "OutputFilter", "UpstreamAPI", "UpstreamChatRequest", "UpstreamConfig"]
+__all__ = ["OpenAIUpstreamEngine", "UpstreamAPI", "UpstreamChatRequest", "UpstreamConfig"]
 
 logger = logging.getLogger(__name__)
 
@@ -183,32 +182,12 @@ class OpenAIUpstreamEngine:
         self._counters["cached"] += state.num_cached
 
 
-class OutputFilter:
-    """Output replacements then stop strings on streamed text (the detokenizer's stages 2 and 3, without tokens)."""
-
-    def __init__(self, stop: Sequence[str], replacements: Sequence[tuple[str, str]]) -> None:
-        self._replacers = [_Replacer(old, new) for old, new in replacements]
-        self._stop = _StopMatcher(stop)
-
-    @property
-    def stopped(self) -> bool:
-        return self._stop.stopped
-
-    def push(self, text: str, final: bool = False) -> str:
-        """The text that may be sent now; ``final`` releases everything held back."""
-        if self._stop.stopped:
-            return ""
-        for replacer in self._replacers:
-            text = replacer.push(text, final)
-        return self._stop.push(text, final)
-
-
 class _ForwardState:
     """One forwarded request: its output filter, what has been delivered and what the upstream reported."""
 
     def __init__(self, request: GenerationRequest, api: UpstreamAPI) -> None:
         self.chat = api is UpstreamAPI.CHAT
-        self.filter = OutputFilter(request.sampling.stop, request.output_replacements)
+        self.filter = TextFilter(request.sampling.stop, request.output_replacements)
         self.num_deltas = 0
         self.num_generated = 0
         self.num_prompt = 0
