@@ -23,7 +23,7 @@ from tests.tiny_model import collect, greedy
 from chatstream.config import SamplingParams
 from chatstream.engine.base import EngineError, EngineOverloaded, FinishReason, GenerationRequest
 from chatstream.engine.mock_engine import LONG_ANSWER
-from chatstream.engine.upstream_engine import OpenAIUpstreamEngine, UpstreamChatRequest, UpstreamConfig
+from chatstream.engine.upstream_engine import OpenAIUpstreamEngine, UpstreamConfig
 from chatstream.engine.upstream_protocol import request_body, retry_after_seconds
 
 PROMPT = "The quick brown fox jumps over the lazy dog."
@@ -126,7 +126,7 @@ async def test_stop_strings_and_replacements_apply_to_the_streamed_text(
 async def test_chat_mode_sends_the_messages(tiny_upstream: UpstreamServer, make_engine: Any) -> None:
     engine = make_engine(tiny_upstream.base_url, api="chat")
     messages = (("user", "Hello, how are you today?"),)
-    out = await collect(engine.add_request(UpstreamChatRequest("c1", "", greedy(8), messages=messages)))
+    out = await collect(engine.add_request(GenerationRequest("c1", "", greedy(8), messages=messages)))
     direct = await ask_directly(
         tiny_upstream,
         "/chat/completions",

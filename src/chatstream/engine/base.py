@@ -45,6 +45,9 @@ class GenerationRequest:
             this conversation's KV cache after the request so that the next turn prefills only the new tokens.
         add_special_tokens: passed to the tokenizer when the engine encodes ``prompt``; None uses the engine's
             setting (``EngineConfig.add_special_tokens``). False for prompts that already contain BOS (chat templates).
+        messages: the conversation as ``(role, content)`` pairs ("system", "user", "assistant"), ending with the
+            user's turn, for engines that render prompts themselves (an upstream in chat mode); the service fills it
+            from the prompt object. Engines that generate from ``prompt`` ignore it.
     """
 
     request_id: str
@@ -54,6 +57,7 @@ class GenerationRequest:
     output_replacements: tuple[tuple[str, str], ...] = ()
     conversation_id: str | None = None
     add_special_tokens: bool | None = None
+    messages: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.request_id:
@@ -62,6 +66,8 @@ class GenerationRequest:
             object.__setattr__(self, "prompt_token_ids", tuple(self.prompt_token_ids))
         if not isinstance(self.output_replacements, tuple):
             object.__setattr__(self, "output_replacements", tuple(tuple(p) for p in self.output_replacements))
+        if not isinstance(self.messages, tuple):
+            object.__setattr__(self, "messages", tuple((str(r), str(c)) for r, c in self.messages))
 
 
 @dataclass(frozen=True)
@@ -155,11 +161,27 @@ class EngineStats:
 
 
 @runtime_checkable
+class SamplingChecker(Protocol):
+    """An engine that cannot sample every way :class:`SamplingParams` allows (vLLM, an upstream) says so up front.
+
+    The service calls :meth:`check_sampling` when it builds a request, so that the client gets a 400 naming the
+    field instead of a failed stream.
+    """
+
+    def check_sampling(self, sampling: SamplingParams) -> None:
+        """Raise ValueError naming the first field this engine cannot honour (``name=value ...``)."""
+
+
+@runtime_checkable
 class Engine(Protocol):
     """What every engine (transformers, mock) offers."""
 
     def start(self) -> None:
-        """Start the engine thread (idempotent)."""
+        """Start the engine thread (idempotent).
+
+        An engine whose start blocks for long (it loads a model) says so with a class attribute ``blocking_start =
+        True``; the service then calls start in a worker thread, so that the event loop keeps serving meanwhile.
+        """
 
     def stop(self) -> None:
         """Abort everything and join the engine thread (idempotent)."""

@@ -26,7 +26,6 @@ from chatstream.engine.base import Delta, EngineError, EngineStats, FinishReason
 from chatstream.engine.detokenizer import TextFilter
 from chatstream.engine.upstream_protocol import (
     UpstreamAPI,
-    UpstreamChatRequest,
     UpstreamConfig,
     UpstreamFailure,
     check_sampling,
@@ -37,7 +36,7 @@ from chatstream.engine.upstream_protocol import (
     sse_chunks,
 )
 
-__all__ = ["OpenAIUpstreamEngine", "UpstreamAPI", "UpstreamChatRequest", "UpstreamConfig"]
+__all__ = ["OpenAIUpstreamEngine", "UpstreamAPI", "UpstreamConfig"]
 
 logger = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ class UpstreamAPI(enum.Enum):
     COMPLETIONS = "completions"
     """``/completions`` with the prompt ChatStream rendered (preferred: our prompt classes decide the format)."""
     CHAT = "chat"
-    """``/chat/completions`` with the conversation's messages (the upstream applies its own chat template); needs
-    :class:`UpstreamChatRequest`."""
+    """``/chat/completions`` with the conversation's messages (``GenerationRequest.messages``; the upstream applies its
+    own chat template)."""
 
 
 @dataclass(frozen=True)
@@ -80,17 +80,6 @@ class UpstreamConfig:
         return f"{self.base_url}/{'chat/completions' if self.api is UpstreamAPI.CHAT else 'completions'}"
 
 
-@dataclass(frozen=True)
-class UpstreamChatRequest(GenerationRequest):
-    """A generation request with the conversation's messages, for an upstream in chat mode.
-
-    Attributes:
-        messages: ``(role, content)`` pairs in order ("system", "user", "assistant"), ending with the user's turn.
-    """
-
-    messages: tuple[tuple[str, str], ...] = ()
-
-
 class UpstreamFailure(Exception):
     """The upstream answered with an error or broke the protocol (becomes an EngineError or an ERROR delta)."""
 
@@ -110,7 +99,7 @@ def request_body(request: GenerationRequest, config: UpstreamConfig) -> dict[str
     if config.model is not None:
         body["model"] = config.model
     if config.api is UpstreamAPI.CHAT:
-        if not isinstance(request, UpstreamChatRequest) or not request.messages:
+        if not request.messages:
             raise EngineError(f"the upstream {config.base_url} is in chat mode: the request needs its messages")
         body["messages"] = [{"role": role, "content": content} for role, content in request.messages]
     else:

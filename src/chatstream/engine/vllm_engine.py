@@ -114,6 +114,9 @@ class VLLMEngine:
     that calls :meth:`add_request` first; use one loop for the engine's life.
     """
 
+    blocking_start = True
+    """:meth:`start` loads the model (minutes): the service calls it in a worker thread."""
+
     def __init__(self, model: str | os.PathLike[str], config: VLLMConfig | None = None) -> None:
         self.model = os.fspath(model)
         self.config = config or VLLMConfig()
