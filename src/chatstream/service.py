@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
@@ -18,12 +19,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from chatstream.admission.admission import AdmissionController, QueueFull, Slot
-from chatstream.admission.generation import GenerationOutcome, run_generation
+from chatstream.admission.generation import GenerationOutcome, GenerationStream, run_generation
 from chatstream.admission.metrics import ChatStreamMetrics
 from chatstream.config import EngineConfig, MockConfig, SamplingOverrides, SamplingParams, ServiceConfig
-from chatstream.engine.base import Delta, Engine, GenerationRequest
+from chatstream.engine.base import Delta, Engine, GenerationRequest, SamplingChecker
 from chatstream.engine.mock_engine import MockEngine, MockRequest
 from chatstream.i18n import message
+from chatstream.prompts.openai_messages import role_messages
 
 if TYPE_CHECKING:
     from chatstream.prompts.base import AbstractChatPrompt
@@ -31,6 +33,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+STARTUP_LOG_INTERVAL_SEC = 15.0
+"""While the engine loads, a log line says so this often."""
 
 DISCONNECT_POLL_SEC = 0.25
 """How often a request that waits (for a slot, or for a whole answer) checks whether its client is still there."""
@@ -40,6 +45,18 @@ IsDisconnected = Callable[[], Awaitable[bool]]
 
 ConsoleItem = tuple[str, str, str]
 """One console update: (answer so far, new text, "begin" | "mid" | "end")."""
+
+
+class UnsupportedSampling(ValueError):
+    """The engine cannot sample as asked (e.g. vLLM and the subtractive repetition penalty); the protocols answer 400.
+
+    Attributes:
+        field: the sampling parameter at fault (``top_k``, ``repetition_penalty_method`` ...).
+    """
+
+    def __init__(self, message: str, field: str | None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass(frozen=True)
@@ -102,6 +119,7 @@ class ChatService:
         self.logger = logger or logging.getLogger(__name__)
         self._admission: AdmissionController | None = None
         self._metrics: ChatStreamMetrics | None = None
+        self._starting: asyncio.Future[None] | None = None
 
     @property
     def name(self) -> str:
@@ -160,12 +178,27 @@ class ChatService:
             output_replacements=tuple(chat_prompt.get_replacement_when_output() or ()),
             conversation_id=conversation_id,
             add_special_tokens=self._add_special_tokens_for(chat_prompt),
+            messages=role_messages(chat_prompt),
         )
         return self._for_engine(request, chat_prompt.get_requester_last_msg(), chat_prompt.get_turn())
 
     def build_text_request(self, request_id: str, prompt: str, sampling: SamplingParams) -> GenerationRequest:
-        """The engine request for a raw prompt (no chat formatting, no conversation)."""
-        return self._for_engine(GenerationRequest(request_id=request_id, prompt=prompt, sampling=sampling), prompt)
+        """The engine request for a raw prompt (no chat formatting, no conversation; an engine that takes messages
+        only gets it as one user message)."""
+        request = GenerationRequest(
+            request_id=request_id, prompt=prompt, sampling=sampling, messages=(("user", prompt),)
+        )
+        return self._for_engine(request, prompt)
+
+    def check_sampling(self, sampling: SamplingParams) -> None:
+        """Raise :class:`UnsupportedSampling` when the engine cannot sample as asked (a 400 naming the field)."""
+        if not isinstance(self.engine, SamplingChecker):
+            return
+        try:
+            self.engine.check_sampling(sampling)
+        except ValueError as exc:
+            name = str(exc).split("=", 1)[0]
+            raise UnsupportedSampling(str(exc), name if name.isidentifier() else None) from None
 
     def _add_special_tokens_for(self, chat_prompt: AbstractChatPrompt) -> bool | None:
         # The configured add_special_tokens wins; otherwise a prompt class whose text already holds the special
@@ -175,6 +208,7 @@ class ChatService:
         return None if getattr(chat_prompt, "encode_add_special_tokens", True) else False
 
     def _for_engine(self, request: GenerationRequest, user_input: str | None, turn: int = 0) -> GenerationRequest:
+        self.check_sampling(request.sampling)
         # The mock answers from the user's input and the turn number, which only its own request type carries.
         if not isinstance(self.engine, MockEngine):
             return request
@@ -204,6 +238,36 @@ class ChatService:
         """The engine's deltas for ``request``, recorded in ``outcome`` and the metrics; closing it aborts the
         request in the engine. ``arrived`` (monotonic) starts the end-to-end latency (default: now)."""
         return run_generation(self.engine, request, self.metrics, outcome, arrived)
+
+    def start_generation(self, request: GenerationRequest, arrived: float | None = None) -> GenerationStream:
+        """``request`` as a stream that starts when it is first iterated (engine failures raise from it)."""
+        outcome = GenerationOutcome()
+        return GenerationStream(request, outcome, self.generate(request, outcome, arrived))
+
+    async def open_generation(
+        self, request: GenerationRequest, is_disconnected: IsDisconnected, arrived: float | None = None
+    ) -> GenerationStream | None:
+        """Start ``request`` and wait for its first delta, before the caller commits to a streaming 200.
+
+        Raises what the engine's stream raises before its first delta (EngineOverloaded: the protocols answer 429
+        with Retry-After; EngineError: 503), so that such failures get a proper status instead of a broken stream.
+        None when the client left while waiting (the request is aborted then).
+        """
+        outcome = GenerationOutcome()
+        rest = self.generate(request, outcome, arrived)
+
+        async def first_delta() -> Delta:
+            return await anext(rest)
+
+        try:
+            first = await run_unless_disconnected(first_delta(), is_disconnected)
+        except BaseException:
+            await rest.aclose()
+            raise
+        if first is None:  # the wait was cancelled, which aborted the request
+            await rest.aclose()
+            return None
+        return GenerationStream(request, outcome, rest, first)
 
     async def collect(
         self, request: GenerationRequest, is_disconnected: IsDisconnected, arrived: float | None = None
@@ -242,10 +306,35 @@ class ChatService:
     # ----- lifecycle -----
 
     async def startup(self) -> None:
-        """Start the engine (idempotent). Called by the app's lifespan or on the first request."""
-        if not self.engine.is_running:
-            self.engine.start()
-            self.logger.info("ChatStream %r started (%s)", self.name, type(self.engine).__name__)
+        """Start the engine (idempotent). Called by the app's lifespan or on the first request.
+
+        An engine whose start blocks (``blocking_start``: vLLM loads the model, for minutes) starts in a worker thread
+        while the event loop keeps serving (/health answers "starting"); the log says how long it has been loading.
+        """
+        if self.engine.is_running:
+            return
+        if self._starting is None or self._starting.done():
+            self._starting = asyncio.ensure_future(self._start_engine())
+        await asyncio.shield(self._starting)
+
+    async def _start_engine(self) -> None:
+        name = type(self.engine).__name__
+        self.check_sampling(self.default_sampling)  # a default the engine cannot honour would fail every request
+        if getattr(self.engine, "blocking_start", False):
+            await self._start_in_thread(name)
+        else:
+            self.engine.start()  # quick, and on this thread (our engine frees the loading thread's OpenMP pool)
+        self.logger.info("ChatStream %r started (%s)", self.name, name)
+
+    async def _start_in_thread(self, name: str) -> None:
+        self.logger.info("ChatStream %r: the engine (%s) is loading the model", self.name, name)
+        started = time.monotonic()
+        task = asyncio.ensure_future(asyncio.to_thread(self.engine.start))
+        while not (await asyncio.wait({task}, timeout=STARTUP_LOG_INTERVAL_SEC))[0]:
+            elapsed = time.monotonic() - started
+            self.logger.info("ChatStream %r: the engine (%s) is still loading (%.0f s)", self.name, name, elapsed)
+        task.result()
+        self.logger.info("ChatStream %r: the engine (%s) loaded in %.1f s", self.name, name, time.monotonic() - started)
 
     async def shutdown(self, drain_timeout: float = 0.0) -> None:
         """Stop admitting (new requests get 503), let running generations finish for up to ``drain_timeout`` s,
