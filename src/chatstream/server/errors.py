@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse
 
 from chatstream.admission.admission import Draining, QueueFull
 from chatstream.engine.base import EngineError, EngineOverloaded
+from chatstream.service import UnsupportedSampling
 
 ROLE_DENIED_BODY: dict[str, Any] = {"success": False, "message": "Forbidden", "detail": "Denied on role layer."}
 
@@ -111,6 +112,8 @@ def to_api_error(exc: BaseException) -> ApiError:
         return ServiceUnavailable(f"The engine cannot serve requests: {exc}", code="engine_unavailable")
     if isinstance(exc, ValidationError):
         return bad_request_from_validation(exc)
+    if isinstance(exc, UnsupportedSampling):
+        return BadRequest(str(exc), param=exc.field)
     return ApiError("Internal server error.", code="internal_error")
 
 

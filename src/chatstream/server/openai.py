@@ -22,8 +22,8 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from chatstream.admission.admission import Draining, QueueFull
-from chatstream.admission.generation import GenerationOutcome
+from chatstream.admission.admission import Draining, QueueFull, Slot
+from chatstream.admission.generation import GenerationStream
 from chatstream.config import SamplingParams
 from chatstream.engine.base import EngineError, FinishReason, GenerationRequest
 from chatstream.server.context import ServerContext
@@ -39,7 +39,7 @@ from chatstream.server.errors import (
 from chatstream.server.http import parse_json_object
 from chatstream.server.openai_render import Renderer, SseResponse, finish_reason_name, sse
 from chatstream.server.openai_schemas import ChatCompletionRequest, CompletionRequest, check_unsupported
-from chatstream.service import ChatService
+from chatstream.service import ChatService, UnsupportedSampling
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -119,10 +119,13 @@ async def _guarded(
         check_unsupported(body)
         check_model(ctx.service, body.model)
         gen_request = build(ctx.service, body)
+        if body.add_special_tokens is not None:
+            gen_request = dataclasses.replace(gen_request, add_special_tokens=body.add_special_tokens)
+        ctx.service.check_sampling(gen_request.sampling)  # the body's own sampling: a 400 naming the field
         renderer = Renderer(kind, gen_request.request_id, ctx.service.model_name)
         return await _respond(ctx.service, request, gen_request, renderer, body)
     except Exception as exc:
-        if not isinstance(exc, ApiError | QueueFull | Draining | ValidationError | EngineError):
+        if not isinstance(exc, ApiError | QueueFull | Draining | ValidationError | EngineError | UnsupportedSampling):
             logger.exception("OpenAI %s request failed", kind)
         return openai_error_response(exc)
 
@@ -186,6 +189,8 @@ def _chat_generation_request(service: ChatService, body: ChatCompletionRequest) 
     try:
         load_openai_messages(chat_prompt, messages)
         base = service.build_request(chat_prompt)
+    except UnsupportedSampling:
+        raise
     except ValueError as exc:
         raise BadRequest(str(exc), param="messages") from None
     return dataclasses.replace(
@@ -247,7 +252,7 @@ async def _respond(
         slot.release()
         raise
     if body.stream:
-        return SseResponse(_event_stream(service, gen_request, renderer, body.include_usage, arrived), slot.release)
+        return await _stream_response(service, request, gen_request, renderer, body.include_usage, slot, arrived)
     try:
         outcome = await service.collect(gen_request, request.is_disconnected, arrived)
     finally:
@@ -260,12 +265,37 @@ async def _respond(
     return JSONResponse(renderer.complete(outcome))
 
 
-async def _event_stream(
-    service: ChatService, gen_request: GenerationRequest, renderer: Renderer, include_usage: bool, arrived: float
-) -> AsyncIterator[str]:
-    outcome = GenerationOutcome()
+async def _stream_response(
+    service: ChatService,
+    request: Request,
+    gen_request: GenerationRequest,
+    renderer: Renderer,
+    include_usage: bool,
+    slot: Slot,
+    arrived: float,
+) -> Response:
+    """The SSE response, once the first delta is there (an engine that cannot start the request raises first)."""
+    try:
+        stream = await service.open_generation(gen_request, request.is_disconnected, arrived)
+    except BaseException:
+        slot.release()
+        raise
+    if stream is None:
+        slot.release()
+        return Response(status_code=499)
+    opened = stream
+
+    async def close() -> None:
+        await opened.aclose()  # aborts the request when the body never ran
+        slot.release()
+
+    return SseResponse(_event_stream(opened, renderer, include_usage), close)
+
+
+async def _event_stream(stream: GenerationStream, renderer: Renderer, include_usage: bool) -> AsyncIterator[str]:
+    outcome = stream.outcome
     yield sse(renderer.first_chunk(include_usage))
-    async with aclosing(service.generate(gen_request, outcome, arrived)) as deltas:
+    async with aclosing(stream.deltas()) as deltas:
         async for delta in deltas:
             if delta.text:
                 yield sse(renderer.chunk(delta.text, None, include_usage))

@@ -32,7 +32,7 @@ class SseResponse(StreamingResponse):
     """An SSE response whose generator is closed and ``on_close`` called however the response ends
     (also when the client left before the body started, where Starlette never starts the iterator)."""
 
-    def __init__(self, events: AsyncIterator[str], on_close: Callable[[], None]) -> None:
+    def __init__(self, events: AsyncIterator[str], on_close: Callable[[], Awaitable[None] | None]) -> None:
         super().__init__(events, media_type="text/event-stream", headers=_SSE_HEADERS)
         self._events = events
         self._on_close = on_close
@@ -46,7 +46,9 @@ class SseResponse(StreamingResponse):
                 if aclose is not None:
                     await aclose()
             finally:
-                self._on_close()
+                closed = self._on_close()
+                if closed is not None:
+                    await closed
 
 
 class Renderer:

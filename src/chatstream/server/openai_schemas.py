@@ -15,6 +15,7 @@ from chatstream.config import SamplingParams
 from chatstream.server.errors import BadRequest
 
 MAX_STOP_STRINGS = 16
+MAX_STOP_TOKEN_IDS = 64
 
 
 class StreamOptions(BaseModel):
@@ -43,6 +44,11 @@ class _GenerationFields(BaseModel):
     stop: list[str] | None = None
     ignore_eos: bool | None = None
     """An extension (as in vLLM): keep generating past EOS, up to the token limit. For benchmarks."""
+    stop_token_ids: list[int] | None = Field(default=None, max_length=MAX_STOP_TOKEN_IDS)
+    """An extension (as in vLLM): token ids that end the answer, besides EOS."""
+    add_special_tokens: bool | None = None
+    """An extension (as in vLLM): whether the tokenizer adds its special tokens (BOS) to the prompt; default: the
+    prompt format's own choice (a chat template's text already holds them)."""
     n: int | None = 1
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -53,6 +59,13 @@ class _GenerationFields(BaseModel):
     def _stop_as_list(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [value]
+        return value
+
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _token_ids(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and any(token_id < 0 for token_id in value):
+            raise ValueError("token ids must be >= 0")
         return value
 
     @field_validator("stop")
@@ -91,6 +104,8 @@ class _GenerationFields(BaseModel):
             changes["repetition_penalty"] = self.repetition_penalty
         if self.stop:
             changes["stop"] = tuple(dict.fromkeys([*defaults.stop, *self.stop]))
+        if self.stop_token_ids:
+            changes["stop_token_ids"] = tuple(dict.fromkeys([*defaults.stop_token_ids, *self.stop_token_ids]))
         return defaults.with_updates(**changes)
 
 
