@@ -23,6 +23,8 @@ from chatstream.admission.generation import GenerationOutcome, GenerationStream,
 from chatstream.admission.metrics import ChatStreamMetrics
 from chatstream.config import EngineConfig, MockConfig, SamplingOverrides, SamplingParams, ServiceConfig
 from chatstream.engine.base import Delta, Engine, GenerationRequest, SamplingChecker
+from chatstream.engine.factory import EngineKind, EngineSpec
+from chatstream.engine.factory import create_engine as build_engine
 from chatstream.engine.mock_engine import MockEngine, MockRequest
 from chatstream.i18n import message
 from chatstream.prompts.openai_messages import role_messages
@@ -90,14 +92,10 @@ def default_prompt_class(tokenizer: Any, mock: bool) -> type[AbstractChatPrompt]
 
 
 def create_engine(model: Any, tokenizer: Any, config: EngineConfig, mock: MockConfig | None = None) -> Engine:
-    """The mock engine (``mock`` given), else the transformers engine on ``model`` and ``tokenizer``."""
-    if mock is not None:
-        return MockEngine(mock)
-    if model is None or tokenizer is None:
-        raise ValueError("model and tokenizer are required unless use_mock_response=True")
-    from chatstream.engine.async_engine import TransformersEngine  # the one place that names it
-
-    return TransformersEngine(model, tokenizer, config)
+    """The mock engine (``mock`` given), else the transformers engine on ``model`` and ``tokenizer`` (other engines:
+    :func:`chatstream.engine.factory.create_engine`)."""
+    spec = EngineSpec(EngineKind.MOCK, mock) if mock is not None else EngineSpec()
+    return build_engine(spec, model, tokenizer, config)
 
 
 class ChatService:
