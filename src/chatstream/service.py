@@ -147,9 +147,21 @@ class ChatService:
         """This service's Prometheus metrics."""
         if self._metrics is None:
             self._metrics = ChatStreamMetrics(
-                running=lambda: self.admission.num_running, waiting=lambda: self.admission.num_waiting
+                running=lambda: self.admission.num_running,
+                waiting=lambda: self.admission.num_waiting,
+                engine_stats=self.engine.stats,
             )
         return self._metrics
+
+    def engine_info(self) -> dict[str, Any]:
+        """What the engine says about itself (its ``describe()``: kind, model, context length, upstream URL) and its
+        current load, for /get_load, /get_resource_usage and /v1/models."""
+        describe = getattr(self.engine, "describe", None)
+        info: dict[str, Any] = dict(describe()) if callable(describe) else {}
+        info.setdefault("engine", type(self.engine).__name__)
+        stats = self.engine.stats()
+        info.update(num_running=stats.num_running, num_waiting=stats.num_waiting)
+        return info
 
     # ----- building the request -----
 

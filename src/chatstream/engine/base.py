@@ -197,4 +197,8 @@ class Engine(Protocol):
         """Drop the request at the next step; its stream ends with FinishReason.ABORT. Unknown ids are ignored."""
 
     def stats(self) -> EngineStats:
-        """Current load."""
+        """Current load.
+
+        An engine may also offer ``describe() -> dict``: what it runs ("engine", "model", "max_model_len", an
+        "upstream" URL ...), shown by /get_load, /get_resource_usage and /v1/models.
+        """

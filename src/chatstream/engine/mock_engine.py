@@ -10,6 +10,7 @@ import asyncio
 import logging
 import unicodedata
 from dataclasses import dataclass
+from typing import Any
 
 from chatstream.config import MockConfig, MockType
 from chatstream.engine.base import Delta, EngineError, EngineStats, FinishReason, GenerationRequest, RequestStream
@@ -89,6 +90,10 @@ class MockEngine:
 
     def stats(self) -> EngineStats:
         return EngineStats(num_running=len(self._tasks), num_generated_tokens_total=self._generated_total)
+
+    def describe(self) -> dict[str, Any]:
+        """What /get_load and /v1/models show of this engine."""
+        return {"engine": "mock", "mock_type": self.config.type.value}
 
     def answer_for(self, request: GenerationRequest) -> str:
         """The canned text for this request."""

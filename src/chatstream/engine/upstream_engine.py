@@ -115,6 +115,15 @@ class OpenAIUpstreamEngine:
         if task is not None and not task.done():
             task.cancel()
 
+    def describe(self) -> dict[str, Any]:
+        """What /get_load, /get_resource_usage and /v1/models show of this engine."""
+        return {
+            "engine": "upstream",
+            "upstream": self.config.base_url,
+            "upstream_api": self.config.api.value,
+            "model": self.config.model,
+        }
+
     def stats(self) -> EngineStats:
         """Requests in flight (the upstream's own queue is not visible) and the token totals it reported."""
         return EngineStats(

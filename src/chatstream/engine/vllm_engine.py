@@ -193,6 +193,15 @@ class VLLMEngine:
         if task is not None and not task.done():
             task.cancel()
 
+    def describe(self) -> dict[str, Any]:
+        """What /get_load, /get_resource_usage and /v1/models show of this engine."""
+        return {
+            "engine": "vllm",
+            "model": self.model,
+            "max_model_len": self._max_model_len or self.config.max_model_len,
+            "tensor_parallel_size": self.config.tensor_parallel_size,
+        }
+
     def stats(self) -> EngineStats:
         """vLLM's unfinished requests, split into running (output seen) and waiting (queued or prefilling)."""
         unfinished = self._llm.get_num_unfinished_requests() if self._llm is not None else 0

@@ -93,6 +93,11 @@ async def handle_models(ctx: OpenAIContext, request: Request) -> Response:
     except ApiError as exc:
         return openai_error_response(exc)
     model = {"id": ctx.service.model_name, "object": "model", "created": ctx.created, "owned_by": "chatstream"}
+    info = ctx.service.engine_info()  # what the engine knows, named as vLLM names it
+    if info.get("model"):
+        model["root"] = info["model"]
+    if info.get("max_model_len"):
+        model["max_model_len"] = info["max_model_len"]
     return JSONResponse({"object": "list", "data": [model]})
 
 
