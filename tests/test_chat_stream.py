@@ -159,3 +159,21 @@ async def test_a_given_engine_instance_generates_without_a_model(tiny_model: Any
         assert engine.stats().num_generated_tokens_total > 0
     finally:
         await cs.shutdown()
+
+
+def test_engines_chosen_by_name(tiny_model_dir: Any) -> None:
+    from chatstream.engine.mock_engine import MockEngine
+    from chatstream.engine.upstream_engine import OpenAIUpstreamEngine, UpstreamConfig
+    from chatstream.engine.vllm_engine import VLLMConfig, VLLMEngine
+
+    mock = ChatStream(engine="mock", mock_params={"type": "echo"})
+    assert isinstance(mock.engine, MockEngine) and mock.model_name == "chatstream-mock"
+    upstream = ChatStream(engine="upstream", engine_options=UpstreamConfig("http://h/v1", model="big"))
+    assert isinstance(upstream.engine, OpenAIUpstreamEngine) and upstream.model_name == "big"
+    assert upstream.service.config.num_gpus == 0
+    vllm = ChatStream(engine="vllm", model=str(tiny_model_dir), engine_options=VLLMConfig(tensor_parallel_size=2))
+    assert isinstance(vllm.engine, VLLMEngine) and vllm.engine.model == str(tiny_model_dir)
+    assert vllm.tokenizer is not None and vllm.model_name == tiny_model_dir.name  # the model's own tokenizer
+    assert vllm.service.config.num_gpus == 2
+    with pytest.raises(ValueError, match="engine_options=VLLMConfig do not fit engine 'upstream'"):
+        ChatStream(engine="upstream", engine_options=VLLMConfig())

@@ -2,4 +2,6 @@
 
 from chatstream.cli import main
 
-raise SystemExit(main())
+# vLLM starts its processes with "spawn", which imports __main__ again in each child: run only when executed.
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
@@ -19,6 +20,7 @@ from chatstream.admission.admission import AdmissionController
 from chatstream.admission.metrics import ChatStreamMetrics
 from chatstream.config import AdmissionConfig, EngineConfig, MockConfig, SamplingParams, ServiceConfig
 from chatstream.engine.base import Engine
+from chatstream.engine.factory import EngineKind, EngineSpec, create_engine, engine_kind
 from chatstream.i18n import normalize_locale
 from chatstream.server import apis, middlewares, ops, webui
 from chatstream.server.access import ClientRoles
@@ -27,7 +29,7 @@ from chatstream.server.http import DEFAULT_MAX_BODY_BYTES
 from chatstream.server.native import NativeChat, UserCallback
 from chatstream.server.queue_position import handle_queue_position_request
 from chatstream.server.tool_calls import get_format
-from chatstream.service import ChatService, ConsoleItem, PromptFactory, create_engine, default_prompt_class
+from chatstream.service import ChatService, ConsoleItem, PromptFactory, default_prompt_class
 from chatstream.sessions.base import Store
 from chatstream.sessions.handler import AbstractRequestHandler, SimpleSessionRequestHandler
 from chatstream.sessions.keeper import DEFAULT_RETENTION_INTERVAL, ConversationKeeper
@@ -35,6 +37,8 @@ from chatstream.sessions.keeper import DEFAULT_RETENTION_INTERVAL, ConversationK
 if TYPE_CHECKING:
     import torch
 
+    from chatstream.engine.upstream_protocol import UpstreamConfig
+    from chatstream.engine.vllm_engine import VLLMConfig
     from chatstream.prompts.base import AbstractChatPrompt
 
 
@@ -82,8 +86,14 @@ class ChatStream:
         fair_queue: serve the waiting line fairly across users (default); False: first come, first served.
         max_running_per_user: a hard cap on one user's running generations; None (default): each user's fair
             share, kept by the order in which freed slots are handed out (docs/api.md, "Fair queueing").
-        engine: an engine instance to generate with (any implementation of ``chatstream.engine.Engine``) instead of
-            the one built from ``model`` (then ``model`` is not needed; ``tokenizer`` still renders the prompts).
+        engine: which engine generates (docs/engines.md): "transformers" (the default: ours, on ``model``), "vllm"
+            (``model`` is then a model folder or Hugging Face id that vLLM loads), "upstream" (another
+            OpenAI-compatible server; ``engine_options`` says where), "mock" (as ``use_mock_response``); an
+            :class:`~chatstream.engine.factory.EngineSpec`; or an engine instance (any implementation of
+            ``chatstream.engine.Engine``: then ``model`` is not needed). ``tokenizer`` still renders the prompts
+            (for vLLM it is loaded from the model when not given).
+        engine_options: the chosen engine's own settings: a ``VLLMConfig`` for "vllm", an ``UpstreamConfig`` for
+            "upstream" (required), a ``MockConfig`` for "mock" (else ``mock_params`` apply).
         store: where sessions and conversations are kept: a URL (``memory://``, the default; ``sqlite:///path.db``;
             ``redis://host:6379/0``) or a store from ``chatstream.sessions.open_store`` (docs/conversations.md).
             ``append_middlewares`` keeps sessions in it too.
@@ -135,7 +145,8 @@ class ChatStream:
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         fair_queue: bool = True,
         max_running_per_user: int | None = None,
-        engine: Engine | None = None,
+        engine: Engine | EngineSpec | str | None = None,
+        engine_options: VLLMConfig | UpstreamConfig | MockConfig | None = None,
         store: str | Store = "memory://",
         conversation_max_age: float | str | None = None,
         max_conversations_per_user: int | None = None,
@@ -145,7 +156,11 @@ class ChatStream:
         self.name = name
         self.logger = logger or logging.getLogger("chatstream")
         _warn_if_sampler_hooks(self.logger, token_sampler, probe_mode_enabled)
+        spec = _engine_spec(engine, engine_options, model, use_mock_response, mock_params)
+        use_mock_response = use_mock_response or (spec is not None and spec.kind is EngineKind.MOCK)
+        tokenizer = tokenizer if tokenizer is not None or spec is None else _tokenizer_for(spec)
         self.model, self.tokenizer, self.use_mock_response = model, tokenizer, use_mock_response
+        self.engine_spec = spec
         self.device = _resolve_device(device)
         self.num_gpus = 0 if use_mock_response or (self.device is not None and self.device.type != "cuda") else num_gpus
         self.too_many_request_as_http_error = too_many_request_as_http_error
@@ -180,7 +195,7 @@ class ChatStream:
         if tool_call_format is not None:
             get_format(tool_call_format)  # ValueError listing the known formats
         self.tool_call_format = tool_call_format
-        self.service = self._create_service(locale, model_name, mock_params, engine)
+        self.service = self._create_service(locale, model_name, engine if isinstance(engine, Engine) else None)
         self.conversations = ConversationKeeper(
             store,
             self.service.prompts,
@@ -196,38 +211,34 @@ class ChatStream:
         )
         self._console_prompt: AbstractChatPrompt | None = None
 
-    def _create_service(
-        self,
-        locale: str | None,
-        model_name: str | None,
-        mock_params: Mapping[Any, Any] | None,
-        engine: Engine | None,
-    ) -> ChatService:
+    def _create_service(self, locale: str | None, model_name: str | None, engine: Engine | None) -> ChatService:
+        spec = self.engine_spec
         config = ServiceConfig(
             name=self.name,
-            model_name=model_name or _model_name(self.model, self.use_mock_response),
+            model_name=model_name or _model_name(self.model, self.use_mock_response, spec),
             locale=normalize_locale(locale),
             admission=self.admission_config,
             sampling=self.default_sampling,
             add_special_tokens=self.engine_config.add_special_tokens,
-            num_gpus=self.num_gpus,
+            num_gpus=_num_gpus(spec, self.num_gpus),
             device=self.device,
             context_len=self._prompt_context_len(engine),
             model_type=getattr(getattr(self.model, "config", None), "model_type", None),
             tool_call_format=self.tool_call_format,
         )
         if engine is None:
-            mock = MockConfig.from_seed_params(dict(mock_params or {})) if self.use_mock_response else None
-            engine = create_engine(self.model, self.tokenizer, self.engine_config, mock)
+            assert spec is not None
+            engine = create_engine(spec, self.model, self.tokenizer, self.engine_config)
         return ChatService(config, engine, PromptFactory(self.chat_prompt_clazz, self.tokenizer), self.logger)
 
     def _prompt_context_len(self, engine: Engine | None) -> int | None:
-        """The context prompts are fitted into: the engine built here, or a given engine's own configured context
+        """The context prompts are fitted into: our engine built here, or a given engine's own configured context
         (an engine that tells none, e.g. a remote server, keeps its own limits)."""
         if self.use_mock_response:
             return None
         if engine is None:
-            return self.engine_config.context_len
+            built_here = self.engine_spec is None or self.engine_spec.kind is EngineKind.TRANSFORMERS
+            return self.engine_config.context_len if built_here else None
         context_len = getattr(getattr(engine, "config", None), "context_len", None)
         return context_len if isinstance(context_len, int) else None
 
@@ -370,8 +381,58 @@ def _resolve_device(device: Any) -> torch.device | None:
     return parse_device(device)
 
 
-def _model_name(model: Any, mock: bool) -> str:
+def _engine_spec(
+    engine: Engine | EngineSpec | str | None,
+    options: VLLMConfig | UpstreamConfig | MockConfig | None,
+    model: Any,
+    use_mock_response: bool,
+    mock_params: Mapping[Any, Any] | None,
+) -> EngineSpec | None:
+    """The engine to build (None: an engine instance was given); the seed's ``use_mock_response`` is "mock"."""
+    if isinstance(engine, Engine):
+        return None
+    if isinstance(engine, EngineSpec):
+        return engine
+    if engine is None:
+        kind = EngineKind.MOCK if use_mock_response else EngineKind.TRANSFORMERS
+    else:
+        kind = engine_kind(engine)
+    if kind is EngineKind.MOCK and options is None:
+        options = MockConfig.from_seed_params(dict(mock_params or {}))
+    return EngineSpec(kind, options, model if isinstance(model, str) else None)
+
+
+def _tokenizer_for(spec: EngineSpec) -> Any:
+    """vLLM's model has its tokenizer: load it for the prompt classes when none was given."""
+    from chatstream.engine.vllm_engine import VLLMConfig
+
+    if spec.kind is not EngineKind.VLLM:
+        return None
+    from transformers import AutoTokenizer
+
+    options = spec.options if isinstance(spec.options, VLLMConfig) else None
+    source = (options.tokenizer if options is not None else None) or spec.model
+    trust = options.trust_remote_code if options is not None else False
+    return AutoTokenizer.from_pretrained(source, trust_remote_code=trust)
+
+
+def _num_gpus(spec: EngineSpec | None, num_gpus: int | None) -> int | None:
+    """GPUs this process uses (for /get_resource_usage): vLLM's tensor parallel size; none for an upstream."""
+    from chatstream.engine.vllm_engine import VLLMConfig
+
+    if spec is not None and spec.kind is EngineKind.VLLM:
+        return spec.options.tensor_parallel_size if isinstance(spec.options, VLLMConfig) else 1
+    if spec is not None and spec.kind is EngineKind.UPSTREAM:
+        return 0
+    return num_gpus
+
+
+def _model_name(model: Any, mock: bool, spec: EngineSpec | None = None) -> str:
     if mock:
         return "chatstream-mock"
+    if spec is not None and spec.kind is EngineKind.UPSTREAM:
+        return getattr(spec.options, "model", None) or "chatstream-upstream"
+    if isinstance(model, str):  # vLLM's model folder or id
+        return Path(model).name or model
     config = getattr(model, "config", None)
     return str(getattr(config, "name_or_path", "") or getattr(config, "model_type", "") or "chatstream-model")

@@ -18,11 +18,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from chatstream.cli_engines import (
+    engine_of,
+    model_id_for,
+    plain_preset,
+    prompt_class_for,
+    upstream_chat_stream,
+    vllm_chat_stream,
+)
 from chatstream.cli_options import (
     API_KEYS_ENV,
     DEFAULT_MAX_BODY_BYTES,
     LOG_LEVELS,
+    ModelOptionError,
     add_conversation_options,
+    add_engine_options,
     add_generation_options,
     add_model_options,
     add_server_options,
@@ -31,11 +41,9 @@ from chatstream.cli_options import (
 if TYPE_CHECKING:
     from chatstream.chat_stream import ChatStream
     from chatstream.cli_data import ServeData
-    from chatstream.prompts.base import AbstractChatPrompt
 
 logger = logging.getLogger(__name__)
 
-EMBEDDED_MODEL_ID = "gemma-3-270m"
 _EXIT_WORDS = frozenset({"/exit", "/quit", "/bye"})
 _CONSOLE_DRAIN_SEC = 1.0
 
@@ -52,23 +60,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise  # not reached
 
 
-class ModelOptionError(Exception):
-    """An option that looked fine to the parser but failed when used (a missing model path, an absent device, a
-    store URL that names no store, a data directory that cannot be written)."""
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``chatstream`` command (exposed for tests and docs)."""
     parser = argparse.ArgumentParser(prog="chatstream", description="Streaming chat service for causal LMs.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{serve,chat,convert}")
     serve = commands.add_parser("serve", help="run the HTTP server (native API, OpenAI API, web UI)")
     add_model_options(serve, default_log_level="info")
+    add_engine_options(serve)
     add_generation_options(serve)
     add_server_options(serve)
     add_conversation_options(serve)
     serve.set_defaults(run=run_serve, subparser=serve)
     chat = commands.add_parser("chat", help="chat with the model in this terminal")
     add_model_options(chat, default_log_level="warning")
+    add_engine_options(chat)
     add_generation_options(chat)
     chat.set_defaults(run=run_chat, subparser=chat)
     convert = commands.add_parser("convert", help="convert and cache the model (GGUF/embedded), print its folder")
@@ -195,20 +200,26 @@ def build_chat_stream(
     reject_as_http_error: bool,
     store_url: str | None = None,
 ) -> ChatStream:
-    """A ChatStream for the parsed options: the mock engine, or the loaded model with its prompt preset; with
+    """A ChatStream for the parsed options: the mock engine, vLLM, an upstream, or the loaded model with its prompt
+    preset; with
     ``store_url``, its conversations there (and the retention options of ``serve``)."""
     from chatstream.chat_stream import ChatStream
 
     common = _chat_stream_options(args, max_concurrency, max_queue_size, reject_as_http_error)
     if store_url is not None:
         common.update(_conversation_options(args, store_url))
-    if args.mock:
+    engine = engine_of(args)
+    if engine == "upstream":
+        return upstream_chat_stream(args, common)
+    if engine == "vllm":
+        return vllm_chat_stream(args, common)
+    if engine == "mock":
         mock_params = {
             "type": args.mock_type,
             "initial_wait_sec": args.mock_initial_wait,
             "time_per_token_sec": args.mock_time_per_token,
         }
-        return ChatStream(use_mock_response=True, mock_params=mock_params, chat_prompt_clazz=_plain_preset(), **common)
+        return ChatStream(use_mock_response=True, mock_params=mock_params, chat_prompt_clazz=plain_preset(), **common)
     model, tokenizer = _load_model(args)
     return ChatStream(
         model=model,
@@ -273,35 +284,11 @@ def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
         raise ModelOptionError(str(exc)) from exc
 
 
-def prompt_class_for(model_source: str | None, tokenizer: Any) -> type[AbstractChatPrompt]:
-    """The prompt preset for a model: the plain User/Assistant transcript for the embedded (base) model and for
-    tokenizers without a chat template; ``ChatTemplatePrompt`` when the tokenizer has one."""
-    from chatstream.prompts.chat_template import ChatTemplatePrompt
-
-    if model_source is not None and getattr(tokenizer, "chat_template", None):
-        return ChatTemplatePrompt
-    return _plain_preset()
-
-
-def model_id_for(model_source: str | None) -> str:
-    """The model id reported by /v1/models: the embedded model's name, else the folder or file name."""
-    if model_source is None:
-        return EMBEDDED_MODEL_ID
-    path = Path(model_source)
-    return path.stem if path.suffix.lower() == ".gguf" else path.resolve().name
-
-
 def api_keys_from(args: argparse.Namespace, environ: dict[str, str] | None = None) -> tuple[str, ...]:
     """``--api-key`` values plus those in ``$CHATSTREAM_API_KEYS`` (comma-separated), without blanks or repeats."""
     env_value = (os.environ if environ is None else environ).get(API_KEYS_ENV, "")
     keys = [*args.api_key, *env_value.split(",")]
     return tuple(dict.fromkeys(key.strip() for key in keys if key.strip()))
-
-
-def _plain_preset() -> type[AbstractChatPrompt]:
-    from chatstream.prompts.presets import ChatPromptPlainUserAssistant
-
-    return ChatPromptPlainUserAssistant
 
 
 # ----- console and server helpers -----

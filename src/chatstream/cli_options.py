@@ -12,6 +12,13 @@ from typing import Any
 
 API_KEYS_ENV = "CHATSTREAM_API_KEYS"
 """Comma-separated API keys for the OpenAI endpoints, added to those given with ``--api-key``."""
+
+
+class ModelOptionError(Exception):
+    """An option that looked fine to the parser but failed when used (a missing model path, an absent device,
+    options of another engine, a store URL that names no store, a data directory that cannot be written)."""
+
+
 DTYPE_CHOICES = ("auto", "bf16", "bfloat16", "fp16", "float16", "fp32", "float32")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 SECURE_COOKIE_CHOICES = ("auto", "always", "never")
@@ -44,6 +51,42 @@ def add_model_options(parser: argparse.ArgumentParser, default_log_level: str) -
     group.add_argument("--mock-time-per-token", type=_float_at_least(0.0), default=0.02, metavar="SEC")
     group.add_argument("--mock-initial-wait", type=_float_at_least(0.0), default=0.0, metavar="SEC")
     group.add_argument("--log-level", choices=LOG_LEVELS, default=default_log_level)
+
+
+ENGINE_CHOICES = ("transformers", "vllm", "upstream", "mock")
+
+
+def add_engine_options(parser: argparse.ArgumentParser) -> None:
+    """Which engine generates, and the options of vLLM and of an upstream (docs/engines.md)."""
+    group = parser.add_argument_group("engine")
+    group.add_argument(
+        "--engine",
+        choices=ENGINE_CHOICES,
+        default=None,
+        help="transformers (default: ours, CPU-tuned), vllm (GPUs), upstream (an OpenAI-compatible server), mock",
+    )
+    group.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer folder (or HF id for vllm) for the prompt format (default: --model's)",
+    )
+    group.add_argument("--upstream", default=None, metavar="URL", help="the upstream's base URL, e.g. http://h:8000/v1")
+    group.add_argument("--upstream-api", choices=("completions", "chat"), default="completions")
+    group.add_argument("--upstream-model", default=None, metavar="NAME", help="the model field sent upstream")
+    group.add_argument("--upstream-api-key-env", default=None, metavar="VAR", help="env variable with its API key")
+    group.add_argument(
+        "--upstream-timeout", type=_float_above(0.0), default=60.0, metavar="SEC", help="longest upstream silence"
+    )
+    group.add_argument(
+        "--gpu-memory-utilization", type=_float_in_unit_interval, default=0.9, help="vllm: share of GPU memory"
+    )
+    group.add_argument(
+        "--tensor-parallel-size", type=_int_at_least(1), default=None, help="vllm: GPUs (default: --num-gpus or 1)"
+    )
+    group.add_argument(
+        "--kv-cache-memory-bytes", type=_int_at_least(1), default=None, help="vllm: KV cache size (CPU builds)"
+    )
+    group.add_argument("--enforce-eager", action="store_true", help="vllm: no CUDA graphs / compilation (fast start)")
 
 
 def add_generation_options(parser: argparse.ArgumentParser) -> None:
@@ -194,6 +237,17 @@ def _float_at_least(minimum: float) -> Any:
         value = float(text)
         if not value >= minimum:  # also rejects nan
             raise argparse.ArgumentTypeError(f"{value} is less than {minimum}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+def _float_above(minimum: float) -> Any:
+    def parse(text: str) -> float:
+        value = float(text)
+        if not value > minimum:
+            raise argparse.ArgumentTypeError(f"{value} is not more than {minimum}")
         return value
 
     parse.__name__ = "number"

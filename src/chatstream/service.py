@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import aclosing
@@ -18,13 +19,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from chatstream.admission.admission import DEFAULT_USER, AdmissionController, QueueFull, Slot, Ticket
-from chatstream.admission.generation import GenerationOutcome, run_generation
+from chatstream.admission.generation import GenerationOutcome, GenerationStream, run_generation
 from chatstream.admission.metrics import ChatStreamMetrics
 from chatstream.config import EngineConfig, MockConfig, SamplingOverrides, SamplingParams, ServiceConfig
-from chatstream.engine.base import Delta, Engine, GenerationRequest, GrammarEngine
+from chatstream.engine.base import Delta, Engine, GenerationRequest, GrammarEngine, SamplingChecker
+from chatstream.engine.factory import EngineKind, EngineSpec
+from chatstream.engine.factory import create_engine as build_engine
 from chatstream.engine.grammar import GrammarSpec
 from chatstream.engine.mock_engine import MockEngine, MockRequest
 from chatstream.i18n import message
+from chatstream.prompts.openai_messages import role_messages
 from chatstream.prompts.window import ContextWindow
 
 if TYPE_CHECKING:
@@ -34,6 +38,9 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+STARTUP_LOG_INTERVAL_SEC = 15.0
+"""While the engine loads, a log line says so this often."""
+
 DISCONNECT_POLL_SEC = 0.25
 """How often a request that waits (for a slot, or for a whole answer) checks whether its client is still there."""
 
@@ -42,6 +49,18 @@ IsDisconnected = Callable[[], Awaitable[bool]]
 
 ConsoleItem = tuple[str, str, str]
 """One console update: (answer so far, new text, "begin" | "mid" | "end")."""
+
+
+class UnsupportedSampling(ValueError):
+    """The engine cannot sample as asked (e.g. vLLM and the subtractive repetition penalty); the protocols answer 400.
+
+    Attributes:
+        field: the sampling parameter at fault (``top_k``, ``repetition_penalty_method`` ...).
+    """
+
+    def __init__(self, message: str, field: str | None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass(frozen=True)
@@ -75,14 +94,10 @@ def default_prompt_class(tokenizer: Any, mock: bool) -> type[AbstractChatPrompt]
 
 
 def create_engine(model: Any, tokenizer: Any, config: EngineConfig, mock: MockConfig | None = None) -> Engine:
-    """The mock engine (``mock`` given), else the transformers engine on ``model`` and ``tokenizer``."""
-    if mock is not None:
-        return MockEngine(mock, tokenizer)
-    if model is None or tokenizer is None:
-        raise ValueError("model and tokenizer are required unless use_mock_response=True")
-    from chatstream.engine.async_engine import TransformersEngine  # the one place that names it
-
-    return TransformersEngine(model, tokenizer, config)
+    """The mock engine (``mock`` given), else the transformers engine on ``model`` and ``tokenizer`` (other engines:
+    :func:`chatstream.engine.factory.create_engine`)."""
+    spec = EngineSpec(EngineKind.MOCK, mock) if mock is not None else EngineSpec()
+    return build_engine(spec, model, tokenizer, config)
 
 
 class ChatService:
@@ -108,6 +123,7 @@ class ChatService:
         """Set when prompts are fitted into the model's context (``config.context_len`` and a tokenizer)."""
         if config.context_len is not None and prompts.tokenizer is not None:
             self.context_window = ContextWindow(config.context_len, prompts.tokenizer, config.add_special_tokens)
+        self._starting: asyncio.Future[None] | None = None
 
     @property
     def name(self) -> str:
@@ -137,9 +153,21 @@ class ChatService:
         """This service's Prometheus metrics."""
         if self._metrics is None:
             self._metrics = ChatStreamMetrics(
-                running=lambda: self.admission.num_running, waiting=lambda: self.admission.num_waiting
+                running=lambda: self.admission.num_running,
+                waiting=lambda: self.admission.num_waiting,
+                engine_stats=self.engine.stats,
             )
         return self._metrics
+
+    def engine_info(self) -> dict[str, Any]:
+        """What the engine says about itself (its ``describe()``: kind, model, context length, upstream URL) and its
+        current load, for /get_load, /get_resource_usage and /v1/models."""
+        describe = getattr(self.engine, "describe", None)
+        info: dict[str, Any] = dict(describe()) if callable(describe) else {}
+        info.setdefault("engine", type(self.engine).__name__)
+        stats = self.engine.stats()
+        info.update(num_running=stats.num_running, num_waiting=stats.num_waiting)
+        return info
 
     # ----- building the request -----
 
@@ -172,6 +200,7 @@ class ChatService:
             output_replacements=tuple(chat_prompt.get_replacement_when_output() or ()),
             conversation_id=conversation_id,
             add_special_tokens=add_special_tokens,
+            messages=role_messages(chat_prompt),
         )
         return self._for_engine(request, chat_prompt.get_requester_last_msg(), chat_prompt.get_turn())
 
@@ -188,8 +217,22 @@ class ChatService:
         return self.build_request(chat_prompt, overrides, conversation_id)
 
     def build_text_request(self, request_id: str, prompt: str, sampling: SamplingParams) -> GenerationRequest:
-        """The engine request for a raw prompt (no chat formatting, no conversation)."""
-        return self._for_engine(GenerationRequest(request_id=request_id, prompt=prompt, sampling=sampling), prompt)
+        """The engine request for a raw prompt (no chat formatting, no conversation; an engine that takes messages
+        only gets it as one user message)."""
+        request = GenerationRequest(
+            request_id=request_id, prompt=prompt, sampling=sampling, messages=(("user", prompt),)
+        )
+        return self._for_engine(request, prompt)
+
+    def check_sampling(self, sampling: SamplingParams) -> None:
+        """Raise :class:`UnsupportedSampling` when the engine cannot sample as asked (a 400 naming the field)."""
+        if not isinstance(self.engine, SamplingChecker):
+            return
+        try:
+            self.engine.check_sampling(sampling)
+        except ValueError as exc:
+            name = str(exc).split("=", 1)[0]
+            raise UnsupportedSampling(str(exc), name if name.isidentifier() else None) from None
 
     async def check_context(self, request: GenerationRequest, max_tokens_given: bool) -> GenerationRequest:
         """``request`` if its prompt and ``max_new_tokens`` fit the context. When they do not: raise
@@ -247,6 +290,7 @@ class ChatService:
         return None if getattr(chat_prompt, "encode_add_special_tokens", True) else False
 
     def _for_engine(self, request: GenerationRequest, user_input: str | None, turn: int = 0) -> GenerationRequest:
+        self.check_sampling(request.sampling)
         # The mock answers from the user's input and the turn number, which only its own request type carries.
         if not isinstance(self.engine, MockEngine):
             return request
@@ -301,6 +345,36 @@ class ChatService:
         request in the engine. ``arrived`` (monotonic) starts the end-to-end latency (default: now)."""
         return run_generation(self.engine, request, self.metrics, outcome, arrived)
 
+    def start_generation(self, request: GenerationRequest, arrived: float | None = None) -> GenerationStream:
+        """``request`` as a stream that starts when it is first iterated (engine failures raise from it)."""
+        outcome = GenerationOutcome()
+        return GenerationStream(request, outcome, self.generate(request, outcome, arrived))
+
+    async def open_generation(
+        self, request: GenerationRequest, is_disconnected: IsDisconnected, arrived: float | None = None
+    ) -> GenerationStream | None:
+        """Start ``request`` and wait for its first delta, before the caller commits to a streaming 200.
+
+        Raises what the engine's stream raises before its first delta (EngineOverloaded: the protocols answer 429
+        with Retry-After; EngineError: 503), so that such failures get a proper status instead of a broken stream.
+        None when the client left while waiting (the request is aborted then).
+        """
+        outcome = GenerationOutcome()
+        rest = self.generate(request, outcome, arrived)
+
+        async def first_delta() -> Delta:
+            return await anext(rest)
+
+        try:
+            first = await run_unless_disconnected(first_delta(), is_disconnected)
+        except BaseException:
+            await rest.aclose()
+            raise
+        if first is None:  # the wait was cancelled, which aborted the request
+            await rest.aclose()
+            return None
+        return GenerationStream(request, outcome, rest, first)
+
     async def collect(
         self, request: GenerationRequest, is_disconnected: IsDisconnected, arrived: float | None = None
     ) -> GenerationOutcome | None:
@@ -323,18 +397,17 @@ class ChatService:
         outcomes = await asyncio.gather(*(self.collect(r, is_disconnected, arrived) for r in requests))
         return None if any(o is None for o in outcomes) else [o for o in outcomes if o is not None]
 
-    async def generate_all(
-        self, requests: Sequence[GenerationRequest], outcomes: Sequence[GenerationOutcome], arrived: float | None = None
+    async def merge_generations(
+        self, generations: Sequence[GenerationStream]
     ) -> AsyncGenerator[tuple[int, Delta], None]:
-        """The deltas of several requests as they come, each with the index of its request; closing the iterator
-        aborts the ones still running."""
-        if len(requests) == 1:
-            async with aclosing(self.generate(requests[0], outcomes[0], arrived)) as deltas:
+        """The deltas of several generations (the ``n`` choices of one OpenAI request) as they come, each with the
+        index of its generation; closing the iterator aborts the ones still running."""
+        if len(generations) == 1:
+            async with aclosing(generations[0].deltas()) as deltas:
                 async for delta in deltas:
                     yield 0, delta
             return
-        streams = [self.generate(r, o, arrived) for r, o in zip(requests, outcomes, strict=True)]
-        async with aclosing(merge_streams(streams)) as merged:
+        async with aclosing(merge_streams([g.deltas() for g in generations])) as merged:
             async for item in merged:
                 yield item
 
@@ -364,12 +437,36 @@ class ChatService:
         """Start the engine (idempotent). Called by the app's lifespan or on the first request.
 
         An engine that constrains output builds its grammar token table here, in a worker thread, before the server
-        takes requests: the build holds the GIL for seconds on a large vocabulary (see engine/structured.py)."""
-        if not self.engine.is_running:
-            self.engine.start()
-            if isinstance(self.engine, GrammarEngine):
-                await asyncio.to_thread(self.engine.prepare_grammars)
-            self.logger.info("ChatStream %r started (%s)", self.name, type(self.engine).__name__)
+        takes requests: the build holds the GIL for seconds on a large vocabulary (see engine/structured.py). An
+        engine whose start blocks (``blocking_start``: vLLM loads the model, for minutes) starts in a worker thread
+        while the event loop keeps serving (/health answers "starting"); the log says how long it has been loading.
+        """
+        if self.engine.is_running:
+            return
+        if self._starting is None or self._starting.done():
+            self._starting = asyncio.ensure_future(self._start_engine())
+        await asyncio.shield(self._starting)
+
+    async def _start_engine(self) -> None:
+        name = type(self.engine).__name__
+        self.check_sampling(self.default_sampling)  # a default the engine cannot honour would fail every request
+        if getattr(self.engine, "blocking_start", False):
+            await self._start_in_thread(name)
+        else:
+            self.engine.start()  # quick, and on this thread (our engine frees the loading thread's OpenMP pool)
+        if isinstance(self.engine, GrammarEngine):
+            await asyncio.to_thread(self.engine.prepare_grammars)
+        self.logger.info("ChatStream %r started (%s)", self.name, name)
+
+    async def _start_in_thread(self, name: str) -> None:
+        self.logger.info("ChatStream %r: the engine (%s) is loading the model", self.name, name)
+        started = time.monotonic()
+        task = asyncio.ensure_future(asyncio.to_thread(self.engine.start))
+        while not (await asyncio.wait({task}, timeout=STARTUP_LOG_INTERVAL_SEC))[0]:
+            elapsed = time.monotonic() - started
+            self.logger.info("ChatStream %r: the engine (%s) is still loading (%.0f s)", self.name, name, elapsed)
+        task.result()
+        self.logger.info("ChatStream %r: the engine (%s) loaded in %.1f s", self.name, name, time.monotonic() - started)
 
     async def shutdown(self, drain_timeout: float = 0.0) -> None:
         """Stop admitting (new requests get 503), let running generations finish for up to ``drain_timeout`` s,

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from chatstream.engine.detokenizer import IncrementalDetokenizer
+from chatstream.engine.detokenizer import IncrementalDetokenizer, TextFilter
 
 CORPUS = [
     "Hello world, this is a test. The quick brown fox jumps over the lazy dog.",
@@ -271,3 +271,12 @@ def test_overlapping_replacements_and_stops_match_str_replace(
         expected = expected.replace(old, new)
     cuts = [i for i in (expected.find(s) for s in stop) if i >= 0]
     assert "".join(pieces) == (expected[: min(cuts)] if cuts else expected)
+
+
+def test_text_filter_replaces_across_chunks_and_stops() -> None:
+    """The public filter (for engines that get text, not tokens): replacements first, then stop strings."""
+    f = TextFilter(stop=("STOP",), replacements=(("ab", "X"),))
+    pieces = [f.push(p) for p in ("xa", "bya", "bS", "TO", "P tail")]
+    assert "".join(pieces) == "xXyX" and f.stopped and f.push("more", final=True) == ""
+    held = TextFilter(stop=("END",))
+    assert held.push("abcE") == "abc" and held.push("N", final=True) == "EN" and not held.stopped

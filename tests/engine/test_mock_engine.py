@@ -5,7 +5,7 @@ import asyncio
 import pytest
 
 from chatstream.config import MockConfig, SamplingParams
-from chatstream.engine.base import EngineError, FinishReason, GenerationRequest
+from chatstream.engine.base import Delta, EngineError, FinishReason, GenerationRequest, RequestStream
 from chatstream.engine.mock_engine import ROUND_ANSWERS, MockEngine, MockRequest, split_mock_tokens
 
 
@@ -63,6 +63,19 @@ async def test_abort_ends_the_stream() -> None:
     assert got[-1].finish_reason is FinishReason.ABORT
     await asyncio.sleep(0)
     assert engine.stats().num_running == 0
+
+
+async def test_abort_before_the_task_ran_still_ends_the_stream() -> None:
+    engine = MockEngine(MockConfig(type="long", time_per_token_sec=0))
+    engine.start()
+    stream = engine.add_request(request(request_id="early"))
+    engine.abort("early")  # the task has not started: its own CancelledError handler never runs
+    deltas = await asyncio.wait_for(_all(stream), timeout=5)
+    assert [d.finish_reason for d in deltas] == [FinishReason.ABORT] and engine.stats().num_running == 0
+
+
+async def _all(stream: RequestStream) -> list[Delta]:
+    return [d async for d in stream]
 
 
 async def test_not_started_refuses() -> None:

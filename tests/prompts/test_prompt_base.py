@@ -16,6 +16,7 @@ from chatstream.prompts import (
     RoleType,
     load_openai_messages,
 )
+from chatstream.prompts.openai_messages import role_messages
 
 
 class SeedStylePrompt(AbstractChatPrompt):
@@ -263,6 +264,22 @@ def test_load_openai_messages() -> None:
     assert prompt.create_prompt().endswith("<bot>: Hello.\n")  # no slot after an assistant message
     filled = load_openai_messages(ChatPromptTogetherRedPajamaINCITEChat(), messages[1:2])
     assert filled.create_prompt() == "<human>: Hi\n<bot>:"
+
+
+def test_role_messages_give_the_conversation_back_for_engines_that_render_it() -> None:
+    prompt = load_openai_messages(
+        ChatPromptTogetherRedPajamaINCITEChat(),
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "Who are you?"},
+        ],
+    )
+    pairs = (("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello."), ("user", "Who are you?"))
+    assert role_messages(prompt) == pairs  # the empty answer slot is left out
+    prompt.set_chat_mode_enabled(False)
+    assert role_messages(prompt) == (("user", "Who are you?"),)
 
 
 @pytest.mark.parametrize(

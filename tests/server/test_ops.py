@@ -78,6 +78,24 @@ async def test_metrics_after_chats_show_latency_and_token_counters(tiny_model: A
     assert metric(text, "chatstream_requests_running") == 0
 
 
+async def test_the_engine_reports_what_it_knows(tiny_model: Any, tiny_tokenizer: Any) -> None:
+    roles = {"user": {"apis": {"allow": "all", "auth_method": "nothing", "use_session": True}}}
+    cs = ChatStream(model=tiny_model, tokenizer=tiny_tokenizer, context_len=512, model_name="tiny", client_roles=roles)
+    await cs.startup()
+    async with client_for(build_app(cs)) as c:
+        load = (await c.get("/get_load")).json()["chatstream_workers"][0]["engine"]
+        usage = (await c.get("/get_resource_usage")).json()["memory_usage"][0]["engine"]
+        models = (await c.get("/v1/models")).json()["data"][0]
+        text = (await c.get("/metrics")).text
+    await cs.shutdown(1.0)
+    assert load == usage and load["engine"] == "transformers" and load["max_model_len"] == 512
+    assert (load["num_running"], load["num_waiting"]) == (0, 0)
+    assert (models["id"], models["max_model_len"]) == ("tiny", 512) and models.get("root") == load["model"]
+    assert metric(text, "chatstream_engine_requests_running") == 0
+    assert metric(text, "chatstream_engine_requests_waiting") == 0
+    assert metric(text, "chatstream_engine_prefix_cache_bytes") == 0
+
+
 async def test_drain_lets_running_streams_finish_and_rejects_new_ones() -> None:
     cs = ChatStream(use_mock_response=True, mock_params={"type": "long", "time_per_token_sec": 0.002})
     await cs.startup()

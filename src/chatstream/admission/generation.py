@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 
 from chatstream.admission.metrics import ChatStreamMetrics
-from chatstream.engine.base import Delta, Engine, FinishReason, GenerationRequest, TokenLogprob
+from chatstream.engine.base import Delta, Engine, EngineError, FinishReason, GenerationRequest, TokenLogprob
 
 
 @dataclass
@@ -23,6 +24,39 @@ class GenerationOutcome:
     logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
+class GenerationStream:
+    """One started generation as a protocol streams it: iterate :meth:`deltas` once; :meth:`aclose` aborts it.
+
+    ``first`` is the delta already received when the caller waited for it before committing to a streaming
+    response (see ``ChatService.open_generation``); :meth:`deltas` yields it before the rest.
+    """
+
+    def __init__(
+        self,
+        request: GenerationRequest,
+        outcome: GenerationOutcome,
+        rest: AsyncGenerator[Delta, None],
+        first: Delta | None = None,
+    ) -> None:
+        self.request = request
+        self.outcome = outcome
+        self._rest = rest
+        self._first = first
+
+    async def deltas(self) -> AsyncGenerator[Delta, None]:
+        """The deltas, the first one included; closing this generator aborts the request."""
+        async with aclosing(self._rest) as rest:
+            if self._first is not None:
+                first, self._first = self._first, None
+                yield first
+            async for delta in rest:
+                yield delta
+
+    async def aclose(self) -> None:
+        """Abort the request unless it has finished (for a response that was never sent); idempotent."""
+        await self._rest.aclose()
+
+
 async def run_generation(
     engine: Engine,
     request: GenerationRequest,
@@ -33,7 +67,8 @@ async def run_generation(
     """Yield the engine's deltas for ``request`` while recording them in ``outcome`` and ``metrics``.
 
     If the consumer stops early (client disconnect: the generator is closed or cancelled), the request is aborted
-    in the engine so that its batch row is dropped at the next step.
+    in the engine so that its batch row is dropped at the next step. An EngineError raised by the stream (an engine
+    that found out it cannot serve the request) is recorded as an ERROR outcome and propagates.
     """
     started = time.monotonic()
     last = started
@@ -41,14 +76,18 @@ async def run_generation(
     try:
         async for delta in stream:
             now = time.monotonic()
-            if metrics is not None and delta.token_ids:
+            # New tokens, whether the engine reports their ids or only their count (an upstream sends text only)
+            if metrics is not None and delta.num_generated_tokens > outcome.num_generated_tokens:
                 if outcome.num_generated_tokens == 0:
                     metrics.time_to_first_token.observe(now - started)
                 else:
                     metrics.inter_token_latency.observe(now - last)
-            last = now
+                last = now
             _record(outcome, delta)
             yield delta
+    except EngineError as exc:
+        outcome.finish_reason, outcome.error = FinishReason.ERROR, str(exc)
+        raise
     finally:
         if outcome.finish_reason is None:
             engine.abort(request.request_id)

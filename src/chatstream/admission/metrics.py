@@ -6,6 +6,8 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from chatstream.engine.base import EngineStats
+
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _TOKEN_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
 
@@ -13,9 +15,16 @@ _TOKEN_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15,
 class ChatStreamMetrics:
     """Counters and histograms recorded by the streaming code; exposed by GET /metrics."""
 
-    def __init__(self, running: Callable[[], float], waiting: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        running: Callable[[], float],
+        waiting: Callable[[], float],
+        engine_stats: Callable[[], EngineStats] | None = None,
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        if engine_stats is not None:
+            _engine_gauges(r, engine_stats)
         self.num_running = Gauge("chatstream_requests_running", "Generations running now", registry=r)
         self.num_running.set_function(running)
         self.num_waiting = Gauge("chatstream_requests_waiting", "Requests waiting in the admission queue", registry=r)
@@ -46,6 +55,20 @@ class ChatStreamMetrics:
     def render(self) -> bytes:
         """The Prometheus text exposition of this registry."""
         return generate_latest(self.registry)
+
+
+def _engine_gauges(registry: CollectorRegistry, stats: Callable[[], EngineStats]) -> None:
+    """What the engine itself reports (for vLLM its own queue; for an upstream the requests forwarded now)."""
+    for name, documentation, field in (
+        ("chatstream_engine_requests_running", "Requests the engine is generating now", "num_running"),
+        ("chatstream_engine_requests_waiting", "Requests queued inside the engine", "num_waiting"),
+        ("chatstream_engine_prefix_cache_bytes", "Memory of the kept per-conversation KV caches", "prefix_cache_bytes"),
+    ):
+        Gauge(name, documentation, registry=registry).set_function(_stats_field(stats, field))
+
+
+def _stats_field(stats: Callable[[], EngineStats], field: str) -> Callable[[], float]:
+    return lambda: float(getattr(stats(), field))
 
 
 def _histogram(registry: CollectorRegistry, name: str, documentation: str, buckets: tuple[float, ...]) -> Histogram:

@@ -137,6 +137,15 @@ class TransformersEngine:
         self._inbox.put(("abort", request_id))
         self._wake.set()
 
+    def describe(self) -> dict[str, Any]:
+        """What /get_load, /get_resource_usage and /v1/models show of this engine."""
+        config = getattr(self.llm.model_runner.model, "config", None)
+        return {
+            "engine": "transformers",
+            "model": getattr(config, "name_or_path", None) or None,
+            "max_model_len": self.config.context_len,
+        }
+
     def stats(self) -> EngineStats:
         """A snapshot of the load (approximate while the engine thread is mid-step)."""
         with self._lock:

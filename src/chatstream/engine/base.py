@@ -55,6 +55,9 @@ class GenerationRequest:
             every generated token and the ``k`` most likely alternatives (:class:`TokenLogprob`).
         skip_special_tokens: leave special tokens out of the text (False keeps tool-call markers that a tokenizer
             has as special tokens, such as ``[TOOL_CALLS]``).
+        messages: the conversation as ``(role, content)`` pairs ("system", "user", "assistant"), ending with the
+            user's turn, for engines that render prompts themselves (an upstream in chat mode); the service fills it
+            from the prompt object. Engines that generate from ``prompt`` ignore it.
     """
 
     request_id: str
@@ -67,6 +70,7 @@ class GenerationRequest:
     grammar: GrammarSpec | None = None
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    messages: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.request_id:
@@ -77,6 +81,8 @@ class GenerationRequest:
             object.__setattr__(self, "prompt_token_ids", tuple(self.prompt_token_ids))
         if not isinstance(self.output_replacements, tuple):
             object.__setattr__(self, "output_replacements", tuple(tuple(p) for p in self.output_replacements))
+        if not isinstance(self.messages, tuple):
+            object.__setattr__(self, "messages", tuple((str(r), str(c)) for r, c in self.messages))
 
 
 @dataclass(frozen=True)
@@ -199,11 +205,27 @@ class EngineStats:
 
 
 @runtime_checkable
+class SamplingChecker(Protocol):
+    """An engine that cannot sample every way :class:`SamplingParams` allows (vLLM, an upstream) says so up front.
+
+    The service calls :meth:`check_sampling` when it builds a request, so that the client gets a 400 naming the
+    field instead of a failed stream.
+    """
+
+    def check_sampling(self, sampling: SamplingParams) -> None:
+        """Raise ValueError naming the first field this engine cannot honour (``name=value ...``)."""
+
+
+@runtime_checkable
 class Engine(Protocol):
     """What every engine (transformers, mock) offers."""
 
     def start(self) -> None:
-        """Start the engine thread (idempotent)."""
+        """Start the engine thread (idempotent).
+
+        An engine whose start blocks for long (it loads a model) says so with a class attribute ``blocking_start =
+        True``; the service then calls start in a worker thread, so that the event loop keeps serving meanwhile.
+        """
 
     def stop(self) -> None:
         """Abort everything and join the engine thread (idempotent)."""
@@ -219,7 +241,11 @@ class Engine(Protocol):
         """Drop the request at the next step; its stream ends with FinishReason.ABORT. Unknown ids are ignored."""
 
     def stats(self) -> EngineStats:
-        """Current load."""
+        """Current load.
+
+        An engine may also offer ``describe() -> dict``: what it runs ("engine", "model", "max_model_len", an
+        "upstream" URL ...), shown by /get_load, /get_resource_usage and /v1/models.
+        """
 
 
 @runtime_checkable

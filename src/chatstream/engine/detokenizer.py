@@ -52,14 +52,13 @@ class IncrementalDetokenizer:
         self._prefix_offset = 0
         self._read_offset = len(context)
         self._prefix_text: str | None = None
-        self._replacers = [_Replacer(old, new) for old, new in replacements]
-        self._stop = _StopMatcher(stop)
+        self._filter = TextFilter(stop, replacements)
         self._flushed = False
 
     @property
     def stopped(self) -> bool:
         """A stop string appeared in the output; nothing from it onward is ever returned."""
-        return self._stop.stopped
+        return self._filter.stopped
 
     def add_tokens(self, token_ids: Sequence[int]) -> str:
         """Take newly generated tokens; return the text that may be sent now (possibly empty)."""
@@ -100,6 +99,30 @@ class IncrementalDetokenizer:
         self._prefix_text = None
 
     def _release(self, text: str, final: bool) -> str:
+        return self._filter.push(text, final)
+
+
+class TextFilter:
+    """Stages 2 and 3 on streamed text alone: output replacements, then stop strings.
+
+    For engines that receive text instead of token ids (an upstream server). Feed each new piece to :meth:`push`
+    and send what it returns; the last call passes ``final=True`` to release what was held back. Once
+    :attr:`stopped` is True, a stop string has ended the output and nothing more is ever returned.
+    """
+
+    def __init__(self, stop: Sequence[str] = (), replacements: Sequence[tuple[str, str]] = ()) -> None:
+        self._replacers = [_Replacer(old, new) for old, new in replacements]
+        self._stop = _StopMatcher(stop)
+
+    @property
+    def stopped(self) -> bool:
+        """A stop string appeared; nothing from it onward is returned."""
+        return self._stop.stopped
+
+    def push(self, text: str, final: bool = False) -> str:
+        """The text that may be sent now; ``final`` releases everything held back (a partial stop string too)."""
+        if self._stop.stopped:
+            return ""
         for replacer in self._replacers:
             text = replacer.push(text, final)
         return self._stop.push(text, final)

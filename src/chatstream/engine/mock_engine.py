@@ -117,6 +117,10 @@ class MockEngine:
             num_prompt_tokens_total=self._prompt_total,
         )
 
+    def describe(self) -> dict[str, Any]:
+        """What /get_load and /v1/models show of this engine."""
+        return {"engine": "mock", "mock_type": self.config.type.value}
+
     def answer_for(self, request: GenerationRequest) -> str:
         """The canned text for this request (the "script" type moves on to its next answer)."""
         user_input = request.user_input if isinstance(request, MockRequest) else None
@@ -146,7 +150,7 @@ class MockEngine:
         self._streams[request.request_id] = stream
         task = asyncio.get_running_loop().create_task(self._produce(request, stream))
         self._tasks[request.request_id] = task
-        task.add_done_callback(lambda _: self._forget(request.request_id))
+        task.add_done_callback(lambda done: self._forget(request.request_id, done, stream))
         return stream
 
     def abort(self, request_id: str) -> None:
@@ -154,9 +158,11 @@ class MockEngine:
         if task is not None and not task.done():
             task.cancel()
 
-    def _forget(self, request_id: str) -> None:
+    def _forget(self, request_id: str, task: asyncio.Task[None], stream: RequestStream) -> None:
         self._tasks.pop(request_id, None)
         self._streams.pop(request_id, None)
+        if task.cancelled():  # cancelled before it ran: its own handler never put the last delta
+            stream.put_nowait(Delta(text="", finish_reason=FinishReason.ABORT))
 
     async def _produce(self, request: GenerationRequest, stream: RequestStream) -> None:
         all_pieces = split_mock_tokens(self.answer_for(request))

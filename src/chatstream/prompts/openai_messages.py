@@ -10,7 +10,7 @@ from chatstream.prompts.content import RoleType
 if TYPE_CHECKING:
     from chatstream.prompts.base import AbstractChatPrompt
 
-__all__ = ["load_openai_messages"]
+__all__ = ["load_openai_messages", "role_messages"]
 
 
 def load_openai_messages(
@@ -63,3 +63,27 @@ def _message_text(content: Any, index: int) -> str:
     raise ValueError(
         f"messages[{index}].content must be a string or a list of text parts, got {type(content).__name__}"
     )
+
+
+_ROLES = {RoleType.REQUESTER: "user", RoleType.RESPONDER: "assistant"}
+
+
+def role_messages(chat_prompt: AbstractChatPrompt) -> tuple[tuple[str, str], ...]:
+    """The conversation as ``(role, content)`` pairs ("system", "user", "assistant"), for engines that render prompts
+    themselves (an upstream in chat mode).
+
+    The system text comes first (stripped; a preset's system text is already in its model's format), then every
+    message that has text; the empty answer slot is left out. With chat mode off, only the user's last message.
+    """
+    if not chat_prompt.is_chat_mode_enabled():
+        return (("user", chat_prompt.get_requester_last_msg() or ""),)
+    to_messages = getattr(chat_prompt, "to_messages", None)
+    if callable(to_messages):  # ChatTemplatePrompt: its own OpenAI-style messages
+        return tuple((str(m["role"]), str(m["content"])) for m in to_messages())
+    pairs: list[tuple[str, str]] = [("system", chat_prompt.system.strip())] if chat_prompt.system.strip() else []
+    for content in chat_prompt.get_contents():
+        role, text = _ROLES.get(content.get_role_type()), content.get_message()
+        if role is not None and text is not None:
+            children = content.get_child_messages() if content.has_child_messages() else None
+            pairs.append((role, "\n\n".join([text, *(children or ())])))
+    return tuple(pairs)

@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse
 from chatstream.admission.admission import Draining, QueueFull
 from chatstream.engine.base import EngineError, EngineOverloaded
 from chatstream.prompts.window import ContextLengthExceeded
+from chatstream.service import UnsupportedSampling
 from chatstream.sessions import errors as store_errors
 
 ROLE_DENIED_BODY: dict[str, Any] = {"success": False, "message": "Forbidden", "detail": "Denied on role layer."}
@@ -158,6 +159,8 @@ def to_api_error(exc: BaseException) -> ApiError:
         return store_api_error(exc)
     if isinstance(exc, ContextLengthExceeded):
         return BadRequest(str(exc), param="messages", code="context_length_exceeded")
+    if isinstance(exc, UnsupportedSampling):
+        return BadRequest(str(exc), param=exc.field)
     return ApiError("Internal server error.", code="internal_error")
 
 

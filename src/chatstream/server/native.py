@@ -26,9 +26,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from chatstream.admission.admission import Draining, QueueFull, Slot
-from chatstream.admission.generation import GenerationOutcome
+from chatstream.admission.generation import GenerationStream
 from chatstream.config import SamplingOverrides
-from chatstream.engine.base import FinishReason
+from chatstream.engine.base import EngineError, EngineOverloaded, FinishReason, GenerationRequest
 from chatstream.server.access import ClientRoles, role_checked
 from chatstream.server.errors import BadRequest, PayloadTooLarge
 from chatstream.server.fairness import queue_ticket_id, user_key
@@ -40,7 +40,7 @@ from chatstream.server.http import (
     parse_json_object,
     read_body,
 )
-from chatstream.service import ChatService
+from chatstream.service import ChatService, UnsupportedSampling
 from chatstream.sessions.handler import (
     DISCONNECTED_BEFORE_STREAMING,
     DISCONNECTED_WHILE_STREAMING,
@@ -161,14 +161,15 @@ class NativeChat:
         promoted = self.promote(request, turn.user_input, finish)
         if promoted is not None:
             return promoted
-        add_turn(conversation.chat_prompt, turn)
+        undo = add_turn(conversation.chat_prompt, turn)
+        opened = await self._open(request, conversation, undo, finish)
+        if isinstance(opened, Response):
+            return opened
         message_id = str(uuid.uuid4())
-        chunks = self.stream_answer(
-            conversation.chat_prompt, finish, conversation.overrides, message_id, conversation.conversation_id, commit
-        )
+        chunks = self._chunks(conversation.chat_prompt, opened, finish, message_id, commit)
 
         async def abandoned() -> None:
-            await chunks.aclose()  # never started: closing runs nothing, so report the disconnect ourselves
+            await opened.aclose()  # the body never started: abort the request and report the disconnect ourselves
             await finish(DISCONNECTED_BEFORE_STREAMING)
 
         return NativeStreamingResponse(chunks, abandoned, headers={MESSAGE_ID_HEADER: message_id})
@@ -179,7 +180,55 @@ class NativeChat:
         except PayloadTooLarge as exc:
             raise _bad_body(exc.message) from None
 
-    async def stream_answer(
+    async def _open(
+        self,
+        request: Request,
+        conversation: Conversation,
+        undo: Callable[[], None],
+        finish: Callable[[str], Awaitable[None]],
+    ) -> GenerationStream | Response:
+        """Start the turn's generation and wait for its first delta; when it cannot start, undo the turn and answer
+        in the native shape (the engine full: as a full queue; the engine failing: 503; the client gone: 499)."""
+        try:
+            gen_request = await self._prepare(
+                conversation.chat_prompt, conversation.overrides, conversation.conversation_id
+            )
+        except ChatRequestError:
+            undo()
+            raise
+        try:
+            opened = await self.service.open_generation(gen_request, request.is_disconnected)
+        except EngineError as exc:
+            undo()
+            self.logger.warning("the engine cannot start the turn: %s", exc)
+            overloaded = isinstance(exc, EngineOverloaded)
+            await finish(f"{UNKNOWN_ERROR},{'engine overloaded' if overloaded else 'engine unavailable'}")
+            return engine_error_response(exc, self.service.config.admission.reject_as_http_error)
+        if opened is None:
+            undo()
+            await finish(DISCONNECTED_BEFORE_STREAMING)
+            return Response(status_code=499)
+        return opened
+
+    async def _prepare(
+        self, chat_prompt: AbstractChatPrompt, overrides: SamplingOverrides | None, conversation_id: str | None
+    ) -> GenerationRequest:
+        """The engine request (fitted to the context off the event loop); ChatRequestError for sampling the engine
+        cannot do."""
+        try:
+            return await self.service.prepare_request(chat_prompt, overrides, conversation_id)
+        except UnsupportedSampling as exc:
+            raise ChatRequestError(str(exc), reason=f"bad request: {exc}") from None
+
+    def _build_request(
+        self, chat_prompt: AbstractChatPrompt, overrides: SamplingOverrides | None, conversation_id: str | None
+    ) -> GenerationRequest:
+        try:
+            return self.service.build_request(chat_prompt, overrides, conversation_id)
+        except UnsupportedSampling as exc:
+            raise ChatRequestError(str(exc), reason=f"bad request: {exc}") from None
+
+    def stream_answer(
         self,
         chat_prompt: AbstractChatPrompt,
         finished: Callable[[str], Awaitable[None]],
@@ -190,14 +239,25 @@ class NativeChat:
     ) -> AsyncGenerator[str, None]:
         """Native chunks for the pending answer of ``chat_prompt``; the answer (partial on disconnect) is stored in
         it with ``message_id``, ``commit`` is awaited before the last chunk (a failed commit cuts the stream short),
-        then ``finished`` gets "success", "client_disconnected_while_streaming" or "unknown_error_occurred,..."."""
+        then ``finished`` gets "success", "client_disconnected_while_streaming" or "unknown_error_occurred,...".
+        Raises ChatRequestError for sampling the engine cannot do."""
+        gen_request = self._build_request(chat_prompt, overrides, conversation_id)
+        return self._chunks(chat_prompt, self.service.start_generation(gen_request), finished, message_id, commit)
+
+    async def _chunks(
+        self,
+        chat_prompt: AbstractChatPrompt,
+        stream: GenerationStream,
+        finished: Callable[[str], Awaitable[None]],
+        message_id: str | None,
+        commit: Callable[[str], Awaitable[None]] | None = None,
+    ) -> AsyncGenerator[str, None]:
         answer = _KeptAnswer(chat_prompt, message_id, commit)
-        outcome = GenerationOutcome()
+        outcome = stream.outcome
         message = f"{UNKNOWN_ERROR},while generating"
         try:
-            gen_request = await self.service.prepare_request(chat_prompt, overrides, conversation_id)
             shown = ""
-            async with aclosing(self.service.generate(gen_request, outcome)) as deltas:  # closing aborts on disconnect
+            async with aclosing(stream.deltas()) as deltas:  # closing aborts the request on disconnect
                 async for delta in deltas:
                     text = outcome.text.lstrip()
                     if delta.text and text and not delta.finished:  # the last piece waits for the commit
@@ -205,13 +265,15 @@ class NativeChat:
                         yield native_chunk(text)
             ended = SUCCESS
             if outcome.finish_reason is FinishReason.ERROR:
-                self.logger.warning("generation %s failed: %s", gen_request.request_id, outcome.error)
+                self.logger.warning("generation %s failed: %s", stream.request.request_id, outcome.error)
                 ended = message
             message = f"{UNKNOWN_ERROR},while saving the conversation"
             await answer.keep(outcome.text, ended)
             message = ended
             if outcome.text.lstrip() != shown or not shown:
                 yield native_chunk(outcome.text.lstrip())
+        except EngineError as exc:  # a stream that was not opened first failed before its first delta
+            self.logger.warning("generation %s failed: %s", stream.request.request_id, exc)
         except (asyncio.CancelledError, GeneratorExit):
             message = DISCONNECTED_WHILE_STREAMING
             raise
@@ -295,16 +357,25 @@ def parse_chat_body(raw: bytes | str) -> ChatTurnInput:
     return ChatTurnInput(user_input=user_input, regenerate=False)
 
 
-def add_turn(chat_prompt: AbstractChatPrompt, turn: ChatTurnInput) -> None:
-    """Append the user's message and an empty answer slot, or (regenerate) empty the last answer."""
+def add_turn(chat_prompt: AbstractChatPrompt, turn: ChatTurnInput) -> Callable[[], None]:
+    """Append the user's message and an empty answer slot, or (regenerate) empty the last answer; returns what undoes
+    it (for a turn that could not start)."""
     if not turn.regenerate:
         chat_prompt.add_requester_msg(turn.user_input)
         chat_prompt.add_responder_msg(None)
-        return
+
+        def remove() -> None:
+            chat_prompt.remove_last_responder_msg()
+            chat_prompt.remove_last_requester_msg()
+
+        return remove
     if chat_prompt.is_empty():
         detail = "'regenerate' needs a previous answer; the conversation is empty"
         raise ChatRequestError(detail, reason="regenerate on an empty history")
+    last = chat_prompt.chat_contents[-1]
+    previous = last.get_message()
     chat_prompt.clear_last_responder_message()
+    return lambda: last.set_message(previous)
 
 
 def _bad_body(detail: str) -> ChatRequestError:
@@ -398,6 +469,13 @@ def too_many_requests(as_http_error: bool, retry_after: int) -> JSONResponse:
 def payload_too_large(error: PayloadTooLarge) -> JSONResponse:
     """413 in the shape of /chat_stream's other errors; the limit is in ``detail``."""
     return JSONResponse({"error": "payload_too_large", "detail": error.message}, status_code=413, headers=error.headers)
+
+
+def engine_error_response(error: EngineError, as_http_error: bool) -> JSONResponse:
+    """An engine that cannot start a turn: full (EngineOverloaded) answers like a full queue, failing with 503."""
+    if isinstance(error, EngineOverloaded):
+        return too_many_requests(as_http_error, error.retry_after)
+    return service_unavailable(f"the engine cannot serve requests: {error}")
 
 
 def service_unavailable(detail: str) -> JSONResponse:

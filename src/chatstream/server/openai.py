@@ -22,7 +22,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from chatstream.admission.admission import Draining, QueueFull
+from chatstream.admission.admission import Draining, QueueFull, Slot
+from chatstream.admission.generation import GenerationStream
 from chatstream.engine.base import EngineError, FinishReason
 from chatstream.prompts.window import ContextLengthExceeded
 from chatstream.server.context import ServerContext
@@ -44,7 +45,7 @@ from chatstream.server.openai_stream import event_stream
 from chatstream.server.openapi_docs import endpoint_options, install_openapi
 from chatstream.server.queue_position import queued_events
 from chatstream.server.responses import add_responses_routes
-from chatstream.service import ChatService
+from chatstream.service import ChatService, UnsupportedSampling
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -54,6 +55,8 @@ __all__ = ["OpenAIContext", "add_openai_routes", "api_key_matches", "authorize",
 logger = logging.getLogger(__name__)
 
 OPENAI_PREFIX = "/v1/"
+_EXPECTED_ERRORS = (ApiError, QueueFull, Draining, ValidationError, EngineError, ContextLengthExceeded, UnsupportedSampling)
+"""Errors answered in OpenAI's shape without a traceback in the log."""
 
 
 def add_openai_routes(app: FastAPI, server: ServerContext, api_keys: Sequence[str] = ()) -> None:
@@ -153,7 +156,7 @@ async def _guarded(
         body = schema.model_validate(await read_json_object(request, ctx.server.max_body_bytes))
         check_unsupported(body)
         check_model(ctx.service, body.model)
-        job = await _within_context(ctx.service, await prepare(body), body.new_token_limit() is not None)
+        job = await _finish_job(ctx.service, await prepare(body), body)
         renderer = Renderer(
             kind,
             job.request_id,
@@ -165,7 +168,7 @@ async def _guarded(
         user = user_key(request, ctx.server.roles, as_agent=True)
         return await _respond(ctx.service, request, job, renderer, body, user)
     except Exception as exc:
-        if not isinstance(exc, ApiError | QueueFull | Draining | ValidationError | EngineError | ContextLengthExceeded):
+        if not isinstance(exc, _EXPECTED_ERRORS):
             logger.exception("OpenAI %s request failed", kind)
         return openai_error_response(exc)
 
@@ -184,14 +187,14 @@ async def _respond(
     arrived = time.monotonic()
     ticket = service.enqueue(user)
     if body.stream and ticket.slot is None:  # tell the client its place in line while it waits (SSE comments)
-        answer = functools.partial(event_stream, service, job, renderer, body.include_usage, arrived)
+        streams = [service.start_generation(r, arrived) for r in job.requests]
+        answer = functools.partial(event_stream, service, streams, job, renderer, body.include_usage)
         return SseResponse(queued_events(service, ticket, answer), ticket.close, job.headers)
     slot = await admitted(service, ticket, request)
     if slot is None:
         return Response(status_code=499)
     if body.stream:
-        events = event_stream(service, job, renderer, body.include_usage, arrived)
-        return SseResponse(events, slot.release, job.headers)
+        return await _stream_response(service, request, job, renderer, body.include_usage, slot, arrived)
     try:
         outcomes = await service.collect_all(job.requests, request.is_disconnected, arrived)
     finally:
@@ -205,7 +208,55 @@ async def _respond(
     return JSONResponse(renderer.complete(outcomes), headers=job.headers or None)
 
 
-async def _within_context(service: ChatService, job: OpenAIJob, max_tokens_given: bool) -> OpenAIJob:
-    """``job`` with each request fitted to the model's context (ContextLengthExceeded when one cannot fit)."""
-    fitted = tuple([await service.check_context(request, max_tokens_given) for request in job.requests])
-    return dataclasses.replace(job, requests=fitted)
+async def _finish_job(
+    service: ChatService, job: OpenAIJob, body: ChatCompletionRequest | CompletionRequest
+) -> OpenAIJob:
+    """``job`` with the body's extensions applied (``add_special_tokens``), its sampling checked against the engine
+    (UnsupportedSampling: a 400 naming the field) and each request fitted to the model's context
+    (ContextLengthExceeded when one cannot fit)."""
+    requests = []
+    for request in job.requests:
+        if body.add_special_tokens is not None:
+            request = dataclasses.replace(request, add_special_tokens=body.add_special_tokens)
+        service.check_sampling(request.sampling)
+        requests.append(await service.check_context(request, body.new_token_limit() is not None))
+    return dataclasses.replace(job, requests=tuple(requests))
+
+
+async def _stream_response(
+    service: ChatService,
+    request: Request,
+    job: OpenAIJob,
+    renderer: Renderer,
+    include_usage: bool,
+    slot: Slot,
+    arrived: float,
+) -> Response:
+    """The SSE response, once each choice's first delta is there (an engine that cannot start a request raises
+    first: 429 or 503 instead of a broken stream)."""
+    opened: list[GenerationStream] = []
+    try:
+        for gen_request in job.requests:
+            stream = await service.open_generation(gen_request, request.is_disconnected, arrived)
+            if stream is None:
+                break
+            opened.append(stream)
+    except BaseException:
+        await _close_all(opened)
+        slot.release()
+        raise
+    if len(opened) < len(job.requests):  # the client left
+        await _close_all(opened)
+        slot.release()
+        return Response(status_code=499)
+
+    async def close() -> None:
+        await _close_all(opened)  # aborts the requests when the body never ran
+        slot.release()
+
+    return SseResponse(event_stream(service, opened, job, renderer, include_usage), close, job.headers)
+
+
+async def _close_all(streams: list[GenerationStream]) -> None:
+    for stream in streams:
+        await stream.aclose()

