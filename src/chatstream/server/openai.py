@@ -55,7 +55,9 @@ __all__ = ["OpenAIContext", "add_openai_routes", "api_key_matches", "authorize",
 logger = logging.getLogger(__name__)
 
 OPENAI_PREFIX = "/v1/"
-_EXPECTED_ERRORS = (ApiError, QueueFull, Draining, ValidationError, EngineError, ContextLengthExceeded, UnsupportedSampling)
+_EXPECTED_ERRORS = (
+    ApiError, QueueFull, Draining, ValidationError, EngineError, ContextLengthExceeded, UnsupportedSampling
+)
 """Errors answered in OpenAI's shape without a traceback in the log."""
 
 
