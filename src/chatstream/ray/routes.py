@@ -18,13 +18,20 @@ logger = logging.getLogger(__name__)
 
 
 def add_ray_routes(app: FastAPI, chat_stream: ChatStream, engine: RayEngine) -> None:
-    """Mount GET /ray/replicas; it answers to the clients that may read /get_load."""
+    """Mount GET /ray/replicas; it answers to the clients that may read /get_load.
+
+    The report: turns relayed per replica, their actor names, conversations that changed replica; with
+    ``?conversation=ID`` the replica of that conversation's latest turn; with ``?stats=1`` each replica's own stats.
+    """
 
     async def replicas(request: Request) -> Response:
         denied = chat_stream.client_roles.deny_response(request, "get_load")
         if denied is not None:
             return denied
         report = engine.routing_report()
+        conversation_id = request.query_params.get("conversation")
+        if conversation_id:
+            report["conversation_replica"] = engine.last_replica_of(conversation_id)
         if request.query_params.get("stats") in ("1", "true"):
             report["replicas"] = [await _stats_or_error(engine, replica_id) for replica_id in report["actor_names"]]
         return JSONResponse(report)

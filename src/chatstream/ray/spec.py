@@ -80,9 +80,11 @@ class ReplicaSettings:
         min_replicas, max_replicas: autoscaling bounds; autoscaling is on when ``max_replicas`` is set.
         target_ongoing_requests: autoscaling target per replica (None: the engine's batch size).
         num_cpus, num_gpus: resources each replica reserves (its ``ray_actor_options``).
-        max_queued_requests: requests the front may hold for the engine replicas beyond their batch slots; the next
-            one is refused (429 + Retry-After). -1 lets the queue grow without bound (never hangs only if the
-            front's own admission bounds it).
+        max_queued_requests: requests that may wait for a batch slot beyond the replicas' slots; the next one is
+            refused (429 + Retry-After). It sizes the front's admission queue; Ray's own queue in each front
+            (``max_queued_requests`` of the deployment) gets this plus every batch slot, so that what one front
+            admitted never trips Ray's limit while a finished request's slot is still being released; Ray's limit
+            refuses what several fronts together send beyond it. -1: no bound in Ray.
         retry_after_s: the Retry-After that a refused request carries.
         sticky: route each conversation to the replica that served its previous turn (False: Ray's default
             power-of-two-choices router; benchmarks compare the two).
@@ -121,11 +123,17 @@ class ReplicaSettings:
         """The most replicas that can run at once."""
         return self.max_replicas if self.max_replicas is not None else self.num_replicas
 
+    def ray_queue_limit(self, max_batch_size: int) -> int:
+        """Ray's ``max_queued_requests`` for the engine deployment (see ``max_queued_requests``)."""
+        if self.max_queued_requests == -1:
+            return -1
+        return self.max_queued_requests + self.peak_replicas * max_batch_size
+
     def deployment_options(self, max_batch_size: int) -> dict[str, Any]:
         """Keyword arguments for ``Deployment.options`` (replica count or autoscaling, limits, resources)."""
         options: dict[str, Any] = {
             "max_ongoing_requests": max_batch_size,
-            "max_queued_requests": self.max_queued_requests,
+            "max_queued_requests": self.ray_queue_limit(max_batch_size),
             "backpressure_config": {"status_code": 429, "retry_after_s": self.retry_after_s},
             "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
         }
