@@ -61,10 +61,23 @@ async def test_pinned_calls_go_to_their_replica_and_do_not_take_ownership() -> N
     assert not r.owners
 
 
+async def test_equally_loaded_replicas_are_offered_fewest_conversations_first() -> None:
+    a, b, c = replica("a"), replica("b"), replica("c")
+    r = router()
+    r.initialize_state(max_conversations=10)
+    for name, owner in (("c1", a), ("c2", a), ("c3", c)):
+        r.on_request_routed(pending(conversation_id=name), owner.replica_id, None)
+    assert await r.choose_replicas([a, b, c], pending(conversation_id="new")) == [[b, c, a]]
+    assert await r.choose_replicas([a, b, c], pending(conversation_id="c3")) == [[c], [b, a]]
+    r.on_request_routed(pending(conversation_id="c1"), b.replica_id, None)  # moved: a owns 1, b 1, c 1
+    assert r.owned == {a.replica_id: 1, b.replica_id: 1, c.replica_id: 1}
+
+
 def test_owners_are_bounded_least_recently_used_first() -> None:
     r = router()
     for name in ("c1", "c2", "c1", "c3"):
         r.on_request_routed(pending(conversation_id=name), ReplicaID(unique_id="a", deployment_id=None), None)
     assert list(r.owners) == ["c1", "c3"]
+    assert sum(r.owned.values()) == 2
     with pytest.raises(ValueError, match="max_conversations=0"):
         r.initialize_state(max_conversations=0)

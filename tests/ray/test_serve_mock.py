@@ -13,7 +13,7 @@ import pytest
 from chatstream.config import EngineConfig, MockConfig, MockType
 from chatstream.ray.app import FrontSettings
 from chatstream.ray.spec import EngineSpec, ReplicaSettings
-from tests.ray.cluster import deployed, local_cluster, routing
+from tests.ray.cluster import deployed, routing
 
 pytestmark = pytest.mark.ray
 
@@ -21,17 +21,13 @@ MOCK = EngineSpec(
     mock=MockConfig(type=MockType.LONG, time_per_token_sec=0.02), engine_config=EngineConfig(max_batch_size=2)
 )
 REPLICAS = ReplicaSettings(num_replicas=2, num_cpus=0.5, max_queued_requests=2, retry_after_s=2)
+# Every answer takes 2 s (100 tokens x 0.02 s), longer than a burst takes to arrive on a busy machine.
+FRONT = FrontSettings(chat_stream_options={"max_new_tokens": 100})
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[str]:
-    with local_cluster() as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def mock_app(cluster: str) -> Iterator[str]:
-    with deployed(cluster, MOCK, REPLICAS) as url:
+def mock_app(ray_cluster: str) -> Iterator[str]:
+    with deployed(ray_cluster, MOCK, REPLICAS, FRONT) as url:
         yield url
 
 
@@ -84,22 +80,23 @@ def test_a_burst_beyond_capacity_gets_429_with_retry_after_in_both_protocols(moc
     responses = asyncio.run(_burst(mock_app, bodies))
     elapsed = time.monotonic() - started
     codes = [r.status_code for r in responses]
-    assert codes.count(200) == 6 and codes.count(429) == 6, codes
+    assert set(codes) == {200, 429} and codes.count(200) >= 6 and codes.count(429) >= 4, codes
     refused = [r for r in responses if r.status_code == 429]
     assert all(int(r.headers["retry-after"]) >= 1 for r in refused)  # the front's admission estimates it
     assert {r.request.url.path for r in refused} == {"/chat_stream", "/v1/chat/completions"}
     assert elapsed < 20
 
 
-def test_ray_backpressure_becomes_429_with_retry_after(cluster: str, mock_app: str) -> None:
+def test_ray_backpressure_becomes_429_with_retry_after(ray_cluster: str, mock_app: str) -> None:
     # The front admits everything; Ray's own queue (2 + 4 slots) overflows, and the refusal is still a 429.
-    front = FrontSettings(chat_stream_options={"num_of_concurrent_executions": 64, "max_queue_size": 0})
-    with deployed(cluster, MOCK, REPLICAS, front) as url:  # replaces the module's app (same name and route)
+    options = {"num_of_concurrent_executions": 64, "max_queue_size": 0, "max_new_tokens": 100}
+    front = FrontSettings(chat_stream_options=options)
+    with deployed(ray_cluster, MOCK, REPLICAS, front) as url:  # replaces the module's app (same name and route)
         responses = asyncio.run(_burst(url, [("/v1/chat/completions", _chat(stream=False))] * 16))
         with httpx.Client(base_url=url, timeout=30) as client:
             report = routing(client)
     codes = [r.status_code for r in responses]
-    assert codes.count(429) >= 4 and codes.count(200) >= 8, codes  # 4 run, 6 wait in Ray, the rest is refused
+    assert set(codes) == {200, 429} and codes.count(429) >= 4 and codes.count(200) >= 8, codes  # 4 run, 6 wait
     refused = next(r for r in responses if r.status_code == 429)
     assert refused.headers["retry-after"] == "2"
     assert refused.json()["error"]["code"] == "rate_limit_exceeded" or "busy" in refused.json()["error"]["message"]

@@ -13,7 +13,7 @@ replica. The router runs inside the caller's process (the front deployment), one
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
@@ -28,8 +28,10 @@ class ConversationRouter(RequestRouter):  # type: ignore[misc]  # RequestRouter 
     """Routes each conversation to the replica holding its KV cache; least-loaded for new or displaced ones.
 
     Ranks handed to Serve: ``[[owner], [every other replica]]`` for a known conversation, ``[[all replicas]]``
-    for a new one. Serve takes the least-loaded replica with a free slot within the first rank that has one,
-    so "owner full" falls through to the least-loaded other replica. ``moves`` counts conversations that changed
+    for a new one. Serve takes the least-loaded replica (fewest ongoing requests) with a free slot within the
+    first rank that has one, so "owner full" falls through to the least-loaded other replica. Within a rank the
+    replicas are ordered by the conversations they own, which breaks Serve's ties (it keeps the first of equally
+    loaded replicas): idle replicas share new conversations evenly. ``moves`` counts conversations that changed
     replica; ``owners`` maps conversation id to replica id (bounded, least recently used dropped first).
     """
 
@@ -39,6 +41,7 @@ class ConversationRouter(RequestRouter):  # type: ignore[misc]  # RequestRouter 
             raise ValueError(f"max_conversations={max_conversations!r} must be >= 1")
         self.max_conversations = max_conversations
         self.owners: OrderedDict[str, ReplicaID] = OrderedDict()
+        self.owned: Counter[ReplicaID] = Counter()
         self.moves = 0
 
     async def choose_replicas(
@@ -52,10 +55,11 @@ class ConversationRouter(RequestRouter):  # type: ignore[misc]  # RequestRouter 
             chosen = [r for r in candidate_replicas if r.replica_id.unique_id == pinned]
             return [chosen or candidate_replicas]
         owner_id = self._owner_of(_routing_kwarg(pending_request, "conversation_id"))
-        owner = [r for r in candidate_replicas if r.replica_id == owner_id]
+        ordered = sorted(candidate_replicas, key=lambda r: self.owned[r.replica_id])
+        owner = [r for r in ordered if r.replica_id == owner_id]
         if not owner:
-            return [candidate_replicas]
-        others = [r for r in candidate_replicas if r.replica_id != owner_id]
+            return [ordered]
+        others = [r for r in ordered if r.replica_id != owner_id]
         return [owner, others] if others else [owner]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
@@ -73,10 +77,15 @@ class ConversationRouter(RequestRouter):  # type: ignore[misc]  # RequestRouter 
                 replica_id.unique_id,
                 self.moves,
             )
+        if previous != replica_id:
+            self.owned[replica_id] += 1
+            if previous is not None:
+                self.owned[previous] -= 1
         self.owners[conversation_id] = replica_id
         self.owners.move_to_end(conversation_id)
         while len(self.owners) > self.max_conversations:
-            self.owners.popitem(last=False)
+            _, dropped = self.owners.popitem(last=False)
+            self.owned[dropped] -= 1
 
     def _owner_of(self, conversation_id: str | None) -> ReplicaID | None:
         if conversation_id is None:
