@@ -48,8 +48,8 @@ def _replica_identity() -> ReplicaTag:
 class EngineReplica:
     """One replica of the engine deployment: builds its engine from an :class:`EngineSpec` and streams deltas.
 
-    It also counts, per conversation, the turns it served, so that tests and operators can see where the sticky
-    router sent each conversation.
+    It also counts the turns and conversations it served (``stats``), so that operators can see how the sticky
+    router spreads the load.
     """
 
     def __init__(self, spec: EngineSpec) -> None:
@@ -90,10 +90,6 @@ class EngineReplica:
             "conversations": len(self._turns),
             "turns": sum(self._turns.values()),
         }
-
-    async def conversation_turns(self, conversation_id: str, pinned_replica: str | None = None) -> int:
-        """Turns of ``conversation_id`` this replica served (since it started)."""
-        return self._turns.get(conversation_id, 0)
 
     def check_health(self) -> None:
         """Serve calls this periodically; raising marks the replica unhealthy and Serve replaces it."""
