@@ -68,17 +68,6 @@ class FrontSettings:
             raise ValueError(f"num_replicas={self.num_replicas!r} must be >= 1")
 
 
-class _EngineChatStream(ChatStream):
-    """A ChatStream on a given engine. Interim: until ``ChatStream(engine=...)`` exists (see docs/scaling.md)."""
-
-    def __init__(self, engine: Engine, **options: Any) -> None:
-        self._given_engine = engine
-        super().__init__(**options)
-
-    def _create_engine(self, mock_params: dict[Any, Any] | None) -> Engine:
-        return self._given_engine
-
-
 def front_chat_stream(engine: Engine, spec: EngineSpec, replicas: ReplicaSettings, front: FrontSettings) -> ChatStream:
     """The front's ChatStream on ``engine``, with the tokenizer (no weights) of ``spec`` for prompt rendering."""
     options: dict[str, Any] = {
@@ -89,7 +78,7 @@ def front_chat_stream(engine: Engine, spec: EngineSpec, replicas: ReplicaSetting
         "model_name": Path(spec.model_path).name if spec.model_path else "chatstream-mock",
     }
     options.update(front.chat_stream_options)
-    return _EngineChatStream(engine, tokenizer=spec.load_tokenizer(), **options)
+    return ChatStream(engine=engine, tokenizer=spec.load_tokenizer(), **options)
 
 
 class ChatStreamFront:

@@ -54,7 +54,7 @@ class EngineSpec:
             from chatstream.engine.mock_engine import MockEngine
 
             return MockEngine(self.mock)
-        from chatstream.engine.transformers_engine import TransformersEngine
+        from chatstream.engine.async_engine import TransformersEngine
         from chatstream.models.loader import load_model
 
         model, tokenizer = load_model(self.model_path, dtype=self.dtype, device=self.device, progress=False)
