@@ -21,7 +21,7 @@ from chatstream.admission.admission import AdmissionController, QueueFull, Slot
 from chatstream.admission.generation import GenerationOutcome, run_generation
 from chatstream.admission.metrics import ChatStreamMetrics
 from chatstream.config import EngineConfig, MockConfig, SamplingOverrides, SamplingParams, ServiceConfig
-from chatstream.engine.base import Delta, Engine, GenerationRequest
+from chatstream.engine.base import Delta, Engine, GenerationRequest, engine_workers, wants_chat_context
 from chatstream.engine.mock_engine import MockEngine, MockRequest
 from chatstream.i18n import message
 
@@ -131,7 +131,9 @@ class ChatService:
         """This service's Prometheus metrics."""
         if self._metrics is None:
             self._metrics = ChatStreamMetrics(
-                running=lambda: self.admission.num_running, waiting=lambda: self.admission.num_waiting
+                running=lambda: self.admission.num_running,
+                waiting=lambda: self.admission.num_waiting,
+                workers=lambda: engine_workers(self.engine),
             )
         return self._metrics
 
@@ -175,8 +177,9 @@ class ChatService:
         return None if getattr(chat_prompt, "encode_add_special_tokens", True) else False
 
     def _for_engine(self, request: GenerationRequest, user_input: str | None, turn: int = 0) -> GenerationRequest:
-        # The mock answers from the user's input and the turn number, which only its own request type carries.
-        if not isinstance(self.engine, MockEngine):
+        # The mock answers from the user's input and the turn number, which only its own request type carries; the
+        # engine says whether it wants them (a pool or a Ray client forwards what its members say).
+        if not wants_chat_context(self.engine):
             return request
         fields = {f.name: getattr(request, f.name) for f in dataclasses.fields(request)}
         return MockRequest(**fields, user_input=user_input, turn=turn)

@@ -68,6 +68,9 @@ def split_mock_tokens(text: str) -> list[str]:
 class MockEngine:
     """Streams canned answers chosen by ``MockConfig.type``; implements the Engine protocol."""
 
+    wants_chat_context = True
+    """It answers from the user's message and the turn number: the service hands it a :class:`MockRequest`."""
+
     def __init__(self, config: MockConfig | None = None) -> None:
         self.config = config or MockConfig()
         self._tasks: dict[str, asyncio.Task[None]] = {}
