@@ -9,7 +9,7 @@ method is a few lines that delegate to one of them.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
@@ -72,7 +72,12 @@ class ChatStream:
             through the engine's fused decoder; False keeps transformers' own forward pass (``chatstream serve
             --no-fused-decoder``).
         engine: an engine instance to generate with (any implementation of ``chatstream.engine.Engine``) instead of
-            the one built from ``model`` (then ``model`` is not needed; ``tokenizer`` still renders the prompts).
+            the one built from ``model`` (then ``model`` is not needed; ``tokenizer`` still renders the prompts); a
+            list of engines is served as a pool (``chatstream.pool``), each running ``num_of_concurrent_executions``.
+        devices: serve one copy of ``model`` per device ("cuda:0", "cuda:1", ...) as a pool behind the same endpoints:
+            each conversation stays on the engine that holds its KV cache, new ones go to the least-loaded engine
+            (docs/scaling.md). ``num_of_concurrent_executions`` is then per device, and admission control admits
+            that many times the number of devices.
     """
 
     def __init__(
@@ -111,14 +116,17 @@ class ChatStream:
         token_sampler: Any = None,
         probe_mode_enabled: bool = False,
         fused_decoder: bool = True,
-        engine: Engine | None = None,
+        engine: Engine | Sequence[Engine] | None = None,
+        devices: Sequence[str | torch.device] | None = None,
     ) -> None:
         self.name = name
         self.logger = logger or logging.getLogger("chatstream")
         _warn_if_sampler_hooks(self.logger, token_sampler, probe_mode_enabled)
         self.model, self.tokenizer, self.use_mock_response = model, tokenizer, use_mock_response
-        self.device = _resolve_device(device)
+        self.device = _resolve_device(device if not devices else devices[0])
         self.num_gpus = 0 if use_mock_response or (self.device is not None and self.device.type != "cuda") else num_gpus
+        if devices:
+            self.num_gpus = len({str(d) for d in devices if str(d).startswith("cuda")})
         self.too_many_request_as_http_error = too_many_request_as_http_error
         self.default_sampling = SamplingParams(
             max_new_tokens=max_new_tokens,
@@ -132,7 +140,9 @@ class ChatStream:
             ignore_eos=ignore_eos,
         )
         self.admission_config = AdmissionConfig(
-            num_of_concurrent_executions, max_queue_size, reject_as_http_error=too_many_request_as_http_error
+            num_of_concurrent_executions * _num_engines(engine, devices),
+            max_queue_size,
+            reject_as_http_error=too_many_request_as_http_error,
         )
         self.engine_config = EngineConfig(
             context_len=context_len,
@@ -144,20 +154,35 @@ class ChatStream:
         self.client_roles = ClientRoles.from_config(client_roles)
         self.chat_prompt_clazz = chat_prompt_clazz or default_prompt_class(tokenizer, use_mock_response)
         self.request_handler = request_handler or SimpleSessionRequestHandler()
-        self.service = self._create_service(locale, model_name, mock_params, engine)
+        self.service = self._create_service(locale, model_name, self._create_engine(mock_params, engine, devices))
         chat = NativeChat(self.service, self.client_roles, self.request_handler, self.logger)
         self.server_context = ServerContext(
             self.service, self.client_roles, chat, tuple(api_keys), on_feedback_received
         )
         self._console_prompt: AbstractChatPrompt | None = None
 
-    def _create_service(
+    def _create_engine(
         self,
-        locale: str | None,
-        model_name: str | None,
         mock_params: Mapping[Any, Any] | None,
-        engine: Engine | None,
-    ) -> ChatService:
+        engine: Engine | Sequence[Engine] | None,
+        devices: Sequence[str | torch.device] | None,
+    ) -> Engine:
+        if devices:
+            if engine is not None or self.use_mock_response or self.model is None or self.tokenizer is None:
+                raise ValueError("devices needs model and tokenizer, and neither engine nor use_mock_response")
+            from chatstream.pool.devices import device_pool
+
+            return device_pool(self.model, self.tokenizer, self.engine_config, devices)
+        if isinstance(engine, Sequence):
+            from chatstream.pool.devices import engine_pool
+
+            return engine_pool(engine, self.engine_config.max_batch_size)
+        if engine is not None:
+            return engine
+        mock = MockConfig.from_seed_params(dict(mock_params or {})) if self.use_mock_response else None
+        return create_engine(self.model, self.tokenizer, self.engine_config, mock)
+
+    def _create_service(self, locale: str | None, model_name: str | None, engine: Engine) -> ChatService:
         config = ServiceConfig(
             name=self.name,
             model_name=model_name or _model_name(self.model, self.use_mock_response),
@@ -168,9 +193,6 @@ class ChatStream:
             num_gpus=self.num_gpus,
             device=self.device,
         )
-        if engine is None:
-            mock = MockConfig.from_seed_params(dict(mock_params or {})) if self.use_mock_response else None
-            engine = create_engine(self.model, self.tokenizer, self.engine_config, mock)
         return ChatService(config, engine, PromptFactory(self.chat_prompt_clazz, self.tokenizer), self.logger)
 
     # ----- what the service holds -----
@@ -285,6 +307,13 @@ class ChatStream:
 
     async def js(self, request: Request, response: Any = None) -> Response:
         return await webui.js(self.server_context, request, response)
+
+
+def _num_engines(engine: Engine | Sequence[Engine] | None, devices: Sequence[Any] | None) -> int:
+    """How many engines generate: one per device, one per engine of a list, else one."""
+    if devices:
+        return len(devices)
+    return len(engine) if isinstance(engine, Sequence) else 1
 
 
 def _warn_if_sampler_hooks(logger: logging.Logger, token_sampler: Any, probe_mode_enabled: bool) -> None:
