@@ -161,3 +161,33 @@ async def test_a_stopped_client_refuses_requests() -> None:
     engine = RayEngine(FakeHandle())
     with pytest.raises(EngineError, match="not running"):
         engine.add_request(GenerationRequest("req-1", "hi"))
+
+
+async def test_workers_are_the_live_replicas_with_their_turns_and_conversations() -> None:
+    handle = FakeHandle(answer("a", replica="r1"), answer("b", replica="r2"), failing(ActorDiedError(), after=1))
+    engine = RayEngine(handle, max_running_per_replica=4)
+    await run(engine, "c1")
+    await run(engine, "c2")
+    workers = {w.name: w for w in engine.workers()}
+    assert set(workers) == {"r1", "r2"} and workers["r1"].max_running == 4
+    assert workers["r1"].turns_total == 1 and workers["r1"].conversations == 1
+    assert workers["r2"].stats.num_cached_tokens_total == 2
+    await run(engine, "c1")  # "r1" of the script dies mid-stream: it leaves the report
+    assert {w.name for w in engine.workers()} == {"r2"}
+    assert engine.routing_report()["dead_replicas"] == ["r1"]
+
+
+def test_the_front_builds_mock_requests_when_the_replicas_run_the_mock() -> None:
+    from chatstream import ChatStream
+    from chatstream.engine.mock_engine import MockRequest
+
+    for mock, expected in ((True, MockRequest), (False, GenerationRequest)):
+        engine = RayEngine(FakeHandle(), wants_chat_context=mock)
+        chat_stream = ChatStream(engine=engine)
+        chat_prompt = chat_stream.service.new_chat_prompt()
+        chat_prompt.add_requester_msg("echo me")
+        chat_prompt.add_responder_msg(None)
+        request = chat_stream.service.build_request(chat_prompt)
+        assert type(request) is expected
+        if isinstance(request, MockRequest):
+            assert request.user_input == "echo me" and request.turn == 1

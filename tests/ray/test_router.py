@@ -49,7 +49,7 @@ async def test_a_gone_owner_falls_back_to_every_replica_and_the_move_is_counted(
     assert await r.choose_replicas([a], pending(conversation_id="c1")) == [[a]]
     r.on_request_routed(pending(conversation_id="c1"), a.replica_id, None)
     assert r.moves == 1
-    assert r.owners["c1"] == a.replica_id
+    assert r.ownership.owner_of("c1") == a.replica_id
 
 
 async def test_pinned_calls_go_to_their_replica_and_do_not_take_ownership() -> None:
@@ -58,7 +58,7 @@ async def test_pinned_calls_go_to_their_replica_and_do_not_take_ownership() -> N
     assert await r.choose_replicas([a, b], pending(pinned_replica="b")) == [[b]]
     assert await r.choose_replicas([a], pending(pinned_replica="b")) == [[a]]  # gone: anyone answers, and says who
     r.on_request_routed(pending(pinned_replica="b"), b.replica_id, None)
-    assert not r.owners
+    assert not r.ownership.owners
 
 
 async def test_equally_loaded_replicas_are_offered_fewest_conversations_first() -> None:
@@ -70,14 +70,14 @@ async def test_equally_loaded_replicas_are_offered_fewest_conversations_first() 
     assert await r.choose_replicas([a, b, c], pending(conversation_id="new")) == [[b, c, a]]
     assert await r.choose_replicas([a, b, c], pending(conversation_id="c3")) == [[c], [b, a]]
     r.on_request_routed(pending(conversation_id="c1"), b.replica_id, None)  # moved: a owns 1, b 1, c 1
-    assert r.owned == {a.replica_id: 1, b.replica_id: 1, c.replica_id: 1}
+    assert r.ownership.owned == {a.replica_id: 1, b.replica_id: 1, c.replica_id: 1}
 
 
 def test_owners_are_bounded_least_recently_used_first() -> None:
     r = router()
     for name in ("c1", "c2", "c1", "c3"):
         r.on_request_routed(pending(conversation_id=name), ReplicaID(unique_id="a", deployment_id=None), None)
-    assert list(r.owners) == ["c1", "c3"]
-    assert sum(r.owned.values()) == 2
+    assert list(r.ownership.owners) == ["c1", "c3"]
+    assert sum(r.ownership.owned.values()) == 2
     with pytest.raises(ValueError, match="max_conversations=0"):
         r.initialize_state(max_conversations=0)

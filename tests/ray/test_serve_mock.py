@@ -13,7 +13,7 @@ import pytest
 from chatstream.config import EngineConfig, MockConfig, MockType
 from chatstream.ray.app import FrontSettings
 from chatstream.ray.spec import EngineSpec, ReplicaSettings
-from tests.ray.cluster import deployed, routing
+from tests.ray.cluster import AGENT, deployed, routing
 
 pytestmark = pytest.mark.ray
 
@@ -51,6 +51,10 @@ def test_both_protocols_stream_through_the_proxy(mock_app: str) -> None:
         text = "".join(json.loads(e)["choices"][0]["delta"].get("content", "") for e in events[:-1])
         assert text.startswith("Once upon a time")
         assert sum(routing(client)["turns_by_replica"].values()) >= 2
+        load = client.get("/get_load", headers=AGENT).json()  # one entry per replica this front has used
+        assert load["chatstream_workers"] and all(w["max_processing"] == 2 for w in load["chatstream_workers"])
+        assert sum(w["turns"] for w in load["chatstream_workers"]) >= 2
+        assert client.get("/health").json()["status"] == "ok"
 
 
 async def _burst(url: str, bodies: list[tuple[str, dict[str, object]]]) -> list[httpx.Response]:

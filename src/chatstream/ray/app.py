@@ -87,7 +87,11 @@ class ChatStreamFront:
     def __init__(self, engine_handle: Any, spec: EngineSpec, replicas: ReplicaSettings, front: FrontSettings) -> None:
         self.front = front
         self.engine = RayEngine(
-            engine_handle, retry_after=replicas.retry_after_s, first_delta_timeout_s=replicas.first_delta_timeout_s
+            engine_handle,
+            retry_after=replicas.retry_after_s,
+            first_delta_timeout_s=replicas.first_delta_timeout_s,
+            max_running_per_replica=spec.max_batch_size,
+            wants_chat_context=spec.mock is not None,
         )
         self.chat_stream = front_chat_stream(self.engine, spec, replicas, front)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter, OrderedDict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +23,9 @@ from chatstream.engine.base import (
     FinishReason,
     GenerationRequest,
     RequestStream,
+    WorkerStats,
 )
+from chatstream.pool.policy import Ownership
 from chatstream.ray.engine_replica import ReplicaTag
 
 logger = logging.getLogger(__name__)
@@ -38,6 +40,7 @@ class _Relay:
 
     request: GenerationRequest
     stream: RequestStream
+    replica: str | None = None
     received: bool = False
     finished: bool = False
 
@@ -50,10 +53,19 @@ class RayEngine:
         retry_after: seconds a refused request is told to wait when Ray's error carries none.
         first_delta_timeout_s: a request without a first delta by then fails with :class:`EngineError` (503).
         max_attempts: tries of one request when its replica dies before answering (another replica is chosen).
+        max_running_per_replica: the generations one replica runs at once (its batch size), for ``workers()``.
+        wants_chat_context: the replicas run the mock engine, which answers from the user's message and the turn.
     """
 
     def __init__(
-        self, handle: Any, *, retry_after: int = 1, first_delta_timeout_s: float = 120.0, max_attempts: int = 2
+        self,
+        handle: Any,
+        *,
+        retry_after: int = 1,
+        first_delta_timeout_s: float = 120.0,
+        max_attempts: int = 2,
+        max_running_per_replica: int | None = None,
+        wants_chat_context: bool = False,
     ) -> None:
         if max_attempts < 1:
             raise ValueError(f"max_attempts={max_attempts!r} must be >= 1")
@@ -62,13 +74,17 @@ class RayEngine:
         self.retry_after = retry_after
         self.first_delta_timeout_s = first_delta_timeout_s
         self.max_attempts = max_attempts
+        self.max_running_per_replica = max_running_per_replica
+        self.wants_chat_context = wants_chat_context
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._relays: dict[str, _Relay] = {}
         self._running = False
-        self._totals: Counter[str] = Counter()
+        self._totals: defaultdict[str, Counter[str]] = defaultdict(Counter)
         self.turns_by_replica: Counter[str] = Counter()
+        self.moved_in: Counter[str] = Counter()
         self.actor_names: dict[str, str] = {}
-        self.moves = 0
-        self._last_replica: OrderedDict[str, str] = OrderedDict()
+        self.dead_replicas: set[str] = set()
+        self.ownership: Ownership[str] = Ownership(MAX_TRACKED_CONVERSATIONS)
 
     # ----- the engine contract -----
 
@@ -90,9 +106,11 @@ class RayEngine:
         if request.request_id in self._tasks:
             raise EngineError(f"request_id {request.request_id!r} is already in use")
         stream = RequestStream(request.request_id)
-        task = asyncio.get_running_loop().create_task(self._relay(_Relay(request, stream)))
+        relay = _Relay(request, stream)
+        task = asyncio.get_running_loop().create_task(self._relay(relay))
         self._tasks[request.request_id] = task
-        task.add_done_callback(lambda _: self._tasks.pop(request.request_id, None))
+        self._relays[request.request_id] = relay
+        task.add_done_callback(lambda _: self._forget(request.request_id))
         return stream
 
     def abort(self, request_id: str) -> None:
@@ -102,12 +120,31 @@ class RayEngine:
 
     def stats(self) -> EngineStats:
         """This front's view: its requests in flight and the token totals of the answers it relayed."""
-        return EngineStats(
-            num_running=len(self._tasks),
-            num_generated_tokens_total=self._totals["generated"],
-            num_prompt_tokens_total=self._totals["prompt"],
-            num_cached_tokens_total=self._totals["cached"],
-        )
+        totals: Counter[str] = sum(self._totals.values(), Counter())
+        return _engine_stats(len(self._tasks), totals)
+
+    def workers(self) -> list[WorkerStats]:
+        """Each live replica as this front knows it: its requests in flight from here, the turns and conversations
+        this front sent it, the token totals of those answers. A replica seen dying is left out (Serve replaces it,
+        and the replacement appears once it serves)."""
+        running = Counter(r.replica for r in self._relays.values() if r.replica is not None)
+        return [
+            WorkerStats(
+                name=replica,
+                stats=_engine_stats(running[replica], self._totals[replica]),
+                max_running=self.max_running_per_replica,
+                turns_total=turns,
+                moved_in_total=self.moved_in[replica],
+                conversations=self.ownership.owned[replica],
+            )
+            for replica, turns in self.turns_by_replica.items()
+            if replica not in self.dead_replicas
+        ]
+
+    @property
+    def moves(self) -> int:
+        """Conversations whose turn went to another replica than their previous one."""
+        return self.ownership.moves
 
     # ----- beyond the contract: what operators and tests look at -----
 
@@ -116,8 +153,9 @@ class RayEngine:
         return {
             "turns_by_replica": dict(self.turns_by_replica),
             "actor_names": dict(self.actor_names),
+            "dead_replicas": sorted(self.dead_replicas),
             "moves": self.moves,
-            "conversations": len(self._last_replica),
+            "conversations": len(self.ownership),
         }
 
     async def replica_stats(self, replica_id: str) -> dict[str, Any]:
@@ -127,7 +165,7 @@ class RayEngine:
 
     def last_replica_of(self, conversation_id: str) -> str | None:
         """The replica that served the conversation's latest turn through this front."""
-        return self._last_replica.get(conversation_id)
+        return self.ownership.owner_of(conversation_id)
 
     # ----- relaying one request -----
 
@@ -165,12 +203,13 @@ class RayEngine:
 
     def _take(self, relay: _Relay, item: ReplicaTag | Delta) -> None:
         if isinstance(item, ReplicaTag):
+            relay.replica = item.replica_id
             self._note_replica(relay.request.conversation_id, item)
             return
         relay.received = True
         if item.finished:
             relay.finished = True
-            self._totals.update(
+            self._totals[relay.replica or ""].update(
                 generated=item.num_generated_tokens, prompt=item.num_prompt_tokens, cached=item.num_cached_tokens
             )
         relay.stream.put_nowait(item)
@@ -178,18 +217,19 @@ class RayEngine:
     def _note_replica(self, conversation_id: str | None, tag: ReplicaTag) -> None:
         self.turns_by_replica[tag.replica_id] += 1
         self.actor_names[tag.replica_id] = tag.actor_name
-        if conversation_id is None:
-            return
-        previous = self._last_replica.get(conversation_id)
-        if previous is not None and previous != tag.replica_id:
-            self.moves += 1
-        self._last_replica[conversation_id] = tag.replica_id
-        self._last_replica.move_to_end(conversation_id)
-        while len(self._last_replica) > MAX_TRACKED_CONVERSATIONS:
-            self._last_replica.popitem(last=False)
+        self.dead_replicas.discard(tag.replica_id)
+        if self.ownership.record(conversation_id, tag.replica_id) is not None:
+            self.moved_in[tag.replica_id] += 1
+
+    def _forget(self, request_id: str) -> None:
+        self._tasks.pop(request_id, None)
+        self._relays.pop(request_id, None)
 
     def _retry(self, relay: _Relay, exc: Exception, attempt: int) -> bool:
         """Whether to send the request again: its replica died before it produced anything."""
+        if _is_replica_failure(exc) and relay.replica is not None:
+            self.dead_replicas.add(relay.replica)
+            relay.replica = None
         if relay.received or attempt >= self.max_attempts or not _is_replica_failure(exc):
             return False
         logger.warning("request %s: replica failed before answering (%s); retrying", relay.request.request_id, exc)
@@ -214,6 +254,15 @@ class RayEngine:
         if isinstance(exc, TimeoutError):
             return EngineError(f"no engine replica answered within {self.first_delta_timeout_s:g} s")
         return EngineError(f"the engine replica failed: {_describe(exc)}")
+
+
+def _engine_stats(num_running: int, totals: Counter[str]) -> EngineStats:
+    return EngineStats(
+        num_running=num_running,
+        num_generated_tokens_total=totals["generated"],
+        num_prompt_tokens_total=totals["prompt"],
+        num_cached_tokens_total=totals["cached"],
+    )
 
 
 def _is_backpressure(exc: BaseException) -> bool:
