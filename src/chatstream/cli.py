@@ -21,12 +21,15 @@ from chatstream.cli_options import (
     LOG_LEVELS,
     add_generation_options,
     add_model_options,
+    add_scale_options,
     add_server_options,
+    check_scale_options,
 )
 
 if TYPE_CHECKING:
     from chatstream.chat_stream import ChatStream
     from chatstream.prompts.base import AbstractChatPrompt
+    from chatstream.ray import EngineSpec, FrontSettings, ReplicaSettings
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(serve, default_log_level="info")
     add_generation_options(serve)
     add_server_options(serve)
+    add_scale_options(serve)
     serve.set_defaults(run=run_serve, subparser=serve)
     chat = commands.add_parser("chat", help="chat with the model in this terminal")
     add_model_options(chat, default_log_level="warning")
@@ -76,8 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    """``chatstream serve``: load the model, build the app and run uvicorn until interrupted."""
+    """``chatstream serve``: load the model, build the app and run uvicorn until interrupted (``--ray``: deploy on
+    Ray Serve instead)."""
     import uvicorn
+
+    problem = check_scale_options(args)
+    if problem is not None:
+        raise ModelOptionError(problem)
+    if args.ray:
+        return run_serve_ray(args)
 
     from chatstream.config import ServerConfig
     from chatstream.server.app import create_app
@@ -114,6 +125,20 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_serve_ray(args: argparse.Namespace) -> int:
+    """``chatstream serve --ray``: a front and ``--replicas`` engine replicas on Ray Serve, until interrupted."""
+    try:
+        from chatstream.ray.launch import default_gpus_per_replica, serve_until_interrupted
+    except ImportError as exc:
+        raise ModelOptionError(f"--ray needs the ray extra (pip install 'chatstream[ray]'): {exc}") from exc
+    gpus = (
+        args.gpus_per_replica if args.gpus_per_replica is not None else default_gpus_per_replica(args.mock, args.device)
+    )
+    spec, replicas, front = ray_settings(args, gpus)
+    serve_until_interrupted(spec, replicas, front, address=args.ray_address, host=args.host, port=args.port)
+    return 0
+
+
 def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
     """``chatstream chat``: a console chat; each answer streams as it is generated. EOF, Ctrl+C or /exit quit."""
     chat_stream = build_chat_stream(args, max_concurrency=1, max_queue_size=0, reject_as_http_error=False)
@@ -136,13 +161,7 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, stdout: Text
 
 def run_convert(args: argparse.Namespace) -> int:
     """``chatstream convert``: make sure the model is converted and cached; print the checkpoint folder."""
-    from chatstream.models import prepare_model_dir
-
-    try:
-        model_dir = prepare_model_dir(args.model, cache_dir=args.cache_dir, progress=True)
-    except FileNotFoundError as exc:
-        raise ModelOptionError(str(exc)) from exc
-    print(model_dir, flush=True)
+    print(_prepare_model_dir(args), flush=True)
     return 0
 
 
@@ -181,8 +200,57 @@ def build_chat_stream(
         chat_prompt_clazz=prompt_class_for(args.model, tokenizer),
         model_name=model_id_for(args.model),
         fused_decoder=args.fused_decoder,
+        devices=getattr(args, "devices", None),
         **common,
     )
+
+
+def ray_settings(
+    args: argparse.Namespace, gpus_per_replica: float
+) -> tuple[EngineSpec, ReplicaSettings, FrontSettings]:
+    """What ``serve --ray`` deploys: each replica's engine, the replicas' placement and scaling, and the front."""
+    from chatstream.config import EngineConfig, MockConfig
+    from chatstream.ray import EngineSpec, FrontSettings, ReplicaSettings
+
+    config = EngineConfig(
+        max_batch_size=args.max_concurrency, context_len=args.context_len, fused_decoder=args.fused_decoder
+    )
+    if args.mock:
+        mock = MockConfig.from_seed_params({"type": args.mock_type, "time_per_token_sec": args.mock_time_per_token})
+        spec = EngineSpec(mock=mock, engine_config=config)
+    else:
+        model_dir = _prepare_model_dir(args)
+        spec = EngineSpec(str(model_dir), config, dtype=args.dtype, device=args.device, num_threads=args.threads)
+    replicas = ReplicaSettings(
+        num_replicas=args.replicas,
+        min_replicas=args.min_replicas if args.min_replicas is not None else 1,
+        max_replicas=args.max_replicas,
+        target_ongoing_requests=args.target_ongoing_requests,
+        num_cpus=args.cpus_per_replica,
+        num_gpus=gpus_per_replica,
+        max_queued_requests=args.max_queue,
+    )
+    options = _chat_stream_options(args, args.max_concurrency, args.max_queue, True)
+    del options["num_of_concurrent_executions"], options["max_queue_size"]  # build_app sizes them from the replicas
+    options["chat_prompt_clazz"] = _plain_preset() if args.mock else prompt_class_for(args.model, spec.load_tokenizer())
+    options["model_name"] = "chatstream-mock" if args.mock else model_id_for(args.model)
+    front = FrontSettings(
+        chat_stream_options=options,
+        web_ui_params={"title": args.web_ui_title} if args.web_ui_title else {},
+        api_keys=api_keys_from(args),
+        drain_timeout=args.drain_timeout,
+        middleware_opts={"session": {"secure": bool(args.secure_cookies)}},
+    )
+    return spec, replicas, front
+
+
+def _prepare_model_dir(args: argparse.Namespace) -> Path:
+    from chatstream.models import prepare_model_dir
+
+    try:
+        return Path(prepare_model_dir(args.model, cache_dir=args.cache_dir, progress=True))
+    except FileNotFoundError as exc:
+        raise ModelOptionError(str(exc)) from exc
 
 
 def _chat_stream_options(
@@ -210,10 +278,9 @@ def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
 
     if args.threads is not None:
         os.environ[NUM_THREADS_ENV] = str(args.threads)  # read by the engine thread when it starts
+    device = args.devices[0] if getattr(args, "devices", None) else args.device  # a pool copies it to the others
     try:
-        return load_model(
-            args.model, dtype=args.dtype, device=args.device, num_gpus=args.num_gpus, cache_dir=args.cache_dir
-        )
+        return load_model(args.model, dtype=args.dtype, device=device, num_gpus=args.num_gpus, cache_dir=args.cache_dir)
     except (FileNotFoundError, ValueError) as exc:
         raise ModelOptionError(str(exc)) from exc
 
