@@ -19,7 +19,6 @@ Prints a table and writes JSON to bench/results/ray_serve.json.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import tempfile
 import time
@@ -29,6 +28,7 @@ from typing import Any
 import httpx
 from tests.ray.cluster import deployed, local_cluster, routing
 
+from bench.conversations import run_conversations
 from bench.stats import percentile
 from chatstream.config import EngineConfig, MockConfig, MockType
 from chatstream.ray.app import FrontSettings
@@ -37,65 +37,11 @@ from chatstream.ray.spec import EngineSpec, ReplicaSettings
 RESULTS = Path(__file__).parent / "results" / "ray_serve.json"
 
 
-async def _turn(
-    client: httpx.AsyncClient, model: str, messages: list[dict[str, str]], max_tokens: int
-) -> dict[str, Any]:
-    body = {
-        "model": model,
-        "messages": messages,
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    sent, ttft, text, usage = time.monotonic(), None, "", {}
-    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            usage = event.get("usage") or usage
-            for choice in event.get("choices", []):
-                piece = choice.get("delta", {}).get("content") or ""
-                if piece and ttft is None:
-                    ttft = time.monotonic() - sent
-                text += piece
-    messages.append({"role": "assistant", "content": text})
-    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
-    return {"ttft": ttft, "prompt": usage.get("prompt_tokens", 0), "cached": cached}
-
-
-async def _conversation(client: httpx.AsyncClient, model: str, index: int, turns: int, max_tokens: int) -> list[Any]:
-    messages = [{"role": "system", "content": f"You are assistant number {index}."}]
-    results = []
-    for turn in range(turns):
-        messages.append({"role": "user", "content": f"Conversation {index}, question {turn}: tell me more."})
-        results.append(await _turn(client, model, messages, max_tokens))
-    return results
-
-
 def multi_turn(url: str, args: argparse.Namespace) -> dict[str, Any]:
-    async def run() -> list[list[dict[str, Any]]]:
-        async with httpx.AsyncClient(base_url=url, timeout=300) as client:
-            jobs = (_conversation(client, "bench", i, args.turns, args.max_tokens) for i in range(args.conversations))
-            return list(await asyncio.gather(*jobs))
-
-    started = time.monotonic()
-    conversations = asyncio.run(run())
-    later = [t for c in conversations for t in c[1:]]
-    ttfts = [t["ttft"] for c in conversations for t in c if t["ttft"] is not None]
+    summary = run_conversations(url, "bench", args.conversations, args.turns, args.max_tokens)
     with httpx.Client(base_url=url, timeout=30) as client:
         report = routing(client)
-    return {
-        "wall_s": round(time.monotonic() - started, 2),
-        "cached_token_share": round(sum(t["cached"] for t in later) / max(1, sum(t["prompt"] for t in later)), 3),
-        "turns_with_hit": round(sum(1 for t in later if t["cached"] > 0) / max(1, len(later)), 3),
-        "ttft_p50_ms": round(1000 * (percentile(ttfts, 50) or 0), 1),
-        "ttft_p90_ms": round(1000 * (percentile(ttfts, 90) or 0), 1),
-        "moves": report["moves"],
-        "turns_by_replica": report["turns_by_replica"],
-    }
+    return {**summary, "moves": report["moves"], "turns_by_replica": report["turns_by_replica"]}
 
 
 def _latencies(url: str, count: int) -> list[float]:

@@ -80,16 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    """``chatstream serve``: load the model, build the app and run uvicorn until interrupted (``--ray``: deploy on
-    Ray Serve instead)."""
+    """``chatstream serve``: load the model, build the app and run uvicorn until interrupted."""
     import uvicorn
 
-    problem = check_scale_options(args)
-    if problem is not None:
-        raise ModelOptionError(problem)
-    if args.ray:
+    if args.ray or check_scale_options(args):
         return run_serve_ray(args)
-
     from chatstream.config import ServerConfig
     from chatstream.server.app import create_app
 
@@ -127,6 +122,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def run_serve_ray(args: argparse.Namespace) -> int:
     """``chatstream serve --ray``: a front and ``--replicas`` engine replicas on Ray Serve, until interrupted."""
+    problem = check_scale_options(args)
+    if problem is not None:
+        raise ModelOptionError(problem)
     try:
         from chatstream.ray.launch import default_gpus_per_replica, serve_until_interrupted
     except ImportError as exc:
