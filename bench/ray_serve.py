@@ -11,7 +11,7 @@ One run, on a local Ray cluster with Serve's proxy on 127.0.0.1:
    difference.
 
     PYTHONPATH=src:. python -m bench.ray_serve                   # the tiny test model, built offline
-    PYTHONPATH=src:. python -m bench.ray_serve --model DIR --max-tokens 32
+    PYTHONPATH=src:. python -m bench.ray_serve --model DIR --max-tokens 32 --gpus-per-replica 1
 
 Prints a table and writes JSON to bench/results/ray_serve.json.
 """
@@ -94,18 +94,21 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--requests", type=int, default=50, help="requests per side in the overhead scenario")
+    parser.add_argument("--gpus-per-replica", type=float, default=0.0, help="0: replicas on the CPU")
+    parser.add_argument("--threads", type=int, default=1, help="compute threads of each replica's engine")
+    parser.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray cluster")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     results: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items() if k != "out"}}
-    with tempfile.TemporaryDirectory() as tmp, local_cluster() as url:
+    with tempfile.TemporaryDirectory() as tmp, local_cluster(args.num_cpus) as url:
         spec = EngineSpec(
             model_path=_model_dir(args, Path(tmp)),
             engine_config=EngineConfig(max_batch_size=args.batch_size, context_len=2048),
-            num_threads=1,
+            num_threads=args.threads,
         )
         front = FrontSettings(chat_stream_options={"model_name": "bench", "ignore_eos": True})
         for sticky in (True, False):
-            replicas = ReplicaSettings(num_replicas=2, num_cpus=0.5, sticky=sticky)
+            replicas = ReplicaSettings(num_replicas=2, num_cpus=0.5, num_gpus=args.gpus_per_replica, sticky=sticky)
             with deployed(url, spec, replicas, front, name="bench"):
                 results["sticky" if sticky else "ray_default"] = multi_turn(url, args)
         results["overhead"] = overhead(url, args)

@@ -149,7 +149,8 @@ async def test_engine_steps_that_keep_failing_take_the_engine_out_and_the_reques
     finally:
         await asyncio.to_thread(pool.stop)
     assert reasons[:2] == [FinishReason.ERROR, FinishReason.ERROR]
-    assert reasons[2] is FinishReason.LENGTH  # the third error took the engine out; the request went to the other
+    # the third error took the engine out, and the request, which had produced nothing, went to the other engine
+    assert reasons[2] in (FinishReason.STOP, FinishReason.LENGTH)
     worker = {w.name: w for w in pool.workers()}[broken]
     assert not worker.healthy and "3 requests in a row failed" in (worker.error or "")
 
