@@ -166,7 +166,7 @@ def _device_lost(*_: Any) -> Any:
 
 
 def member_engine(pool: PoolEngine, name: str) -> TransformersEngine:
-    engine = pool._members[name].engine
+    engine = pool.engines[name]
     assert isinstance(engine, TransformersEngine)
     return engine
 

@@ -192,6 +192,11 @@ class PoolEngine:
         ]
 
     @property
+    def engines(self) -> dict[str, Engine]:
+        """The member engines by name."""
+        return {name: member.engine for name, member in self._members.items()}
+
+    @property
     def moves(self) -> int:
         """Turns that went to another engine than the one holding their conversation's KV."""
         return self.ownership.moves
