@@ -20,6 +20,19 @@ torch.set_num_threads(1)
 os.environ.setdefault("CHATSTREAM_NUM_THREADS", "1")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_data_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """``chatstream serve`` keeps its data under $XDG_DATA_HOME: the servers the tests start use a temp dir."""
+    path = tmp_path_factory.mktemp("data_home")
+    before = os.environ.get("XDG_DATA_HOME")
+    os.environ["XDG_DATA_HOME"] = str(path)
+    yield path
+    if before is None:
+        os.environ.pop("XDG_DATA_HOME", None)
+    else:
+        os.environ["XDG_DATA_HOME"] = before
+
+
 @pytest.fixture(scope="session")
 def _tiny_built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, LlamaForCausalLM, PreTrainedTokenizerFast]:
     path = tmp_path_factory.mktemp("tiny_model")

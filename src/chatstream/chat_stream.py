@@ -25,7 +25,9 @@ from chatstream.server.access import ClientRoles
 from chatstream.server.context import ServerContext
 from chatstream.server.native import NativeChat, UserCallback
 from chatstream.service import ChatService, ConsoleItem, PromptFactory, create_engine, default_prompt_class
+from chatstream.sessions.base import Store
 from chatstream.sessions.handler import AbstractRequestHandler, SimpleSessionRequestHandler
+from chatstream.sessions.keeper import DEFAULT_RETENTION_INTERVAL, ConversationKeeper
 
 if TYPE_CHECKING:
     import torch
@@ -78,6 +80,13 @@ class ChatStream:
             each conversation stays on the engine that holds its KV cache, new ones go to the least-loaded engine
             (docs/scaling.md). ``num_of_concurrent_executions`` is then per device, and admission control admits
             that many times the number of devices.
+        store: where sessions and conversations are kept: a URL (``memory://``, the default; ``sqlite:///path.db``;
+            ``redis://host:6379/0``) or a store from ``chatstream.sessions.open_store`` (docs/conversations.md).
+            ``append_middlewares`` keeps sessions in it too.
+        conversation_max_age: conversations not updated for this long are deleted (seconds, or "90d", "12h";
+            "never" keeps them); None: the store's default (memory 12 h, SQLite and Redis never).
+        max_conversations_per_user: each user keeps at most this many, the most recently updated (None: no limit).
+        retention_interval: seconds between two sweeps of the retention task.
     """
 
     def __init__(
@@ -118,6 +127,10 @@ class ChatStream:
         fused_decoder: bool = True,
         engine: Engine | Sequence[Engine] | None = None,
         devices: Sequence[str | torch.device] | None = None,
+        store: str | Store = "memory://",
+        conversation_max_age: float | str | None = None,
+        max_conversations_per_user: int | None = None,
+        retention_interval: float = DEFAULT_RETENTION_INTERVAL,
     ) -> None:
         self.name = name
         self.logger = logger or logging.getLogger("chatstream")
@@ -155,7 +168,14 @@ class ChatStream:
         self.chat_prompt_clazz = chat_prompt_clazz or default_prompt_class(tokenizer, use_mock_response)
         self.request_handler = request_handler or SimpleSessionRequestHandler()
         self.service = self._create_service(locale, model_name, self._create_engine(mock_params, engine, devices))
-        chat = NativeChat(self.service, self.client_roles, self.request_handler, self.logger)
+        self.conversations = ConversationKeeper(
+            store,
+            self.service.prompts,
+            max_age=conversation_max_age,
+            max_per_owner=max_conversations_per_user,
+            retention_interval=retention_interval,
+        )
+        chat = NativeChat(self.service, self.client_roles, self.request_handler, self.logger, self.conversations)
         self.server_context = ServerContext(
             self.service, self.client_roles, chat, tuple(api_keys), on_feedback_received
         )
@@ -228,16 +248,20 @@ class ChatStream:
     # ----- lifecycle -----
 
     async def startup(self) -> None:
-        """Start the engine (idempotent). Called by the app's lifespan or on the first request."""
+        """Start the engine and open the conversation store (idempotent). Called by the app's lifespan or on the
+        first request."""
         await self.service.startup()
+        await self.conversations.startup()
 
     async def start_queue_worker(self) -> None:
         """Kept for code written for the original package (a startup hook); same as :meth:`startup`."""
-        await self.service.startup()
+        await self.startup()
 
     async def shutdown(self, drain_timeout: float = 0.0) -> None:
-        """Stop admitting, let running streams finish for up to ``drain_timeout`` s, then stop the engine."""
+        """Stop admitting, let running streams finish for up to ``drain_timeout`` s, stop the engine, then close
+        the conversation store."""
         await self.service.shutdown(drain_timeout)
+        await self.conversations.shutdown()
 
     # ----- the chat endpoint and the console -----
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from chatstream.cli_options import (
     API_KEYS_ENV,
     LOG_LEVELS,
+    add_conversation_options,
     add_generation_options,
     add_model_options,
     add_scale_options,
@@ -28,6 +29,7 @@ from chatstream.cli_options import (
 
 if TYPE_CHECKING:
     from chatstream.chat_stream import ChatStream
+    from chatstream.cli_data import ServeData
     from chatstream.prompts.base import AbstractChatPrompt
     from chatstream.ray import EngineSpec, FrontSettings, ReplicaSettings
 
@@ -51,7 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 class ModelOptionError(Exception):
-    """A model option that looked fine to the parser but failed at load time (missing path, absent device)."""
+    """An option that looked fine to the parser but failed when used (a missing model path, an absent device, a
+    store URL that names no store, a data directory that cannot be written)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(serve, default_log_level="info")
     add_generation_options(serve)
     add_server_options(serve)
+    add_conversation_options(serve)
     add_scale_options(serve)
     serve.set_defaults(run=run_serve, subparser=serve)
     chat = commands.add_parser("chat", help="chat with the model in this terminal")
@@ -86,29 +90,24 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.ray or check_scale_options(args):
         return run_serve_ray(args)
     from chatstream.config import ServerConfig
-    from chatstream.server.app import create_app
 
     server = ServerConfig(
         host=args.host, port=args.port, api_keys=api_keys_from(args), drain_timeout_sec=args.drain_timeout
     )
+    data = serve_data(args)
     chat_stream = build_chat_stream(
         args,
         max_concurrency=args.max_concurrency,
         max_queue_size=args.max_queue,
         reject_as_http_error=args.too_many_requests_as_http_error,
+        store_url=data.store_url,
     )
-    web_ui_params = {"title": args.web_ui_title} if args.web_ui_title else None
-    # serve speaks plain HTTP: a Secure cookie would be dropped by browsers that reach it by a LAN address
-    middleware_opts = {"session": {"secure": bool(args.secure_cookies)}}
-    app = create_app(
-        chat_stream,
-        web_ui_params=web_ui_params,
-        api_keys=server.api_keys,
-        drain_timeout=server.drain_timeout_sec,
-        middleware_opts=middleware_opts,
+    print(
+        f"Conversations are kept in {chat_stream.conversations.describe()}; session secret: {data.secret_source}",
+        flush=True,
     )
     config = uvicorn.Config(
-        app,
+        _serve_app(args, chat_stream, server, data),
         host=server.host,
         port=server.port,
         log_level=args.log_level,
@@ -126,15 +125,54 @@ def run_serve_ray(args: argparse.Namespace) -> int:
     if problem is not None:
         raise ModelOptionError(problem)
     try:
-        from chatstream.ray.launch import default_gpus_per_replica, serve_until_interrupted
+        from chatstream.ray.launch import serve_until_interrupted
     except ImportError as exc:
         raise ModelOptionError(f"--ray needs the ray extra (pip install 'chatstream[ray]'): {exc}") from exc
-    gpus = (
-        args.gpus_per_replica if args.gpus_per_replica is not None else default_gpus_per_replica(args.mock, args.device)
-    )
-    spec, replicas, front = ray_settings(args, gpus)
+    spec, replicas, front = ray_settings(args)
     serve_until_interrupted(spec, replicas, front, address=args.ray_address, host=args.host, port=args.port)
     return 0
+
+
+def ray_settings(args: argparse.Namespace) -> tuple[EngineSpec, ReplicaSettings, FrontSettings]:
+    """What ``serve --ray`` deploys (see chatstream.cli_ray): the replicas' engine, placement and scaling; the front
+    with ``serve``'s ChatStream options, store and session secret."""
+    from chatstream.cli_ray import engine_settings, front_settings
+
+    data = serve_data(args)
+    options = _chat_stream_options(args, args.max_concurrency, args.max_queue, True)
+    options.update(_conversation_options(args, data.store_url))
+    spec, replicas = engine_settings(args, None if args.mock else str(_prepare_model_dir(args)))
+    options["chat_prompt_clazz"] = _plain_preset() if args.mock else prompt_class_for(args.model, spec.load_tokenizer())
+    options["model_name"] = "chatstream-mock" if args.mock else model_id_for(args.model)
+    return spec, replicas, front_settings(args, options, api_keys_from(args), data)
+
+
+def serve_data(args: argparse.Namespace) -> ServeData:
+    """The store URL and session secret of ``serve`` (see chatstream.cli_data)."""
+    from chatstream.cli_data import default_data_dir, resolve_serve_data
+
+    data_dir = args.data_dir if args.data_dir is not None else default_data_dir()
+    try:
+        return resolve_serve_data(args.store, data_dir, args.session_secret)
+    except OSError as exc:
+        raise ModelOptionError(f"--data-dir {data_dir}: {exc}") from exc
+
+
+def _serve_app(args: argparse.Namespace, chat_stream: ChatStream, server: Any, data: ServeData) -> Any:
+    from chatstream.server.app import create_app
+
+    web_ui_params = {"title": args.web_ui_title} if args.web_ui_title else None
+    # serve speaks plain HTTP: a Secure cookie would be dropped by browsers that reach it by a LAN address
+    session: dict[str, Any] = {"secure": bool(args.secure_cookies)}
+    if data.session_secret is not None:
+        session["secret_key"] = data.session_secret
+    return create_app(
+        chat_stream,
+        web_ui_params=web_ui_params,
+        api_keys=server.api_keys,
+        drain_timeout=server.drain_timeout_sec,
+        middleware_opts={"session": session},
+    )
 
 
 def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
@@ -176,12 +214,20 @@ async def stream_answer(chat_stream: ChatStream, text: str, console: _Console) -
 
 
 def build_chat_stream(
-    args: argparse.Namespace, *, max_concurrency: int, max_queue_size: int, reject_as_http_error: bool
+    args: argparse.Namespace,
+    *,
+    max_concurrency: int,
+    max_queue_size: int,
+    reject_as_http_error: bool,
+    store_url: str | None = None,
 ) -> ChatStream:
-    """A ChatStream for the parsed options: the mock engine, or the loaded model with its prompt preset."""
+    """A ChatStream for the parsed options: the mock engine, or the loaded model with its prompt preset; with
+    ``store_url``, its conversations there (and the retention options of ``serve``)."""
     from chatstream.chat_stream import ChatStream
 
     common = _chat_stream_options(args, max_concurrency, max_queue_size, reject_as_http_error)
+    if store_url is not None:
+        common.update(_conversation_options(args, store_url))
     if args.mock:
         mock_params = {
             "type": args.mock_type,
@@ -201,45 +247,6 @@ def build_chat_stream(
         devices=getattr(args, "devices", None),
         **common,
     )
-
-
-def ray_settings(
-    args: argparse.Namespace, gpus_per_replica: float
-) -> tuple[EngineSpec, ReplicaSettings, FrontSettings]:
-    """What ``serve --ray`` deploys: each replica's engine, the replicas' placement and scaling, and the front."""
-    from chatstream.config import EngineConfig, MockConfig
-    from chatstream.ray import EngineSpec, FrontSettings, ReplicaSettings
-
-    config = EngineConfig(
-        max_batch_size=args.max_concurrency, context_len=args.context_len, fused_decoder=args.fused_decoder
-    )
-    if args.mock:
-        mock = MockConfig.from_seed_params({"type": args.mock_type, "time_per_token_sec": args.mock_time_per_token})
-        spec = EngineSpec(mock=mock, engine_config=config)
-    else:
-        model_dir = _prepare_model_dir(args)
-        spec = EngineSpec(str(model_dir), config, dtype=args.dtype, device=args.device, num_threads=args.threads)
-    replicas = ReplicaSettings(
-        num_replicas=args.replicas,
-        min_replicas=args.min_replicas if args.min_replicas is not None else 1,
-        max_replicas=args.max_replicas,
-        target_ongoing_requests=args.target_ongoing_requests,
-        num_cpus=args.cpus_per_replica,
-        num_gpus=gpus_per_replica,
-        max_queued_requests=args.max_queue,
-    )
-    options = _chat_stream_options(args, args.max_concurrency, args.max_queue, True)
-    del options["num_of_concurrent_executions"], options["max_queue_size"]  # build_app sizes them from the replicas
-    options["chat_prompt_clazz"] = _plain_preset() if args.mock else prompt_class_for(args.model, spec.load_tokenizer())
-    options["model_name"] = "chatstream-mock" if args.mock else model_id_for(args.model)
-    front = FrontSettings(
-        chat_stream_options=options,
-        web_ui_params={"title": args.web_ui_title} if args.web_ui_title else {},
-        api_keys=api_keys_from(args),
-        drain_timeout=args.drain_timeout,
-        middleware_opts={"session": {"secure": bool(args.secure_cookies)}},
-    )
-    return spec, replicas, front
 
 
 def _prepare_model_dir(args: argparse.Namespace) -> Path:
@@ -267,6 +274,20 @@ def _chat_stream_options(
         "seed": args.seed,
         "ignore_eos": args.ignore_eos,
         "locale": args.locale,
+    }
+
+
+def _conversation_options(args: argparse.Namespace, store_url: str) -> dict[str, Any]:
+    from chatstream.sessions.urls import open_store
+
+    try:
+        open_store(store_url)  # no I/O: only checks the URL, so that a bad one is a usage error (exit 2)
+    except ValueError as exc:
+        raise ModelOptionError(f"--store: {exc}") from exc
+    return {
+        "store": store_url,
+        "conversation_max_age": args.max_conversation_age,
+        "max_conversations_per_user": args.max_conversations_per_user,
     }
 
 

@@ -86,6 +86,50 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_conversation_options(parser: argparse.ArgumentParser) -> None:
+    """Where ``serve`` keeps conversations and sessions, and for how long (docs/conversations.md)."""
+    group = parser.add_argument_group("conversations")
+    group.add_argument(
+        "--store",
+        default=None,
+        metavar="URL",
+        help="memory://, sqlite:///path.db or redis://host:6379/0 (default: a SQLite file in --data-dir)",
+    )
+    group.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="the SQLite file and the session secret (default: $XDG_DATA_HOME/chatstream or ~/.local/share/chatstream)",
+    )
+    group.add_argument(
+        "--session-secret",
+        default=None,
+        metavar="TEXT",
+        help="signs session cookies (default: $CHATSTREAM_SESSION_SECRET, else a file in --data-dir made once)",
+    )
+    group.add_argument(
+        "--max-conversation-age",
+        type=_duration,
+        default=None,
+        metavar="DURATION",
+        help="delete conversations not updated for this long (e.g. 90d, 12h; never); default: memory 12h, else never",
+    )
+    group.add_argument(
+        "--max-conversations-per-user", type=_int_at_least(1), default=None, metavar="N", help="keep the N newest"
+    )
+
+
+def _duration(text: str) -> str:
+    from chatstream.sessions.urls import parse_duration
+
+    try:
+        parse_duration(text, "--max-conversation-age")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def add_scale_options(parser: argparse.ArgumentParser) -> None:
     """The scale-out options of ``serve``: a pool over local devices, or Ray Serve replicas (docs/scaling.md)."""
     group = parser.add_argument_group("scale out")

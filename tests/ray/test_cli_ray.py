@@ -18,7 +18,8 @@ pytestmark = pytest.mark.ray
 def test_ray_settings_follow_the_options(tiny_model_dir: Path) -> None:
     argv = ["serve", "--ray", "--model", str(tiny_model_dir), "--max-concurrency", "4", "--max-queue", "8"]
     extra = ["--max-replicas", "3", "--target-ongoing-requests", "2", "--cpus-per-replica", "2", "--temperature", "0"]
-    spec, replicas, front = cli.ray_settings(build_parser().parse_args([*argv, *extra]), 1.0)
+    extra += ["--gpus-per-replica", "1", "--store", "redis://127.0.0.1:6399/0", "--session-secret", "s3cret"]
+    spec, replicas, front = cli.ray_settings(build_parser().parse_args([*argv, *extra]))
     assert spec.model_path == str(tiny_model_dir) and spec.max_batch_size == 4
     options = replicas.deployment_options(spec.max_batch_size)
     assert options["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 2}
@@ -26,11 +27,15 @@ def test_ray_settings_follow_the_options(tiny_model_dir: Path) -> None:
     assert options["max_ongoing_requests"] == 4 and replicas.max_queued_requests == 8
     assert front.chat_stream_options["temperature"] == 0.0
     assert "num_of_concurrent_executions" not in front.chat_stream_options  # build_app sizes admission
+    assert front.chat_stream_options["store"] == "redis://127.0.0.1:6399/0"  # every front reads the same store
+    assert front.middleware_opts == {"session": {"secure": False, "secret_key": "s3cret"}}
 
 
 def test_serve_ray_mock_with_two_replicas_answers_both_protocols(ray_cluster: str) -> None:
     argv = ["serve", "--ray", "--mock", "--mock-type", "echo", "--replicas", "2", "--cpus-per-replica", "0.25"]
-    spec, replicas, front = cli.ray_settings(build_parser().parse_args([*argv, "--mock-time-per-token", "0"]), 0.0)
+    argv += ["--mock-time-per-token", "0", "--store", "memory://"]
+    spec, replicas, front = cli.ray_settings(build_parser().parse_args(argv))
+    assert replicas.num_gpus == 0 and front.chat_stream_options["store"] == "memory://"
     assert front.chat_stream_options["chat_prompt_clazz"] is ChatPromptPlainUserAssistant
     with deployed(ray_cluster, spec, replicas, front, name="cli") as url, httpx.Client(base_url=url, timeout=30) as c:
         native = c.post("/chat_stream", json={"user_input": "echo through Ray"})

@@ -38,6 +38,17 @@ from chatstream.sessions.middleware import session_skipped
 
 logger = logging.getLogger(__name__)
 
+CONVERSATION_API_NAMES: Final = (
+    "list_conversations",
+    "create_conversation",
+    "get_conversation",
+    "update_conversation",
+    "open_conversation",
+    "delete_conversation",
+    "export_conversation",
+)
+"""The conversations API (server/conversations.py): a browser user's list, create, open, rename, delete, export."""
+
 API_NAMES: Final = (
     "chat_stream",
     "clear_context",
@@ -52,6 +63,7 @@ API_NAMES: Final = (
     "openai",
     "health",
     "metrics",
+    *CONVERSATION_API_NAMES,
 )
 """Every API name a role may allow (and ``append_apis`` may include or exclude)."""
 
@@ -139,7 +151,14 @@ class GrantedRole:
     enable_dev_tool: bool
 
 
-DEFAULT_BROWSER_APIS: Final = ("chat_stream", "clear_context", "set_feedback", "webui_index", "webui_js")
+DEFAULT_BROWSER_APIS: Final = (
+    "chat_stream",
+    "clear_context",
+    "set_feedback",
+    "webui_index",
+    "webui_js",
+    *CONVERSATION_API_NAMES,
+)
 DEFAULT_AGENT_APIS: Final = ("get_load", "openai")
 
 

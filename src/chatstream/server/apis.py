@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import time
 import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -19,6 +20,7 @@ from starlette.responses import JSONResponse, Response
 from chatstream.i18n import message
 from chatstream.server.access import API_NAMES, role_checked
 from chatstream.server.context import ServerContext
+from chatstream.server.conversations import CONVERSATION_ROUTES, add_conversation_route
 from chatstream.server.errors import ApiError, BadRequest, NotFound, native_error_response
 from chatstream.server.http import parse_json_object
 from chatstream.server.ops import (
@@ -29,7 +31,10 @@ from chatstream.server.ops import (
 )
 from chatstream.server.webui import index, js
 from chatstream.service import ChatService
-from chatstream.sessions.lookup import find_session
+from chatstream.sessions.errors import ConversationNotFound, StoreError
+from chatstream.sessions.lookup import FoundSession, find_session
+from chatstream.sessions.records import Conversation, Feedback
+from chatstream.sessions.turns import CONVERSATION_ID_HEADER, pick_conversation_id
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -61,7 +66,8 @@ API_PATHS: dict[str, tuple[str, str]] = {
     "health": ("GET", "/health"),
     "metrics": ("GET", "/metrics"),
 }
-"""Method and path of each API name ("openai" mounts three paths under /v1, see server/openai.py)."""
+"""Method and path of each API name ("openai" mounts three paths under /v1, see server/openai.py; the
+conversations API's names are in server/conversations.py)."""
 
 _OPTION_KEYS = frozenset({"include", "exclude", "all", "web_ui_params", "on_feedback_received", "api_keys"})
 _NOT_SESSION_HANDLER = "Not supported on current request_handler type."
@@ -118,6 +124,9 @@ def append_apis(ctx: ServerContext, app: FastAPI, opts: Mapping[str, Any] | None
 
             add_openai_routes(app, ctx, (*ctx.api_keys, *tuple(opts.get("api_keys") or ())))
             continue
+        if name in CONVERSATION_ROUTES:
+            add_conversation_route(app, ctx, name)
+            continue
         method, path = API_PATHS[name]
         app.add_api_route(path, _endpoint(ctx, name, opts), methods=[method], name=f"chatstream_{name}")
         logger.debug("API endpoint %s %s (%s) added", method, path, name)
@@ -165,29 +174,53 @@ def _fail(text: str, status: int = 200, **fields: Any) -> JSONResponse:
 async def handle_clear_context_request(
     ctx: ServerContext, request: Request, request_body: Any = None, callback: Any = None
 ) -> Response:
-    """POST /clear_context: forget this session's conversation."""
+    """POST /clear_context: the session's next turn starts a new conversation (the old one stays in the user's
+    list; DELETE /conversations/{id} deletes it)."""
     if not ctx.keeps_history_in_session:
         return _fail(_NOT_SESSION_HANDLER)
     found = find_session(request)
-    if found is None or found.data.get("chat_prompt") is None:
+    if found is None or ctx.conversations.current_id(found) is None:
         return _fail("no context.")
-    found.data.pop("chat_prompt", None)
-    found.save()
+    ctx.conversations.set_current(found, None)
     return JSONResponse({"success": True, "message": "Context successfully cleared"})
 
 
 @role_checked("get_prompt")
 async def handle_get_prompt_request(ctx: ServerContext, request: Request) -> Response:
-    """GET /get_prompt: the rendered prompt text of this session's conversation, URL-encoded."""
+    """GET /get_prompt: the rendered prompt text of this session's current conversation, URL-encoded."""
     if not ctx.keeps_history_in_session:
         return _fail(_NOT_SESSION_HANDLER)
     found = find_session(request)
     if found is None:
         return _fail("no context.", prompt=None)
-    chat_prompt = found.data.get("chat_prompt")
-    if chat_prompt is None:
+    try:
+        record = await current_conversation(ctx, found)
+    except StoreError as exc:
+        return native_error_response(exc)
+    if record is None:
         return JSONResponse({"success": True, "message": "no prompt", "prompt": None})
-    return _ok(prompt=urllib.parse.quote(chat_prompt.create_prompt()))
+    return _ok(prompt=urllib.parse.quote(ctx.conversations.to_prompt(record).create_prompt()))
+
+
+async def current_conversation(
+    ctx: ServerContext, found: FoundSession, conversation_id: str | None = None
+) -> Conversation | None:
+    """The named conversation of the session's user (ConversationNotFound when it is not theirs), else the current
+    one (None: no current conversation, or not stored yet)."""
+    keeper = ctx.conversations
+    owner = keeper.owner_of(found, create=False)
+    wanted = conversation_id or keeper.current_id(found)
+    if owner is None or wanted is None:
+        if conversation_id is not None:
+            raise ConversationNotFound(conversation_id)
+        return None
+    await keeper.startup()
+    try:
+        return await keeper.store.conversations.get(owner, wanted)
+    except ConversationNotFound:
+        if conversation_id is not None:
+            raise
+        return None
 
 
 def default_generation_params(service: ChatService) -> dict[str, Any]:
@@ -249,30 +282,38 @@ async def handle_get_generation_params_request(ctx: ServerContext, request: Requ
     return _ok(generation_params=session_generation_params(ctx.service, found.data))
 
 
-def _parse_feedback(data: Mapping[str, Any]) -> tuple[str, bool, Any]:
+def _parse_feedback(data: Mapping[str, Any], header: str | None) -> tuple[str, bool, Any, str | None]:
     message_id = data.get("message_id")
     if not isinstance(message_id, str) or not message_id:
         raise BadRequest("'message_id' is required and must be a string", param="message_id")
     is_like = data.get("is_like", False)
     if not isinstance(is_like, bool):
         raise BadRequest(f"'is_like' must be true or false, got {is_like!r}", param="is_like")
-    return message_id, is_like, data.get("form_data", "")
+    try:
+        conversation_id = pick_conversation_id(data.get("conversation_id"), header)
+    except ValueError as exc:
+        raise BadRequest(str(exc), param="conversation_id") from None
+    return message_id, is_like, data.get("form_data", ""), conversation_id
 
 
 @role_checked("set_feedback")
 async def handle_set_feedback_request(
     ctx: ServerContext, request: Request, opts: Mapping[str, Any] | None = None
 ) -> Response:
-    """POST /set_feedback: hand a like/dislike (and form data) about one answer to ``on_feedback_received``."""
+    """POST /set_feedback: keep a like/dislike (and form data) on one answer of the current conversation (or of
+    ``conversation_id``) and hand it to ``on_feedback_received``."""
     if not ctx.keeps_history_in_session:
         return _fail(_NOT_SESSION_HANDLER)
     try:
-        message_id, is_like, form_data = _parse_feedback(parse_json_object(await request.body()))
+        body = parse_json_object(await request.body())
+        message_id, is_like, form_data, conversation_id = _parse_feedback(
+            body, request.headers.get(CONVERSATION_ID_HEADER)
+        )
         found = find_session(request)
         if found is None:
             return _fail("no session")
-        feedback = _feedback_record(ctx.service, found.data, message_id, is_like, form_data)
-    except ApiError as exc:
+        feedback = await _store_feedback(ctx, found, message_id, (is_like, form_data), conversation_id)
+    except (ApiError, StoreError) as exc:
         return native_error_response(exc)
     hook = (opts or {}).get("on_feedback_received") or ctx.on_feedback_received
     if hook is not None:
@@ -287,20 +328,26 @@ async def handle_set_feedback_request(
     return JSONResponse({"success": True, "message": "success", "target_message_id": message_id})
 
 
-def _feedback_record(
-    service: ChatService, session: Mapping[str, Any], message_id: str, is_like: bool, form_data: Any
+async def _store_feedback(
+    ctx: ServerContext, found: FoundSession, message_id: str, given: tuple[bool, Any], conversation_id: str | None
 ) -> dict[str, Any]:
-    chat_prompt = session.get("chat_prompt")
-    if chat_prompt is None:
+    """Keep the feedback on the message; return the record the hook gets."""
+    is_like, form_data = given
+    record = await current_conversation(ctx, found, conversation_id)
+    if record is None:
         raise NotFound("No chat prompt", param="message_id")
+    chat_prompt = ctx.conversations.to_prompt(record)
     target = chat_prompt.find_chat_content_by_message_id(message_id)
     if target is None:
         raise NotFound(f"Unknown message_id {message_id!r}", param="message_id")
+    await ctx.conversations.store.conversations.set_feedback(
+        record.owner, record.id, message_id, Feedback(is_like, form_data, time.time())
+    )
     return {
         "is_like": is_like,
         "form_data": form_data,
         "prompt": chat_prompt.create_prompt({"to_message_id": message_id}),
         "target_message_id": message_id,
         "target_message": target.get_message(),
-        "generation_params": session_generation_params(service, session),
+        "generation_params": session_generation_params(ctx.service, found.data),
     }

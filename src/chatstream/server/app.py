@@ -23,8 +23,9 @@ def create_app(
 ) -> FastAPI:
     """An app serving every API (native, OpenAI, web UI, /health, /metrics) of a ChatStream (or a server context).
 
-    The lifespan starts the engine and, on shutdown, stops admitting (503), lets running streams finish for up to
-    ``drain_timeout`` seconds, then stops the engine. ``api_keys`` protect the OpenAI API (``Authorization:
+    The lifespan starts the engine and opens the conversation store (with its retention task) and, on shutdown,
+    stops admitting (503), lets running streams finish for up to ``drain_timeout`` seconds, stops the engine, then
+    closes the store. ``api_keys`` protect the OpenAI API (``Authorization:
     Bearer``); ``middleware_opts`` go to :func:`append_middlewares` (session cookie settings, CORS).
     """
     if drain_timeout < 0:
@@ -34,10 +35,14 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await ctx.service.startup()
+        await ctx.conversations.startup()
         try:
             yield
         finally:
-            await ctx.service.shutdown(drain_timeout)
+            try:
+                await ctx.service.shutdown(drain_timeout)
+            finally:
+                await ctx.conversations.shutdown()  # after the drain: finishing streams still commit their turns
 
     app = FastAPI(title=f"ChatStream ({ctx.service.name})", lifespan=lifespan)
     append_middlewares(ctx, app, middleware_opts)

@@ -1,8 +1,8 @@
 """ServerContext: what the HTTP layer serves, handed to every endpoint and middleware of server/.
 
 The chat service itself has no HTTP in it; the context adds what only HTTP needs: who may call what (client roles),
-the /chat_stream endpoint with its request handler (where histories live), the API keys of the OpenAI endpoints and
-the feedback hook.
+the /chat_stream endpoint with its request handler and the conversations (where histories live), the API keys of
+the OpenAI endpoints and the feedback hook.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from chatstream.server.access import ClientRoles
 from chatstream.server.native import NativeChat
 from chatstream.service import ChatService
 from chatstream.sessions.handler import AbstractRequestHandler
+from chatstream.sessions.keeper import ConversationKeeper
 
 FeedbackHook = Callable[[dict[str, Any]], Any]
 """Called with the feedback record of POST /set_feedback (sync or async)."""
@@ -41,6 +42,11 @@ class ServerContext:
     @property
     def request_handler(self) -> AbstractRequestHandler:
         return self.chat.handler
+
+    @property
+    def conversations(self) -> ConversationKeeper:
+        """Where the users' conversations are kept (the store, its lifecycle, the session's user and current id)."""
+        return self.chat.conversations
 
     @property
     def keeps_history_in_session(self) -> bool:

@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse
 
 from chatstream.admission.admission import Draining, QueueFull
 from chatstream.engine.base import EngineError, EngineOverloaded
+from chatstream.sessions import errors as store_errors
 
 ROLE_DENIED_BODY: dict[str, Any] = {"success": False, "message": "Forbidden", "detail": "Denied on role layer."}
 
@@ -76,6 +77,14 @@ class NotFound(ApiError):
     default_code = "not_found"
 
 
+class Conflict(ApiError):
+    """A write based on a stale version: someone else changed the conversation first."""
+
+    status = 409
+    error_type = "invalid_request_error"
+    default_code = "conflict"
+
+
 class TooManyRequests(ApiError):
     """The admission queue is full; retry after ``retry_after`` seconds."""
 
@@ -111,7 +120,24 @@ def to_api_error(exc: BaseException) -> ApiError:
         return ServiceUnavailable(f"The engine cannot serve requests: {exc}", code="engine_unavailable")
     if isinstance(exc, ValidationError):
         return bad_request_from_validation(exc)
+    if isinstance(exc, store_errors.StoreError):
+        return store_api_error(exc)
     return ApiError("Internal server error.", code="internal_error")
+
+
+def store_api_error(exc: store_errors.StoreError) -> ApiError:
+    """A store failure for the client: 404 (no such conversation or message for this user), 409 (a conflicting
+    write), 503 (the store is unreachable), 500 naming the record that cannot be read."""
+    if isinstance(exc, store_errors.ConversationNotFound):
+        return NotFound(str(exc), param="conversation_id", code="conversation_not_found")
+    if isinstance(exc, store_errors.MessageNotFound):
+        return NotFound(str(exc), param="message_id", code="message_not_found")
+    if isinstance(exc, store_errors.Conflict):
+        return Conflict(str(exc), param="conversation_id")
+    if isinstance(exc, store_errors.StoreUnavailable):
+        return ServiceUnavailable(f"The conversation store is unavailable: {exc}", code="store_unavailable")
+    code = "foreign_record" if isinstance(exc, store_errors.ForeignRecord) else "corrupt_record"
+    return ApiError(str(exc), code=code)
 
 
 def bad_request_from_validation(exc: ValidationError) -> BadRequest:

@@ -20,6 +20,7 @@ from chatstream.i18n import message
 from chatstream.server.access import ClientRoles
 from chatstream.server.context import ServerContext
 from chatstream.server.http import DEV_TOOL_HEADER, MESSAGE_ID_HEADER, SKIP_SESSION_HEADER
+from chatstream.sessions.turns import CONVERSATION_ID_HEADER
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -70,7 +71,8 @@ def append_middlewares(ctx: ServerContext, app: FastAPI, opts: Mapping[str, Any]
 
     Options (all optional):
         session (or the original's ``fast_session``): ``secret_key`` (default: a random per-process secret, with a
-            warning), ``store``, ``secure`` (default True), ``http_only`` (default True), ``same_site``, ``max_age``,
+            warning), ``store`` (default: the ChatStream's store, so that sessions live beside the conversations),
+            ``secure`` (default True), ``http_only`` (default True), ``same_site``, ``max_age``,
             ``session_cookie``; ``False`` adds no session middleware (bring your own).
         cors: ``{"allow_origins": [...], "allow_credentials": bool}``; CORS is added only with this key or
             ``develop_mode``.
@@ -82,16 +84,16 @@ def append_middlewares(ctx: ServerContext, app: FastAPI, opts: Mapping[str, Any]
     app.add_middleware(ClientRoleMiddleware, roles=ctx.roles)
     session_opts = opts.get("session", opts.get("fast_session"))
     if session_opts is not False:
-        _add_session_middleware(ctx.service.locale, app, session_opts or {})
+        _add_session_middleware(ctx, app, session_opts or {})
     cors = _cors_options(ctx.service.locale, opts)
     if cors is not None:
         app.add_middleware(CORSMiddleware, **cors)
 
 
-def _add_session_middleware(locale: str, app: FastAPI, session_opts: Mapping[str, Any]) -> None:
+def _add_session_middleware(ctx: ServerContext, app: FastAPI, session_opts: Mapping[str, Any]) -> None:
     from chatstream.sessions.middleware import SessionMiddleware
-    from chatstream.sessions.store import SessionStore
 
+    locale = ctx.service.locale
     if not isinstance(session_opts, Mapping):
         raise ValueError(f"append_middlewares option 'session' must be a dict or False, got {session_opts!r}")
     unknown = set(session_opts) - _SESSION_KEYS
@@ -100,10 +102,7 @@ def _add_session_middleware(locale: str, app: FastAPI, session_opts: Mapping[str
             f"append_middlewares: unknown session option(s) {sorted(unknown)}; known: {sorted(_SESSION_KEYS)}"
         )
     kwargs = dict(session_opts)
-    store = kwargs.get("store")
-    if store is not None and not isinstance(store, SessionStore):
-        logger.warning("session store %s is not a chatstream SessionStore; using the in-memory store", type(store))
-        kwargs.pop("store")
+    kwargs["store"] = _session_store(ctx, kwargs.get("store"))
     if not kwargs.get("secret_key"):
         kwargs["secret_key"] = secrets.token_urlsafe(32)
         logger.warning(message("session_secret_generated", locale))
@@ -116,6 +115,24 @@ def _add_session_middleware(locale: str, app: FastAPI, session_opts: Mapping[str
         kwargs["secure"],
         kwargs["http_only"],
         kwargs.get("same_site"),
+    )
+
+
+def _session_store(ctx: ServerContext, store: Any) -> Any:
+    """The session store of the middleware: ChatStream's own store (its ``store=``) unless another is given, a
+    chatstream store as is, a fastsession store through its adapter."""
+    from chatstream.sessions.base import AsyncSessionStore, Store
+    from chatstream.sessions.store import FastSessionStoreAdapter, SessionStore
+
+    if store is None:
+        return ctx.conversations.store
+    if isinstance(store, Store | AsyncSessionStore | SessionStore):
+        return store
+    if all(callable(getattr(store, name, None)) for name in ("create_store", "get_store", "save_store")):
+        return FastSessionStoreAdapter(store)
+    raise ValueError(
+        f"append_middlewares session option 'store' must be a chatstream store (open_store(url)) or a fastsession "
+        f"store, got {type(store).__name__}"
     )
 
 
@@ -139,5 +156,5 @@ def _cors_options(locale: str, opts: Mapping[str, Any]) -> dict[str, Any] | None
         "allow_credentials": bool(cors.get("allow_credentials", True)),
         "allow_methods": list(cors.get("allow_methods", ["*"])),
         "allow_headers": list(cors.get("allow_headers", ["*"])),
-        "expose_headers": [MESSAGE_ID_HEADER, DEV_TOOL_HEADER],
+        "expose_headers": [MESSAGE_ID_HEADER, DEV_TOOL_HEADER, CONVERSATION_ID_HEADER],
     }

@@ -43,6 +43,7 @@ from chatstream.sessions.handler import (
     Conversation,
     StreamingFinishedCallback,
 )
+from chatstream.sessions.keeper import ConversationKeeper
 
 if TYPE_CHECKING:
     from chatstream.prompts.base import AbstractChatPrompt
@@ -64,7 +65,8 @@ class ChatTurnInput:
 
 
 class NativeChat:
-    """The /chat_stream endpoint of one service, serving histories through ``handler`` (attached here)."""
+    """The /chat_stream endpoint of one service, serving histories through ``handler`` (attached here, together
+    with the conversations: the store the default handler keeps them in)."""
 
     def __init__(
         self,
@@ -72,12 +74,14 @@ class NativeChat:
         roles: ClientRoles,
         handler: AbstractRequestHandler,
         handler_logger: logging.Logger | None = None,
+        conversations: ConversationKeeper | None = None,
     ) -> None:
         self.service = service
         self.roles = roles
         self.handler = handler
         self.logger = handler_logger or logger
-        handler.attach(self, service.prompts, handler_logger)
+        self.conversations = conversations or ConversationKeeper("memory://", service.prompts)
+        handler.attach(self, service.prompts, handler_logger, self.conversations)
 
     @role_checked("chat_stream")
     async def handle(
@@ -108,7 +112,7 @@ class NativeChat:
             return await self.handler.process_request(request, body, finished)
         except ChatRequestError as exc:
             await finished(request, f"{UNKNOWN_ERROR},{exc.reason}")
-            return bad_request(exc.detail) if exc.status == 400 else internal_error(exc.detail)
+            return chat_error_response(exc)
         except Exception:
             self.logger.exception("the request handler failed")
             await finished(request, f"{UNKNOWN_ERROR},while process_request")
@@ -126,9 +130,13 @@ class NativeChat:
         """Run one turn on ``conversation`` and return the streaming response. Raises ChatRequestError."""
         turn = parse_chat_body(request_body if request_body is not None else await request.body())
 
-        async def finish(message: str) -> None:
+        async def commit(message: str) -> None:
             if message in (SUCCESS, DISCONNECTED_WHILE_STREAMING):
-                conversation.save()
+                saved = conversation.save()
+                if inspect.isawaitable(saved):
+                    await saved
+
+        async def finish(message: str) -> None:
             await finished(request, message)
 
         promoted = self.promote(request, turn.user_input, finish)
@@ -137,7 +145,7 @@ class NativeChat:
         add_turn(conversation.chat_prompt, turn)
         message_id = str(uuid.uuid4())
         chunks = self.stream_answer(
-            conversation.chat_prompt, finish, conversation.overrides, message_id, conversation.conversation_id
+            conversation.chat_prompt, finish, conversation.overrides, message_id, conversation.conversation_id, commit
         )
 
         async def abandoned() -> None:
@@ -153,33 +161,40 @@ class NativeChat:
         overrides: SamplingOverrides | None,
         message_id: str | None,
         conversation_id: str | None,
+        commit: Callable[[str], Awaitable[None]] | None = None,
     ) -> AsyncGenerator[str, None]:
         """Native chunks for the pending answer of ``chat_prompt``; the answer (partial on disconnect) is stored in
-        it with ``message_id``, then ``finished`` gets "success", "client_disconnected_while_streaming" or
-        "unknown_error_occurred,..."."""
+        it with ``message_id``, ``commit`` is awaited before the last chunk (a failed commit cuts the stream short),
+        then ``finished`` gets "success", "client_disconnected_while_streaming" or "unknown_error_occurred,..."."""
+        answer = _KeptAnswer(chat_prompt, message_id, commit)
         outcome = GenerationOutcome()
         message = f"{UNKNOWN_ERROR},while generating"
         try:
             gen_request = self.service.build_request(chat_prompt, overrides, conversation_id)
+            shown = ""
             async with aclosing(self.service.generate(gen_request, outcome)) as deltas:  # closing aborts on disconnect
                 async for delta in deltas:
-                    if delta.text and outcome.text.lstrip():
-                        yield native_chunk(outcome.text.lstrip())
-            if not outcome.text.lstrip():
-                yield native_chunk("")
+                    text = outcome.text.lstrip()
+                    if delta.text and text and not delta.finished:  # the last piece waits for the commit
+                        shown = text
+                        yield native_chunk(text)
+            ended = SUCCESS
             if outcome.finish_reason is FinishReason.ERROR:
                 self.logger.warning("generation %s failed: %s", gen_request.request_id, outcome.error)
-            else:
-                message = SUCCESS
+                ended = message
+            message = f"{UNKNOWN_ERROR},while saving the conversation"
+            await answer.keep(outcome.text, ended)
+            message = ended
+            if outcome.text.lstrip() != shown or not shown:
+                yield native_chunk(outcome.text.lstrip())
         except (asyncio.CancelledError, GeneratorExit):
             message = DISCONNECTED_WHILE_STREAMING
             raise
         finally:
-            if chat_prompt.is_chat_mode_enabled():
-                chat_prompt.set_responder_last_msg(outcome.text.strip())
-                if message_id:
-                    chat_prompt.set_responder_last_msg_id(message_id)
-            await finished(message)
+            try:
+                await answer.keep(outcome.text, message)  # a disconnect or a failure: the partial answer
+            finally:
+                await finished(message)
 
     def promote(
         self, request: Request, user_input: str | None, finish: Callable[[str], Awaitable[None]]
@@ -199,6 +214,38 @@ class NativeChat:
 
         body = stream_fixed_text(f"New role: '{granted.name}' has been granted", done)
         return NativeStreamingResponse(body, abandoned, headers=headers)
+
+
+class _KeptAnswer:
+    """Stores the answer in the prompt object and commits it, once, whichever way the stream ends."""
+
+    def __init__(
+        self,
+        chat_prompt: AbstractChatPrompt,
+        message_id: str | None,
+        commit: Callable[[str], Awaitable[None]] | None,
+    ) -> None:
+        self.chat_prompt = chat_prompt
+        self.message_id = message_id
+        self.commit = commit
+        self.done = False
+
+    async def keep(self, text: str, message: str) -> None:
+        """Store ``text`` as the answer and commit it with the stream's outcome ``message``; a failed commit is
+        logged and raised (the stream is cut short)."""
+        if self.done:
+            return
+        self.done = True
+        if self.chat_prompt.is_chat_mode_enabled():
+            self.chat_prompt.set_responder_last_msg(text.strip())
+            if self.message_id:
+                self.chat_prompt.set_responder_last_msg_id(self.message_id)
+        if self.commit is not None:
+            try:
+                await asyncio.shield(self.commit(message))  # a disconnect must not cut a write in half
+            except Exception:
+                logger.exception("the turn could not be saved; the answer is cut short")
+                raise
 
 
 def parse_chat_body(raw: bytes | str) -> ChatTurnInput:
@@ -294,6 +341,16 @@ async def stream_fixed_text(text: str, on_finished: Callable[[], Awaitable[None]
             yield native_chunk(" ".join(words[:i]))
     finally:
         await on_finished()
+
+
+_ERROR_NAMES = {400: "bad_request", 404: "not_found", 409: "conflict", 503: "service_unavailable"}
+
+
+def chat_error_response(exc: ChatRequestError) -> JSONResponse:
+    """A refused /chat_stream request in the native shape: ``{"error": <name>, "detail": ...}`` with its status
+    (400, 404, 409, 503; anything else is a 500)."""
+    status = exc.status if exc.status in _ERROR_NAMES else 500
+    return JSONResponse({"error": _ERROR_NAMES.get(status, "internal_server_error"), "detail": exc.detail}, status)
 
 
 def bad_request(detail: str) -> JSONResponse:

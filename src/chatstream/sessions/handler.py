@@ -18,8 +18,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from chatstream.config import SamplingOverrides
+from chatstream.sessions.errors import Conflict, ConversationNotFound, StoreError, StoreUnavailable
+from chatstream.sessions.keeper import ConversationKeeper
 from chatstream.sessions.lookup import find_session
 from chatstream.sessions.middleware import session_skipped
+from chatstream.sessions.turns import CONVERSATION_ID_HEADER, commit_turn, open_for_turn, requested_conversation_id
 
 if TYPE_CHECKING:
     from chatstream.prompts.base import AbstractChatPrompt
@@ -36,13 +39,17 @@ DISCONNECTED_WHILE_STREAMING = "client_disconnected_while_streaming"
 DISCONNECTED_BEFORE_STREAMING = "client_disconnected_before_streaming"
 UNKNOWN_ERROR = "unknown_error_occurred"
 
+SaveHistory = Callable[[], Awaitable[None] | None]
+"""Persists a history: a plain function (the original's handlers) or a coroutine function (a store write)."""
+
 
 class ChatRequestError(Exception):
     """A chat request that cannot be served as sent; the endpoint answers ``status`` with ``detail``.
 
     Attributes:
         detail: what is wrong, for the client (names the field for bad input).
-        status: 400 for the client's mistakes, 500 for the server's.
+        status: 400 for the client's mistakes (404: an unknown conversation, 409: a conflicting write), 500 for the
+            server's (503: the store is unreachable).
         reason: what the finished-callback is told after "unknown_error_occurred,".
     """
 
@@ -59,13 +66,14 @@ class Conversation:
 
     Attributes:
         chat_prompt: the history (a prompt-class object); the turn appends to it and stores the answer in it.
-        save: persists the history (called once the answer is complete, or cut short by a disconnect).
+        save: persists the history (called once the answer is complete, or cut short by a disconnect, before the
+            stream's last chunk); may be a coroutine function.
         overrides: the conversation's own sampling values (POST /set_generation_params).
         conversation_id: a stable id of the conversation (lets the engine keep its KV cache between turns).
     """
 
     chat_prompt: AbstractChatPrompt
-    save: Callable[[], None]
+    save: SaveHistory
     overrides: SamplingOverrides | None = None
     conversation_id: str | None = None
 
@@ -89,8 +97,10 @@ class ChatTurns(Protocol):
         overrides: SamplingOverrides | None,
         message_id: str | None,
         conversation_id: str | None,
+        commit: Callable[[str], Awaitable[None]] | None = None,
     ) -> AsyncGenerator[str, None]:
-        """Native chunks for the pending answer of ``chat_prompt``; the answer is stored in it."""
+        """Native chunks for the pending answer of ``chat_prompt``; the answer is stored in it and ``commit`` is
+        awaited with the outcome before the last chunk."""
 
     def promote(
         self, request: Request, user_input: str | None, finish: Callable[[str], Awaitable[None]]
@@ -112,14 +122,30 @@ class AbstractRequestHandler(ABC):
         self.chat_prompt_clazz: type[AbstractChatPrompt] | None = None
         self.tokenizer: Any = None
         self.logger: logging.Logger = logger
+        self.conversations: ConversationKeeper | None = None
 
-    def attach(self, turns: ChatTurns, prompts: PromptFactory, handler_logger: logging.Logger | None = None) -> None:
-        """Connect this handler to the endpoint that calls it and to the service's prompt class and tokenizer."""
+    def attach(
+        self,
+        turns: ChatTurns,
+        prompts: PromptFactory,
+        handler_logger: logging.Logger | None = None,
+        conversations: ConversationKeeper | None = None,
+    ) -> None:
+        """Connect this handler to the endpoint that calls it, to the service's prompt class and tokenizer, and to
+        the ChatStream's conversation store (``self.conversations``, for handlers that keep histories there)."""
         self.turns = turns
         self.chat_prompt_clazz = prompts.prompt_class
         self.tokenizer = prompts.tokenizer
         if handler_logger is not None:
             self.logger = handler_logger
+        if conversations is not None:
+            self.conversations = conversations
+
+    def require_conversations(self) -> ConversationKeeper:
+        """The conversation store this handler is attached to."""
+        if self.conversations is None:
+            raise RuntimeError("this request handler is not attached to a ChatStream's conversations (see attach)")
+        return self.conversations
 
     def create_chat_prompt(self) -> AbstractChatPrompt:
         """A new, empty history of the configured prompt class, with the tokenizer attached."""
@@ -145,7 +171,7 @@ class AbstractRequestHandler(ABC):
         request: Request,
         request_body: bytes | str | None,
         chat_prompt: AbstractChatPrompt,
-        save: Callable[[], None],
+        save: SaveHistory,
         streaming_finished_callback: StreamingFinishedCallback,
         generation_params: dict[str, Any] | None = None,
         conversation_id: str | None = None,
@@ -153,7 +179,8 @@ class AbstractRequestHandler(ABC):
         """Run one turn on ``chat_prompt`` and return the native streaming response.
 
         ``generation_params`` is the session's ``{"temperature", "top_k_value", "top_p_value"}``; ``save`` persists
-        the history. Raises :class:`ChatRequestError` for a body that is no valid chat turn.
+        the history (a plain or a coroutine function, called before the stream's last chunk). Raises
+        :class:`ChatRequestError` for a body that is no valid chat turn.
         """
         overrides = SamplingOverrides.from_seed_params(generation_params)
         conversation = Conversation(chat_prompt, save, overrides, conversation_id)
@@ -192,10 +219,13 @@ class AbstractRequestHandler(ABC):
 
 
 class SimpleSessionRequestHandler(AbstractRequestHandler):
-    """Keeps each user's history (a prompt-class object) in the HTTP session under "chat_prompt".
+    """Keeps each user's conversations in ChatStream's store, and in the HTTP session who the user is and which
+    conversation is current (see :mod:`chatstream.sessions.turns`).
 
-    Works with fastsession's FastSessionMiddleware and with ChatStream's own session middleware: both put an object
-    with ``get_session()`` / ``save_session()`` at ``request.state.<session_attr_name>``.
+    Works with ChatStream's own session middleware and with fastsession's FastSessionMiddleware: both put an object
+    with ``get_session()`` / ``save_session()`` at ``request.state.<session_attr_name>``. Where the session holds
+    live objects (fastsession, a memory store) the prompt object of the last turn is also left at
+    ``session["chat_prompt"]``, as the original package kept it, for code that reads it.
     """
 
     def __init__(self, session_attr_name: str = "session") -> None:
@@ -211,21 +241,39 @@ class SimpleSessionRequestHandler(AbstractRequestHandler):
         found = find_session(request, self.session_attr)
         if found is None:
             raise _no_session_error(request)
-        chat_prompt = found.data.get("chat_prompt")
-        if chat_prompt is None:
-            chat_prompt = self.create_chat_prompt()
-            chat_prompt.build_initial_prompt(chat_prompt)
-            found.data["chat_prompt"] = chat_prompt
-            found.save()
-        return await self.handle_turn(
-            request,
-            request_body,
-            chat_prompt,
-            found.save,
-            streaming_finished_callback,
-            generation_params=found.data.get("generation_params"),
-            conversation_id=found.session_id,
+        keeper = self.require_conversations()
+        body = request_body if request_body is not None else await request.body()
+        try:
+            requested = requested_conversation_id(body, request.headers.get(CONVERSATION_ID_HEADER))
+            turn = await open_for_turn(keeper, found, requested)
+        except ValueError as exc:
+            raise ChatRequestError(str(exc), reason=f"bad request: {exc}") from None
+        except StoreError as exc:
+            raise store_request_error(exc) from None
+        params = found.data.get("generation_params")
+
+        async def save() -> None:
+            await commit_turn(keeper, found, turn, params)
+
+        response = await self.handle_turn(
+            request, body, turn.prompt, save, streaming_finished_callback, params, turn.conversation_id
         )
+        response.headers[CONVERSATION_ID_HEADER] = turn.conversation_id
+        return response
+
+
+def store_request_error(exc: StoreError) -> ChatRequestError:
+    """The /chat_stream answer to a store failure: 404 for a conversation the user does not have, 409 for a
+    conflict, 503 when the store is unreachable, 500 naming the record for one that cannot be read."""
+    if isinstance(exc, ConversationNotFound):
+        return ChatRequestError(str(exc), status=404, reason="conversation not found")
+    if isinstance(exc, Conflict):
+        return ChatRequestError(str(exc), status=409, reason="conversation changed")
+    if isinstance(exc, StoreUnavailable):
+        logger.error("the conversation store is unavailable: %s", exc)
+        return ChatRequestError(f"the conversation store is unavailable: {exc}", status=503, reason="store down")
+    logger.error("%s", exc)
+    return ChatRequestError(str(exc), status=500, reason="unreadable conversation")
 
 
 def _no_session_error(request: Request) -> ChatRequestError:

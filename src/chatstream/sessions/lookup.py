@@ -30,7 +30,7 @@ class FoundSession:
 
     @property
     def session_id(self) -> str | None:
-        """The session id when the manager tells it (a stable id for the user's conversation)."""
+        """The session id when the manager tells it."""
         get_id = getattr(self.manager, "get_session_id", None)
         return str(get_id()) if callable(get_id) else None
 

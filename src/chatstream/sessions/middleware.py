@@ -90,6 +90,11 @@ class HttpSession:
         # Serialising stores: a change made without save_session() is still noticed (fastsession's dicts were live).
         self._snapshot = None if sessions.live_objects or data is None else _fingerprint(session_id, data)
 
+    @property
+    def keeps_objects(self) -> bool:
+        """True when the store keeps the dict itself (any Python object may be in it), False when it keeps JSON."""
+        return self._sessions.live_objects
+
     def get_session(self) -> SessionData:
         """The user's session dict; with a memory store, changes are visible to the user's next requests at once."""
         return self._materialize()
@@ -105,7 +110,7 @@ class HttpSession:
         self._dirty = True
 
     def get_session_id(self) -> str:
-        """The session id (also a stable id for the user's conversation)."""
+        """The session id (the value the cookie carries, signed)."""
         self._materialize()
         return self._session_id
 

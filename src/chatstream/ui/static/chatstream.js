@@ -29,6 +29,12 @@
       load: "Server load", running: "Running", waiting: "Waiting", generationParams: "Generation parameters",
       apply: "Apply", reload: "Reload", saved: "Saved", prompt: "Current prompt", refresh: "Refresh",
       noPrompt: "(no prompt yet)", requestFailed: "Request failed ({status}).", empty: "(empty answer)",
+      conversations: "Conversations", newChat: "New chat", untitled: "New conversation", rename: "Rename",
+      exportMarkdown: "Export as Markdown", exportJson: "Export as JSON", delete: "Delete", cancel: "Cancel",
+      moreActions: "More actions for “{title}”", titleLabel: "Conversation title",
+      confirmDelete: "Delete “{title}”? This cannot be undone.", deleted: "Conversation deleted",
+      loadFailed: "Could not load the conversation.", renameFailed: "Could not rename the conversation.",
+      deleteFailed: "Could not delete the conversation.",
     },
     ja: {
       skip: "入力欄へ移動", clear: "会話をクリア", developer: "開発者",
@@ -51,6 +57,12 @@
       apply: "適用", reload: "再読込", saved: "保存しました", prompt: "現在のプロンプト", refresh: "更新",
       noPrompt: "(プロンプトはまだありません)", requestFailed: "リクエストに失敗しました ({status})。",
       empty: "(空の回答)",
+      conversations: "会話", newChat: "新しいチャット", untitled: "新しい会話", rename: "名前を変更",
+      exportMarkdown: "Markdown でエクスポート", exportJson: "JSON でエクスポート", delete: "削除", cancel: "キャンセル",
+      moreActions: "「{title}」の操作", titleLabel: "会話のタイトル",
+      confirmDelete: "「{title}」を削除しますか?元に戻せません。", deleted: "会話を削除しました",
+      loadFailed: "会話を読み込めませんでした。", renameFailed: "会話の名前を変更できませんでした。",
+      deleteFailed: "会話を削除できませんでした。",
     },
   };
 
@@ -218,8 +230,8 @@
     return err && err.name === "AbortError";
   }
 
-  async function requestJson(method, path, body) {
-    const init = { method: method, credentials: "same-origin", headers: { Accept: "application/json" } };
+  async function requestJson(method, path, body, headers) {
+    const init = { method: method, credentials: "same-origin", headers: Object.assign({ Accept: "application/json" }, headers) };
     if (body !== undefined) {
       init.headers["Content-Type"] = "application/json";
       init.body = JSON.stringify(body);
@@ -255,12 +267,12 @@
    * POST /chat_stream and follow the native stream: each segment is the cumulative answer followed by <::EOS::>;
    * network chunks may split or merge segments, so only the last COMPLETE segment is shown.
    */
-  async function streamChat(body, signal, onText) {
+  async function streamChat(body, signal, onText, headers) {
     let response;
     try {
       response = await fetch(apiUrl("chat_stream"), {
         method: "POST", credentials: "same-origin", signal: signal,
-        headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+        headers: Object.assign({ "Content-Type": "application/json" }, headers), body: JSON.stringify(body),
       });
     } catch (err) {
       return { kind: isAbort(err) ? "aborted" : "network", text: "" };
@@ -269,6 +281,7 @@
       text: "",
       messageId: response.headers.get("X-ChatStream-Last-Generated-Message-Id") || "",
       devTool: (response.headers.get("X-ChatStream-API-DevTool-Enabled") || "").toLowerCase() === "enabled",
+      conversationId: response.headers.get("X-ChatStream-Conversation-Id") || "",
     };
     const type = (response.headers.get("Content-Type") || "").toLowerCase();
     if (!response.ok || type.includes("application/json") || !response.body) return classifyFailure(response, extra);
@@ -307,6 +320,7 @@
     copy: '<rect x="9" y="9" width="12" height="12" rx="2"/><path d="M5 15H4a1 1 0 0 1-1-1V4a1 1 0 0 1 1-1h10a1 1 0 0 1 1 1v1"/>',
     regenerate: '<path d="M21 12a9 9 0 1 1-3-6.7L21 8"/><path d="M21 3v5h-5"/>',
     retry: '<path d="M21 12a9 9 0 1 1-3-6.7L21 8"/><path d="M21 3v5h-5"/>',
+    more: '<circle cx="5" cy="12" r="1.2"/><circle cx="12" cy="12" r="1.2"/><circle cx="19" cy="12" r="1.2"/>',
   };
 
   function el(tag, className, text) {
@@ -576,6 +590,224 @@
     }
   }
 
+  // ---------------------------------------------------------------- conversations sidebar
+  function conversationPath(id, rest) {
+    return "conversations/" + encodeURIComponent(id) + (rest || "");
+  }
+
+  /** The user's conversations, newest first: new chat, switch, rename, delete (confirmed), export. */
+  class ConversationSidebar {
+    constructor(app) {
+      this.app = app;
+      this.t = app.t;
+      this.nav = document.getElementById("cs-side");
+      this.list = document.getElementById("cs-conv-list");
+      this.msg = document.getElementById("cs-side-msg");
+      this.toggle = document.getElementById("cs-side-toggle");
+      this.scrim = document.getElementById("cs-scrim");
+      this.dialog = document.getElementById("cs-confirm");
+      this.available = false;
+      this.menu = null;
+    }
+
+    /** Show the sidebar when the server offers the conversations API to this user, and the current conversation. */
+    async start() {
+      await this.app.ready;
+      const result = await requestJson("GET", "conversations?limit=100");
+      if (!(result.ok && result.data && Array.isArray(result.data.data))) return; // not allowed or not mounted
+      this.available = true;
+      this.bind();
+      this.nav.hidden = false;
+      this.toggle.hidden = false;
+      const current = result.data.current_id;
+      const stored = result.data.data.some((conv) => conv.id === current);
+      this.render(result.data.data);
+      if (stored && !this.app.log.querySelector(".cs-msg-user")) await this.app.openConversation(current, false);
+    }
+
+    bind() {
+      this.toggle.addEventListener("click", () => (this.nav.classList.contains("cs-open") ? this.closeDrawer() : this.openDrawer()));
+      document.getElementById("cs-side-close").addEventListener("click", () => this.closeDrawer());
+      document.getElementById("cs-new-chat").addEventListener("click", () => this.newChat());
+      this.scrim.addEventListener("click", () => this.closeDrawer());
+      this.nav.addEventListener("keydown", (event) => {
+        if (event.key !== "Escape") return;
+        event.preventDefault();
+        if (this.menu) this.closeMenu(true);
+        else this.closeDrawer();
+      });
+      document.addEventListener("click", (event) => {
+        if (this.menu && !this.menu.parentNode.contains(event.target)) this.closeMenu(false);
+      });
+    }
+
+    async refresh() {
+      if (!this.available) return;
+      const result = await requestJson("GET", "conversations?limit=100");
+      if (result.ok && result.data && Array.isArray(result.data.data)) this.render(result.data.data);
+    }
+
+    render(conversations) {
+      this.menu = null;
+      this.list.textContent = "";
+      for (const conv of conversations) this.list.appendChild(this.item(conv));
+      this.markCurrent();
+    }
+
+    markCurrent() {
+      for (const li of this.list.children) {
+        const current = li.dataset.id === this.app.conversationId;
+        li.dataset.current = String(current);
+        const open = li.querySelector(".cs-conv-open");
+        if (current) open.setAttribute("aria-current", "true");
+        else open.removeAttribute("aria-current");
+      }
+    }
+
+    item(conv) {
+      const title = conv.title || this.t.untitled;
+      const li = el("li", "cs-conv");
+      li.dataset.id = conv.id;
+      const open = el("button", "cs-conv-open", title);
+      open.type = "button";
+      open.title = title;
+      open.addEventListener("click", () => this.select(conv.id));
+      const more = iconButton("more", format(this.t.moreActions, { title: title }), () => this.toggleMenu(li, conv));
+      more.setAttribute("aria-haspopup", "menu");
+      more.setAttribute("aria-expanded", "false");
+      li.append(open, more);
+      return li;
+    }
+
+    toggleMenu(li, conv) {
+      const wasOpen = this.menu && this.menu.parentNode === li;
+      this.closeMenu(false);
+      if (wasOpen) return;
+      const menu = el("div", "cs-conv-menu");
+      menu.setAttribute("role", "menu");
+      const rename = this.menuButton("rename", this.t.rename, () => this.startRename(li, conv));
+      const remove = this.menuButton("delete", this.t.delete, () => this.confirmDelete(conv));
+      menu.append(rename, this.exportLink(conv, "markdown", this.t.exportMarkdown), this.exportLink(conv, "json", this.t.exportJson), remove);
+      li.appendChild(menu);
+      this.menu = menu;
+      li.querySelector('[data-action="more"]').setAttribute("aria-expanded", "true");
+      rename.focus();
+    }
+
+    closeMenu(focusButton) {
+      if (!this.menu) return;
+      const li = this.menu.parentNode;
+      this.menu.remove();
+      this.menu = null;
+      const more = li.querySelector('[data-action="more"]');
+      more.setAttribute("aria-expanded", "false");
+      if (focusButton) more.focus();
+    }
+
+    menuButton(action, label, onClick) {
+      const button = el("button", "", label);
+      button.type = "button";
+      button.dataset.action = action;
+      button.setAttribute("role", "menuitem");
+      button.addEventListener("click", onClick);
+      return button;
+    }
+
+    exportLink(conv, exportFormat, label) {
+      const link = el("a", "", label);
+      link.href = apiUrl(conversationPath(conv.id, "/export?format=" + exportFormat));
+      link.setAttribute("download", "");
+      link.setAttribute("role", "menuitem");
+      link.dataset.action = "export-" + exportFormat;
+      link.addEventListener("click", () => this.closeMenu(false));
+      return link;
+    }
+
+    startRename(li, conv) {
+      this.closeMenu(false);
+      const open = li.querySelector(".cs-conv-open");
+      const input = el("input", "cs-conv-rename");
+      input.type = "text";
+      input.maxLength = 200;
+      input.value = conv.title;
+      input.setAttribute("aria-label", this.t.titleLabel);
+      open.hidden = true;
+      li.insertBefore(input, open);
+      input.focus();
+      input.select();
+      let done = false;
+      const finish = async (save) => {
+        if (done) return;
+        done = true;
+        if (save && input.value.trim() !== conv.title) await this.rename(conv.id, input.value);
+        await this.refresh();
+      };
+      input.addEventListener("keydown", (event) => {
+        if (event.isComposing || event.keyCode === 229) return; // Enter that confirms an IME conversion
+        if (event.key === "Enter") { event.preventDefault(); finish(true); }
+        if (event.key === "Escape") { event.preventDefault(); event.stopPropagation(); finish(false); }
+      });
+      input.addEventListener("blur", () => finish(true));
+    }
+
+    async rename(id, title) {
+      const result = await requestJson("POST", conversationPath(id), { title: title });
+      if (!result.ok) this.app.toast(result.status === 403 ? this.t.forbidden : this.t.renameFailed);
+    }
+
+    async confirmDelete(conv) {
+      this.closeMenu(false);
+      if (!(await this.confirm(format(this.t.confirmDelete, { title: conv.title || this.t.untitled })))) return;
+      const result = await requestJson("DELETE", conversationPath(conv.id));
+      if (!result.ok) {
+        this.app.toast(result.status === 403 ? this.t.forbidden : this.t.deleteFailed);
+        return;
+      }
+      if (conv.id === this.app.conversationId) await this.app.startOver();
+      this.app.toast(this.t.deleted);
+      await this.refresh();
+    }
+
+    /** A modal yes/no question (the page's own dialog; the browser's confirm() where <dialog> is missing). */
+    confirm(text) {
+      if (typeof this.dialog.showModal !== "function") return Promise.resolve(window.confirm(text));
+      document.getElementById("cs-confirm-text").textContent = text;
+      this.dialog.returnValue = "";
+      return new Promise((resolve) => {
+        this.dialog.addEventListener("close", () => resolve(this.dialog.returnValue === "ok"), { once: true });
+        this.dialog.showModal();
+        document.getElementById("cs-confirm-cancel").focus();
+      });
+    }
+
+    async select(id) {
+      this.closeDrawer();
+      if (id !== this.app.conversationId) await this.app.openConversation(id, true);
+    }
+
+    async newChat() {
+      this.closeDrawer();
+      await this.app.clear(false);
+      await this.refresh();
+    }
+
+    openDrawer() {
+      this.nav.classList.add("cs-open");
+      this.scrim.hidden = false;
+      this.toggle.setAttribute("aria-expanded", "true");
+      document.getElementById("cs-new-chat").focus();
+    }
+
+    closeDrawer() {
+      if (!this.nav.classList.contains("cs-open")) return;
+      const hadFocus = this.nav.contains(document.activeElement);
+      this.nav.classList.remove("cs-open");
+      this.scrim.hidden = true;
+      this.toggle.setAttribute("aria-expanded", "false");
+      if (hadFocus) this.toggle.focus();
+    }
+  }
+
   // ---------------------------------------------------------------- the chat
   class ChatApp {
     constructor(settings) {
@@ -598,6 +830,8 @@
       this.frame = 0;
       this.toastTimer = 0;
       this.dev = new DevPanel(this);
+      this.conversationId = null; // the stored conversation on screen (null: the next turn starts one)
+      this.sidebar = new ConversationSidebar(this);
       this.ready = settings.clearContextOnReload ? requestJson("POST", "clear_context") : Promise.resolve();
     }
 
@@ -610,6 +844,7 @@
       if (this.settings.developMode || devSeen) this.dev.enable();
       this.showWelcome();
       this.updateComposer();
+      this.sidebar.start();
     }
 
     applyLabels() {
@@ -739,7 +974,8 @@
       this.setGenerating(true);
       this.announce(this.t.generating);
       this.controller = new AbortController();
-      const result = await streamChat(body, this.controller.signal, (text) => this.renderStreaming(view, text));
+      const onText = (text) => this.renderStreaming(view, text);
+      const result = await streamChat(body, this.controller.signal, onText, this.conversationHeader());
       this.flushRender();
       this.controller = null;
       view.setStreaming(false);
@@ -747,6 +983,10 @@
       if (result.devTool) this.enableDevTool();
       this.finish(view, body, result);
       this.scrollToEnd(false);
+      if (result.conversationId && view.root.isConnected) {
+        this.conversationId = result.conversationId;
+        this.sidebar.refresh();
+      }
     }
 
     finish(view, body, result) {
@@ -839,7 +1079,8 @@
     }
 
     async sendFeedback(view, isLike) {
-      const result = await requestJson("POST", "set_feedback", { is_like: isLike, message_id: view.messageId, form_data: null });
+      const body = { is_like: isLike, message_id: view.messageId, form_data: null };
+      const result = await requestJson("POST", "set_feedback", body, this.conversationHeader());
       if (!(result.ok && result.data && result.data.success)) {
         this.toast(this.t.feedbackFailed);
         return;
@@ -850,7 +1091,7 @@
       this.toast(this.t.thanks);
     }
 
-    async clear() {
+    async clear(announce) {
       this.stop();
       await this.running; // let an aborted answer settle before the history is dropped
       const result = await requestJson("POST", "clear_context");
@@ -859,12 +1100,74 @@
         this.toast(result.status === 403 ? this.t.forbidden : this.t.clearFailed);
         return;
       }
+      await this.startOver();
+      if (announce !== false) this.toast(this.t.cleared);
+      this.sidebar.refresh();
+      this.input.focus();
+    }
+
+    /** Names the conversation on screen to the server (the body stays the original protocol's). */
+    conversationHeader() {
+      return this.conversationId ? { "X-ChatStream-Conversation-Id": this.conversationId } : {};
+    }
+
+    /** An empty chat: the next turn starts a new conversation. */
+    async startOver() {
+      this.stop();
+      await this.running;
       this.log.textContent = "";
       this.lastAnswer = null;
+      this.conversationId = null;
       this.showWelcome();
-      this.toast(this.t.cleared);
+      this.sidebar.markCurrent();
       this.dev.refreshAfterTurn();
-      this.input.focus();
+    }
+
+    /** Show a stored conversation (``makeCurrent``: also for this session's next visit); later turns continue it. */
+    async openConversation(id, makeCurrent) {
+      this.stop();
+      await this.running;
+      const result = await requestJson("GET", conversationPath(id, "/items"));
+      if (!(result.ok && result.data && Array.isArray(result.data.data))) {
+        this.toast(this.t.loadFailed);
+        return;
+      }
+      if (makeCurrent) await requestJson("POST", conversationPath(id, "/open"));
+      this.log.textContent = "";
+      this.lastAnswer = null;
+      this.conversationId = id;
+      this.showWelcome();
+      let user = null;
+      for (const item of result.data.data) user = this.appendStored(item, user);
+      this.scrollToEnd(true);
+      this.sidebar.markCurrent();
+      this.dev.refreshAfterTurn();
+    }
+
+    /** One stored message (an OpenAI-style item) into the log; returns the latest user view. */
+    appendStored(item, user) {
+      if (item.role !== "user" && item.role !== "assistant") return user; // a prompt format's opening example
+      const text = Array.isArray(item.content) && item.content[0] ? String(item.content[0].text || "") : "";
+      const view = new MessageView(item.role === "user" ? "user" : "assistant", this.settings);
+      this.log.appendChild(view.root);
+      if (item.role === "user") {
+        view.setPlain(text);
+        return view;
+      }
+      view.user = user;
+      view.setMarkdown(text);
+      view.messageId = String(item.id || "");
+      view.root.dataset.messageId = view.messageId;
+      view.setState("done");
+      if (!text) view.setNote(this.t.empty);
+      this.lastAnswer = view;
+      this.buildActions(view);
+      if (item.feedback && view.likeButton) {
+        view.feedback = item.feedback.is_like === true;
+        view.likeButton.setAttribute("aria-pressed", String(view.feedback));
+        view.dislikeButton.setAttribute("aria-pressed", String(!view.feedback));
+      }
+      return user;
     }
   }
 
