@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Idempotent setup of a fresh machine: a virtualenv in .venv with the CPU build of torch, ChatStream and its dev
-# tools, Debian's chromium for the browser tests and Debian's redis-server for the Redis store's tests. Re-running it
-# only installs what is missing.
+# Idempotent setup of a fresh machine: a virtualenv in .venv with the CPU build of torch, ChatStream with its dev
+# tools and Ray Serve (the ray extra: chatstream.ray and its tests), Debian's chromium for the browser tests and
+# Debian's redis-server for the Redis store's tests. Re-running it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,7 +13,7 @@ fi
 python -m pip install -q --upgrade pip
 # Pinned first: an unpinned torch would pull a CUDA build of several GB.
 python -m pip install -q torch==2.13.0
-python -m pip install -q -e ".[dev]"
+python -m pip install -q -e ".[dev,ray]"
 
 # A Japanese font so that screenshots of Japanese text show glyphs, not boxes.
 if [ "${CHATSTREAM_SKIP_BROWSER:-0}" != "1" ] && { ! command -v chromium >/dev/null 2>&1 || ! fc-list 2>/dev/null | grep -qi ipa; }; then

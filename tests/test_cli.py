@@ -283,3 +283,30 @@ def test_serve_mock_answers_chat_stream(processes: list[subprocess.Popen[bytes]]
         assert client.get("/v1/models", headers={"Authorization": "Bearer k1"}).status_code == 200
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=30) == 0
+
+
+def test_scale_out_options_are_parsed_and_checked(capsys: pytest.CaptureFixture[str]) -> None:
+    args = build_parser().parse_args(["serve", "--devices", "cpu, CPU", "--max-concurrency", "2"])
+    assert args.devices == ["cpu", "cpu"] and not args.ray and args.replicas == 1
+    argv = ["serve", "--ray", "--replicas", "3", "--ray-address", "auto", "--gpus-per-replica", "0.5"]
+    args = build_parser().parse_args([*argv, "--min-replicas", "1", "--max-replicas", "4"])
+    assert (args.replicas, args.ray_address, args.gpus_per_replica, args.max_replicas) == (3, "auto", 0.5, 4)
+    for bad, message in (
+        (["--devices", "cpu", "--ray"], "--devices and --ray do not combine"),
+        (["--max-replicas", "2"], "--max-replicas needs --ray"),
+        (["--ray", "--min-replicas", "1"], "--min-replicas needs --max-replicas"),
+    ):
+        with pytest.raises(SystemExit) as info:
+            main(["serve", "--mock", *bad])
+        assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_devices_build_a_pool_with_one_engine_per_device(tiny_model_dir: Path) -> None:
+    from chatstream.pool import PoolEngine
+
+    argv = ["serve", "--model", str(tiny_model_dir), "--devices", "cpu,cpu", "--dtype", "fp32"]
+    args = build_parser().parse_args(argv)
+    chat_stream = cli.build_chat_stream(args, max_concurrency=3, max_queue_size=0, reject_as_http_error=True)
+    assert isinstance(chat_stream.engine, PoolEngine)
+    assert [w.name for w in chat_stream.engine.workers()] == ["cpu#0", "cpu#1"]
+    assert chat_stream.admission_config.max_concurrency == 6

@@ -6,6 +6,7 @@ The names the original package exported keep working (``ChatStream``, ``Abstract
 
 from chatstream import prompts
 from chatstream.chat_stream import ChatStream
+from chatstream.chat_stream_pool import ChatStreamPool
 from chatstream.config import AdmissionConfig, EngineConfig, MockConfig, SamplingParams
 from chatstream.engine.base import Delta, FinishReason, GenerationRequest
 from chatstream.models.loadtime import LoadTime
@@ -18,6 +19,7 @@ __all__ = [
     "AdmissionConfig",
     "ChatService",
     "ChatStream",
+    "ChatStreamPool",
     "Delta",
     "EngineConfig",
     "FinishReason",

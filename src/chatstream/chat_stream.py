@@ -9,7 +9,7 @@ method is a few lines that delegate to one of them.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -91,9 +91,14 @@ class ChatStream:
             OpenAI-compatible server; ``engine_options`` says where), "mock" (as ``use_mock_response``); an
             :class:`~chatstream.engine.factory.EngineSpec`; or an engine instance (any implementation of
             ``chatstream.engine.Engine``: then ``model`` is not needed). ``tokenizer`` still renders the prompts
-            (for vLLM it is loaded from the model when not given).
+            (for vLLM it is loaded from the model when not given). A list of engine instances is served as a pool
+            (``chatstream.pool``), each running ``num_of_concurrent_executions``.
         engine_options: the chosen engine's own settings: a ``VLLMConfig`` for "vllm", an ``UpstreamConfig`` for
             "upstream" (required), a ``MockConfig`` for "mock" (else ``mock_params`` apply).
+        devices: serve one copy of ``model`` per device ("cuda:0", "cuda:1", ...) as a pool behind the same endpoints:
+            each conversation stays on the engine that holds its KV cache, new ones go to the least-loaded engine
+            (docs/scaling.md). ``num_of_concurrent_executions`` is then per device, and admission control admits
+            that many times the number of devices.
         store: where sessions and conversations are kept: a URL (``memory://``, the default; ``sqlite:///path.db``;
             ``redis://host:6379/0``) or a store from ``chatstream.sessions.open_store`` (docs/conversations.md).
             ``append_middlewares`` keeps sessions in it too.
@@ -145,8 +150,9 @@ class ChatStream:
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         fair_queue: bool = True,
         max_running_per_user: int | None = None,
-        engine: Engine | EngineSpec | str | None = None,
+        engine: Engine | Sequence[Engine] | EngineSpec | str | None = None,
         engine_options: VLLMConfig | UpstreamConfig | MockConfig | None = None,
+        devices: Sequence[str | torch.device] | None = None,
         store: str | Store = "memory://",
         conversation_max_age: float | str | None = None,
         max_conversations_per_user: int | None = None,
@@ -161,8 +167,10 @@ class ChatStream:
         tokenizer = tokenizer if tokenizer is not None or spec is None else _tokenizer_for(spec)
         self.model, self.tokenizer, self.use_mock_response = model, tokenizer, use_mock_response
         self.engine_spec = spec
-        self.device = _resolve_device(device)
+        self.device = _resolve_device(device if not devices else devices[0])
         self.num_gpus = 0 if use_mock_response or (self.device is not None and self.device.type != "cuda") else num_gpus
+        if devices:
+            self.num_gpus = len({str(d) for d in devices if str(d).startswith("cuda")})
         self.too_many_request_as_http_error = too_many_request_as_http_error
         self.default_sampling = SamplingParams(
             max_new_tokens=max_new_tokens,
@@ -176,7 +184,7 @@ class ChatStream:
             ignore_eos=ignore_eos,
         )
         self.admission_config = AdmissionConfig(
-            num_of_concurrent_executions,
+            num_of_concurrent_executions * _num_engines(engine, devices),
             max_queue_size,
             reject_as_http_error=too_many_request_as_http_error,
             fair=fair_queue,
@@ -195,7 +203,7 @@ class ChatStream:
         if tool_call_format is not None:
             get_format(tool_call_format)  # ValueError listing the known formats
         self.tool_call_format = tool_call_format
-        self.service = self._create_service(locale, model_name, engine if isinstance(engine, Engine) else None)
+        self.service = self._create_service(locale, model_name, self._create_engine(engine, devices))
         self.conversations = ConversationKeeper(
             store,
             self.service.prompts,
@@ -211,7 +219,25 @@ class ChatStream:
         )
         self._console_prompt: AbstractChatPrompt | None = None
 
-    def _create_service(self, locale: str | None, model_name: str | None, engine: Engine | None) -> ChatService:
+    def _create_engine(
+        self, engine: Engine | Sequence[Engine] | EngineSpec | str | None, devices: Sequence[str | torch.device] | None
+    ) -> Engine:
+        if devices:
+            if engine is not None or self.use_mock_response or self.model is None or self.tokenizer is None:
+                raise ValueError("devices needs model and tokenizer, and neither engine nor use_mock_response")
+            from chatstream.pool.devices import device_pool
+
+            return device_pool(self.model, self.tokenizer, self.engine_config, devices)
+        if isinstance(engine, Engine):
+            return engine
+        if isinstance(engine, Sequence) and not isinstance(engine, str):
+            from chatstream.pool.devices import engine_pool
+
+            return engine_pool(engine, self.engine_config.max_batch_size)
+        assert self.engine_spec is not None
+        return create_engine(self.engine_spec, self.model, self.tokenizer, self.engine_config)
+
+    def _create_service(self, locale: str | None, model_name: str | None, engine: Engine) -> ChatService:
         spec = self.engine_spec
         config = ServiceConfig(
             name=self.name,
@@ -226,9 +252,6 @@ class ChatStream:
             model_type=getattr(getattr(self.model, "config", None), "model_type", None),
             tool_call_format=self.tool_call_format,
         )
-        if engine is None:
-            assert spec is not None
-            engine = create_engine(spec, self.model, self.tokenizer, self.engine_config)
         return ChatService(config, engine, PromptFactory(self.chat_prompt_clazz, self.tokenizer), self.logger)
 
     def _prompt_context_len(self, engine: Engine | None) -> int | None:
@@ -236,9 +259,8 @@ class ChatStream:
         (an engine that tells none, e.g. a remote server, keeps its own limits)."""
         if self.use_mock_response:
             return None
-        if engine is None:
-            built_here = self.engine_spec is None or self.engine_spec.kind is EngineKind.TRANSFORMERS
-            return self.engine_config.context_len if built_here else None
+        if self.engine_spec is not None:  # built here: ours knows its context; vLLM and an upstream keep their own
+            return self.engine_config.context_len if self.engine_spec.kind is EngineKind.TRANSFORMERS else None
         context_len = getattr(getattr(engine, "config", None), "context_len", None)
         return context_len if isinstance(context_len, int) else None
 
@@ -365,6 +387,13 @@ class ChatStream:
         return await webui.js(self.server_context, request, response)
 
 
+def _num_engines(engine: object, devices: Sequence[Any] | None) -> int:
+    """How many engines generate: one per device, one per engine of a list, else one."""
+    if devices:
+        return len(devices)
+    return len(engine) if isinstance(engine, Sequence) and not isinstance(engine, str) else 1
+
+
 def _warn_if_sampler_hooks(logger: logging.Logger, token_sampler: Any, probe_mode_enabled: bool) -> None:
     if token_sampler is not None or probe_mode_enabled:
         logger.warning(
@@ -382,14 +411,14 @@ def _resolve_device(device: Any) -> torch.device | None:
 
 
 def _engine_spec(
-    engine: Engine | EngineSpec | str | None,
+    engine: Engine | Sequence[Engine] | EngineSpec | str | None,
     options: VLLMConfig | UpstreamConfig | MockConfig | None,
     model: Any,
     use_mock_response: bool,
     mock_params: Mapping[Any, Any] | None,
 ) -> EngineSpec | None:
-    """The engine to build (None: an engine instance was given); the seed's ``use_mock_response`` is "mock"."""
-    if isinstance(engine, Engine):
+    """The engine to build (None: engine instances were given); the seed's ``use_mock_response`` is "mock"."""
+    if isinstance(engine, Engine) or (isinstance(engine, Sequence) and not isinstance(engine, str)):
         return None
     if isinstance(engine, EngineSpec):
         return engine

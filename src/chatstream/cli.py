@@ -35,12 +35,15 @@ from chatstream.cli_options import (
     add_engine_options,
     add_generation_options,
     add_model_options,
+    add_scale_options,
     add_server_options,
+    check_scale_options,
 )
 
 if TYPE_CHECKING:
     from chatstream.chat_stream import ChatStream
     from chatstream.cli_data import ServeData
+    from chatstream.ray import EngineSpec, FrontSettings, ReplicaSettings
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generation_options(serve)
     add_server_options(serve)
     add_conversation_options(serve)
+    add_scale_options(serve)
     serve.set_defaults(run=run_serve, subparser=serve)
     chat = commands.add_parser("chat", help="chat with the model in this terminal")
     add_model_options(chat, default_log_level="warning")
@@ -91,6 +95,8 @@ def run_serve(args: argparse.Namespace) -> int:
     """``chatstream serve``: load the model, build the app and run uvicorn until interrupted."""
     import uvicorn
 
+    if args.ray or check_scale_options(args):
+        return run_serve_ray(args)
     from chatstream.config import ServerConfig
 
     server = ServerConfig(
@@ -119,6 +125,34 @@ def run_serve(args: argparse.Namespace) -> int:
     )
     _run_uvicorn(config)
     return 0
+
+
+def run_serve_ray(args: argparse.Namespace) -> int:
+    """``chatstream serve --ray``: a front and ``--replicas`` engine replicas on Ray Serve, until interrupted."""
+    problem = check_scale_options(args)
+    if problem is not None:
+        raise ModelOptionError(problem)
+    try:
+        from chatstream.ray.launch import serve_until_interrupted
+    except ImportError as exc:
+        raise ModelOptionError(f"--ray needs the ray extra (pip install 'chatstream[ray]'): {exc}") from exc
+    spec, replicas, front = ray_settings(args)
+    serve_until_interrupted(spec, replicas, front, address=args.ray_address, host=args.host, port=args.port)
+    return 0
+
+
+def ray_settings(args: argparse.Namespace) -> tuple[EngineSpec, ReplicaSettings, FrontSettings]:
+    """What ``serve --ray`` deploys (see chatstream.cli_ray): the replicas' engine, placement and scaling; the front
+    with ``serve``'s ChatStream options, store and session secret."""
+    from chatstream.cli_ray import engine_settings, front_settings
+
+    data = serve_data(args)
+    options = _chat_stream_options(args, args.max_concurrency, args.max_queue, True)
+    options.update(_conversation_options(args, data.store_url))
+    spec, replicas = engine_settings(args, None if args.mock else str(_prepare_model_dir(args)))
+    options["chat_prompt_clazz"] = plain_preset() if args.mock else prompt_class_for(args.model, spec.load_tokenizer())
+    options["model_name"] = "chatstream-mock" if args.mock else model_id_for(args.model)
+    return spec, replicas, front_settings(args, options, api_keys_from(args), data)
 
 
 def serve_data(args: argparse.Namespace) -> ServeData:
@@ -170,13 +204,7 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, stdout: Text
 
 def run_convert(args: argparse.Namespace) -> int:
     """``chatstream convert``: make sure the model is converted and cached; print the checkpoint folder."""
-    from chatstream.models import prepare_model_dir
-
-    try:
-        model_dir = prepare_model_dir(args.model, cache_dir=args.cache_dir, progress=True)
-    except FileNotFoundError as exc:
-        raise ModelOptionError(str(exc)) from exc
-    print(model_dir, flush=True)
+    print(_prepare_model_dir(args), flush=True)
     return 0
 
 
@@ -229,8 +257,18 @@ def build_chat_stream(
         chat_prompt_clazz=prompt_class_for(args.model, tokenizer),
         model_name=model_id_for(args.model),
         fused_decoder=args.fused_decoder,
+        devices=getattr(args, "devices", None),
         **common,
     )
+
+
+def _prepare_model_dir(args: argparse.Namespace) -> Path:
+    from chatstream.models import prepare_model_dir
+
+    try:
+        return Path(prepare_model_dir(args.model, cache_dir=args.cache_dir, progress=True))
+    except FileNotFoundError as exc:
+        raise ModelOptionError(str(exc)) from exc
 
 
 def _chat_stream_options(
@@ -276,10 +314,9 @@ def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
 
     if args.threads is not None:
         os.environ[NUM_THREADS_ENV] = str(args.threads)  # read by the engine thread when it starts
+    device = args.devices[0] if getattr(args, "devices", None) else args.device  # a pool copies it to the others
     try:
-        return load_model(
-            args.model, dtype=args.dtype, device=args.device, num_gpus=args.num_gpus, cache_dir=args.cache_dir
-        )
+        return load_model(args.model, dtype=args.dtype, device=device, num_gpus=args.num_gpus, cache_dir=args.cache_dir)
     except (FileNotFoundError, ValueError) as exc:
         raise ModelOptionError(str(exc)) from exc
 

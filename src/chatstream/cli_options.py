@@ -205,6 +205,59 @@ def _duration(text: str) -> str:
     return text
 
 
+def add_scale_options(parser: argparse.ArgumentParser) -> None:
+    """The scale-out options of ``serve``: a pool over local devices, or Ray Serve replicas (docs/scaling.md)."""
+    group = parser.add_argument_group("scale out")
+    group.add_argument(
+        "--devices",
+        type=_device_list,
+        default=None,
+        metavar="DEV,DEV",
+        help="one model copy per device behind one endpoint (a pool), e.g. cuda:0,cuda:1; --max-concurrency is per "
+        "device",
+    )
+    group.add_argument("--ray", action="store_true", help="serve on Ray Serve with conversation-sticky engine replicas")
+    group.add_argument("--replicas", type=_int_at_least(1), default=1, help="engine replicas with --ray (default: 1)")
+    group.add_argument(
+        "--ray-address", default=None, help="a running Ray cluster: auto or HEAD:6379 (default: start a local Ray)"
+    )
+    group.add_argument(
+        "--gpus-per-replica",
+        type=_float_at_least(0.0),
+        default=None,
+        help="GPUs each replica reserves (default: 1 where this machine has CUDA, else 0)",
+    )
+    group.add_argument("--cpus-per-replica", type=_float_at_least(0.0), default=1.0, help="default: 1")
+    group.add_argument("--min-replicas", type=_int_at_least(0), default=None, help="autoscaling lower bound")
+    group.add_argument("--max-replicas", type=_int_at_least(1), default=None, help="autoscale up to N replicas")
+    group.add_argument(
+        "--target-ongoing-requests",
+        type=_float_at_least(0.0),
+        default=None,
+        help="autoscaling target per replica (default: --max-concurrency)",
+    )
+
+
+def check_scale_options(args: argparse.Namespace) -> str | None:
+    """The error message for scale-out options that do not fit together, else None."""
+    if args.ray and args.devices:
+        return "--devices and --ray do not combine (with Ray, each replica holds one model copy: use --replicas)"
+    ray_only = ("min_replicas", "max_replicas", "target_ongoing_requests", "ray_address", "gpus_per_replica")
+    given = [name for name in ray_only if getattr(args, name) is not None]
+    if given and not args.ray:
+        return f"--{given[0].replace('_', '-')} needs --ray"
+    if args.min_replicas is not None and args.max_replicas is None:
+        return "--min-replicas needs --max-replicas (autoscaling)"
+    return None
+
+
+def _device_list(text: str) -> list[str]:
+    devices = [_device(part) for part in text.split(",") if part.strip()]
+    if not devices:
+        raise argparse.ArgumentTypeError("--devices needs at least one device")
+    return devices
+
+
 def _device(text: str) -> str:
     from chatstream.models.devices import parse_device
 

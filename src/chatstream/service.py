@@ -22,11 +22,19 @@ from chatstream.admission.admission import DEFAULT_USER, AdmissionController, Qu
 from chatstream.admission.generation import GenerationOutcome, GenerationStream, run_generation
 from chatstream.admission.metrics import ChatStreamMetrics
 from chatstream.config import EngineConfig, MockConfig, SamplingOverrides, SamplingParams, ServiceConfig
-from chatstream.engine.base import Delta, Engine, GenerationRequest, GrammarEngine, SamplingChecker
+from chatstream.engine.base import (
+    Delta,
+    Engine,
+    GenerationRequest,
+    GrammarEngine,
+    SamplingChecker,
+    engine_workers,
+    wants_chat_context,
+)
 from chatstream.engine.factory import EngineKind, EngineSpec
 from chatstream.engine.factory import create_engine as build_engine
 from chatstream.engine.grammar import GrammarSpec
-from chatstream.engine.mock_engine import MockEngine, MockRequest
+from chatstream.engine.mock_engine import MockRequest
 from chatstream.i18n import message
 from chatstream.prompts.openai_messages import role_messages
 from chatstream.prompts.window import ContextWindow
@@ -156,6 +164,7 @@ class ChatService:
                 running=lambda: self.admission.num_running,
                 waiting=lambda: self.admission.num_waiting,
                 engine_stats=self.engine.stats,
+                workers=lambda: engine_workers(self.engine),
             )
         return self._metrics
 
@@ -291,8 +300,9 @@ class ChatService:
 
     def _for_engine(self, request: GenerationRequest, user_input: str | None, turn: int = 0) -> GenerationRequest:
         self.check_sampling(request.sampling)
-        # The mock answers from the user's input and the turn number, which only its own request type carries.
-        if not isinstance(self.engine, MockEngine):
+        # The mock answers from the user's input and the turn number, which only its own request type carries; the
+        # engine says whether it wants them (a pool or a Ray client forwards what its members say).
+        if not wants_chat_context(self.engine):
             return request
         fields = {f.name: getattr(request, f.name) for f in dataclasses.fields(request)}
         return MockRequest(**fields, user_input=user_input, turn=turn)

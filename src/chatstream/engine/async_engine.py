@@ -118,6 +118,14 @@ class TransformersEngine:
         """Compile ``spec`` or raise ValueError naming its field (blocking: call it in a worker thread)."""
         self.llm.validate_grammar(spec)
 
+    def check_health(self) -> None:
+        """Raise EngineError when this engine cannot serve: not started, stopped, or its thread died."""
+        thread = self._thread
+        if thread is None or self._stopping:
+            raise EngineError("the engine is not running")
+        if not thread.is_alive():
+            raise EngineError("the engine thread died")
+
     def add_request(self, request: GenerationRequest) -> RequestStream:
         """Queue ``request``; returns its stream. Must be called on the event loop."""
         stream = RequestStream(request.request_id)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -204,6 +204,31 @@ class EngineStats:
     prefix_cache_entries: int = 0
 
 
+@dataclass(frozen=True)
+class WorkerStats:
+    """One worker of an engine that spreads requests over several (a pool's member engines, Ray replicas).
+
+    Attributes:
+        name: the worker's name (a device such as "cuda:1", or a replica id); the ``engine`` label in /metrics.
+        stats: its load and token totals.
+        max_running: the generations it runs at once (None: unknown).
+        healthy: False once it failed and was taken out of rotation.
+        error: why it was taken out.
+        turns_total: requests routed to it.
+        moved_in_total: conversations whose turn came to it from another worker (their KV was elsewhere).
+        conversations: conversations it owns now (their next turn goes to it while it has a free slot).
+    """
+
+    name: str
+    stats: EngineStats = field(default_factory=EngineStats)
+    max_running: int | None = None
+    healthy: bool = True
+    error: str | None = None
+    turns_total: int = 0
+    moved_in_total: int = 0
+    conversations: int = 0
+
+
 @runtime_checkable
 class SamplingChecker(Protocol):
     """An engine that cannot sample every way :class:`SamplingParams` allows (vLLM, an upstream) says so up front.
@@ -218,7 +243,17 @@ class SamplingChecker(Protocol):
 
 @runtime_checkable
 class Engine(Protocol):
-    """What every engine (transformers, mock) offers."""
+    """What every engine (transformers, mock) offers.
+
+    Optional members, looked up with the helpers below so that engines without them keep working:
+
+    - ``check_health() -> None`` raises :class:`EngineError` when the engine can no longer serve (its thread died);
+    - ``workers() -> Sequence[WorkerStats]``: an engine that spreads requests over several (a pool, Ray replicas)
+      reports each of them (/get_load, /metrics, /health);
+    - ``wants_chat_context: bool``: the engine answers from the user's latest message and the turn number rather
+      than from the prompt (the mock engine); the service then hands it a ``MockRequest``. Wrappers forward it
+      from the engines they wrap.
+    """
 
     def start(self) -> None:
         """Start the engine thread (idempotent).
@@ -257,3 +292,29 @@ class GrammarEngine(Protocol):
 
     def validate_grammar(self, spec: GrammarSpec) -> None:
         """Compile ``spec`` or raise ValueError naming its field (blocking: call it in a worker thread)."""
+
+
+
+
+def engine_health(engine: Engine) -> str | None:
+    """Why ``engine`` cannot serve (stopped, or its optional ``check_health`` raised), else None."""
+    if not engine.is_running:
+        return "the engine is not running"
+    check = getattr(engine, "check_health", None)
+    if callable(check):
+        try:
+            check()
+        except EngineError as exc:
+            return str(exc) or type(exc).__name__
+    return None
+
+
+def engine_workers(engine: Engine) -> Sequence[WorkerStats]:
+    """The workers of an engine that spreads requests over several (its optional ``workers()``), else none."""
+    workers = getattr(engine, "workers", None)
+    return tuple(workers()) if callable(workers) else ()
+
+
+def wants_chat_context(engine: Engine) -> bool:
+    """Whether the engine answers from the user's message and the turn number (its ``wants_chat_context``)."""
+    return bool(getattr(engine, "wants_chat_context", False))

@@ -88,6 +88,9 @@ class MockEngine:
         tokenizer: counts the prompt tokens when given (see the module's note on usage).
     """
 
+    wants_chat_context = True
+    """It answers from the user's message and the turn number: the service hands it a :class:`MockRequest`."""
+
     def __init__(self, config: MockConfig | None = None, tokenizer: Any = None) -> None:
         self.config = config or MockConfig()
         self.tokenizer = tokenizer
