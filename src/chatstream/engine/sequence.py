@@ -23,6 +23,7 @@ class SequenceStatus(enum.Enum):
     """Where a sequence is in its life."""
 
     WAITING = "waiting"
+    PREFILLING = "prefilling"
     RUNNING = "running"
     FINISHED = "finished"
 
