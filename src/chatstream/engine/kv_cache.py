@@ -30,13 +30,15 @@ class ForwardGroup:
     """Rows that run together in one forward and attend to one cache: ``input_ids`` ``[B, S]`` at ``positions``
     ``[B, S]``, ``mask`` ``[B, L]`` the padding mask over every column including the ``S`` new ones (the last ``S``);
     the new keys and values are appended to ``cache``. ``logits``: whether the logits of each row's last token are
-    wanted (a prefill chunk that is not the last needs none)."""
+    wanted (a prefill chunk that is not the last needs none). ``decode``: the rows decode one token each (where the
+    engine quantizes weights for decode, these rows use the quantized ones; decode groups come first in a forward)."""
 
     input_ids: torch.Tensor
     positions: torch.Tensor
     mask: torch.Tensor
     cache: BatchKVCache
     logits: bool = True
+    decode: bool = False
 
 
 def _round_up(n: int, multiple: int = HEADROOM_COLUMNS) -> int:

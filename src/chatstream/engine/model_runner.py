@@ -165,7 +165,7 @@ class ModelRunner:
         ones = torch.ones((batch.size, 1), dtype=torch.bool, device=self.device)
         batch.attention_mask = torch.cat([batch.attention_mask, ones], dim=1)
         tokens, positions = batch.next_tokens.unsqueeze(1), batch.positions.unsqueeze(1)
-        return ForwardGroup(tokens, positions, batch.attention_mask, batch.cache)
+        return ForwardGroup(tokens, positions, batch.attention_mask, batch.cache, decode=True)
 
     def _finish_decode(
         self, seqs: list[Sequence], result: torch.Tensor | Exception | None, output: ModelOutput
@@ -269,7 +269,7 @@ class ModelRunner:
         ones = torch.ones((batch.size, 1), dtype=torch.bool, device=self.device)
         batch.attention_mask = torch.cat([batch.attention_mask, ones], dim=1)
         tokens, positions = batch.next_tokens.unsqueeze(1), batch.positions.unsqueeze(1)
-        (logits,) = self._forward([ForwardGroup(tokens, positions, batch.attention_mask, batch.cache)])
+        (logits,) = self._forward([ForwardGroup(tokens, positions, batch.attention_mask, batch.cache, decode=True)])
         assert logits is not None
         batch.positions = batch.positions + 1
         return logits

@@ -39,6 +39,7 @@ from chatstream.engine.cpu.fast_path import (
     rms_norm,
     rms_norm_forward,
 )
+from chatstream.engine.cpu.quantized import DecodeRows, quantize_decoder
 from chatstream.engine.kv_cache import BatchForward, BatchKVCache, BufferedLayer, ForwardGroup
 
 logger = logging.getLogger(__name__)
@@ -117,6 +118,7 @@ class FusedDecoder:
         window = getattr(config, "sliding_window", None)
         self.layers = [self._layer(layer, kind, window) for layer, kind in zip(base.layers, layer_types, strict=True)]
         self.windows = sorted({lay.sliding_window for lay in self.layers if lay.sliding_window is not None})
+        self.decode_rows = DecodeRows()  # read by weight-quantized linear layers (see quantize)
 
     def _layer(self, layer: Any, kind: str, window: int | None) -> _Layer:
         attn, mlp = layer.self_attn, layer.mlp
@@ -173,8 +175,6 @@ class FusedDecoder:
     def quantize(self, model: Any, mode: str, group_size: int) -> None:
         """Run the linear layers on weights of ``model`` quantized to ``mode`` (see
         :mod:`chatstream.engine.cpu.quantized`); call it after the probe, which checks the unquantized arithmetic."""
-        from chatstream.engine.cpu.quantized import quantize_decoder
-
         quantize_decoder(self, model, mode, group_size)
 
     def __call__(
@@ -197,6 +197,10 @@ class FusedDecoder:
         masks are built from column indices).
         """
         shapes = [tuple(part.input_ids.shape) for part in parts]  # (B, S) each
+        decoding = [part for part in parts if part.decode]
+        if not all(part.decode for part in parts[: len(decoding)]):
+            raise ValueError("decode groups must come first in a forward")
+        self.decode_rows.count = sum(part.input_ids.numel() for part in decoding)
         masks = [self._masks(part.mask, new) for part, (_, new) in zip(parts, shapes, strict=True)]
         positions = _flat([part.positions for part in parts])
         tables = {kind: self._rotary(kind, positions) for kind in self.rope}
@@ -206,6 +210,7 @@ class FusedDecoder:
         for index, layer in enumerate(self.layers):
             attention = [(part.cache, mask[layer.sliding_window]) for part, mask in zip(parts, masks, strict=True)]
             x = self._layer_step(layer, x, shapes, index, attention, tables[layer.rope])
+        self.decode_rows.count = sum(part.input_ids.shape[0] for part in decoding if part.logits)
         return self._logits(x, shapes, [part.logits for part in parts])
 
     def _logits(self, x: torch.Tensor, shapes: list[tuple[int, ...]], wanted: list[bool]) -> list[torch.Tensor | None]:

@@ -2,7 +2,9 @@
 and an offset per group of input channels), quantized once at load time from the model's own weights.
 
 A decode step at small batches reads every weight once per token, so its time is the weights' size over the memory
-bandwidth; int8 weights are a quarter of float32's bytes and int4 an eighth. The kernels are PyTorch's packed CPU
+bandwidth; int8 weights are a quarter of float32's bytes and int4 an eighth. Only decoding rows use them: prefill
+tokens (compute-bound, where these kernels are slower than oneDNN's) keep the unquantized packed weights, so a row's
+results never depend on which other rows share its step. The kernels are PyTorch's packed CPU
 kernels (``torch._weight_int8pack_mm`` and ``torch._weight_int4pack_mm_for_cpu``), which take bfloat16 activations
 (their float32 paths are slow): the input is rounded to bfloat16 and the output widened back to the model's dtype.
 Which kernel wins on which CPU, and what quantization does to the outputs, is in docs/performance.md.
@@ -15,6 +17,7 @@ take keeps its unquantized forward.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -111,18 +114,43 @@ def quantized_linear(mode: str, weight: torch.Tensor, bias: torch.Tensor | None,
     return int8_linear(weight, bias) if mode == "int8" else int4_linear(weight, bias, group_size)
 
 
+@dataclass
+class DecodeRows:
+    """How many leading rows of the next linear layers' inputs are decoding tokens (set by the fused decoder)."""
+
+    count: int = 0
+
+
+class DecodeQuantized:
+    """A linear layer whose first ``rows.count`` input rows (decoding tokens) run on quantized weights and the rest
+    (prefill tokens) on the unquantized forward."""
+
+    def __init__(self, quantized: Forward, unquantized: Forward, rows: DecodeRows) -> None:
+        self.quantized, self.unquantized, self.rows = quantized, unquantized, rows
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [T, K]; the first rows.count rows decode
+        n = self.rows.count
+        if n <= 0:
+            return self.unquantized(x)
+        if n >= x.shape[0]:
+            return self.quantized(x)
+        return torch.cat([self.quantized(x[:n]), self.unquantized(x[n:])])
+
+
 def quantize_decoder(decoder: FusedDecoder, model: Any, mode: str, group_size: int) -> int:
-    """Replace the decoder's linear layers (per layer q/k/v, o, gate/up, down; the LM head) with quantized ones built
-    from ``model``'s weights; returns how many were replaced."""
+    """Give the decoder's linear layers (per layer q/k/v, o, gate/up, down; the LM head) quantized weights built from
+    ``model``'s for its decoding rows (``decoder.decode_rows``); returns how many layers got them."""
     replaced = 0
 
     def swap(current: Forward, *linears: torch.nn.Linear) -> Forward:
         nonlocal replaced
         weight = torch.cat([lin.weight.detach() for lin in linears])
-        bias = _cat_bias(linears)
-        forward = quantized_linear(mode, weight, bias, group_size)
-        replaced += forward is not None
-        return current if forward is None else forward
+        forward = quantized_linear(mode, weight, _cat_bias(linears), group_size)
+        if forward is None:
+            return current
+        replaced += 1
+        return DecodeQuantized(forward, current, decoder.decode_rows)
 
     with torch.no_grad():
         for layer, module in zip(decoder.layers, model.model.layers, strict=True):
