@@ -13,7 +13,8 @@ docs/performance.md). :class:`FusedDecoder` runs the same arithmetic in about 55
   the query axis (no repeated keys), reading the engine's :class:`~chatstream.engine.kv_cache.BatchKVCache` in
   place; sliding-window layers read only the columns inside their window.
 
-It serves prefill (also on top of a conversation's cached KV) and decode alike. It is built only for model families
+It serves prefill (also on top of cached prefixes, chunk by chunk) and decode alike, several groups of rows in one
+forward. It is built only for model families
 whose layer structure it knows (:data:`SUPPORTED_MODEL_TYPES`), and only after a probe prefill and decode give the
 same next tokens, and logits within rounding, as transformers' own forward; otherwise the engine keeps using
 transformers.
@@ -40,18 +41,17 @@ from chatstream.engine.cpu.fast_path import (
     rms_norm_forward,
 )
 from chatstream.engine.cpu.quantized import DecodeRows, quantize_decoder
+from chatstream.engine.cpu.support import (
+    SANDWICH_NORM_TYPES,
+    SUPPORTED_MODEL_TYPES,
+    rope_tables,
+    unsupported_reason,
+)
 from chatstream.engine.kv_cache import BatchForward, BatchKVCache, BufferedLayer, ForwardGroup
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma3_text"})
-"""``config.model_type`` values whose decoder layers :class:`FusedDecoder` reproduces."""
-
-SANDWICH_NORM_TYPES = frozenset({"gemma3_text"})
-"""Families that normalise the attention and MLP outputs before the residual add (four norms per layer)."""
-
-STATIC_ROPE_TYPES = frozenset({"default", "linear", "llama3", "yarn"})
-"""Rotary variants whose inverse frequencies do not change with the sequence length."""
+__all__ = ["SUPPORTED_MODEL_TYPES", "FusedDecoder", "unsupported_reason"]
 
 
 def _norm(module: nn.Module) -> Forward:
@@ -113,7 +113,7 @@ class FusedDecoder:
         self.final_norm = _norm(base.norm)
         self.lm_head = self._shared_linear(model.get_output_embeddings())
         self.softcap = getattr(config, "final_logit_softcapping", None)
-        self.rope = _rope_tables(base.rotary_emb)
+        self.rope = rope_tables(base.rotary_emb)
         layer_types = list(getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers)
         window = getattr(config, "sliding_window", None)
         self.layers = [self._layer(layer, kind, window) for layer, kind in zip(base.layers, layer_types, strict=True)]
@@ -364,44 +364,3 @@ def _rows(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 def _bias(linear: nn.Linear) -> torch.Tensor | None:
     return None if linear.bias is None else linear.bias.detach()
-
-
-def _rope_tables(rotary: Any) -> dict[str, tuple[torch.Tensor, float]]:
-    """Per layer type: the inverse frequencies (float32) and the attention scaling of the model's rotary module."""
-    tables = {}
-    if hasattr(rotary, "inv_freq"):
-        tables["default"] = (rotary.inv_freq.detach().float(), float(rotary.attention_scaling))
-    for kind in getattr(rotary, "layer_types", ()):
-        inv_freq = getattr(rotary, f"{kind}_inv_freq", None)
-        if inv_freq is not None:
-            tables[kind] = (inv_freq.detach().float(), float(getattr(rotary, f"{kind}_attention_scaling")))
-    return tables
-
-
-def unsupported_reason(model: Any) -> str | None:
-    """Why :class:`FusedDecoder` cannot run ``model`` (None when it can)."""
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        return f"model type {model_type!r} is not one of {sorted(SUPPORTED_MODEL_TYPES)}"
-    weight = next(model.parameters())
-    if weight.device.type != "cpu":
-        return f"the model is on {weight.device.type}, not the CPU"
-    if getattr(config, "attn_logit_softcapping", None) is not None:
-        return "attention logit soft-capping"
-    attention = getattr(config, "_attn_implementation", "sdpa")
-    if attention not in ("sdpa", "eager"):
-        return f"attention implementation {attention!r}"
-    rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
-    if rotary is None:
-        return "no rotary embedding module"
-    kinds = rotary.rope_type if isinstance(rotary.rope_type, dict) else {"default": rotary.rope_type}
-    dynamic = sorted({str(v) for v in kinds.values()} - STATIC_ROPE_TYPES)
-    if dynamic:
-        return f"rotary type {dynamic[0]!r} changes with the sequence length"
-    layer_types = getattr(config, "layer_types", None)
-    if getattr(config, "sliding_window", None) is not None and not layer_types:
-        return "a sliding window without per-layer types"
-    if layer_types and set(layer_types) - {"full_attention", "sliding_attention"}:
-        return f"layer types {sorted(set(layer_types))}"
-    return None
