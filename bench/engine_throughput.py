@@ -97,7 +97,10 @@ async def run_level(engine: TransformersEngine, concurrency: int, rounds: int, m
 async def bench(args: argparse.Namespace, dtype: str) -> list[dict[str, Any]]:
     model, tokenizer = load(args.model, dtype, args.device)
     config = EngineConfig(
-        max_batch_size=max(args.concurrency), prefix_cache_bytes=0, fused_decoder=not args.no_fused_decoder
+        max_batch_size=max(args.concurrency),
+        prefix_cache_bytes=0,
+        fused_decoder=not args.no_fused_decoder,
+        weight_quantization=args.quantization,
     )
     engine = TransformersEngine(model, tokenizer, config, num_threads=args.threads, pack_weights=not args.no_pack)
     engine.start()
@@ -105,9 +108,10 @@ async def bench(args: argparse.Namespace, dtype: str) -> list[dict[str, Any]]:
         rows = []
         for c in args.concurrency:
             row = await run_level(engine, c, args.rounds, args.max_new_tokens)
-            row.update(model=args.model, dtype=dtype, device=str(model.device))
+            row.update(model=args.model, dtype=dtype, device=str(model.device), quantization=args.quantization)
             print(
-                f"{args.model:6} {dtype:5} c={c:3d}  {row['tokens_per_s_median']:8.1f} tok/s  "
+                f"{args.model:6} {dtype:5} {args.quantization or '-':4} c={c:3d}  "
+                f"{row['tokens_per_s_median']:8.1f} tok/s  "
                 f"ttft {row['ttft_median_s'] * 1000:7.1f} ms",
                 flush=True,
             )
@@ -128,6 +132,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="engine threads (default: the engine's choice)")
     parser.add_argument("--no-pack", action="store_true", help="plain nn.Linear weights (no oneDNN prepacking)")
     parser.add_argument("--no-fused-decoder", action="store_true", help="transformers' forward, not the fused decoder")
+    parser.add_argument("--quantization", choices=("int8", "int4"), default=None, help="weight-only quantization")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -138,7 +143,8 @@ def main() -> None:
     _print_table(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     device = rows[0]["device"].split(":")[0] if rows else "cpu"
-    path = args.out / f"engine_throughput_{args.model}_{device}.json"
+    suffix = f"_{args.quantization}" if args.quantization else ""
+    path = args.out / f"engine_throughput_{args.model}_{device}{suffix}.json"
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine()}
     meta.update(load_average_after=os.getloadavg()[0], packed_weights=not args.no_pack)
     meta.update(fused_decoder=not args.no_fused_decoder)

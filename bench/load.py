@@ -37,19 +37,23 @@ class RequestResult:
     e2e_s: float | None = None
     output_tokens: int = 0
     prompt_tokens: int | None = None
+    cached_tokens: int | None = None
     text: str = ""
+    arrivals: list[float] = field(default_factory=list)
+    """``time.perf_counter()`` of every piece of answer text (the first is the TTFT's end)."""
 
 
 class _Timeline:
     """Collects arrival times of answer text for one request."""
 
-    def __init__(self) -> None:
+    def __init__(self, result: RequestResult | None = None) -> None:
         self.start = time.perf_counter()
         self.last: float | None = None
-        self.result = RequestResult()
+        self.result = result if result is not None else RequestResult()
 
     def text_arrived(self) -> None:
         now = time.perf_counter()
+        self.result.arrivals.append(now)
         if self.last is None:
             self.result.ttft_s = now - self.start
         else:
@@ -72,9 +76,13 @@ class OpenAITarget:
 
 
 async def openai_chat(
-    client: httpx.AsyncClient, target: OpenAITarget, messages: Sequence[dict[str, str]], count_tokens: TokenCounter
+    client: httpx.AsyncClient,
+    target: OpenAITarget,
+    messages: Sequence[dict[str, str]],
+    count_tokens: TokenCounter,
+    result: RequestResult | None = None,
 ) -> RequestResult:
-    """Stream one greedy chat completion and time it."""
+    """Stream one greedy chat completion and time it (into ``result`` when given, so a caller can watch it)."""
     body: dict[str, Any] = {
         "model": target.model,
         "messages": list(messages),
@@ -84,7 +92,7 @@ async def openai_chat(
         "stream_options": {"include_usage": True},
         **target.extra_body,
     }
-    timeline = _Timeline()
+    timeline = _Timeline(result)
     result = timeline.result
     try:
         async with client.stream("POST", f"{target.base_url}/v1/chat/completions", json=body) as response:
@@ -116,6 +124,7 @@ async def _read_sse(response: httpx.Response, timeline: _Timeline, count_tokens:
         if chunk.completion_tokens is not None:
             usage_tokens = chunk.completion_tokens
             result.prompt_tokens = chunk.prompt_tokens
+            result.cached_tokens = chunk.cached_tokens
     result.text = "".join(parts)
     result.output_tokens = usage_tokens if usage_tokens is not None else count_tokens(result.text)
     result.ok = True

@@ -56,6 +56,7 @@ class OpenAIChunk:
     completion_tokens: int | None
     prompt_tokens: int | None
     done: bool = False
+    cached_tokens: int | None = None
 
 
 def parse_openai_event(data: str) -> OpenAIChunk:
@@ -85,6 +86,7 @@ def parse_openai_event(data: str) -> OpenAIChunk:
         finish_reason=finish_reason,
         completion_tokens=usage.get("completion_tokens"),
         prompt_tokens=usage.get("prompt_tokens"),
+        cached_tokens=(usage.get("prompt_tokens_details") or {}).get("cached_tokens"),
     )
 
 

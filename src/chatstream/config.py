@@ -148,24 +148,42 @@ class EngineConfig:
             the left, keeping room for ``max_new_tokens``.
         max_batch_size: the most sequences decoded together in one step.
         add_special_tokens: passed to the tokenizer when the prompt is encoded (None: the tokenizer's default).
-        prefix_cache_bytes: memory budget for the per-conversation KV caches kept between turns (0 disables reuse).
-        max_prefill_tokens: prompt tokens prefilled in one step before decoding resumes (bounds decode stalls).
+        prefix_cache_bytes: memory budget of the prefix cache shared by all requests: the KV of prompts and answers
+            kept so that a request starting with the same tokens (a system prompt, a conversation's earlier turns)
+            prefills only the rest (0 disables reuse).
+        max_prefill_tokens: prompt tokens (padding included) prefilled in one step, next to the decode of the
+            running streams; a longer prompt is prefilled in chunks of this size over several steps, so a running
+            stream never waits for more than one chunk.
         fused_decoder: on the CPU, run supported model families (Llama, Mistral, Qwen2, Qwen3, Gemma-3) through the
             hand-written fused decoder (checked against transformers when built); False keeps transformers' forward.
+        weight_quantization: None (the model's own weights), ``"int8"`` or ``"int4"``: the fused decoder's linear
+            layers (the LM head included) run on weights quantized at load time (per output channel for int8, per
+            group of ``quantization_group_size`` input channels for int4), with activations in bfloat16. Smaller
+            weights make a single stream faster on CPUs where decode reads the weights from memory; the outputs
+            differ slightly from the unquantized model's (docs/performance.md).
+        quantization_group_size: input channels sharing one int4 scale (32, 64, 128 or 256).
     """
 
     context_len: int = 1024
     max_batch_size: int = 32
     add_special_tokens: bool | None = None
     prefix_cache_bytes: int = 512 * 1024 * 1024
-    max_prefill_tokens: int = 2048
+    max_prefill_tokens: int = 256
     fused_decoder: bool = True
+    weight_quantization: str | None = None
+    quantization_group_size: int = 32
 
     def __post_init__(self) -> None:
         _check(self.context_len >= 2, "context_len", self.context_len, "must be >= 2")
         _check(self.max_batch_size >= 1, "max_batch_size", self.max_batch_size, "must be >= 1")
         _check(self.prefix_cache_bytes >= 0, "prefix_cache_bytes", self.prefix_cache_bytes, "must be >= 0")
         _check(self.max_prefill_tokens >= 1, "max_prefill_tokens", self.max_prefill_tokens, "must be >= 1")
+        quantizations = (None, "int8", "int4")
+        _check(self.weight_quantization in quantizations, "weight_quantization", self.weight_quantization,
+               "must be None, 'int8' or 'int4'")  # fmt: skip
+        groups = (32, 64, 128, 256)
+        _check(self.quantization_group_size in groups, "quantization_group_size", self.quantization_group_size,
+               "must be 32, 64, 128 or 256")  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -213,13 +213,13 @@ async def test_a_burst_arriving_at_an_idle_engine_is_prefilled_together(
     monkeypatch.setattr(async_engine, "BURST_MAX_S", 5.0)
     engine = make_tiny_engine(max_batch_size=4)
     batch_sizes: list[int] = []
-    prefill = engine.llm.model_runner.prefill
+    start_group = engine.llm.model_runner._start_group
 
-    def recording_prefill(prompts: Any, seq_ids: Any = None) -> Any:
-        batch_sizes.append(len(prompts))
-        return prefill(prompts, seq_ids)
+    def recording_start_group(prefills: Any, output: Any) -> Any:
+        batch_sizes.append(len(prefills))
+        return start_group(prefills, output)
 
-    engine.llm.model_runner.prefill = recording_prefill
+    engine.llm.model_runner._start_group = recording_start_group
     await asyncio.sleep(0.5)  # the engine thread is idle, waiting for work
     streams = []
     for i in range(3):

@@ -22,8 +22,10 @@ async def test_second_turn_reuses_the_first_turns_kv(
     first_ids = tiny_tokenizer.encode(PROMPTS[3])
     first = await collect(engine.add_request(turn("t1", first_ids, 10)))
     assert first.deltas[-1].num_cached_tokens == 0
-    assert engine.stats().prefix_cache_entries == 1
-    assert engine.stats().prefix_cache_bytes > 0
+    stats = engine.stats()
+    assert stats.prefix_cache_entries == 2  # the prompt, cached after its prefill, and the answer after it
+    assert stats.prefix_cache_tokens == len(first_ids) + len(first.token_ids) - 1
+    assert stats.prefix_cache_bytes > 0 and stats.prefix_cache_queries_total == 1 and stats.prefix_cache_hits_total == 0
 
     second_ids = first_ids + first.token_ids + tiny_tokenizer.encode(PROMPTS[6])
     second = await collect(engine.add_request(turn("t2", second_ids, 12)))
@@ -31,6 +33,7 @@ async def test_second_turn_reuses_the_first_turns_kv(
     assert second.deltas[-1].num_cached_tokens == len(first_ids) + len(first.token_ids) - 1
     assert second.token_ids == reference(tiny_model, second_ids, 12)
     assert engine.stats().num_cached_tokens_total == second.deltas[-1].num_cached_tokens
+    assert engine.stats().prefix_cache_hits_total == 1
 
     fresh = make_tiny_engine(prefix_cache_bytes=0)
     await collect(fresh.add_request(turn("t1", first_ids, 10)))
@@ -65,21 +68,25 @@ async def test_reuse_inside_a_busy_batch(make_tiny_engine: Any, tiny_model: Any,
         assert (await collect(stream)).token_ids == reference(tiny_model, tiny_tokenizer.encode(PROMPTS[i]), 30)
 
 
-async def test_budget_evicts_the_least_recently_used(make_tiny_engine: Any, tiny_tokenizer: Any) -> None:
+async def test_budget_evicts_the_least_recently_used(
+    make_tiny_engine: Any, tiny_model: Any, tiny_tokenizer: Any
+) -> None:
     probe = make_tiny_engine()
-    ids = tiny_tokenizer.encode(PROMPTS[3])
-    await collect(probe.add_request(turn("p", ids, 4)))
-    one_entry = probe.stats().prefix_cache_bytes
-    engine = make_tiny_engine(prefix_cache_bytes=int(one_entry * 2.5))
-    for i in range(4):
+    prompts = [tiny_tokenizer.encode(PROMPTS[i]) for i in (3, 5, 7, 1)]  # share no first token
+    await collect(probe.add_request(turn("p", prompts[0], 4)))
+    one_turn = probe.stats().prefix_cache_bytes
+    budget = int(one_turn * 2.5)
+    engine = make_tiny_engine(prefix_cache_bytes=budget)
+    for i, ids in enumerate(prompts):
         await collect(engine.add_request(turn(f"r{i}", ids, 4, conversation=f"c{i}")))
-    stats = engine.stats()
-    assert stats.prefix_cache_entries == 2
-    assert stats.prefix_cache_bytes <= one_entry * 2.5
-    oldest = await collect(engine.add_request(turn("again0", ids, 4, conversation="c0")))
-    newest = await collect(engine.add_request(turn("again3", ids, 4, conversation="c3")))
+        assert engine.stats().prefix_cache_bytes <= budget
+    assert engine.stats().prefix_cache_evictions_total > 0
+    oldest = await collect(engine.add_request(turn("again0", prompts[0], 4, conversation="c0")))
+    newest = await collect(engine.add_request(turn("again3", prompts[3], 4, conversation="c3")))
     assert oldest.deltas[-1].num_cached_tokens == 0
-    assert newest.deltas[-1].num_cached_tokens == len(ids) - 1
+    assert newest.deltas[-1].num_cached_tokens == len(prompts[3]) - 1
+    assert oldest.token_ids == reference(tiny_model, prompts[0], 4)
+    assert newest.token_ids == reference(tiny_model, prompts[3], 4)
 
 
 async def test_aborted_turn_keeps_its_kv(make_tiny_engine: Any, tiny_tokenizer: Any) -> None:
@@ -119,3 +126,85 @@ async def test_several_conversations_prefill_their_next_turns_together(
     longest_suffix = max(len(seconds[i]) - (len(firsts[i][0]) + len(firsts[i][1].token_ids) - 1) for i in range(4))
     for i, result in results.items():
         assert result.deltas[-1].num_cached_tokens == max(len(seconds[i]) - longest_suffix, 0)
+
+
+async def test_conversations_sharing_a_system_prompt_reuse_its_kv(
+    make_tiny_engine: Any, tiny_model: Any, tiny_tokenizer: Any
+) -> None:
+    """Four conversations that start with the same system prompt arrive together: the first prefills it, the others
+    reuse it (they wait one group for it), and every answer is the one of generate."""
+    engine = make_tiny_engine(max_batch_size=8)
+    system = tiny_tokenizer.encode(PROMPTS[3] + " " + PROMPTS[7])
+    assert len(system) > 40
+    prompts = [system + tiny_tokenizer.encode(PROMPTS[i]) for i in (0, 1, 2, 6)]
+    streams = [engine.add_request(turn(f"u{i}", ids, 10, conversation=f"c{i}")) for i, ids in enumerate(prompts)]
+    outs = [await collect(stream) for stream in streams]
+    for ids, out in zip(prompts, outs, strict=True):
+        assert out.token_ids == reference(tiny_model, ids, 10)
+    cached = [out.deltas[-1].num_cached_tokens for out in outs]
+    # the three reuse the system prompt together: each computes as many new tokens as the longest new part
+    longest_new = max(len(ids) - len(system) for ids in prompts[1:])
+    assert cached[0] == 0 and cached[1:] == [len(ids) - longest_new for ids in prompts[1:]], cached
+    stats = engine.stats()
+    assert stats.prefix_cache_hits_total == 3 and stats.prefix_cache_queries_total == 4
+    assert stats.num_cached_tokens_total == sum(cached) and 0 < stats.prefix_cache_hit_rate < 1
+    # a later request with the same system prompt, from nobody so far, reuses it too
+    late = system + tiny_tokenizer.encode(PROMPTS[5])
+    out = await collect(engine.add_request(turn("late", late, 6, conversation=None)))
+    assert out.deltas[-1].num_cached_tokens >= len(system) - 1
+    assert out.token_ids == reference(tiny_model, late, 6)
+
+
+async def test_a_next_turn_reuses_the_answer_up_to_the_first_differing_token(
+    make_tiny_engine: Any, tiny_model: Any, tiny_tokenizer: Any
+) -> None:
+    engine = make_tiny_engine()
+    first_ids = tiny_tokenizer.encode(PROMPTS[1])
+    first = await collect(engine.add_request(turn("t1", first_ids, 10)))
+    # the history as re-tokenized differs from the generated ids from the fourth answer token on
+    changed = first.token_ids[3] + 1 if first.token_ids[3] + 1 < len(tiny_tokenizer) else 5
+    second_ids = first_ids + first.token_ids[:3] + [changed] + tiny_tokenizer.encode(PROMPTS[6])
+    second = await collect(engine.add_request(turn("t2", second_ids, 8)))
+    assert second.deltas[-1].num_cached_tokens == len(first_ids) + 3
+    assert second.token_ids == reference(tiny_model, second_ids, 8)
+
+
+async def test_a_long_prompt_joins_a_busy_batch_in_chunks(
+    make_tiny_engine: Any, tiny_model: Any, tiny_tokenizer: Any
+) -> None:
+    """With a prefill budget of 8 tokens a long prompt is prefilled over many steps while the running streams keep
+    decoding (one delta per step); every answer is the one of generate."""
+    engine = make_tiny_engine(max_prefill_tokens=8, prefix_cache_bytes=0)
+    running = [engine.add_request(turn(f"r{i}", tiny_tokenizer.encode(PROMPTS[i]), 40, None)) for i in (0, 4)]
+    seen = [await anext(aiter(stream)) for stream in running]
+    long_ids = tiny_tokenizer.encode(PROMPTS[3] + " " + PROMPTS[5] + " " + PROMPTS[7])
+    assert len(long_ids) > 60
+    joiner = engine.add_request(turn("long", long_ids, 12, None))
+    long_out = await collect(joiner)
+    assert long_out.token_ids == reference(tiny_model, long_ids, 12)
+    assert engine.stats().num_prefill_chunks_total >= len(long_ids) // 8 + 1
+    for i, stream, first in zip((0, 4), running, seen, strict=True):
+        rest = await collect(stream)
+        tokens = list(first.token_ids) + rest.token_ids
+        assert tokens == reference(tiny_model, tiny_tokenizer.encode(PROMPTS[i]), 40)
+        # the stream never stalled for the whole prefill: it got a token at every step
+        assert all(len(d.token_ids) <= 2 for d in rest.deltas)
+
+
+async def test_a_tiny_budget_evicts_under_load_and_answers_stay_exact(
+    make_tiny_engine: Any, tiny_model: Any, tiny_tokenizer: Any
+) -> None:
+    probe = make_tiny_engine()
+    await collect(probe.add_request(turn("p", tiny_tokenizer.encode(PROMPTS[1]), 2)))
+    per_token = probe.stats().prefix_cache_bytes // (len(tiny_tokenizer.encode(PROMPTS[1])) + 1)
+    engine = make_tiny_engine(prefix_cache_bytes=per_token * 30, max_batch_size=4)
+    history = {c: tiny_tokenizer.encode(PROMPTS[c]) for c in range(4)}
+    for round_ in range(3):
+        streams = {c: engine.add_request(turn(f"{c}-{round_}", ids, 6, f"c{c}")) for c, ids in history.items()}
+        for c, stream in streams.items():
+            out = await collect(stream)
+            assert out.token_ids == reference(tiny_model, history[c], 6), (round_, c)
+            history[c] = history[c] + out.token_ids + tiny_tokenizer.encode(PROMPTS[(c + round_) % 8])
+        assert engine.stats().prefix_cache_bytes <= per_token * 30
+    assert engine.stats().prefix_cache_evictions_total > 0
+    assert len(engine.llm.model_runner.kept) == engine.stats().prefix_cache_entries

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -24,19 +25,29 @@ async def test_bad_token_id_fails_only_that_request(
     assert good_out.token_ids == reference(tiny_model, tiny_tokenizer.encode(PROMPTS[1]), 10)
 
 
+def _fail_forward(runner: Any, monkeypatch: pytest.MonkeyPatch, fails: Callable[[list[Any]], bool]) -> None:
+    """Make the runner's forward raise whenever ``fails(parts)``."""
+    original = runner._forward
+
+    def forward(parts: Any) -> Any:
+        if fails(list(parts)):
+            raise RuntimeError("boom" if len(parts) else "?")
+        return original(parts)
+
+    monkeypatch.setattr(runner, "_forward", forward)
+
+
 async def test_failed_prefill_is_retried_row_by_row(
     make_tiny_engine: Any, tiny_model: Any, tiny_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     engine = make_tiny_engine()
-    poison = tiny_tokenizer.encode(PROMPTS[4])
-    original = engine.llm.model_runner.prefill
+    poison = [5, 6, 7, 8, 9, 10, 11]
 
-    def prefill(prompts: Any, seq_ids: Any = None) -> Any:
-        if any(list(p) == poison for p in prompts):
-            raise RuntimeError("boom")
-        return original(prompts, seq_ids)
+    def has_poison(parts: list[Any]) -> bool:
+        rows = [row.tolist() for part in parts for row in part.input_ids]
+        return any(row[-len(poison) :] == poison for row in rows)
 
-    monkeypatch.setattr(engine.llm.model_runner, "prefill", prefill)
+    _fail_forward(engine.llm.model_runner, monkeypatch, has_poison)
     ids = (tiny_tokenizer.encode(PROMPTS[0]), poison, tiny_tokenizer.encode(PROMPTS[2]))
     streams = [
         engine.add_request(GenerationRequest(f"r{i}", "", greedy(6), prompt_token_ids=tuple(p)))
@@ -52,19 +63,19 @@ async def test_decode_failure_fails_the_batch_and_the_engine_keeps_serving(
     make_tiny_engine: Any, tiny_model: Any, tiny_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     engine = make_tiny_engine()
-    original = engine.llm.model_runner.decode
+    runner = engine.llm.model_runner
     calls = {"n": 0}
 
-    def decode(batch: Any) -> Any:
+    def third_decode(parts: list[Any]) -> bool:
+        if runner.batch is None or not any(part.cache is runner.batch.cache for part in parts):
+            return False
         calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("device fell over")
-        return original(batch)
+        return calls["n"] == 3
 
-    monkeypatch.setattr(engine.llm.model_runner, "decode", decode)
+    _fail_forward(runner, monkeypatch, third_decode)
     failed = await collect(engine.add_request(GenerationRequest("a", PROMPTS[1], greedy(20, ignore_eos=True))))
     assert failed.finish_reason is FinishReason.ERROR
-    assert "device fell over" in (failed.deltas[-1].error or "")
+    assert "boom" in (failed.deltas[-1].error or "")
     assert failed.token_ids == reference(tiny_model, tiny_tokenizer.encode(PROMPTS[1]), 3)
     after = await collect(engine.add_request(GenerationRequest("b", PROMPTS[1], greedy(8))))
     assert after.token_ids == reference(tiny_model, tiny_tokenizer.encode(PROMPTS[1]), 8)

@@ -78,15 +78,27 @@ def test_restore_forgets_what_a_failed_forward_appended() -> None:
     assert fresh.lengths() == [0, 0]
 
 
-def test_from_rows_takes_each_rows_prefix_right_aligned() -> None:
-    def row(n: int, fill: float) -> RowKV:
-        columns = torch.arange(n, dtype=torch.float32).view(1, n, 1).expand(2, n, 4) + fill
-        return RowKV(((columns.clone(), -columns.clone()), (columns.clone(), -columns.clone())))
+def _row(n: int, fill: float) -> RowKV:
+    columns = torch.arange(n, dtype=torch.float32).view(1, n, 1).expand(2, n, 4) + fill
+    return RowKV(((columns.clone(), -columns.clone()), (columns.clone(), -columns.clone())))
 
-    cache = BatchKVCache.from_rows([(row(6, 100.0), 4), (row(3, 200.0), 2)])
+
+def test_from_segments_places_each_rows_pieces_in_order_right_aligned() -> None:
+    cache = BatchKVCache.from_segments([[(_row(6, 100.0), 2), (_row(3, 300.0), 2)], [(_row(3, 200.0), 2)], []], 2)
     assert cache.length == 4
     for layer in cache.buffered:
         assert layer.capacity > layer.length  # headroom for the prefill that follows
-        assert torch.equal(layer.k[0, 0, :, 0], torch.tensor([100.0, 101.0, 102.0, 103.0]))
+        assert torch.equal(layer.k[0, 0, :, 0], torch.tensor([100.0, 101.0, 300.0, 301.0]))
         assert torch.equal(layer.k[1, 0, :, 0], torch.tensor([0.0, 0.0, 200.0, 201.0]))
         assert torch.equal(layer.v[1, 1, :, 3], torch.tensor([0.0, 0.0, -200.0, -201.0]))
+        assert torch.equal(layer.k[2], torch.zeros(2, 4, 4))
+    assert BatchKVCache.from_segments([[], []], 3).length == 0
+
+
+def test_extract_row_takes_a_span_of_token_positions() -> None:
+    mask = torch.tensor([[False, True, True, True], [True, True, True, True]])
+    cache = BatchKVCache.from_segments([[(_row(3, 10.0), 3)], [(_row(4, 20.0), 4)]], 2)
+    batch = DecodeBatch(cache, mask, torch.tensor([3, 4]), torch.tensor([0, 0]), [1, 2])
+    span = batch.extract_row(0, 1, 3)
+    assert span.num_tokens == 2 and torch.equal(span.layers[0][0][0, :, 0], torch.tensor([11.0, 12.0]))
+    assert batch.extract_row(1, 2).num_tokens == 2

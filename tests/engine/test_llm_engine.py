@@ -54,9 +54,9 @@ def test_one_delta_per_request_and_step_and_prefill_then_decode(tiny_model: Any,
     assert all(len(o.delta.token_ids) == 1 for o in first)
     assert llm.model_runner.batch is not None and llm.model_runner.batch.size == 3
     llm.add_request(GenerationRequest("late", PROMPTS[3], greedy(5, ignore_eos=True)))
-    second = llm.step()  # the rows that just joined decode before the late request is prefilled
-    assert [o.request_id for o in second] == ["r0", "r1", "r2"]
-    assert [o.request_id for o in llm.step()] == ["late"]
+    second = llm.step()  # the rows that joined decode in the same forward as the late request's prefill
+    assert [o.request_id for o in second] == ["r0", "r1", "r2", "late"]
+    assert llm.model_runner.batch is not None and llm.model_runner.batch.size == 4
 
 
 def test_abort_gives_the_last_delta_at_once_and_the_row_leaves_at_the_next_step(
@@ -87,7 +87,7 @@ def test_next_turn_reuses_the_kept_kv(tiny_model: Any, tiny_tokenizer: Any) -> N
     outputs: dict[str, list[Delta]] = defaultdict(list)
     llm.add_request(GenerationRequest("t1", "", greedy(6, ignore_eos=True), tuple(ids), conversation_id="c"))
     run_until_idle(llm, outputs)
-    assert llm.stats().prefix_cache_entries == 1 and len(llm.model_runner.kept) == 1
+    assert llm.stats().prefix_cache_entries == 2 and len(llm.model_runner.kept) == 2  # the prompt, then the answer
     second = ids + tokens(outputs["t1"]) + tiny_tokenizer.encode(PROMPTS[0])
     llm.add_request(GenerationRequest("t2", "", greedy(6, ignore_eos=True), tuple(second), conversation_id="c"))
     run_until_idle(llm, outputs)

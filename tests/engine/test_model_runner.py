@@ -12,7 +12,8 @@ from tests.tiny_model import PROMPTS, build_model, collect, greedy, reference
 
 from chatstream.engine.base import GenerationRequest
 from chatstream.engine.model_runner import ModelRunner
-from chatstream.engine.scheduler import ModelOutput, Release, ScheduledPrefill, SchedulerOutput
+from chatstream.engine.prefix_cache import PrefixMatch
+from chatstream.engine.scheduler import FreeKV, KeepKV, ModelOutput, PrefillChunk, ScheduledPrefill, SchedulerOutput
 from chatstream.engine.sequence import Sequence
 
 
@@ -77,28 +78,62 @@ async def test_engine_requests_still_get_the_greedy_tokens_of_generate_after_the
     assert len([r for r in caplog.records if "fused decoder failed" in r.getMessage()]) == 1
 
 
-def test_run_releases_rows_keeps_their_kv_and_prefills_on_it(tiny_model: Any, tiny_tokenizer: Any) -> None:
+def _prefill_plan(*prefills: ScheduledPrefill, chunk: tuple[int, int] | None = None) -> SchedulerOutput:
+    width = max(len(p.seq.prompt_ids) - p.num_cached_tokens for p in prefills)
+    start, end = chunk or (0, width)
+    final = end >= width
+    return SchedulerOutput(
+        group=prefills, chunk=PrefillChunk(start, end, width), prefilled=tuple(p.seq for p in prefills) if final else ()
+    )
+
+
+def test_run_keeps_kv_releases_rows_and_prefills_on_cached_segments(tiny_model: Any, tiny_tokenizer: Any) -> None:
     runner = ModelRunner(tiny_model)
     a, b = _seq("a", tiny_tokenizer.encode(PROMPTS[1])), _seq("b", tiny_tokenizer.encode(PROMPTS[2]))
-    out = runner.run(SchedulerOutput(prefills=(ScheduledPrefill(a), ScheduledPrefill(b))))
+    out = runner.run(_prefill_plan(ScheduledPrefill(a), ScheduledPrefill(b)))
     assert set(out.sampled) == {a.seq_id, b.seq_id} and not out.errors
     a.output_ids.append(out.sampled[a.seq_id])
     assert runner.batch is not None and runner.batch.seq_ids == [a.seq_id, b.seq_id]
-    runner.run(SchedulerOutput(releases=(Release(a.seq_id, keep=True),)))
-    assert runner.batch.seq_ids == [b.seq_id] and runner.kept[a.seq_id].num_tokens == len(a.prompt_ids)
+    n = len(a.prompt_ids)
+    keeps = (KeepKV(10, a.seq_id, 0, 5), KeepKV(11, a.seq_id, 5, n), KeepKV(12, b.seq_id, 0, 2), FreeKV(12))
+    runner.run(SchedulerOutput(cache_ops=keeps, releases=(a.seq_id,)))
+    assert runner.batch.seq_ids == [b.seq_id] and sorted(runner.kept) == [10, 11]
+    assert runner.kept[10].num_tokens == 5 and runner.kept[11].num_tokens == n - 5
     again = _seq("again", [*a.prompt_ids, a.output_ids[0]])
-    prefill = ScheduledPrefill(again, prefix_owner=a.seq_id, num_cached_tokens=len(a.prompt_ids))
-    out = runner.run(SchedulerOutput(prefills=(prefill,)))
+    prefix = PrefixMatch(((10, 5), (11, n - 5)), n)
+    out = runner.run(_prefill_plan(ScheduledPrefill(again, prefix)))
     assert out.sampled[again.seq_id] == reference(tiny_model, again.prompt_ids, 1)[0]
-    assert a.seq_id not in runner.kept and runner.batch.seq_ids == [b.seq_id, again.seq_id]
+    assert runner.batch.seq_ids == [b.seq_id, again.seq_id] and sorted(runner.kept) == [10, 11]
+
+
+def test_a_chunked_prefill_runs_beside_the_decode_and_gives_the_tokens_of_generate(
+    tiny_model: Any, tiny_tokenizer: Any
+) -> None:
+    runner = ModelRunner(tiny_model)
+    a = _seq("a", tiny_tokenizer.encode(PROMPTS[1]))
+    runner.run(_prefill_plan(ScheduledPrefill(a)))
+    long = _seq("long", tiny_tokenizer.encode(PROMPTS[3]))
+    expected = reference(tiny_model, long.prompt_ids, 1)[0]
+    width, step = len(long.prompt_ids), 7
+    for start in range(0, width, step):
+        plan = _prefill_plan(ScheduledPrefill(long), chunk=(start, min(width, start + step)))
+        plan = SchedulerOutput(
+            group=plan.group if start == 0 else (), chunk=plan.chunk, decodes=(a,), prefilled=plan.prefilled
+        )
+        out = runner.run(plan)
+        assert set(out.sampled) == ({a.seq_id, long.seq_id} if plan.prefilled else {a.seq_id})
+    assert out.sampled[long.seq_id] == expected
+    assert runner.group is None and runner.batch is not None and runner.batch.seq_ids == [a.seq_id, long.seq_id]
 
 
 def test_a_plan_that_does_not_match_the_batch_is_a_bug(tiny_model: Any, tiny_tokenizer: Any) -> None:
     runner = ModelRunner(tiny_model)
     a = _seq("a", tiny_tokenizer.encode(PROMPTS[1]))
-    runner.run(SchedulerOutput(prefills=(ScheduledPrefill(a),)))
+    runner.run(_prefill_plan(ScheduledPrefill(a)))
     with pytest.raises(RuntimeError, match="not the rows"):
         runner.run(SchedulerOutput(decodes=(_seq("stranger", [5]),)))
     with pytest.raises(RuntimeError, match="no row"):
-        runner.run(SchedulerOutput(releases=(Release(10**9, keep=False),)))
+        runner.run(SchedulerOutput(releases=(10**9,)))
+    with pytest.raises(RuntimeError, match="no row"):
+        runner.run(SchedulerOutput(cache_ops=(KeepKV(1, 10**9, 0, 1),)))
     assert runner.run(SchedulerOutput()) == ModelOutput()

@@ -8,15 +8,8 @@ from tests.tiny_model import greedy
 
 from chatstream.config import EngineConfig
 from chatstream.engine.base import FinishReason, GenerationRequest
-from chatstream.engine.scheduler import (
-    ModelOutput,
-    PrefixCache,
-    PrefixEntry,
-    Release,
-    Scheduler,
-    SchedulerOutput,
-    common_prefix_len,
-)
+from chatstream.engine.prefix_cache import PrefixMatch
+from chatstream.engine.scheduler import FreeKV, KeepKV, ModelOutput, PrefillChunk, Scheduler, SchedulerOutput
 from chatstream.engine.sequence import Detokenizer, Sequence, SequenceStatus
 
 EOS = 2
@@ -54,59 +47,64 @@ def test_waiting_sequences_join_in_arrival_order_then_decode() -> None:
     for name in ("a", "b", "c"):
         sched.add(seq(name, [1, 3, 4]))
     plan, updated = step(sched)
-    assert ids(plan.scheduled) == ["a", "b", "c"] and not plan.decodes
-    assert all(p.prefix_owner is None and p.num_cached_tokens == 0 for p in plan.prefills)
+    assert ids([p.seq for p in plan.group]) == ["a", "b", "c"] and not plan.decodes
+    assert plan.chunk == PrefillChunk(0, 3, 3) and ids(plan.prefilled) == ["a", "b", "c"]
+    assert all(p.prefix == PrefixMatch() for p in plan.group)
     assert ids(sched.running) == ["a", "b", "c"] and all(s.status is SequenceStatus.RUNNING for s in updated)
     plan, _ = step(sched)
-    assert ids(plan.decodes) == ["a", "b", "c"] and not plan.prefills
+    assert ids(plan.decodes) == ["a", "b", "c"] and not plan.group and plan.chunk is None
     assert [s.output_ids for s in sched.running] == [[7, 7]] * 3
 
 
 def test_batch_size_bounds_the_running_sequences() -> None:
     sched = scheduler(max_batch_size=2)
-    a, b, c = seq("a", [1, 3, 4], max_new=2), seq("b", [1, 3, 4], max_new=2), seq("c", [1, 3, 4], max_new=2)
+    a, b, c = seq("a", [1, 3, 4], max_new=2), seq("b", [5, 3, 4], max_new=2), seq("c", [6, 3, 4], max_new=2)
     for s in (a, b, c):
         sched.add(s)
     plan, _ = step(sched)
     assert plan.scheduled == [a, b] and list(sched.waiting) == [c]
     plan, _ = step(sched)  # a and b reach max_new_tokens
-    assert plan.decodes == (a, b) and not sched.running
+    assert plan.decodes == (a, b) and not sched.running and not plan.group
     plan, _ = step(sched)
     assert plan.scheduled == [c]
-    assert plan.releases == (Release(a.seq_id, keep=False), Release(b.seq_id, keep=False))
+    assert plan.releases == (a.seq_id, b.seq_id)
 
 
-def test_prefill_budget_counts_padded_tokens_and_the_first_always_joins() -> None:
-    sched = scheduler(max_prefill_tokens=10)
-    sched.add(seq("long", list(range(3, 20))))  # 17 tokens: over the budget alone, joins anyway
-    sched.add(seq("a", [3, 4, 5, 6]))
-    plan, _ = step(sched)
-    assert ids(plan.scheduled) == ["long"]
-    for name in ("b", "c"):
-        sched.add(seq(name, [3, 4, 5, 6]))
-    step(sched)  # a decode step comes between two prefills while rows run
-    plan, _ = step(sched)
-    assert ids(plan.scheduled) == ["a", "b"]  # 4 tokens x 2 rows fits, x 3 does not
-    assert ids(sched.waiting) == ["c"]
-
-
-def test_a_prefill_step_is_followed_by_a_decode_step_while_rows_run() -> None:
-    sched = scheduler()
+def test_a_long_prompt_is_prefilled_in_chunks_while_the_running_rows_decode() -> None:
+    sched = scheduler(max_prefill_tokens=4)
     sched.add(seq("a", [3, 4]))
     step(sched)
-    sched.add(seq("b", [3, 4]))
+    sched.add(seq("long", list(range(20, 30))))  # 10 tokens: chunks of 4, 4 and 2
+    chunks = []
+    for _ in range(3):
+        plan, updated = step(sched)
+        assert ids(plan.decodes) == ["a"]
+        chunks.append(plan.chunk)
+    assert chunks == [PrefillChunk(0, 4, 10), PrefillChunk(4, 8, 10), PrefillChunk(8, 10, 10)]
+    assert ids(updated) == ["a", "long"] and ids(sched.running) == ["a", "long"]
+    assert sched.num_prefill_chunks_total == 4
+
+
+def test_a_group_is_formed_while_it_fits_one_step_with_little_padding() -> None:
+    sched = scheduler(max_prefill_tokens=10)
+    sched.add(seq("a", [3, 4, 5, 6]))
+    sched.add(seq("b", [7, 4, 5, 6]))  # 2 rows x 4 tokens fit
+    sched.add(seq("c", [8, 4, 5, 6]))  # 3 x 4 do not
     plan, _ = step(sched)
-    assert ids(plan.decodes) == ["a"] and not plan.prefills
+    assert ids([p.seq for p in plan.group]) == ["a", "b"]
+    sched.add(seq("d", [9]))
     plan, _ = step(sched)
-    assert ids(plan.scheduled) == ["b"] and not plan.decodes
+    assert ids([p.seq for p in plan.group]) == ["c", "d"]  # 2 x 4 padded for 5 tokens of work
+    sched.add(seq("e", [10, 11, 12, 13, 14, 15, 16, 17, 18]))
+    sched.add(seq("f", [19]))
     plan, _ = step(sched)
-    assert ids(plan.decodes) == ["a", "b"]
+    assert ids([p.seq for p in plan.group]) == ["e"]  # with f: 2 x 9 padded for 10 tokens of work
 
 
 def test_stop_token_and_length_finish_and_the_rows_are_released_next_step() -> None:
     sched = scheduler()
     sched.add(seq("eos", [3, 4], max_new=10))
-    sched.add(seq("short", [3, 4], max_new=2))
+    sched.add(seq("short", [5, 4], max_new=2))
     _, updated = step(sched)
     assert [s.take_delta().token_ids for s in updated] == [(7,), (7,)]
     _, updated = step(sched, tokens={"eos": EOS})
@@ -115,7 +113,7 @@ def test_stop_token_and_length_finish_and_the_rows_are_released_next_step() -> N
     assert deltas["short"].finish_reason is FinishReason.LENGTH and deltas["short"].num_generated_tokens == 2
     assert not sched.running and sched.has_work()
     plan, updated = step(sched)
-    assert [r.keep for r in plan.releases] == [False, False] and not plan.scheduled and not updated
+    assert len(plan.releases) == 2 and not plan.scheduled and not updated
     assert not sched.has_work()
 
 
@@ -152,94 +150,114 @@ def test_model_errors_fail_only_those_sequences_and_leave_no_row_to_release() ->
     assert not sched.schedule().releases
 
 
-def test_abort_of_waiting_and_running_sequences() -> None:
-    sched = scheduler(max_batch_size=1)
+def test_a_failed_chunk_fails_the_whole_group() -> None:
+    sched = scheduler(max_prefill_tokens=2)
+    long = seq("long", [3, 4, 5, 6, 7])
+    sched.add(long)
+    plan = sched.schedule()
+    assert plan.chunk == PrefillChunk(0, 2, 5) and not plan.prefilled
+    updated = sched.update_from_output(plan, ModelOutput(errors={long.seq_id: "prefill failed: boom"}))
+    assert updated == [long] and long.finish_reason is FinishReason.ERROR
+    assert not sched.prefilling and not sched.has_work()
+
+
+def test_abort_of_waiting_prefilling_and_running_sequences() -> None:
+    sched = scheduler(max_batch_size=2, max_prefill_tokens=2)
     sched.add(seq("run", [3, 4], conversation="c"))
-    sched.add(seq("wait", [3, 4]))
     step(sched)
+    sched.add(seq("pre", [5, 6, 7, 8]))
+    sched.add(seq("wait", [9, 4]))
+    step(sched)  # "pre" has its first chunk
     waiting = sched.abort("wait")
     assert waiting is not None and waiting.finish_reason is FinishReason.ABORT and not sched.waiting
+    prefilling = sched.abort("pre")
+    assert prefilling is not None and prefilling.finish_reason is FinishReason.ABORT
     running = sched.abort("run")
     assert running is not None and running.finish_reason is FinishReason.ABORT and not sched.running
     assert sched.abort("unknown") is None and sched.abort("run") is None
     plan = sched.schedule()
-    assert plan.releases == (Release(running.seq_id, keep=True),)  # an aborted turn keeps its KV
-    entry = sched.prefix_cache.peek("c")
-    assert entry is not None and entry.owner == running.seq_id and entry.token_ids == (3, 4)
+    assert plan.cancel_group and plan.chunk is None and not sched.prefilling
+    assert plan.releases == (running.seq_id,)  # an aborted turn keeps its KV: prompt and answer are cached
+    assert [op for op in plan.cache_ops if isinstance(op, KeepKV)] == [KeepKV(1, running.seq_id, 2, 3)]
 
 
-def test_finished_turn_is_kept_and_the_next_turn_is_planned_on_it() -> None:
+def test_prompts_and_answers_are_cached_and_a_next_turn_reuses_them() -> None:
     sched = scheduler()
     first = seq("t1", [3, 4, 5], max_new=2, conversation="c")
     sched.add(first)
     step(sched, tokens=8)
-    step(sched, tokens=9)  # length: the KV of 3 4 5 8 is kept (9 never went through the model)
-    entry = sched.prefix_cache.peek("c")
-    assert entry == PrefixEntry((3, 4, 5, 8), first.seq_id, 4 * KV_BYTES)
+    plan, _ = step(sched, tokens=9)  # length: the KV of 3 4 5 8 is cached (9 never went through the model)
+    assert plan.cache_ops == (KeepKV(0, first.seq_id, 0, 3),)  # the prompt, after its prefill
     assert sched.prefix_cache.num_bytes == 4 * KV_BYTES
-    sched.add(seq("t2", [3, 4, 5, 8, 9, 6, 6], conversation="c"))
+    other = seq("t2", [3, 4, 5, 8, 9, 6, 6], conversation="c")
+    sched.add(other)
     plan, _ = step(sched)
-    assert plan.releases == (Release(first.seq_id, keep=True),)
-    (prefill,) = plan.prefills
-    assert prefill.prefix_owner == first.seq_id and prefill.num_cached_tokens == 4
+    assert plan.releases == (first.seq_id,) and plan.cache_ops == (KeepKV(1, first.seq_id, 3, 4),)
+    (prefill,) = plan.group
+    assert prefill.prefix == PrefixMatch(((0, 3), (1, 1)), 4)
     assert prefill.seq.num_cached_tokens == 4 and sched.num_cached_tokens_total == 4
-    assert sched.prefix_cache.peek("c") is None  # the new turn owns it now
+    assert sched.num_prefix_hits_total == 1 and sched.num_prefix_queries_total == 2
 
 
-def test_regenerate_reuses_all_but_the_last_prompt_token() -> None:
+def test_another_conversation_reuses_a_shared_prompt_but_not_the_last_token() -> None:
     sched = scheduler()
-    sched.prefix_cache.put("c", PrefixEntry((3, 4, 5, 6), owner=100, num_bytes=40))
-    sched.add(seq("again", [3, 4, 5], conversation="c"))
+    sched.add(seq("a", [3, 4, 5, 6], conversation="c1"))
+    step(sched)
+    sched.add(seq("b", [3, 4, 5, 6], conversation="c2"))
+    sched.add(seq("c", [3, 4, 9], conversation="c3"))
     plan, _ = step(sched)
-    assert plan.prefills[0].prefix_owner == 100 and plan.prefills[0].num_cached_tokens == 2
+    # the shared prompt is cached after a's prefill; b recomputes only its last token, c its last and first new one
+    assert [(p.seq.request_id, p.num_cached_tokens) for p in plan.group] == [("b", 3), ("c", 2)]
+
+
+def test_a_sequence_waits_for_a_prefix_that_its_group_is_about_to_cache() -> None:
+    sched = scheduler(max_prefill_tokens=1000)
+    system = list(range(100, 150))
+    sched.add(seq("a", [*system, 1, 2]))
+    sched.add(seq("b", [*system, 3]))
+    plan, _ = step(sched)
+    assert ids([p.seq for p in plan.group]) == ["a"]
+    plan, _ = step(sched)
+    (prefill,) = plan.group
+    assert prefill.seq.request_id == "b" and prefill.num_cached_tokens == len(system)
 
 
 def test_hits_prefill_together_with_the_longest_uncached_part() -> None:
     sched = scheduler()
-    sched.prefix_cache.put("c1", PrefixEntry(tuple(range(3, 13)), owner=101, num_bytes=100))  # 10 cached
-    sched.prefix_cache.put("c2", PrefixEntry(tuple(range(3, 9)), owner=102, num_bytes=60))  # 6 cached
-    sched.add(seq("a", [*range(3, 13), 20], conversation="c1"))  # 1 new token
-    sched.add(seq("b", [*range(3, 9), 20, 21, 22, 23], conversation="c2"))  # 4 new tokens
-    sched.add(seq("plain", [30, 31]))
+    sched.prefix_cache.insert(list(range(3, 13)))  # 10 cached
+    sched.prefix_cache.insert(list(range(30, 36)))  # 6 cached
+    sched.add(seq("a", [*range(3, 13), 20]))  # 1 new token
+    sched.add(seq("b", [*range(30, 36), 20, 21, 22, 23]))  # 4 new tokens
+    sched.add(seq("plain", [40, 41]))
     plan, _ = step(sched)
-    assert [(p.seq.request_id, p.prefix_owner, p.num_cached_tokens) for p in plan.prefills] == [
-        ("a", 101, 11 - 4),  # recomputes 3 of its cached tokens so that both rows run 4 new tokens
-        ("b", 102, 6),
-        ("plain", None, 0),
-    ]
+    # "a" recomputes 3 of its cached tokens so that every row runs 4 new tokens
+    assert [(p.seq.request_id, p.num_cached_tokens) for p in plan.group] == [("a", 7), ("b", 6), ("plain", 0)]
+    assert plan.chunk == PrefillChunk(0, 4, 4)
 
 
-def test_a_turn_that_shares_nothing_frees_the_conversations_kv() -> None:
-    sched = scheduler()
-    sched.prefix_cache.put("c", PrefixEntry((3, 4), owner=100, num_bytes=20))
-    sched.add(seq("new", [9, 9, 9], conversation="c"))
+def test_eviction_frees_the_dropped_nodes() -> None:
+    sched = Scheduler(EngineConfig(prefix_cache_bytes=6 * KV_BYTES), kv_bytes_per_token=KV_BYTES)
+    a = seq("a", [3, 4, 5, 6], max_new=1)
+    sched.add(a)
+    step(sched)
+    b = seq("b", [7, 8, 9, 10], max_new=1)
+    sched.add(b)
     plan, _ = step(sched)
-    assert plan.prefills[0].prefix_owner is None and plan.freed_prefixes == (100,)
-
-
-def test_prefix_cache_lru_budget_returns_what_it_drops() -> None:
-    cache = PrefixCache(max_bytes=20)
-    assert cache.put("a", PrefixEntry((1,), 1, 10)) == []
-    assert cache.put("b", PrefixEntry((1,), 2, 10)) == []
-    assert cache.put("c", PrefixEntry((1,), 3, 10)) == [1]  # the least recently used goes
-    assert len(cache) == 2 and cache.peek("a") is None and cache.num_bytes == 20
-    assert cache.put("b", PrefixEntry((1, 2), 4, 10)) == [2]  # replaced
-    popped = cache.pop("b")
-    assert popped is not None and popped.owner == 4 and cache.num_bytes == 10
-    assert cache.put("huge", PrefixEntry((1,), 5, 100)) == [5]  # larger than the whole budget: not kept
-    assert cache.clear() == [3] and cache.num_bytes == 0
-    assert not PrefixCache(0).enabled
+    assert plan.cache_ops == (KeepKV(0, a.seq_id, 0, 4),)
+    plan, _ = step(sched)
+    assert plan.cache_ops == (KeepKV(1, b.seq_id, 0, 4), FreeKV(0))
+    assert sched.prefix_cache.num_bytes == 4 * KV_BYTES
 
 
 def test_finish_all_ends_everything_and_forgets_pending_releases() -> None:
     sched = scheduler(max_batch_size=1)
     sched.add(seq("run", [3, 4], conversation="c"))
-    sched.add(seq("wait", [3, 4]))
+    sched.add(seq("wait", [5, 4]))
     step(sched)
     sched.abort("run")
-    sched.add(seq("run2", [3, 4]))
+    sched.add(seq("run2", [6, 4]))
     step(sched)
-    assert ids(sched.running) == ["wait"] and ids(sched.waiting) == ["run2"] and len(sched.prefix_cache) == 1
+    assert ids(sched.running) == ["wait"] and ids(sched.waiting) == ["run2"] and len(sched.prefix_cache) == 2
     failed = sched.finish_all(FinishReason.ERROR, "boom", waiting=False)
     assert ids(failed) == ["wait"] and failed[0].take_delta().error == "boom"
     assert not sched.running and len(sched.prefix_cache) == 0 and ids(sched.waiting) == ["run2"]
@@ -248,7 +266,6 @@ def test_finish_all_ends_everything_and_forgets_pending_releases() -> None:
     assert ids(aborted) == ["run2"] and aborted[0].finish_reason is FinishReason.ABORT and not sched.has_work()
 
 
-def test_common_prefix_len() -> None:
-    assert common_prefix_len([1, 2, 3], [1, 2, 4, 5]) == 2
-    assert common_prefix_len([], [1]) == 0
-    assert common_prefix_len([1, 2], [1, 2]) == 2
+def test_plan_lists_decodes_before_the_prefilled() -> None:
+    plan = SchedulerOutput(decodes=(seq("a", [1]),), prefilled=(seq("b", [1]),))
+    assert ids(plan.scheduled) == ["a", "b"]

@@ -193,7 +193,25 @@ class RequestStream:
 
 @dataclass(frozen=True)
 class EngineStats:
-    """A snapshot of the engine's load, for /get_load, /metrics and benchmarks."""
+    """A snapshot of the engine's load, for /get_load, /metrics and benchmarks.
+
+    Attributes:
+        num_running: sequences decoding (prefilling ones included).
+        num_waiting: sequences not started yet.
+        num_generated_tokens_total: tokens sampled since the start.
+        num_prompt_tokens_total: prompt tokens of the prefills done since the start.
+        num_cached_tokens_total: of those, the tokens whose KV came from the prefix cache (token hit rate:
+            ``num_cached_tokens_total / num_prompt_tokens_total``).
+        prefix_cache_bytes: KV bytes the prefix cache holds now.
+        prefix_cache_entries: its nodes (token segments) now.
+        prefix_cache_max_bytes: its budget (0: disabled).
+        prefix_cache_tokens: the tokens it holds now.
+        prefix_cache_queries_total: prefills that looked a prefix up (request hit rate:
+            ``prefix_cache_hits_total / prefix_cache_queries_total``).
+        prefix_cache_hits_total: of those, the ones that reused at least one token.
+        prefix_cache_evictions_total: nodes evicted to stay within the budget.
+        num_prefill_chunks_total: prefill chunks run (a long prompt is prefilled in several).
+    """
 
     num_running: int = 0
     num_waiting: int = 0
@@ -202,6 +220,18 @@ class EngineStats:
     num_cached_tokens_total: int = 0
     prefix_cache_bytes: int = 0
     prefix_cache_entries: int = 0
+    prefix_cache_max_bytes: int = 0
+    prefix_cache_tokens: int = 0
+    prefix_cache_queries_total: int = 0
+    prefix_cache_hits_total: int = 0
+    prefix_cache_evictions_total: int = 0
+    num_prefill_chunks_total: int = 0
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        """The share of prompt tokens served from the prefix cache (0 before any prefill)."""
+        total = self.num_prompt_tokens_total
+        return self.num_cached_tokens_total / total if total else 0.0
 
 
 @dataclass(frozen=True)

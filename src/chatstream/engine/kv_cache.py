@@ -1,5 +1,5 @@
-"""KV cache storage: the running batch (its cache grown in place, joined and filtered by rows) and one sequence's KV
-taken out of it (kept between a conversation's turns; which ones are kept is the scheduler's prefix cache).
+"""KV cache storage: the running batch (its cache grown in place, joined and filtered by rows) and spans of a row's KV
+taken out of it (the prefix cache's segments; which ones are kept is decided by the scheduler's prefix cache).
 
 The batch is left-padded: every row's tokens are contiguous and end at the last column, so one column index is one
 step for every row. All layers are kept at full length, also the sliding-window layers of models like Gemma-3; the
@@ -23,6 +23,22 @@ HEADROOM_COLUMNS = 64
 BatchForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "BatchKVCache"], torch.Tensor]
 """A model forward on a left-padded batch: ``(input_ids [B, S], positions [B, S], mask [B, L], cache)`` → the logits
 ``[B, V]`` of each row's last token; the ``S`` new tokens' keys and values are appended to ``cache``."""
+
+
+@dataclass
+class ForwardGroup:
+    """Rows that run together in one forward and attend to one cache: ``input_ids`` ``[B, S]`` at ``positions``
+    ``[B, S]``, ``mask`` ``[B, L]`` the padding mask over every column including the ``S`` new ones (the last ``S``);
+    the new keys and values are appended to ``cache``. ``logits``: whether the logits of each row's last token are
+    wanted (a prefill chunk that is not the last needs none). ``decode``: the rows decode one token each (where the
+    engine quantizes weights for decode, these rows use the quantized ones; decode groups come first in a forward)."""
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    mask: torch.Tensor
+    cache: BatchKVCache
+    logits: bool = True
+    decode: bool = False
 
 
 def _round_up(n: int, multiple: int = HEADROOM_COLUMNS) -> int:
@@ -153,22 +169,45 @@ class BatchKVCache(Cache):
         return cls(len(layers), layers)
 
     @classmethod
-    def from_rows(cls, rows: Sequence[tuple[RowKV, int]]) -> BatchKVCache:
-        """A batch of cached rows for prefix-cache hits: row ``i`` holds the first ``n_i`` columns of ``rows[i]``,
-        right-aligned (left-padded with zeros) to the longest; each row is copied once, straight into place."""
-        length = max(n for _, n in rows)
+    def from_segments(cls, rows: Sequence[Sequence[tuple[RowKV, int]]], num_layers: int) -> BatchKVCache:
+        """A batch of cached prefixes: row ``i`` holds the first ``n`` columns of each ``(kv, n)`` of ``rows[i]`` one
+        after the other, right-aligned (left-padded with zeros) to the longest row; each piece is copied once,
+        straight into place. Rows without pieces are all padding; no pieces at all gives an empty cache."""
+        lengths = [sum(n for _, n in row) for row in rows]
+        length = max(lengths, default=0)
+        if length == 0:
+            return cls(num_layers)
         cap = _round_up(length + HEADROOM_COLUMNS)
+        template = next(kv for row in rows for kv, n in row if n > 0).layers
         layers = []
-        for index in range(len(rows[0][0].layers)):
-            keys = _right_aligned([kv.layers[index][0][:, :n].unsqueeze(0) for kv, n in rows], length, cap)
-            values = _right_aligned([kv.layers[index][1][:, :n].unsqueeze(0) for kv, n in rows], length, cap)
+        for index, (key, value) in enumerate(template):
+            keys = key.new_empty((len(rows), key.shape[0], cap, key.shape[2]))
+            values = value.new_empty((len(rows), value.shape[0], cap, value.shape[2]))
+            for row, (pieces, row_length) in enumerate(zip(rows, lengths, strict=True)):
+                _place(keys[row], values[row], [(kv.layers[index], n) for kv, n in pieces], length - row_length)
             layers.append(BufferedLayer(keys, values, length))
         return cls(len(layers), layers)
 
-    def extract_row(self, row: int, start: int) -> RowKV:
-        """A detached copy of one row's columns from ``start`` (its first real token) to the end."""
+    def extract_row(self, row: int, start: int, end: int | None = None) -> RowKV:
+        """A detached copy of one row's columns ``[start, end)`` (``end`` None: to the last column)."""
+        stop = self.length if end is None else end
         layers = self.buffered
-        return RowKV(tuple((layer.k[row, :, start:].clone(), layer.v[row, :, start:].clone()) for layer in layers))
+        return RowKV(tuple((lay.k[row, :, start:stop].clone(), lay.v[row, :, start:stop].clone()) for lay in layers))
+
+
+def _place(
+    keys: torch.Tensor, values: torch.Tensor, pieces: Sequence[tuple[tuple[torch.Tensor, torch.Tensor], int]], pad: int
+) -> None:
+    """Write ``pieces`` (``((keys [H, m, D], values), n)``: their first ``n`` columns) one after the other into
+    ``keys``/``values`` ``[H, capacity, D]`` from column ``pad`` on; the ``pad`` columns before are zeroed."""
+    if pad:
+        keys[:, :pad].zero_()  # padding columns are masked, but must hold finite values
+        values[:, :pad].zero_()
+    column = pad
+    for (key, value), n in pieces:
+        keys[:, column : column + n].copy_(key[:, :n])
+        values[:, column : column + n].copy_(value[:, :n])
+        column += n
 
 
 def _gather(tensor: torch.Tensor, rows: torch.Tensor, trim_left: int, cap: int) -> torch.Tensor:
@@ -254,6 +293,8 @@ class DecodeBatch:
         """Leading padding columns of ``row``."""
         return int(self.attention_mask.shape[1] - int(self.attention_mask[row].sum()))
 
-    def extract_row(self, row: int) -> RowKV:
-        """A detached copy of the KV of ``row``'s tokens (its padding left out)."""
-        return self.cache.extract_row(row, self.num_padding(row))
+    def extract_row(self, row: int, start: int = 0, end: int | None = None) -> RowKV:
+        """A detached copy of the KV of ``row``'s tokens ``[start, end)`` (token positions: its padding left out;
+        ``end`` None: to its last token)."""
+        padding = self.num_padding(row)
+        return self.cache.extract_row(row, padding + start, None if end is None else padding + end)

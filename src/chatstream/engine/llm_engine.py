@@ -48,7 +48,13 @@ class LLMEngine:
     ) -> None:
         self.config = config or EngineConfig()
         self.tokenizer = tokenizer
-        self.model_runner = ModelRunner(model, pack_weights=pack_weights, fused_decoder=self.config.fused_decoder)
+        self.model_runner = ModelRunner(
+            model,
+            pack_weights=pack_weights,
+            fused_decoder=self.config.fused_decoder,
+            quantization=self.config.weight_quantization,
+            quantization_group_size=self.config.quantization_group_size,
+        )
         kv_bytes_per_token = self.model_runner.kv_bytes_per_token() if self.config.prefix_cache_bytes > 0 else 0
         self.scheduler = Scheduler(self.config, kv_bytes_per_token)
         self.eos_token_ids = eos_token_ids(model, tokenizer)
@@ -95,15 +101,21 @@ class LLMEngine:
 
     def stats(self) -> EngineStats:
         """The load and the totals (approximate when read from another thread during a step)."""
-        scheduler = self.scheduler
+        scheduler, cache = self.scheduler, self.scheduler.prefix_cache
         return EngineStats(
-            num_running=len(scheduler.running),
+            num_running=len(scheduler.running) + len(scheduler.prefilling),
             num_waiting=len(scheduler.waiting),
             num_generated_tokens_total=scheduler.num_generated_tokens_total,
             num_prompt_tokens_total=scheduler.num_prompt_tokens_total,
             num_cached_tokens_total=scheduler.num_cached_tokens_total,
-            prefix_cache_bytes=scheduler.prefix_cache.num_bytes,
-            prefix_cache_entries=len(scheduler.prefix_cache),
+            prefix_cache_bytes=cache.num_bytes,
+            prefix_cache_entries=len(cache),
+            prefix_cache_max_bytes=cache.max_bytes,
+            prefix_cache_tokens=cache.num_tokens,
+            prefix_cache_queries_total=scheduler.num_prefix_queries_total,
+            prefix_cache_hits_total=scheduler.num_prefix_hits_total,
+            prefix_cache_evictions_total=cache.num_evicted_nodes,
+            num_prefill_chunks_total=scheduler.num_prefill_chunks_total,
         )
 
     def _sequence(self, request: GenerationRequest) -> Sequence:

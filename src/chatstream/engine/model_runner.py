@@ -1,15 +1,17 @@
-"""The engine's tensor code: the running batch, the model calls, sampling, and the KV kept for the prefix cache.
+"""The engine's tensor code: the running batch, the prefill group, the model calls, sampling, and the prefix cache's KV.
 
-:meth:`ModelRunner.run` carries out one plan of the scheduler: it drops the rows that left (keeping the KV of those
-the prefix cache wants), then prefills the joining sequences into new rows or decodes one token for every row, and
-samples. It returns a token per scheduled sequence, or why the model failed on it: a failed prefill is retried row by
-row so that only the culprit fails; a failed decode fails every row and drops the batch.
+:meth:`ModelRunner.run` carries out one plan of the scheduler: it copies KV into the prefix cache and frees what the
+cache dropped, takes the rows that left out of the batch, starts a new prefill group on its cached prefixes, then runs
+one forward: a decode of every running row together with the next chunk of the prefill group (their tokens share the
+matrix products; each attends to its own cache). After the group's last chunk its rows get their first token and join
+the batch. It returns a token per scheduled sequence, or why the model failed on it: a forward that fails is redone
+part by part, and a failed group of several rows row by row, so that only the culprit fails; a failed decode fails
+every running row and drops the batch.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence as SequenceABC
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
@@ -19,29 +21,40 @@ import torch
 from chatstream.engine import sampler, structured
 from chatstream.engine.cpu.fast_path import CpuFastPath, packing_supported
 from chatstream.engine.cpu.fused_decoder import FusedDecoder
-from chatstream.engine.kv_cache import BatchKVCache, DecodeBatch, RowKV
-from chatstream.engine.scheduler import ModelOutput, Release, ScheduledPrefill, SchedulerOutput
+from chatstream.engine.kv_cache import BatchKVCache, DecodeBatch, ForwardGroup, RowKV
+from chatstream.engine.prefill_group import PrefillGroup
+from chatstream.engine.scheduler import CacheOp, KeepKV, ModelOutput, PrefillChunk, ScheduledPrefill, SchedulerOutput
 from chatstream.engine.sequence import Sequence
 
 logger = logging.getLogger(__name__)
 
 
 class ModelRunner:
-    """Runs a transformers causal LM on the engine's left-padded batch, with an explicit 2-D mask and position ids.
+    """Runs a transformers causal LM on the engine's left-padded batches, with explicit 2-D masks and position ids.
 
     Every forward returns the logits of each row's last position only, so the LM head never runs over a whole
     prompt. On the CPU the linear layers run on oneDNN-prepacked weights and transformers' RMSNorms in one kernel
     (:mod:`chatstream.engine.cpu.fast_path`) unless ``pack_weights`` is False, and supported families run through the
     hand-written :class:`~chatstream.engine.cpu.fused_decoder.FusedDecoder` (checked against transformers' forward
-    when it is built) unless ``fused_decoder`` is False. If the fused decoder raises, the runner logs it once and
-    uses transformers' forward from then on, redoing that forward.
+    when it is built) unless ``fused_decoder`` is False; ``quantization`` (``"int8"``/``"int4"``) gives the fused
+    decoder weight-only quantized linear layers. If the fused decoder raises, the runner logs it once and uses
+    transformers' forward from then on, redoing that forward.
 
     Attributes:
         batch: the running rows (None when no sequence runs); only the runner changes it.
-        kept: the KV of finished sequences that the scheduler's prefix cache holds, by the sequence's id.
+        group: the rows being prefilled (None between groups).
+        kept: the prefix cache's KV segments, by node id.
     """
 
-    def __init__(self, model: Any, *, pack_weights: bool = True, fused_decoder: bool = True) -> None:
+    def __init__(
+        self,
+        model: Any,
+        *,
+        pack_weights: bool = True,
+        fused_decoder: bool = True,
+        quantization: str | None = None,
+        quantization_group_size: int = 32,
+    ) -> None:
         self.model = model
         self.fast_path = CpuFastPath.for_model(model) if pack_weights and packing_supported(model) else None
         self.device = model.device
@@ -53,24 +66,33 @@ class ModelRunner:
             self.fused = FusedDecoder.for_model(
                 model, self.transformers_forward, fast_path=self.fast_path, pack=pack_weights
             )
+            if self.fused is not None and quantization is not None:
+                self.fused.quantize(model, quantization, quantization_group_size)
+            elif quantization is not None:
+                logger.warning("weight quantization needs the fused decoder; the model runs unquantized")
         self.batch: DecodeBatch | None = None
+        self.group: PrefillGroup | None = None
         self.kept: dict[int, RowKV] = {}
 
     # ---- plans -----------------------------------------------------------------------------------------------------
 
     @torch.inference_mode()
     def run(self, plan: SchedulerOutput) -> ModelOutput:
-        """Release, then prefill or decode as planned; returns the sampled token (or the error) per sequence."""
-        self._release(plan.releases, plan.freed_prefixes)
-        if plan.prefills:
-            return self._run_prefills(plan.prefills)
-        if plan.decodes:
-            return self._run_decode(plan.decodes)
-        return ModelOutput()
+        """Cache operations, releases, a new group, then one forward of the decodes and the chunk."""
+        self._apply_cache_ops(plan.cache_ops)
+        self._release(plan.releases)
+        if plan.cancel_group:
+            self.group = None
+        output = ModelOutput()
+        if plan.group:
+            self._start_group(plan.group, output)
+        self._step(plan, output)
+        return output
 
     def reset(self) -> None:
-        """Drop the batch and every kept KV."""
+        """Drop the batch, the prefill group and every kept KV."""
         self.batch = None
+        self.group = None
         self.kept.clear()
 
     def kv_bytes_per_token(self) -> int:
@@ -79,93 +101,122 @@ class ModelRunner:
             batch, _ = self.prefill([[self.pad_token_id]], [0])
         return batch.extract_row(0).num_bytes
 
-    def _release(self, releases: SequenceABC[Release], freed: SequenceABC[int]) -> None:
-        """Take the released rows out of the batch (keeping their KV where asked), then free dropped prefixes."""
-        if releases:
-            if self.batch is None:
-                raise RuntimeError("rows released from an empty batch")
-            batch = self.batch
-            rows = {seq_id: row for row, seq_id in enumerate(batch.seq_ids)}
-            leaving = {release.seq_id for release in releases}
-            if not leaving <= rows.keys():
-                raise RuntimeError(f"released sequences {sorted(leaving - rows.keys())} have no row in the batch")
-            for release in releases:
-                if release.keep:
-                    self.kept[release.seq_id] = batch.extract_row(rows[release.seq_id])
-            staying = [row for row, seq_id in enumerate(batch.seq_ids) if seq_id not in leaving]
-            if staying:
-                batch.filter(staying)
+    def _apply_cache_ops(self, ops: SequenceABC[CacheOp]) -> None:
+        rows = {seq_id: row for row, seq_id in enumerate(self.batch.seq_ids)} if self.batch is not None else {}
+        for op in ops:
+            if isinstance(op, KeepKV):
+                if self.batch is None or op.seq_id not in rows:
+                    raise RuntimeError(f"KV of sequence {op.seq_id} to cache, but it has no row in the batch")
+                self.kept[op.node_id] = self.batch.extract_row(rows[op.seq_id], op.start, op.end)
             else:
-                self.batch = None
-        for owner in freed:
-            self.kept.pop(owner, None)
+                self.kept.pop(op.node_id, None)
 
-    def _run_prefills(self, prefills: SequenceABC[ScheduledPrefill]) -> ModelOutput:
-        """Prefill the hits (on their kept KV) and the plain prefills as two batches; both join the running batch."""
-        started = time.perf_counter()
-        hits = [p for p in prefills if p.prefix_owner is not None]
-        plain = [p for p in prefills if p.prefix_owner is None]
-        owners = [p.prefix_owner for p in hits if p.prefix_owner is not None]
-        output = ModelOutput()
+    def _release(self, releases: SequenceABC[int]) -> None:
+        """Take the released rows out of the batch."""
+        if not releases:
+            return
+        if self.batch is None:
+            raise RuntimeError("rows released from an empty batch")
+        batch, leaving = self.batch, set(releases)
+        if not leaving <= set(batch.seq_ids):
+            raise RuntimeError(f"released sequences {sorted(leaving - set(batch.seq_ids))} have no row in the batch")
+        staying = [row for row, seq_id in enumerate(batch.seq_ids) if seq_id not in leaving]
+        if staying:
+            batch.filter(staying)
+        else:
+            self.batch = None
+
+    def _start_group(self, prefills: SequenceABC[ScheduledPrefill], output: ModelOutput) -> None:
         try:
-            joined = [batch for group in (hits, plain) if group for batch in self._prefill_group(group, output)]
-        finally:
-            for owner in owners:  # used or failed: the prefix cache no longer has them
-                self.kept.pop(owner, None)
-        if joined:
-            self.batch = DecodeBatch.concatenate([self.batch, *joined] if self.batch is not None else joined)
-        logger.debug(
-            "prefill of %d rows (%d prompt tokens, %d from the prefix cache): %.0f ms",
-            len(prefills),
-            sum(len(p.seq.prompt_ids) for p in prefills),
-            sum(p.num_cached_tokens for p in prefills),
-            (time.perf_counter() - started) * 1e3,
-        )
-        return output
+            self.group = PrefillGroup.build(prefills, self.kept, self.num_layers, self.pad_token_id, self.device)
+        except Exception as exc:  # a prefix the cache no longer has is a bug; fail the group, keep serving
+            logger.exception("could not set up the prefill of %d sequences", len(prefills))
+            output.errors.update({p.seq.seq_id: f"prefill failed: {exc}" for p in prefills})
 
-    def _prefill_group(self, group: list[ScheduledPrefill], output: ModelOutput) -> list[DecodeBatch]:
-        """Prefill ``group`` as one batch; if that fails, each sequence alone, so that only the culprit fails."""
-        try:
-            batch, logits = self._prefill_batch(group)
-            batch.next_tokens = self._sample([p.seq for p in group], logits)
-        except Exception as exc:
-            if len(group) == 1:
-                logger.exception("prefill failed for request %s", group[0].seq.request_id)
-                output.errors[group[0].seq.seq_id] = f"prefill failed: {exc}"
-                return []
-            logger.warning("batched prefill failed (%s); retrying the %d sequences one by one", exc, len(group))
-            return [batch for prefill in group for batch in self._prefill_group([prefill], output)]
-        output.sampled.update(zip(batch.seq_ids, batch.next_tokens.tolist(), strict=True))
-        return [batch]
+    # ---- one forward -----------------------------------------------------------------------------------------------
 
-    def _prefill_batch(self, group: list[ScheduledPrefill]) -> tuple[DecodeBatch, torch.Tensor]:
-        """One batch of plain prefills, or one of prefills on kept KV (the scheduler never mixes them)."""
-        seq_ids = [p.seq.seq_id for p in group]
-        owners = [p.prefix_owner for p in group]
-        if None in owners:
-            return self.prefill([p.seq.prompt_ids for p in group], seq_ids)
-        rows = [
-            (self.kept[owner], p.num_cached_tokens, p.seq.prompt_ids)
-            for owner, p in zip(owners, group, strict=True)
-            if owner is not None
-        ]
-        return self.prefill_on_prefixes(rows, seq_ids)
+    def _step(self, plan: SchedulerOutput, output: ModelOutput) -> None:
+        """The decode of the running rows and the group's chunk, as one forward where both run."""
+        seqs = self._decode_rows(plan.decodes)
+        group, chunk = self.group, plan.chunk
+        parts: list[ForwardGroup] = []
+        if seqs:
+            parts.append(self._decode_part(seqs))
+        if group is not None and chunk is not None:
+            parts.append(group.chunk(chunk.start, chunk.end))
+        results = self._forward_parts(parts)
+        if seqs:
+            self._finish_decode(seqs, results.pop(0), output)
+        if group is not None and chunk is not None:
+            self._finish_chunk(group, chunk, results.pop(0), output)
 
-    def _run_decode(self, decodes: SequenceABC[Sequence]) -> ModelOutput:
-        batch = self.batch
-        by_id = {seq.seq_id: seq for seq in decodes}
+    def _decode_rows(self, decodes: SequenceABC[Sequence]) -> list[Sequence]:
+        """The planned decodes in batch row order."""
+        if not decodes:
+            return []
+        batch, by_id = self.batch, {seq.seq_id: seq for seq in decodes}
         if batch is None or set(batch.seq_ids) != by_id.keys():
             raise RuntimeError("the planned decodes are not the rows of the batch")
-        seqs = [by_id[seq_id] for seq_id in batch.seq_ids]
+        return [by_id[seq_id] for seq_id in batch.seq_ids]
+
+    def _decode_part(self, seqs: SequenceABC[Sequence]) -> ForwardGroup:
+        batch = self.batch
+        assert batch is not None
+        ones = torch.ones((batch.size, 1), dtype=torch.bool, device=self.device)
+        batch.attention_mask = torch.cat([batch.attention_mask, ones], dim=1)
+        tokens, positions = batch.next_tokens.unsqueeze(1), batch.positions.unsqueeze(1)
+        return ForwardGroup(tokens, positions, batch.attention_mask, batch.cache, decode=True)
+
+    def _finish_decode(
+        self, seqs: list[Sequence], result: torch.Tensor | Exception | None, output: ModelOutput
+    ) -> None:
+        batch = self.batch
+        assert batch is not None
         try:
-            logits = self.decode(batch)
-            tokens = self._sample(seqs, logits)
+            if isinstance(result, Exception):
+                raise result
+            assert result is not None
+            tokens = self._sample(seqs, result)
         except Exception as exc:
             logger.exception("decode step failed; failing the %d running requests", len(seqs))
             self.batch = None
-            return ModelOutput(errors={seq.seq_id: f"decode failed: {exc}" for seq in seqs})
+            output.errors.update({seq.seq_id: f"decode failed: {exc}" for seq in seqs})
+            return
+        batch.positions = batch.positions + 1
         batch.next_tokens = tokens
-        return ModelOutput(sampled=dict(zip(batch.seq_ids, tokens.tolist(), strict=True)))
+        output.sampled.update(zip(batch.seq_ids, tokens.tolist(), strict=True))
+
+    def _finish_chunk(
+        self, group: PrefillGroup, chunk: PrefillChunk, result: torch.Tensor | Exception | None, output: ModelOutput
+    ) -> None:
+        """After a chunk: nothing until the last; then sample and join the batch (a failure drops the group; a
+        failed group of several rows is redone row by row)."""
+        if not isinstance(result, Exception) and not chunk.final:
+            return
+        self.group = None
+        try:
+            if isinstance(result, Exception):
+                raise result
+            assert result is not None
+            self._join(group, self._sample([p.seq for p in group.prefills], result), output)
+        except Exception as exc:
+            if len(group.prefills) == 1 or not (chunk.start == 0 and chunk.final):
+                logger.exception("prefill failed for %d sequences", len(group.prefills))
+                output.errors.update({seq_id: f"prefill failed: {exc}" for seq_id in group.seq_ids})
+                return
+            logger.warning("batched prefill failed (%s); retrying the %d sequences one by one", exc, len(group.seq_ids))
+            for prefill in group.prefills:
+                self._prefill_alone(prefill, output)
+
+    def _prefill_alone(self, prefill: ScheduledPrefill, output: ModelOutput) -> None:
+        group = PrefillGroup.build([prefill], self.kept, self.num_layers, self.pad_token_id, self.device)
+        (result,) = self._forward_parts([group.chunk(0, group.width)])
+        self._finish_chunk(group, PrefillChunk(0, group.width, group.width), result, output)
+
+    def _join(self, group: PrefillGroup, tokens: torch.Tensor, output: ModelOutput) -> None:
+        joined = group.to_batch(tokens)
+        self.batch = joined if self.batch is None else DecodeBatch.concatenate([self.batch, joined])
+        output.sampled.update(zip(joined.seq_ids, tokens.tolist(), strict=True))
 
     def _sample(self, seqs: SequenceABC[Sequence], logits: torch.Tensor) -> torch.Tensor:
         """The next token of every row: grammar masks first (constrained rows), then the sampler; the logprobs a
@@ -185,13 +236,28 @@ class ModelRunner:
             seq.sampled_logprobs = row
         return tokens
 
-    # ---- batches ---------------------------------------------------------------------------------------------------
+    def _forward_parts(self, parts: list[ForwardGroup]) -> list[torch.Tensor | Exception | None]:
+        """Each part's logits (None where not wanted), or the exception its forward raised: the parts run as one
+        forward, and if that fails, one by one on their caches as they were."""
+        if not parts:
+            return []
+        lengths = [part.cache.lengths() for part in parts]
+        try:
+            return list(self._forward(parts))
+        except Exception as exc:
+            if len(parts) == 1:
+                return [exc]
+            for part, before in zip(parts, lengths, strict=True):
+                part.cache.restore(before)
+            return [self._forward_parts([part])[0] for part in parts]
+
+    # ---- standalone batches (kv_bytes_per_token, benchmarks, tests) ------------------------------------------------
 
     def prefill(
         self, prompts: SequenceABC[SequenceABC[int]], seq_ids: SequenceABC[int] | None = None
     ) -> tuple[DecodeBatch, torch.Tensor]:
-        """Prefill ``prompts`` together (left-padded to the longest); returns their batch (rows named by
-        ``seq_ids``, default ``0..n-1``) and the logits ``[n, V]``."""
+        """Prefill ``prompts`` together in one forward (left-padded to the longest); returns their batch (rows named
+        by ``seq_ids``, default ``0..n-1``) and the logits ``[n, V]``."""
         length = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), length), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), length), dtype=torch.bool)
@@ -201,64 +267,40 @@ class ModelRunner:
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         position_ids = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
         cache = BatchKVCache(self.num_layers)
-        logits = self._forward(input_ids, position_ids, mask, cache)
+        (logits,) = self._forward([ForwardGroup(input_ids, position_ids, mask, cache)])
+        assert logits is not None
         positions = position_ids[:, -1] + 1
         ids = list(range(len(prompts))) if seq_ids is None else list(seq_ids)
-        return DecodeBatch(cache, mask, positions, torch.zeros_like(positions), ids), logits
-
-    def prefill_on_prefixes(
-        self, rows: SequenceABC[tuple[RowKV, int, SequenceABC[int]]], seq_ids: SequenceABC[int] | None = None
-    ) -> tuple[DecodeBatch, torch.Tensor]:
-        """Prefill several sequences together on top of their cached KV.
-
-        Each row is ``(prefix, num_cached, prompt)``: the first ``num_cached`` prompt tokens have KV in ``prefix``.
-        All rows run the same number of new tokens, the longest uncached part; a row whose uncached part is shorter
-        uses only ``len(prompt) - width`` cached tokens (the scheduler plans it so), which keeps every row
-        contiguous (the sliding-window masks rely on it). Returns the batch and the logits ``[n, V]``.
-        """
-        width = max(len(prompt) - cached for _, cached, prompt in rows)
-        used = [max(len(prompt) - width, 0) for _, _, prompt in rows]
-        cached = max(used)
-        cache = BatchKVCache.from_rows([(prefix, n) for (prefix, _, _), n in zip(rows, used, strict=True)])
-        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), cached + width), dtype=torch.bool)
-        position_ids = torch.zeros((len(rows), width), dtype=torch.long)
-        for row, ((_, _, prompt), n) in enumerate(zip(rows, used, strict=True)):
-            fed = len(prompt) - n
-            input_ids[row, width - fed :] = torch.tensor(list(prompt[n:]), dtype=torch.long)
-            mask[row, cached - n :] = True
-            mask[row, cached : cached + width - fed] = False
-            position_ids[row, width - fed :] = torch.arange(n, len(prompt))
-        input_ids, mask, position_ids = input_ids.to(self.device), mask.to(self.device), position_ids.to(self.device)
-        logits = self._forward(input_ids, position_ids, mask, cache)
-        positions = torch.tensor([len(prompt) for _, _, prompt in rows], dtype=torch.long, device=self.device)
-        ids = list(range(len(rows))) if seq_ids is None else list(seq_ids)
         return DecodeBatch(cache, mask, positions, torch.zeros_like(positions), ids), logits
 
     def decode(self, batch: DecodeBatch) -> torch.Tensor:
         """One step for every row: feed ``batch.next_tokens``; returns logits ``[B, V]`` and advances the batch."""
         ones = torch.ones((batch.size, 1), dtype=torch.bool, device=self.device)
         batch.attention_mask = torch.cat([batch.attention_mask, ones], dim=1)
-        logits = self._forward(
-            batch.next_tokens.unsqueeze(1), batch.positions.unsqueeze(1), batch.attention_mask, batch.cache
-        )
+        tokens, positions = batch.next_tokens.unsqueeze(1), batch.positions.unsqueeze(1)
+        (logits,) = self._forward([ForwardGroup(tokens, positions, batch.attention_mask, batch.cache, decode=True)])
+        assert logits is not None
         batch.positions = batch.positions + 1
         return logits
 
     # ---- forward ---------------------------------------------------------------------------------------------------
 
-    def _forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: BatchKVCache
-    ) -> torch.Tensor:
+    def _forward(self, parts: SequenceABC[ForwardGroup]) -> list[torch.Tensor | None]:
+        """One forward of every part (the fused decoder runs them together; transformers one after the other)."""
         if self.fused is not None:
-            lengths = cache.lengths()
+            lengths = [part.cache.lengths() for part in parts]
             try:
-                return self.fused(input_ids, positions, mask, cache)
+                return self.fused.forward(parts)
             except Exception:
                 logger.warning("the fused decoder failed; using transformers' forward from now on", exc_info=True)
                 self.fused = None
-                cache.restore(lengths)  # some layers may hold the failed forward's keys and values
-        return self.transformers_forward(input_ids, positions, mask, cache)
+                for part, before in zip(parts, lengths, strict=True):
+                    part.cache.restore(before)  # some layers may hold the failed forward's keys and values
+        results: list[torch.Tensor | None] = []
+        for part in parts:
+            logits = self.transformers_forward(part.input_ids, part.positions, part.mask, part.cache)
+            results.append(logits if part.logits else None)
+        return results
 
     def transformers_forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: BatchKVCache

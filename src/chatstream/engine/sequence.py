@@ -26,6 +26,7 @@ class SequenceStatus(enum.Enum):
     """Where a sequence is in its life."""
 
     WAITING = "waiting"
+    PREFILLING = "prefilling"
     RUNNING = "running"
     FINISHED = "finished"
 

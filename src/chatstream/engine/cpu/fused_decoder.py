@@ -13,7 +13,8 @@ docs/performance.md). :class:`FusedDecoder` runs the same arithmetic in about 55
   the query axis (no repeated keys), reading the engine's :class:`~chatstream.engine.kv_cache.BatchKVCache` in
   place; sliding-window layers read only the columns inside their window.
 
-It serves prefill (also on top of a conversation's cached KV) and decode alike. It is built only for model families
+It serves prefill (also on top of cached prefixes, chunk by chunk) and decode alike, several groups of rows in one
+forward. It is built only for model families
 whose layer structure it knows (:data:`SUPPORTED_MODEL_TYPES`), and only after a probe prefill and decode give the
 same next tokens, and logits within rounding, as transformers' own forward; otherwise the engine keeps using
 transformers.
@@ -22,6 +23,7 @@ transformers.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,18 +40,18 @@ from chatstream.engine.cpu.fast_path import (
     rms_norm,
     rms_norm_forward,
 )
-from chatstream.engine.kv_cache import BatchForward, BatchKVCache
+from chatstream.engine.cpu.quantized import DecodeRows, quantize_decoder
+from chatstream.engine.cpu.support import (
+    SANDWICH_NORM_TYPES,
+    SUPPORTED_MODEL_TYPES,
+    rope_tables,
+    unsupported_reason,
+)
+from chatstream.engine.kv_cache import BatchForward, BatchKVCache, BufferedLayer, ForwardGroup
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma3_text"})
-"""``config.model_type`` values whose decoder layers :class:`FusedDecoder` reproduces."""
-
-SANDWICH_NORM_TYPES = frozenset({"gemma3_text"})
-"""Families that normalise the attention and MLP outputs before the residual add (four norms per layer)."""
-
-STATIC_ROPE_TYPES = frozenset({"default", "linear", "llama3", "yarn"})
-"""Rotary variants whose inverse frequencies do not change with the sequence length."""
+__all__ = ["SUPPORTED_MODEL_TYPES", "FusedDecoder", "unsupported_reason"]
 
 
 def _norm(module: nn.Module) -> Forward:
@@ -111,11 +113,12 @@ class FusedDecoder:
         self.final_norm = _norm(base.norm)
         self.lm_head = self._shared_linear(model.get_output_embeddings())
         self.softcap = getattr(config, "final_logit_softcapping", None)
-        self.rope = _rope_tables(base.rotary_emb)
+        self.rope = rope_tables(base.rotary_emb)
         layer_types = list(getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers)
         window = getattr(config, "sliding_window", None)
         self.layers = [self._layer(layer, kind, window) for layer, kind in zip(base.layers, layer_types, strict=True)]
         self.windows = sorted({lay.sliding_window for lay in self.layers if lay.sliding_window is not None})
+        self.decode_rows = DecodeRows()  # read by weight-quantized linear layers (see quantize)
 
     def _layer(self, layer: Any, kind: str, window: int | None) -> _Layer:
         attn, mlp = layer.self_attn, layer.mlp
@@ -169,30 +172,61 @@ class FusedDecoder:
         logger.info("fused decoder in use (%s, %d layers)", decoder.model_type, len(decoder.layers))
         return decoder
 
+    def quantize(self, model: Any, mode: str, group_size: int) -> None:
+        """Run the linear layers on weights of ``model`` quantized to ``mode`` (see
+        :mod:`chatstream.engine.cpu.quantized`); call it after the probe, which checks the unquantized arithmetic."""
+        quantize_decoder(self, model, mode, group_size)
+
     def __call__(
         self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: BatchKVCache
     ) -> torch.Tensor:
-        """Run ``input_ids`` ``[B, S]`` at ``positions`` ``[B, S]``; returns the logits of each row's last token.
+        """Run ``input_ids`` ``[B, S]`` at ``positions`` ``[B, S]``; returns the logits of each row's last token (one
+        :class:`~chatstream.engine.kv_cache.ForwardGroup`; see :meth:`forward`)."""
+        (logits,) = self.forward([ForwardGroup(input_ids, positions, mask, cache)])
+        assert logits is not None
+        return logits
 
-        ``mask`` ``[B, L]`` is the left-padded batch's padding mask over every column including the ``S`` new ones
-        (the last ``S`` columns); the new keys and values are appended to ``cache``. Every row's tokens are
+    def forward(self, parts: Sequence[ForwardGroup]) -> list[torch.Tensor | None]:
+        """One forward of several groups of rows (e.g. the running batch's decode and a prefill chunk): their tokens
+        go through the matrix products together, and each group attends to its own cache. Returns per group the
+        logits ``[B, V]`` of each row's last token, or None where the group wants none.
+
+        A group's ``mask`` ``[B, L]`` is its left-padded rows' padding mask over every column including the ``S``
+        new ones (the last ``S``); the new keys and values are appended to its cache. Every row's tokens are
         contiguous and end at the last column, so a column distance is a token distance (causal and sliding-window
         masks are built from column indices).
         """
-        size, new = input_ids.shape
-        masks = self._masks(mask, new)
-        tables = {kind: self._rotary(kind, positions.reshape(-1)) for kind in self.rope}
-        x = F.embedding(input_ids.reshape(-1), self.embed_weight)
+        shapes = [tuple(part.input_ids.shape) for part in parts]  # (B, S) each
+        decoding = [part for part in parts if part.decode]
+        if not all(part.decode for part in parts[: len(decoding)]):
+            raise ValueError("decode groups must come first in a forward")
+        self.decode_rows.count = sum(part.input_ids.numel() for part in decoding)
+        masks = [self._masks(part.mask, new) for part, (_, new) in zip(parts, shapes, strict=True)]
+        positions = _flat([part.positions for part in parts])
+        tables = {kind: self._rotary(kind, positions) for kind in self.rope}
+        x = F.embedding(_flat([part.input_ids for part in parts]), self.embed_weight)
         if self.embed_scale is not None:
             x = x * self.embed_scale
         for index, layer in enumerate(self.layers):
-            layer_mask = masks[layer.sliding_window]
-            x = self._layer_step(layer, x, size, cache, index, layer_mask, tables[layer.rope])
-        last = x.view(size, new, -1)[:, -1]
-        logits = self.lm_head(self.final_norm(last))
+            attention = [(part.cache, mask[layer.sliding_window]) for part, mask in zip(parts, masks, strict=True)]
+            x = self._layer_step(layer, x, shapes, index, attention, tables[layer.rope])
+        self.decode_rows.count = sum(part.input_ids.shape[0] for part in decoding if part.logits)
+        return self._logits(x, shapes, [part.logits for part in parts])
+
+    def _logits(self, x: torch.Tensor, shapes: list[tuple[int, ...]], wanted: list[bool]) -> list[torch.Tensor | None]:
+        """The LM head over the last token of each row of the groups that want logits, in one matrix product."""
+        lasts, start = [], 0
+        for (size, new), want in zip(shapes, wanted, strict=True):
+            if want:
+                lasts.append(x[start : start + size * new].view(size, new, -1)[:, -1])
+            start += size * new
+        if not lasts:
+            return [None] * len(shapes)
+        logits = self.lm_head(self.final_norm(_rows(lasts)))
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
+        pieces = iter(logits.split([size for (size, _), want in zip(shapes, wanted, strict=True) if want]))
+        return [next(pieces) if want else None for want in wanted]
 
     def _masks(self, mask: torch.Tensor, new: int) -> dict[int | None, tuple[torch.Tensor, int]]:
         """Per window (None: full attention) the boolean mask ``[B, 1, G*S, L - start]`` and its first column.
@@ -226,14 +260,12 @@ class FusedDecoder:
         self,
         layer: _Layer,
         x: torch.Tensor,
-        size: int,
-        cache: BatchKVCache,
+        shapes: list[tuple[int, ...]],
         index: int,
-        mask: tuple[torch.Tensor, int],
+        attention: list[tuple[BatchKVCache, tuple[torch.Tensor, int]]],
         rotary: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
-        tokens = x.shape[0]  # B * S
-        new = tokens // size
+        tokens = x.shape[0]  # all groups' B * S
         qkv = layer.qkv(layer.input_norm(x))
         heads = self.num_heads + self.num_kv_heads
         qk = qkv[:, : self.q_size + self.kv_size].view(tokens, heads, self.head_dim)
@@ -241,17 +273,13 @@ class FusedDecoder:
             qk = layer.qk_norm(qk)
         cos, sin = rotary
         qk = qk * cos + qk.view(tokens, heads, 2, -1).flip(2).view(tokens, heads, -1) * sin
-        k = qk[:, self.num_heads :].view(size, new, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = qkv[:, self.q_size + self.kv_size :].view(size, new, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        keys, values = cache.buffered[index].update(k, v)
-        attn_mask, start = mask
-        if start:
-            keys, values = keys[:, :, start:], values[:, :, start:]
-        q = qk[:, : self.num_heads].view(size, new, self.num_heads, self.head_dim).transpose(1, 2)
-        query = q.reshape(size, self.num_kv_heads, self.groups * new, self.head_dim)
-        attended = F.scaled_dot_product_attention(query, keys, values, attn_mask=attn_mask, scale=layer.scaling)
-        attended = attended.view(size, self.num_heads, new, self.head_dim).transpose(1, 2).reshape(tokens, -1)
-        h = layer.o_proj(attended)
+        v = qkv[:, self.q_size + self.kv_size :]
+        attended, start = [], 0
+        for (size, new), (cache, mask) in zip(shapes, attention, strict=True):
+            end = start + size * new
+            attended.append(self._attend(layer, qk[start:end], v[start:end], size, cache.buffered[index], mask))
+            start = end
+        h = layer.o_proj(_rows(attended))
         if layer.post_attention_norm is not None:
             h = layer.post_attention_norm(h)
         x = x + h
@@ -260,6 +288,30 @@ class FusedDecoder:
         if layer.post_mlp_norm is not None:
             h = layer.post_mlp_norm(h)
         return x + h
+
+    def _attend(
+        self,
+        layer: _Layer,
+        qk: torch.Tensor,
+        v: torch.Tensor,
+        size: int,
+        cache_layer: BufferedLayer,
+        mask: tuple[torch.Tensor, int],
+    ) -> torch.Tensor:
+        """One group's attention: ``qk`` ``[B*S, Hq + Hkv, D]`` (rotated), ``v`` ``[B*S, Hkv*D]``; the new keys and
+        values are appended to ``cache_layer``. Returns ``[B*S, Hq*D]``."""
+        tokens = qk.shape[0]
+        new = tokens // size
+        k = qk[:, self.num_heads :].view(size, new, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(size, new, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        keys, values = cache_layer.update(k, v)
+        attn_mask, start = mask
+        if start:
+            keys, values = keys[:, :, start:], values[:, :, start:]
+        q = qk[:, : self.num_heads].view(size, new, self.num_heads, self.head_dim).transpose(1, 2)
+        query = q.reshape(size, self.num_kv_heads, self.groups * new, self.head_dim)
+        attended = F.scaled_dot_product_attention(query, keys, values, attn_mask=attn_mask, scale=layer.scaling)
+        return attended.view(size, self.num_heads, new, self.head_dim).transpose(1, 2).reshape(tokens, -1)
 
     def _rotary(self, kind: str, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq, scaling = self.rope[kind]
@@ -300,46 +352,15 @@ class FusedDecoder:
         return torch.cat([prefill, decode])
 
 
+def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``[B, S]`` ids or positions of several groups as one ``[sum B*S]`` vector."""
+    return tensors[0].reshape(-1) if len(tensors) == 1 else torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _rows(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``[N_i, C]`` tensors stacked along the first dimension (no copy for one)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
 def _bias(linear: nn.Linear) -> torch.Tensor | None:
     return None if linear.bias is None else linear.bias.detach()
-
-
-def _rope_tables(rotary: Any) -> dict[str, tuple[torch.Tensor, float]]:
-    """Per layer type: the inverse frequencies (float32) and the attention scaling of the model's rotary module."""
-    tables = {}
-    if hasattr(rotary, "inv_freq"):
-        tables["default"] = (rotary.inv_freq.detach().float(), float(rotary.attention_scaling))
-    for kind in getattr(rotary, "layer_types", ()):
-        inv_freq = getattr(rotary, f"{kind}_inv_freq", None)
-        if inv_freq is not None:
-            tables[kind] = (inv_freq.detach().float(), float(getattr(rotary, f"{kind}_attention_scaling")))
-    return tables
-
-
-def unsupported_reason(model: Any) -> str | None:
-    """Why :class:`FusedDecoder` cannot run ``model`` (None when it can)."""
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        return f"model type {model_type!r} is not one of {sorted(SUPPORTED_MODEL_TYPES)}"
-    weight = next(model.parameters())
-    if weight.device.type != "cpu":
-        return f"the model is on {weight.device.type}, not the CPU"
-    if getattr(config, "attn_logit_softcapping", None) is not None:
-        return "attention logit soft-capping"
-    attention = getattr(config, "_attn_implementation", "sdpa")
-    if attention not in ("sdpa", "eager"):
-        return f"attention implementation {attention!r}"
-    rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
-    if rotary is None:
-        return "no rotary embedding module"
-    kinds = rotary.rope_type if isinstance(rotary.rope_type, dict) else {"default": rotary.rope_type}
-    dynamic = sorted({str(v) for v in kinds.values()} - STATIC_ROPE_TYPES)
-    if dynamic:
-        return f"rotary type {dynamic[0]!r} changes with the sequence length"
-    layer_types = getattr(config, "layer_types", None)
-    if getattr(config, "sliding_window", None) is not None and not layer_types:
-        return "a sliding window without per-layer types"
-    if layer_types and set(layer_types) - {"full_attention", "sliding_attention"}:
-        return f"layer types {sorted(set(layer_types))}"
-    return None
