@@ -18,14 +18,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
 from chatstream.engine.cpu.fast_path import Forward
-
-if TYPE_CHECKING:
-    from chatstream.engine.cpu.fused_decoder import FusedDecoder
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +135,15 @@ class DecodeQuantized:
         return torch.cat([self.quantized(x[:n]), self.unquantized(x[n:])])
 
 
-def quantize_decoder(decoder: FusedDecoder, model: Any, mode: str, group_size: int) -> int:
+class QuantizableDecoder(Protocol):
+    """What :func:`quantize_decoder` changes in a fused decoder: each layer's linear forwards and the LM head's."""
+
+    layers: list[Any]
+    lm_head: Forward
+    decode_rows: DecodeRows
+
+
+def quantize_decoder(decoder: QuantizableDecoder, model: Any, mode: str, group_size: int) -> int:
     """Give the decoder's linear layers (per layer q/k/v, o, gate/up, down; the LM head) quantized weights built from
     ``model``'s for its decoding rows (``decoder.decode_rows``); returns how many layers got them."""
     replaced = 0
