@@ -27,6 +27,7 @@ from chatstream.server.conversations_render import (
 )
 from chatstream.server.errors import ApiError, BadRequest, Forbidden, openai_error_response
 from chatstream.server.http import parse_json_object, read_body
+from chatstream.server.openapi_docs import endpoint_options
 from chatstream.sessions.base import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from chatstream.sessions.errors import ConversationNotFound, CorruptRecord, StoreError
 from chatstream.sessions.lookup import FoundSession, find_session
@@ -57,10 +58,11 @@ CONVERSATION_ROUTES: dict[str, tuple[tuple[str, str], ...]] = {
 
 
 def add_conversation_route(app: FastAPI, ctx: ServerContext, api_name: str) -> None:
-    """Mount the route(s) of ``api_name`` (one of :data:`CONVERSATION_ROUTES`)."""
+    """Mount the route(s) of ``api_name`` (one of :data:`CONVERSATION_ROUTES`), described in /openapi.json."""
     for method, path in CONVERSATION_ROUTES[api_name]:
-        handler = _HANDLERS[(method, path)]
-        app.add_api_route(path, _endpoint(ctx, api_name, handler), methods=[method], name=f"chatstream_{api_name}")
+        endpoint = _endpoint(ctx, api_name, _HANDLERS[(method, path)])
+        options = endpoint_options("conversation_items" if path.endswith("/items") else api_name)
+        app.add_api_route(path, endpoint, methods=[method], name=f"chatstream_{api_name}", **options)
 
 
 def _endpoint(ctx: ServerContext, api_name: str, handler: Handler) -> Callable[[Request], Awaitable[Response]]:

@@ -24,7 +24,7 @@ class ChatStreamRequest(BaseModel):
 
 
 class EmptyRequest(BaseModel):
-    """POST /clear_context: no fields (the body, if any, is ignored)."""
+    """A POST that takes no body (/clear_context, /conversations/{id}/open): no fields (a body, if any, is ignored)."""
 
 
 class GenerationParams(BaseModel):

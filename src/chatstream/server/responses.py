@@ -30,6 +30,7 @@ from chatstream.server.http import read_json_object
 from chatstream.server.openai_chat import ChatSpec, OpenAIJob, chat_job, plan_for
 from chatstream.server.openai_context import OpenAIContext, admitted, authorize, check_model
 from chatstream.server.openai_render import SseResponse
+from chatstream.server.openapi_docs import endpoint_options
 from chatstream.server.responses_render import ResponseBuilder, ResponseEvents
 from chatstream.server.responses_schemas import (
     ResponsesRequest,
@@ -70,7 +71,7 @@ def conversation_store_of(ctx: OpenAIContext) -> StoreProvider:
 
 
 def add_responses_routes(app: FastAPI, ctx: OpenAIContext) -> None:
-    """Mount POST /v1/responses, GET and DELETE /v1/responses/{response_id}."""
+    """Mount POST /v1/responses, GET and DELETE /v1/responses/{response_id}, described in /openapi.json."""
     store = ResponseStore(conversation_store_of(ctx))
 
     def bind(handler: Callable[[OpenAIContext, ResponseStore, Request], Awaitable[Response]]) -> Any:
@@ -85,11 +86,12 @@ def add_responses_routes(app: FastAPI, ctx: OpenAIContext) -> None:
 
         return endpoint
 
-    app.add_api_route("/v1/responses", bind(handle_create), methods=["POST"], name="openai_responses")
-    app.add_api_route("/v1/responses/{response_id}", bind(handle_get), methods=["GET"], name="openai_response")
-    app.add_api_route(
-        "/v1/responses/{response_id}", bind(handle_delete), methods=["DELETE"], name="openai_response_delete"
-    )
+    for path, handler, method, name in (
+        ("/v1/responses", handle_create, "POST", "openai_responses"),
+        ("/v1/responses/{response_id}", handle_get, "GET", "openai_response"),
+        ("/v1/responses/{response_id}", handle_delete, "DELETE", "openai_response_delete"),
+    ):
+        app.add_api_route(path, bind(handler), methods=[method], name=name, **endpoint_options(name))
 
 
 async def handle_get(ctx: OpenAIContext, store: ResponseStore, request: Request) -> Response:
