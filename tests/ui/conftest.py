@@ -127,9 +127,15 @@ def dev_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]
         yield server
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def chromium() -> Iterator[Any]:
-    """Debian's chromium, headless, through Playwright (Playwright's own browser download is not used)."""
+    """Debian's chromium, headless, through Playwright (Playwright's own browser download is not used).
+
+    One per package (tests/ui, and tests/reliability, whose conftest imports it), stopped when the package's tests
+    are done: while Playwright's sync API is started, it marks its event loop as running in the main thread between
+    calls, and every asyncio test after it would fail ("Runner.run() cannot be called from a running event loop").
+    A session-scoped browser leaked that loop from tests/reliability into tests/server and all that follows.
+    """
     if not Path(CHROMIUM).exists() and shutil.which(CHROMIUM) is None:
         pytest.skip(f"chromium not found at {CHROMIUM} (apt-get install chromium, or set CHATSTREAM_CHROMIUM)")
     from playwright.sync_api import sync_playwright
