@@ -77,14 +77,13 @@ async def test_openai_refuses_a_prompt_longer_than_the_context(tiny_model: Any, 
         assert usage["prompt_tokens"] + usage["completion_tokens"] <= CONTEXT_LEN
 
 
-def test_a_given_engine_keeps_its_own_context(tiny_tokenizer: Any) -> None:
-    from types import SimpleNamespace
-
+def test_a_given_engine_keeps_its_own_context(tiny_model: Any, tiny_tokenizer: Any) -> None:
     from chatstream.config import EngineConfig, MockConfig
+    from chatstream.engine.async_engine import TransformersEngine
     from chatstream.engine.mock_engine import MockEngine
 
     remote_like = ChatStream(engine=MockEngine(MockConfig()), tokenizer=tiny_tokenizer)
     assert remote_like.service.context_window is None  # an engine that tells no context keeps its own limits
-    ours = SimpleNamespace(config=EngineConfig(context_len=4096), is_running=False)
-    configured = ChatStream(engine=ours, tokenizer=tiny_tokenizer)  # type: ignore[arg-type]
+    ours = TransformersEngine(tiny_model, tiny_tokenizer, EngineConfig(context_len=4096))  # built, not started
+    configured = ChatStream(engine=ours, tokenizer=tiny_tokenizer)
     assert configured.service.context_window is not None and configured.service.context_window.context_len == 4096

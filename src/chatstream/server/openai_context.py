@@ -33,7 +33,15 @@ class OpenAIContext:
 
 
 def model_object(ctx: OpenAIContext) -> dict[str, Any]:
-    return {"id": ctx.service.model_name, "object": "model", "created": ctx.created, "owned_by": "chatstream"}
+    """The served model as OpenAI's model object, with what the engine knows named as vLLM names it (``root``: the
+    model the engine loaded, ``max_model_len``)."""
+    model = {"id": ctx.service.model_name, "object": "model", "created": ctx.created, "owned_by": "chatstream"}
+    info = ctx.service.engine_info()
+    if info.get("model"):
+        model["root"] = info["model"]
+    if info.get("max_model_len"):
+        model["max_model_len"] = info["max_model_len"]
+    return model
 
 
 def authorize(ctx: OpenAIContext, request: Request) -> None:
