@@ -46,7 +46,7 @@ def front_settings(
     the store and session secret of ``serve`` (with several front replicas the store must be shared: Redis)."""
     sized_by_the_app = {"num_of_concurrent_executions", "max_queue_size"}
     options = {key: value for key, value in chat_stream_options.items() if key not in sized_by_the_app}
-    session: dict[str, Any] = {"secure": bool(args.secure_cookies)}
+    session: dict[str, Any] = {"secure": {"auto": "auto", "always": True, "never": False}[args.secure_cookies]}
     if data.session_secret is not None:
         session["secret_key"] = data.session_secret
     return FrontSettings(

@@ -28,7 +28,8 @@ def test_ray_settings_follow_the_options(tiny_model_dir: Path) -> None:
     assert front.chat_stream_options["temperature"] == 0.0
     assert "num_of_concurrent_executions" not in front.chat_stream_options  # build_app sizes admission
     assert front.chat_stream_options["store"] == "redis://127.0.0.1:6399/0"  # every front reads the same store
-    assert front.middleware_opts == {"session": {"secure": False, "secret_key": "s3cret"}}
+    # --secure-cookies defaults to auto: Secure only on requests that came over HTTPS
+    assert front.middleware_opts == {"session": {"secure": "auto", "secret_key": "s3cret"}}
 
 
 def test_serve_ray_mock_with_two_replicas_answers_both_protocols(ray_cluster: str) -> None:

@@ -76,13 +76,16 @@ def test_both_protocols_stream_the_tiny_model_through_the_proxy(client: httpx.Cl
 def test_the_turns_of_one_conversation_stay_on_one_replica_and_reuse_its_cache(client: httpx.Client) -> None:
     messages = [{"role": "system", "content": "Be brief."}]
     before = turns(client)
-    cached, replicas = [], set()
+    cached, prompts, replicas = [], [], set()
     for i in range(5):
         completion = converse(client, messages, f"Question number {i}?")
         cached.append(completion["usage"]["prompt_tokens_details"]["cached_tokens"])
+        prompts.append(completion["usage"]["prompt_tokens"])
         replicas.add(routing(client, conversation=conversation_key(messages[:2], None))["conversation_replica"])
     assert len(replicas) == 1
-    assert cached[0] == 0 and all(c > 0 for c in cached[1:]), cached
+    # The first turn can only share the opening other chats had on that replica (the prefix cache is shared); from
+    # turn 2 each turn reuses at least the whole previous prompt, which only this replica has seen.
+    assert cached[0] < prompts[0] and all(c >= p for c, p in zip(cached[1:], prompts, strict=False)), (cached, prompts)
     assert turns(client) - before == Counter({replicas.pop(): 5})
 
 
@@ -127,4 +130,6 @@ def test_when_its_replica_dies_the_conversation_continues_on_the_other(client: h
     assert report["conversation_replica"] != owner
     assert report["moves"] >= 1
     assert third["usage"]["prompt_tokens"] > second["usage"]["prompt_tokens"]  # it carries the history
-    assert third["usage"]["prompt_tokens_details"]["cached_tokens"] == 0  # the cache died with the replica
+    # The conversation's KV died with the replica: the other one can share at most an opening seen in other chats,
+    # never the previous turn's prompt
+    assert third["usage"]["prompt_tokens_details"]["cached_tokens"] < second["usage"]["prompt_tokens"]
