@@ -29,6 +29,7 @@ from chatstream.admission.admission import Draining, QueueFull, Slot
 from chatstream.admission.generation import GenerationStream
 from chatstream.config import SamplingOverrides
 from chatstream.engine.base import EngineError, EngineOverloaded, FinishReason, GenerationRequest
+from chatstream.request_builder import UnsupportedSampling
 from chatstream.server.access import ClientRoles, role_checked
 from chatstream.server.errors import BadRequest, PayloadTooLarge
 from chatstream.server.fairness import queue_ticket_id, user_key
@@ -40,7 +41,7 @@ from chatstream.server.http import (
     parse_json_object,
     read_body,
 )
-from chatstream.service import ChatService, UnsupportedSampling
+from chatstream.service import ChatService
 from chatstream.sessions.handler import (
     DISCONNECTED_BEFORE_STREAMING,
     DISCONNECTED_WHILE_STREAMING,
@@ -216,7 +217,7 @@ class NativeChat:
         """The engine request (fitted to the context off the event loop); ChatRequestError for sampling the engine
         cannot do."""
         try:
-            return await self.service.prepare_request(chat_prompt, overrides, conversation_id)
+            return await self.service.requests.prepare_request(chat_prompt, overrides, conversation_id)
         except UnsupportedSampling as exc:
             raise ChatRequestError(str(exc), reason=f"bad request: {exc}") from None
 
@@ -224,7 +225,7 @@ class NativeChat:
         self, chat_prompt: AbstractChatPrompt, overrides: SamplingOverrides | None, conversation_id: str | None
     ) -> GenerationRequest:
         try:
-            return self.service.build_request(chat_prompt, overrides, conversation_id)
+            return self.service.requests.build_request(chat_prompt, overrides, conversation_id)
         except UnsupportedSampling as exc:
             raise ChatRequestError(str(exc), reason=f"bad request: {exc}") from None
 
