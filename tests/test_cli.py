@@ -121,16 +121,6 @@ def test_model_ids() -> None:
     assert model_id_for("/models/my-model/") == "my-model"
 
 
-@pytest.mark.parametrize(
-    ("host", "expected"),
-    [("127.0.0.1", "http://127.0.0.1:4321/"), ("0.0.0.0", "http://127.0.0.1:4321/"), ("::1", "http://[::1]:4321/")],
-)
-def test_the_announced_url_uses_the_bound_port(host: str, expected: str) -> None:
-    sock = SimpleNamespace(getsockname=lambda: (host, 4321))
-    server = SimpleNamespace(config=SimpleNamespace(host=host, port=0), servers=[SimpleNamespace(sockets=[sock])])
-    assert cli._listening_url(server) == expected
-
-
 # ----- convert -----
 
 

@@ -20,7 +20,7 @@ from chatstream.config import (
 )
 from chatstream.engine.base import FinishReason
 from chatstream.engine.mock_engine import LONG_ANSWER, ROUND_ANSWERS, MockEngine, MockRequest
-from chatstream.service import ChatService, PromptFactory, create_engine, run_unless_disconnected
+from chatstream.service import ChatService, PromptFactory, create_engine
 
 
 def mock_service(
@@ -58,11 +58,11 @@ def metric(service: ChatService, name: str) -> float:
 def test_session_sampling_overrides_the_defaults() -> None:
     svc = mock_service(sampling=SamplingParams(temperature=0.7, top_k=40, top_p=0.9))
     overrides = SamplingOverrides.from_seed_params({"temperature": 0.2, "top_k_value": 5})
-    s = svc.sampling_for(overrides)
+    s = svc.requests.sampling_for(overrides)
     assert (s.temperature, s.top_k, s.top_p) == (0.2, 5, 0.9)
-    assert SamplingOverrides.from_seed_params({}) is None and svc.sampling_for(None) == svc.default_sampling
-    assert svc.sampling_for(SamplingOverrides.from_seed_params({"top_p_value": 0.0})).greedy
-    assert svc.sampling_for(SamplingOverrides(top_p=1.5)).top_p == 1.0
+    assert SamplingOverrides.from_seed_params({}) is None and svc.requests.sampling_for(None) == svc.default_sampling
+    assert svc.requests.sampling_for(SamplingOverrides.from_seed_params({"top_p_value": 0.0})).greedy
+    assert svc.requests.sampling_for(SamplingOverrides(top_p=1.5)).top_p == 1.0
 
 
 def test_build_request_carries_stops_replacements_and_what_the_mock_reads() -> None:
@@ -70,11 +70,11 @@ def test_build_request_carries_stops_replacements_and_what_the_mock_reads() -> N
     prompt = svc.new_chat_prompt()
     prompt.add_requester_msg("hello")
     prompt.add_responder_msg(None)
-    request = svc.build_request(prompt, SamplingOverrides(temperature=0.0), conversation_id="c1")
+    request = svc.requests.build_request(prompt, SamplingOverrides(temperature=0.0), conversation_id="c1")
     assert isinstance(request, MockRequest) and (request.user_input, request.turn) == ("hello", 1)
     assert request.prompt == prompt.create_prompt() and request.conversation_id == "c1"
     assert request.sampling.greedy and set(request.sampling.stop) >= set(prompt._get_final_stop_strs())
-    text = svc.build_text_request("cmpl-1", "raw text", SamplingParams(max_new_tokens=3))
+    text = svc.requests.build_text_request("cmpl-1", "raw text", SamplingParams(max_new_tokens=3))
     assert isinstance(text, MockRequest) and text.user_input == "raw text" and text.sampling.max_new_tokens == 3
 
 
@@ -86,13 +86,13 @@ def test_chat_template_prompts_are_encoded_without_extra_special_tokens(tiny_mod
     prompt = cs.service.new_chat_prompt()
     prompt.add_requester_msg("hi")
     prompt.add_responder_msg(None)
-    assert cs.service.build_request(prompt).add_special_tokens is False
+    assert cs.service.requests.build_request(prompt).add_special_tokens is False
     plain = ChatPromptTogetherRedPajamaINCITEChat()
     plain.add_requester_msg("hi")
     plain.add_responder_msg(None)
-    assert cs.service.build_request(plain).add_special_tokens is None
+    assert cs.service.requests.build_request(plain).add_special_tokens is None
     forced = ChatStream(model=tiny_model, tokenizer=tiny_tokenizer, add_special_tokens=True)
-    assert forced.service.build_request(prompt).add_special_tokens is True
+    assert forced.service.requests.build_request(prompt).add_special_tokens is True
 
 
 def test_create_engine_needs_a_model_unless_mocked() -> None:
@@ -149,24 +149,6 @@ async def test_a_cancelled_waiter_leaves_the_line(service: ChatService) -> None:
     assert service.admission.num_running == 0
 
 
-async def test_a_result_that_arrives_as_the_client_leaves_is_handed_back() -> None:
-    handed_back: list[str] = []
-    work: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-
-    async def gone_as_the_work_finishes() -> bool:
-        work.set_result("slot")  # e.g. a slot granted in the very instant the client is found gone
-        return True
-
-    assert await run_unless_disconnected(work, gone_as_the_work_finishes, handed_back.append) is None
-    assert handed_back == ["slot"]
-
-    async def ready() -> str:
-        return "done"
-
-    assert await run_unless_disconnected(ready(), disconnected, handed_back.append) == "done"
-    assert handed_back == ["slot"]
-
-
 async def test_draining_rejects_new_slots(service: ChatService) -> None:
     await service.admission.drain(0.0)
     with pytest.raises(Draining):
@@ -180,10 +162,10 @@ async def test_collect_runs_to_the_end_or_aborts_on_disconnect() -> None:
     svc = mock_service(time_per_token=0.002)
     await svc.startup()
     try:
-        request = svc.build_text_request("cmpl-a", "x", SamplingParams())
+        request = svc.requests.build_text_request("cmpl-a", "x", SamplingParams())
         outcome = await svc.collect(request, connected)
         assert outcome is not None and outcome.text == LONG_ANSWER and outcome.finish_reason is FinishReason.STOP
-        assert await svc.collect(svc.build_text_request("cmpl-b", "x", SamplingParams()), disconnected) is None
+        assert await svc.collect(svc.requests.build_text_request("cmpl-b", "x", SamplingParams()), disconnected) is None
         for _ in range(100):  # the mock drops an aborted request when its task has wound down
             if svc.engine.stats().num_running == 0:
                 break
@@ -214,7 +196,8 @@ async def test_shutdown_waits_for_running_generations_then_stops_the_engine() ->
     await svc.startup()
     slot = await svc.acquire_slot(connected)
     assert slot is not None
-    collecting = asyncio.create_task(svc.collect(svc.build_text_request("cmpl-c", "x", SamplingParams()), connected))
+    request = svc.requests.build_text_request("cmpl-c", "x", SamplingParams())
+    collecting = asyncio.create_task(svc.collect(request, connected))
 
     async def release_when_done() -> None:
         await collecting
@@ -228,35 +211,11 @@ async def test_shutdown_waits_for_running_generations_then_stops_the_engine() ->
     assert not svc.engine.is_running and svc.admission.draining
 
 
-async def test_merge_streams_interleaves_closes_and_raises() -> None:
-    from chatstream.service import merge_streams
-
-    closed: list[int] = []
-
-    async def numbers(index: int, count: int, fail: bool = False) -> AsyncIterator[int]:
-        try:
-            for value in range(count):
-                await asyncio.sleep(0)
-                yield value
-            if fail:
-                raise RuntimeError(f"stream {index} failed")
-        finally:
-            closed.append(index)
-
-    items = [item async for item in merge_streams([numbers(0, 3), numbers(1, 2)])]  # type: ignore[list-item]
-    assert sorted(items) == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)] and sorted(closed) == [0, 1]
-    closed.clear()
-    with pytest.raises(RuntimeError, match="stream 1 failed"):
-        async for _ in merge_streams([numbers(0, 1000), numbers(1, 1, fail=True)]):  # type: ignore[list-item]
-            pass
-    assert sorted(closed) == [0, 1]  # the other stream was closed too (its request aborted)
-
-
 async def test_n_copies_run_together_and_a_disconnect_aborts_them_all() -> None:
     svc = mock_service(time_per_token=0.001)
     await svc.startup()
     try:
-        requests = [svc.build_text_request(f"cmpl-{i}", "x", SamplingParams()) for i in range(3)]
+        requests = [svc.requests.build_text_request(f"cmpl-{i}", "x", SamplingParams()) for i in range(3)]
         outcomes = await svc.collect_all(requests, connected)
         assert outcomes is not None and [o.text for o in outcomes] == [LONG_ANSWER] * 3
         assert await svc.collect_all(requests, disconnected) is None

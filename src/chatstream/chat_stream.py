@@ -3,14 +3,14 @@
 The constructor takes the original package's arguments and translates them, once, into typed configs
 (``SamplingParams``, ``AdmissionConfig``, ``EngineConfig``, ``ServiceConfig``); it then builds the
 :class:`~chatstream.service.ChatService` and the :class:`~chatstream.server.context.ServerContext`. Every other
-method is a few lines that delegate to one of them.
+method is a few lines that delegate to one of them. Which engine runs (a name, a spec, instances, devices, the seed's
+mock) is resolved in engine_choice.py.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
@@ -20,7 +20,17 @@ from chatstream.admission.admission import AdmissionController
 from chatstream.admission.metrics import ChatStreamMetrics
 from chatstream.config import AdmissionConfig, EngineConfig, MockConfig, SamplingParams, ServiceConfig
 from chatstream.engine.base import Engine
-from chatstream.engine.factory import EngineKind, EngineSpec, create_engine, engine_kind
+from chatstream.engine.factory import EngineKind, EngineSpec
+from chatstream.engine_choice import (
+    build_engine,
+    default_model_name,
+    engine_spec,
+    num_engines,
+    num_gpus_in_use,
+    prompt_context_len,
+    resolve_device,
+    tokenizer_for,
+)
 from chatstream.i18n import normalize_locale
 from chatstream.server import apis, middlewares, ops, webui
 from chatstream.server.access import ClientRoles
@@ -162,12 +172,12 @@ class ChatStream:
         self.name = name
         self.logger = logger or logging.getLogger("chatstream")
         _warn_if_sampler_hooks(self.logger, token_sampler, probe_mode_enabled)
-        spec = _engine_spec(engine, engine_options, model, use_mock_response, mock_params)
+        spec = engine_spec(engine, engine_options, model, use_mock_response, mock_params)
         use_mock_response = use_mock_response or (spec is not None and spec.kind is EngineKind.MOCK)
-        tokenizer = tokenizer if tokenizer is not None or spec is None else _tokenizer_for(spec)
+        tokenizer = tokenizer if tokenizer is not None or spec is None else tokenizer_for(spec)
         self.model, self.tokenizer, self.use_mock_response = model, tokenizer, use_mock_response
         self.engine_spec = spec
-        self.device = _resolve_device(device if not devices else devices[0])
+        self.device = resolve_device(device if not devices else devices[0])
         self.num_gpus = 0 if use_mock_response or (self.device is not None and self.device.type != "cuda") else num_gpus
         if devices:
             self.num_gpus = len({str(d) for d in devices if str(d).startswith("cuda")})
@@ -184,7 +194,7 @@ class ChatStream:
             ignore_eos=ignore_eos,
         )
         self.admission_config = AdmissionConfig(
-            num_of_concurrent_executions * _num_engines(engine, devices),
+            num_of_concurrent_executions * num_engines(engine, devices),
             max_queue_size,
             reject_as_http_error=too_many_request_as_http_error,
             fair=fair_queue,
@@ -203,7 +213,8 @@ class ChatStream:
         if tool_call_format is not None:
             get_format(tool_call_format)  # ValueError listing the known formats
         self.tool_call_format = tool_call_format
-        self.service = self._create_service(locale, model_name, self._create_engine(engine, devices))
+        built = build_engine(engine, devices, spec, model, tokenizer, self.engine_config, use_mock_response)
+        self.service = self._create_service(locale, model_name, built)
         self.conversations = ConversationKeeper(
             store,
             self.service.prompts,
@@ -219,50 +230,22 @@ class ChatStream:
         )
         self._console_prompt: AbstractChatPrompt | None = None
 
-    def _create_engine(
-        self, engine: Engine | Sequence[Engine] | EngineSpec | str | None, devices: Sequence[str | torch.device] | None
-    ) -> Engine:
-        if devices:
-            if engine is not None or self.use_mock_response or self.model is None or self.tokenizer is None:
-                raise ValueError("devices needs model and tokenizer, and neither engine nor use_mock_response")
-            from chatstream.pool.devices import device_pool
-
-            return device_pool(self.model, self.tokenizer, self.engine_config, devices)
-        if isinstance(engine, Engine):
-            return engine
-        if isinstance(engine, Sequence) and not isinstance(engine, str):
-            from chatstream.pool.devices import engine_pool
-
-            return engine_pool(engine, self.engine_config.max_batch_size)
-        assert self.engine_spec is not None
-        return create_engine(self.engine_spec, self.model, self.tokenizer, self.engine_config)
-
     def _create_service(self, locale: str | None, model_name: str | None, engine: Engine) -> ChatService:
         spec = self.engine_spec
         config = ServiceConfig(
             name=self.name,
-            model_name=model_name or _model_name(self.model, self.use_mock_response, spec),
+            model_name=model_name or default_model_name(self.model, self.use_mock_response, spec),
             locale=normalize_locale(locale),
             admission=self.admission_config,
             sampling=self.default_sampling,
             add_special_tokens=self.engine_config.add_special_tokens,
-            num_gpus=_num_gpus(spec, self.num_gpus),
+            num_gpus=num_gpus_in_use(spec, self.num_gpus),
             device=self.device,
-            context_len=self._prompt_context_len(engine),
+            context_len=prompt_context_len(engine, spec, self.engine_config, self.use_mock_response),
             model_type=getattr(getattr(self.model, "config", None), "model_type", None),
             tool_call_format=self.tool_call_format,
         )
         return ChatService(config, engine, PromptFactory(self.chat_prompt_clazz, self.tokenizer), self.logger)
-
-    def _prompt_context_len(self, engine: Engine | None) -> int | None:
-        """The context prompts are fitted into: our engine built here, or a given engine's own configured context
-        (an engine that tells none, e.g. a remote server, keeps its own limits)."""
-        if self.use_mock_response:
-            return None
-        if self.engine_spec is not None:  # built here: ours knows its context; vLLM and an upstream keep their own
-            return self.engine_config.context_len if self.engine_spec.kind is EngineKind.TRANSFORMERS else None
-        context_len = getattr(getattr(engine, "config", None), "context_len", None)
-        return context_len if isinstance(context_len, int) else None
 
     # ----- what the service holds -----
 
@@ -387,81 +370,9 @@ class ChatStream:
         return await webui.js(self.server_context, request, response)
 
 
-def _num_engines(engine: object, devices: Sequence[Any] | None) -> int:
-    """How many engines generate: one per device, one per engine of a list, else one."""
-    if devices:
-        return len(devices)
-    return len(engine) if isinstance(engine, Sequence) and not isinstance(engine, str) else 1
-
-
 def _warn_if_sampler_hooks(logger: logging.Logger, token_sampler: Any, probe_mode_enabled: bool) -> None:
     if token_sampler is not None or probe_mode_enabled:
         logger.warning(
             "token_sampler and probe_mode_enabled are accepted for compatibility and ignored: sampling is batched "
             "in the engine (see SamplingParams)"
         )
-
-
-def _resolve_device(device: Any) -> torch.device | None:
-    if device is None:
-        return None
-    from chatstream.models.devices import parse_device  # imports torch: only when a device is given
-
-    return parse_device(device)
-
-
-def _engine_spec(
-    engine: Engine | Sequence[Engine] | EngineSpec | str | None,
-    options: VLLMConfig | UpstreamConfig | MockConfig | None,
-    model: Any,
-    use_mock_response: bool,
-    mock_params: Mapping[Any, Any] | None,
-) -> EngineSpec | None:
-    """The engine to build (None: engine instances were given); the seed's ``use_mock_response`` is "mock"."""
-    if isinstance(engine, Engine) or (isinstance(engine, Sequence) and not isinstance(engine, str)):
-        return None
-    if isinstance(engine, EngineSpec):
-        return engine
-    if engine is None:
-        kind = EngineKind.MOCK if use_mock_response else EngineKind.TRANSFORMERS
-    else:
-        kind = engine_kind(engine)
-    if kind is EngineKind.MOCK and options is None:
-        options = MockConfig.from_seed_params(dict(mock_params or {}))
-    return EngineSpec(kind, options, model if isinstance(model, str) else None)
-
-
-def _tokenizer_for(spec: EngineSpec) -> Any:
-    """vLLM's model has its tokenizer: load it for the prompt classes when none was given."""
-    from chatstream.engine.vllm_engine import VLLMConfig
-
-    if spec.kind is not EngineKind.VLLM:
-        return None
-    from transformers import AutoTokenizer
-
-    options = spec.options if isinstance(spec.options, VLLMConfig) else None
-    source = (options.tokenizer if options is not None else None) or spec.model
-    trust = options.trust_remote_code if options is not None else False
-    return AutoTokenizer.from_pretrained(source, trust_remote_code=trust)
-
-
-def _num_gpus(spec: EngineSpec | None, num_gpus: int | None) -> int | None:
-    """GPUs this process uses (for /get_resource_usage): vLLM's tensor parallel size; none for an upstream."""
-    from chatstream.engine.vllm_engine import VLLMConfig
-
-    if spec is not None and spec.kind is EngineKind.VLLM:
-        return spec.options.tensor_parallel_size if isinstance(spec.options, VLLMConfig) else 1
-    if spec is not None and spec.kind is EngineKind.UPSTREAM:
-        return 0
-    return num_gpus
-
-
-def _model_name(model: Any, mock: bool, spec: EngineSpec | None = None) -> str:
-    if mock:
-        return "chatstream-mock"
-    if spec is not None and spec.kind is EngineKind.UPSTREAM:
-        return getattr(spec.options, "model", None) or "chatstream-upstream"
-    if isinstance(model, str):  # vLLM's model folder or id
-        return Path(model).name or model
-    config = getattr(model, "config", None)
-    return str(getattr(config, "name_or_path", "") or getattr(config, "model_type", "") or "chatstream-model")

@@ -11,9 +11,7 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import sys
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -39,13 +37,12 @@ from chatstream.cli_options import (
     add_server_options,
     check_scale_options,
 )
+from chatstream.cli_server import run_uvicorn
 
 if TYPE_CHECKING:
     from chatstream.chat_stream import ChatStream
     from chatstream.cli_data import ServeData
     from chatstream.ray import EngineSpec, FrontSettings, ReplicaSettings
-
-logger = logging.getLogger(__name__)
 
 _EXIT_WORDS = frozenset({"/exit", "/quit", "/bye"})
 _CONSOLE_DRAIN_SEC = 1.0
@@ -123,7 +120,7 @@ def run_serve(args: argparse.Namespace) -> int:
         # uvicorn waits for open streams before the lifespan shutdown runs; bound that wait by the drain timeout
         timeout_graceful_shutdown=max(1, int(server.drain_timeout_sec)),
     )
-    _run_uvicorn(config)
+    run_uvicorn(config)
     return 0
 
 
@@ -328,7 +325,7 @@ def api_keys_from(args: argparse.Namespace, environ: dict[str, str] | None = Non
     return tuple(dict.fromkeys(key.strip() for key in keys if key.strip()))
 
 
-# ----- console and server helpers -----
+# ----- console and logging helpers -----
 
 
 class _Console:
@@ -353,51 +350,6 @@ class _Console:
 
     def say(self, text: str) -> None:
         self.write(text + "\n")
-
-
-def _run_uvicorn(config: Any) -> None:
-    """Run uvicorn until interrupted, printing the URL on stdout once it listens (the real port with --port 0)."""
-    import uvicorn
-
-    class AnnouncingServer(uvicorn.Server):
-        async def startup(self, sockets: Any = None) -> None:
-            await super().startup(sockets=sockets)
-            if self.started:
-                print(f"ChatStream is ready: {_listening_url(self)}", flush=True)
-
-    _exit_quietly_on_sigterm()
-    try:
-        AnnouncingServer(config).run()
-    except (KeyboardInterrupt, _Terminated):
-        # uvicorn has already shut down gracefully (streams drained); it re-raises the signal for the caller to see
-        logger.info("Stopped")
-
-
-class _Terminated(Exception):
-    """SIGTERM arrived (uvicorn raises the signal again once it has shut down)."""
-
-
-def _exit_quietly_on_sigterm() -> None:
-    """Make the SIGTERM that uvicorn re-raises after a graceful shutdown end the command with status 0 (a service
-    manager's normal stop), instead of killing the process with the signal's default action."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-
-    def terminated(signum: int, frame: Any) -> None:
-        raise _Terminated()
-
-    signal.signal(signal.SIGTERM, terminated)
-
-
-def _listening_url(server: Any) -> str:
-    host, port = server.config.host, server.config.port
-    for listener in getattr(server, "servers", []):
-        for sock in listener.sockets:
-            port = sock.getsockname()[1]
-            break
-    if host in ("0.0.0.0", "::", ""):
-        host = "127.0.0.1"
-    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
 
 
 def _configure_logging(level: str) -> None:

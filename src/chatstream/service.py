@@ -2,73 +2,43 @@
 
 It holds the engine (one now; a pool behind the same methods later), admission control and its metrics, the default
 sampling, the prompt factory and the locale, and offers what a chat turn needs, in order: ``new_chat_prompt``,
-``build_request``, ``acquire_slot`` (the one admission wait, polling for a disconnect), ``generate`` or ``collect``,
-and the lifecycle (``startup``, ``shutdown`` with a drain). server/ and sessions/ depend on it; it depends on neither.
+``requests.build_request`` (its :class:`~chatstream.request_builder.RequestBuilder`), ``acquire_slot`` (the one
+admission wait, polling for a disconnect), ``generate`` or ``collect``, and the lifecycle (``startup``, ``shutdown``
+with a drain). server/ and sessions/ depend on it; it depends on neither.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
-import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from chatstream.admission.admission import DEFAULT_USER, AdmissionController, QueueFull, Slot, Ticket
 from chatstream.admission.generation import GenerationOutcome, GenerationStream, run_generation
 from chatstream.admission.metrics import ChatStreamMetrics
-from chatstream.config import EngineConfig, MockConfig, SamplingOverrides, SamplingParams, ServiceConfig
-from chatstream.engine.base import (
-    Delta,
-    Engine,
-    GenerationRequest,
-    GrammarEngine,
-    SamplingChecker,
-    engine_workers,
-    wants_chat_context,
-)
+from chatstream.admission.tasks import IsDisconnected, merge_streams, run_unless_disconnected
+from chatstream.config import EngineConfig, MockConfig, SamplingParams, ServiceConfig
+from chatstream.engine.base import Delta, Engine, GenerationRequest, GrammarEngine, engine_workers
 from chatstream.engine.factory import EngineKind, EngineSpec
 from chatstream.engine.factory import create_engine as build_engine
 from chatstream.engine.grammar import GrammarSpec
-from chatstream.engine.mock_engine import MockRequest
 from chatstream.i18n import message
-from chatstream.prompts.openai_messages import role_messages
-from chatstream.prompts.window import ContextWindow
+from chatstream.request_builder import RequestBuilder
 
 if TYPE_CHECKING:
     from chatstream.prompts.base import AbstractChatPrompt
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
 STARTUP_LOG_INTERVAL_SEC = 15.0
 """While the engine loads, a log line says so this often."""
 
-DISCONNECT_POLL_SEC = 0.25
-"""How often a request that waits (for a slot, or for a whole answer) checks whether its client is still there."""
-
-IsDisconnected = Callable[[], Awaitable[bool]]
-"""Answers whether the client has gone (Starlette's ``request.is_disconnected``)."""
-
 ConsoleItem = tuple[str, str, str]
 """One console update: (answer so far, new text, "begin" | "mid" | "end")."""
-
-
-class UnsupportedSampling(ValueError):
-    """The engine cannot sample as asked (e.g. vLLM and the subtractive repetition penalty); the protocols answer 400.
-
-    Attributes:
-        field: the sampling parameter at fault (``top_k``, ``repetition_penalty_method`` ...).
-    """
-
-    def __init__(self, message: str, field: str | None) -> None:
-        super().__init__(message)
-        self.field = field
 
 
 @dataclass(frozen=True)
@@ -127,10 +97,8 @@ class ChatService:
         self.logger = logger or logging.getLogger(__name__)
         self._admission: AdmissionController | None = None
         self._metrics: ChatStreamMetrics | None = None
-        self.context_window: ContextWindow | None = None
-        """Set when prompts are fitted into the model's context (``config.context_len`` and a tokenizer)."""
-        if config.context_len is not None and prompts.tokenizer is not None:
-            self.context_window = ContextWindow(config.context_len, prompts.tokenizer, config.add_special_tokens)
+        self.requests = RequestBuilder(config, engine, prompts.tokenizer, self.logger)
+        """Builds the engine requests: sampling, stops, the prompt fitted into the context, what the engine can do."""
         self._starting: asyncio.Future[None] | None = None
 
     @property
@@ -178,111 +146,11 @@ class ChatService:
         info.update(num_running=stats.num_running, num_waiting=stats.num_waiting)
         return info
 
-    # ----- building the request -----
+    # ----- what a request starts from (its engine request: ``self.requests``) -----
 
     def new_chat_prompt(self) -> AbstractChatPrompt:
         """A new history of the configured prompt class, tokenizer attached, initial prompt built."""
         return self.prompts.new_chat_prompt()
-
-    def sampling_for(self, overrides: SamplingOverrides | None) -> SamplingParams:
-        """The default sampling with a conversation's own values over it."""
-        return overrides.apply(self.default_sampling) if overrides is not None else self.default_sampling
-
-    def build_request(
-        self,
-        chat_prompt: AbstractChatPrompt,
-        overrides: SamplingOverrides | None = None,
-        conversation_id: str | None = None,
-    ) -> GenerationRequest:
-        """The engine request for the pending answer of ``chat_prompt`` (prompt text, stops, replacements).
-
-        When the conversation no longer fits the context, its oldest whole turns are left out of the prompt (the
-        system text and the latest turn stay; see ``prompts/window.py``); the history itself is not changed.
-        """
-        stops = tuple(chat_prompt._get_final_stop_strs() or ()) if chat_prompt.is_chat_mode_enabled() else ()
-        sampling = self.sampling_for(overrides).with_updates(stop=stops)
-        add_special_tokens = self._add_special_tokens_for(chat_prompt)
-        request = GenerationRequest(
-            request_id=f"chat-{uuid.uuid4().hex}",
-            prompt=self._prompt_within_context(chat_prompt, sampling.max_new_tokens, add_special_tokens),
-            sampling=sampling,
-            output_replacements=tuple(chat_prompt.get_replacement_when_output() or ()),
-            conversation_id=conversation_id,
-            add_special_tokens=add_special_tokens,
-            messages=role_messages(chat_prompt),
-        )
-        return self._for_engine(request, chat_prompt.get_requester_last_msg(), chat_prompt.get_turn())
-
-    async def prepare_request(
-        self,
-        chat_prompt: AbstractChatPrompt,
-        overrides: SamplingOverrides | None = None,
-        conversation_id: str | None = None,
-    ) -> GenerationRequest:
-        """:meth:`build_request` off the event loop when it may tokenize (a long history measured against the
-        context)."""
-        if self.context_window is not None:
-            return await asyncio.to_thread(self.build_request, chat_prompt, overrides, conversation_id)
-        return self.build_request(chat_prompt, overrides, conversation_id)
-
-    def build_text_request(self, request_id: str, prompt: str, sampling: SamplingParams) -> GenerationRequest:
-        """The engine request for a raw prompt (no chat formatting, no conversation; an engine that takes messages
-        only gets it as one user message)."""
-        request = GenerationRequest(
-            request_id=request_id, prompt=prompt, sampling=sampling, messages=(("user", prompt),)
-        )
-        return self._for_engine(request, prompt)
-
-    def check_sampling(self, sampling: SamplingParams) -> None:
-        """Raise :class:`UnsupportedSampling` when the engine cannot sample as asked (a 400 naming the field)."""
-        if not isinstance(self.engine, SamplingChecker):
-            return
-        try:
-            self.engine.check_sampling(sampling)
-        except ValueError as exc:
-            name = str(exc).split("=", 1)[0]
-            raise UnsupportedSampling(str(exc), name if name.isidentifier() else None) from None
-
-    async def check_context(self, request: GenerationRequest, max_tokens_given: bool) -> GenerationRequest:
-        """``request`` if its prompt and ``max_new_tokens`` fit the context. When they do not: raise
-        ContextLengthExceeded if the client asked for that many new tokens (or the prompt alone fills the
-        context), else lower ``max_new_tokens`` to what fits (as vLLM does)."""
-        window, max_new = self.context_window, request.sampling.max_new_tokens
-        if window is None or not window.needs_counting(request.prompt, max_new):
-            return request
-        fitted = await asyncio.to_thread(
-            window.max_new_tokens_for, request.prompt, max_new, max_tokens_given, request.add_special_tokens
-        )
-        if fitted == max_new:
-            return request
-        return dataclasses.replace(request, sampling=request.sampling.with_updates(max_new_tokens=fitted))
-
-    def _prompt_within_context(
-        self, chat_prompt: AbstractChatPrompt, max_new_tokens: int, add_special_tokens: bool | None
-    ) -> str:
-        if self.context_window is None:
-            return chat_prompt.create_prompt()
-        text, dropped = self.context_window.chat_prompt_text(chat_prompt, max_new_tokens, add_special_tokens)
-        if dropped:
-            self.logger.info("conversation longer than the context: %d oldest turns left out of the prompt", dropped)
-        return text
-
-    def build_rendered_request(
-        self, prompt: str, *, user_input: str | None, conversation_id: str | None = None
-    ) -> GenerationRequest:
-        """The engine request for a prompt already rendered by the chat template (tools, tool results): default
-        sampling, no stop strings of a prompt class, encoded without adding special tokens unless configured."""
-        special = self.config.add_special_tokens if self.config.add_special_tokens is not None else False
-        request = GenerationRequest(
-            request_id=f"chat-{uuid.uuid4().hex}",
-            prompt=prompt,
-            sampling=self.default_sampling,
-            conversation_id=conversation_id,
-            add_special_tokens=special,
-        )
-        return self._for_engine(request, user_input)
-
-    # ----- constrained output -----
 
     async def validate_grammar(self, spec: GrammarSpec) -> None:
         """Compile ``spec`` in a worker thread (cached by the engine), or raise ValueError naming ``spec.field``:
@@ -290,22 +158,6 @@ class ChatService:
         if not isinstance(self.engine, GrammarEngine):
             raise ValueError(f"{spec.field}: the {type(self.engine).__name__} cannot constrain its output")
         await asyncio.to_thread(self.engine.validate_grammar, spec)
-
-    def _add_special_tokens_for(self, chat_prompt: AbstractChatPrompt) -> bool | None:
-        # The configured add_special_tokens wins; otherwise a prompt class whose text already holds the special
-        # tokens (a chat template starts with BOS) says not to add them again.
-        if self.config.add_special_tokens is not None:
-            return self.config.add_special_tokens
-        return None if getattr(chat_prompt, "encode_add_special_tokens", True) else False
-
-    def _for_engine(self, request: GenerationRequest, user_input: str | None, turn: int = 0) -> GenerationRequest:
-        self.check_sampling(request.sampling)
-        # The mock answers from the user's input and the turn number, which only its own request type carries; the
-        # engine says whether it wants them (a pool or a Ray client forwards what its members say).
-        if not wants_chat_context(self.engine):
-            return request
-        fields = {f.name: getattr(request, f.name) for f in dataclasses.fields(request)}
-        return MockRequest(**fields, user_input=user_input, turn=turn)
 
     # ----- admission and generation -----
 
@@ -427,7 +279,7 @@ class ChatService:
         """One console turn on ``chat_prompt`` (no admission control): "begin", "mid" ... items, then "end"."""
         chat_prompt.add_requester_msg(user_input)
         chat_prompt.add_responder_msg(None)
-        request = self.build_request(chat_prompt, conversation_id=conversation_id)
+        request = self.requests.build_request(chat_prompt, conversation_id=conversation_id)
         outcome = GenerationOutcome()
         shown = ""
         try:
@@ -459,7 +311,8 @@ class ChatService:
 
     async def _start_engine(self) -> None:
         name = type(self.engine).__name__
-        self.check_sampling(self.default_sampling)  # a default the engine cannot honour would fail every request
+        # a default the engine cannot honour would fail every request
+        self.requests.check_sampling(self.default_sampling)
         if getattr(self.engine, "blocking_start", False):
             await self._start_in_thread(name)
         else:
@@ -486,59 +339,3 @@ class ChatService:
             self.logger.warning("drain timed out after %.1f s; aborting running generations", drain_timeout)
         await asyncio.to_thread(self.engine.stop)
         self.logger.info(message("drain_finished", self.locale))
-
-
-async def merge_streams(streams: Sequence[AsyncGenerator[T, None]]) -> AsyncGenerator[tuple[int, T], None]:
-    """The items of several async generators as they come, each with its generator's index. Every generator is
-    closed (its request aborted) when the merge ends or is closed; the first exception of one is raised."""
-    queue: asyncio.Queue[tuple[int, T] | asyncio.Task[None]] = asyncio.Queue()
-
-    async def pump(index: int, stream: AsyncGenerator[T, None]) -> None:
-        async with aclosing(stream):
-            async for item in stream:
-                queue.put_nowait((index, item))
-
-    tasks = [asyncio.ensure_future(pump(i, stream)) for i, stream in enumerate(streams)]
-    for task in tasks:
-        task.add_done_callback(queue.put_nowait)
-    try:
-        for _ in tasks:
-            while not isinstance(entry := await queue.get(), asyncio.Task):
-                yield entry
-            error = None if entry.cancelled() else entry.exception()
-            if error is not None:
-                raise error
-    finally:
-        for task in tasks:
-            await _cancel_quietly(task)
-
-
-async def run_unless_disconnected(
-    work: Awaitable[T], is_disconnected: IsDisconnected, on_abandoned: Callable[[T], object] | None = None
-) -> T | None:
-    """``work``'s result, or None once the client has gone (then ``work`` is cancelled, and a result it produced in
-    that same instant is handed to ``on_abandoned``). Checks every ``DISCONNECT_POLL_SEC``; exceptions propagate."""
-    task = asyncio.ensure_future(work)
-    finished = False
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_SEC)
-            if done:
-                finished = True
-                return task.result()
-            if await is_disconnected():
-                return None
-    finally:
-        if not finished:  # the client left, or our caller was cancelled
-            await _cancel_quietly(task)
-            if on_abandoned is not None and task.done() and not task.cancelled() and task.exception() is None:
-                on_abandoned(task.result())
-
-
-async def _cancel_quietly(future: asyncio.Future[Any]) -> None:
-    """Cancel ``future`` and wait for it, swallowing what it raises."""
-    future.cancel()
-    try:
-        await future
-    except (asyncio.CancelledError, Exception):
-        pass

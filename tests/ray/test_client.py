@@ -187,7 +187,7 @@ def test_the_front_builds_mock_requests_when_the_replicas_run_the_mock() -> None
         chat_prompt = chat_stream.service.new_chat_prompt()
         chat_prompt.add_requester_msg("echo me")
         chat_prompt.add_responder_msg(None)
-        request = chat_stream.service.build_request(chat_prompt)
+        request = chat_stream.service.requests.build_request(chat_prompt)
         assert type(request) is expected
         if isinstance(request, MockRequest):
             assert request.user_input == "echo me" and request.turn == 1

@@ -83,7 +83,8 @@ def test_a_given_engine_keeps_its_own_context(tiny_model: Any, tiny_tokenizer: A
     from chatstream.engine.mock_engine import MockEngine
 
     remote_like = ChatStream(engine=MockEngine(MockConfig()), tokenizer=tiny_tokenizer)
-    assert remote_like.service.context_window is None  # an engine that tells no context keeps its own limits
+    assert remote_like.service.requests.context_window is None  # an engine that tells no context keeps its own limits
     ours = TransformersEngine(tiny_model, tiny_tokenizer, EngineConfig(context_len=4096))  # built, not started
     configured = ChatStream(engine=ours, tokenizer=tiny_tokenizer)
-    assert configured.service.context_window is not None and configured.service.context_window.context_len == 4096
+    window = configured.service.requests.context_window
+    assert window is not None and window.context_len == 4096

@@ -11,7 +11,7 @@ from tests.server.support import Recorder, asgi_client, mock_chat_stream
 
 from chatstream import AbstractRequestHandler, ChatPromptTogetherRedPajamaINCITEChat
 from chatstream.prompts.base import AbstractChatPrompt
-from chatstream.server.native import ChatTurnInput, parse_chat_body
+from chatstream.server.native_turn import ChatTurnInput, parse_chat_body
 from chatstream.sessions.handler import ChatRequestError, StreamingFinishedCallback
 
 EOS = "<::EOS::>"

@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from chatstream.server.errors import PayloadTooLarge, native_error_response, openai_error_response
 from chatstream.server.http import BODY_LIMIT_STATE, declared_length
-from chatstream.server.native import payload_too_large
+from chatstream.server.native_wire import payload_too_large
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse
 from chatstream.admission.admission import Draining, QueueFull
 from chatstream.engine.base import EngineError, EngineOverloaded
 from chatstream.prompts.window import ContextLengthExceeded
-from chatstream.service import UnsupportedSampling
+from chatstream.request_builder import UnsupportedSampling
 from chatstream.sessions import errors as store_errors
 
 ROLE_DENIED_BODY: dict[str, Any] = {"success": False, "message": "Forbidden", "detail": "Denied on role layer."}

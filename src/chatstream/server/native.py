@@ -7,7 +7,8 @@ answer stored in the history.
 
 The body is ``text/plain``, chunked; every chunk is the *cumulative* answer so far followed by ``<::EOS::>``. The
 message id of the answer travels in the header ``X-ChatStream-Last-Generated-Message-Id``. Errors are small JSON
-bodies in the seed's shapes.
+bodies in the seed's shapes. The wire format is in native_wire.py, the turn's body and its change to the history in
+native_turn.py.
 """
 
 from __future__ import annotations
@@ -16,31 +17,41 @@ import asyncio
 import inspect
 import logging
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.responses import Response
 
 from chatstream.admission.admission import Draining, QueueFull, Slot
 from chatstream.admission.generation import GenerationStream
 from chatstream.config import SamplingOverrides
 from chatstream.engine.base import EngineError, EngineOverloaded, FinishReason, GenerationRequest
+from chatstream.request_builder import UnsupportedSampling
 from chatstream.server.access import ClientRoles, role_checked
-from chatstream.server.errors import BadRequest, PayloadTooLarge
+from chatstream.server.errors import PayloadTooLarge
 from chatstream.server.fairness import queue_ticket_id, user_key
 from chatstream.server.http import (
     DEFAULT_MAX_BODY_BYTES,
     DEV_TOOL_HEADER,
     MESSAGE_ID_HEADER,
     check_body_size,
-    parse_json_object,
     read_body,
 )
-from chatstream.service import ChatService, UnsupportedSampling
+from chatstream.server.native_turn import add_turn, bad_body, parse_chat_body
+from chatstream.server.native_wire import (
+    NativeStreamingResponse,
+    chat_error_response,
+    engine_error_response,
+    internal_error,
+    native_chunk,
+    payload_too_large,
+    service_unavailable,
+    stream_fixed_text,
+    too_many_requests,
+)
+from chatstream.service import ChatService
 from chatstream.sessions.handler import (
     DISCONNECTED_BEFORE_STREAMING,
     DISCONNECTED_WHILE_STREAMING,
@@ -58,18 +69,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-FINISH_TOKEN = "<::EOS::>"
-
 UserCallback = Callable[[Request, str], Any]
 """``callback(request, message)`` of ``handle_chat_stream_request``, sync or async."""
-
-
-@dataclass(frozen=True)
-class ChatTurnInput:
-    """A parsed /chat_stream body."""
-
-    user_input: str | None
-    regenerate: bool
 
 
 class NativeChat:
@@ -178,7 +179,7 @@ class NativeChat:
         try:
             return await read_body(request, self.max_body_bytes)
         except PayloadTooLarge as exc:
-            raise _bad_body(exc.message) from None
+            raise bad_body(exc.message) from None
 
     async def _open(
         self,
@@ -216,7 +217,7 @@ class NativeChat:
         """The engine request (fitted to the context off the event loop); ChatRequestError for sampling the engine
         cannot do."""
         try:
-            return await self.service.prepare_request(chat_prompt, overrides, conversation_id)
+            return await self.service.requests.prepare_request(chat_prompt, overrides, conversation_id)
         except UnsupportedSampling as exc:
             raise ChatRequestError(str(exc), reason=f"bad request: {exc}") from None
 
@@ -224,7 +225,7 @@ class NativeChat:
         self, chat_prompt: AbstractChatPrompt, overrides: SamplingOverrides | None, conversation_id: str | None
     ) -> GenerationRequest:
         try:
-            return self.service.build_request(chat_prompt, overrides, conversation_id)
+            return self.service.requests.build_request(chat_prompt, overrides, conversation_id)
         except UnsupportedSampling as exc:
             raise ChatRequestError(str(exc), reason=f"bad request: {exc}") from None
 
@@ -335,53 +336,6 @@ class _KeptAnswer:
                 raise
 
 
-def parse_chat_body(raw: bytes | str) -> ChatTurnInput:
-    """Validate ``{"user_input": str, "regenerate": bool}``; regenerate needs no user_input. Raises ChatRequestError
-    naming the field."""
-    try:
-        data = parse_json_object(raw, example='{"user_input": "..."}')
-    except BadRequest as exc:
-        raise _bad_body(exc.message) from None
-    regenerate = data.get("regenerate", False)
-    if regenerate is not True and regenerate not in (False, None):
-        raise _bad_body("'regenerate' must be a boolean")
-    user_input = data.get("user_input")
-    if regenerate is True:
-        if user_input is not None and not isinstance(user_input, str):
-            raise _bad_body("'user_input' must be a string or null")
-        return ChatTurnInput(user_input=user_input, regenerate=True)
-    if "user_input" not in data:
-        raise _bad_body("'user_input' is missing")
-    if not isinstance(user_input, str):
-        raise _bad_body("'user_input' must be a string")
-    return ChatTurnInput(user_input=user_input, regenerate=False)
-
-
-def add_turn(chat_prompt: AbstractChatPrompt, turn: ChatTurnInput) -> Callable[[], None]:
-    """Append the user's message and an empty answer slot, or (regenerate) empty the last answer; returns what undoes
-    it (for a turn that could not start)."""
-    if not turn.regenerate:
-        chat_prompt.add_requester_msg(turn.user_input)
-        chat_prompt.add_responder_msg(None)
-
-        def remove() -> None:
-            chat_prompt.remove_last_responder_msg()
-            chat_prompt.remove_last_requester_msg()
-
-        return remove
-    if chat_prompt.is_empty():
-        detail = "'regenerate' needs a previous answer; the conversation is empty"
-        raise ChatRequestError(detail, reason="regenerate on an empty history")
-    last = chat_prompt.chat_contents[-1]
-    previous = last.get_message()
-    chat_prompt.clear_last_responder_message()
-    return lambda: last.set_message(previous)
-
-
-def _bad_body(detail: str) -> ChatRequestError:
-    return ChatRequestError(detail, reason=f"bad request: {detail}")
-
-
 async def call_user_callback(callback: UserCallback | None, request: Request, message: str) -> None:
     """Call the user's ``callback(request, message)``, awaiting it when it is async."""
     if callback is None:
@@ -389,95 +343,3 @@ async def call_user_callback(callback: UserCallback | None, request: Request, me
     result = callback(request, message)
     if inspect.isawaitable(result):
         await result
-
-
-# ----- the wire format -----
-
-
-class NativeStreamingResponse(StreamingResponse):
-    """A streaming response that reports when its body iterator was never started.
-
-    Starlette does not start (and so never closes) the body iterator when the client is gone before the headers are
-    sent; ``on_abandoned`` then runs so that the admission slot and callbacks are still released.
-    """
-
-    def __init__(
-        self,
-        content: AsyncIterator[str],
-        on_abandoned: Callable[[], Awaitable[None]],
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
-        self._started_body = False
-        self._on_abandoned = on_abandoned
-        super().__init__(self._track(content), media_type="text/plain; charset=utf-8", headers=headers)
-
-    async def _track(self, content: AsyncIterator[str]) -> AsyncIterator[str]:
-        self._started_body = True
-        async for chunk in content:
-            yield chunk
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            if not self._started_body:
-                await self._on_abandoned()
-
-
-def native_chunk(cumulative_text: str) -> str:
-    """One wire chunk: the whole answer so far plus the finish token."""
-    return cumulative_text + FINISH_TOKEN
-
-
-async def stream_fixed_text(text: str, on_finished: Callable[[], Awaitable[None]]) -> AsyncIterator[str]:
-    """A short server-made answer (e.g. a role grant) streamed in the native format, one chunk per word."""
-    words = text.split(" ")
-    try:
-        for i in range(1, len(words) + 1):
-            yield native_chunk(" ".join(words[:i]))
-    finally:
-        await on_finished()
-
-
-_ERROR_NAMES = {400: "bad_request", 404: "not_found", 409: "conflict", 503: "service_unavailable"}
-
-
-def chat_error_response(exc: ChatRequestError) -> JSONResponse:
-    """A refused /chat_stream request in the native shape: ``{"error": <name>, "detail": ...}`` with its status
-    (400, 404, 409, 503; anything else is a 500)."""
-    status = exc.status if exc.status in _ERROR_NAMES else 500
-    return JSONResponse({"error": _ERROR_NAMES.get(status, "internal_server_error"), "detail": exc.detail}, status)
-
-
-def bad_request(detail: str) -> JSONResponse:
-    """400 in the native shape; ``detail`` names what is wrong."""
-    return JSONResponse({"error": "bad_request", "detail": detail}, status_code=400)
-
-
-def internal_error(detail: str) -> JSONResponse:
-    """500 in the native shape."""
-    return JSONResponse({"error": "internal_server_error", "detail": detail}, status_code=500)
-
-
-def too_many_requests(as_http_error: bool, retry_after: int) -> JSONResponse:
-    """The seed's rejection: 200 by default (as the original), or 429 with Retry-After."""
-    if as_http_error:
-        return JSONResponse({"error": "too_many_requests"}, status_code=429, headers={"Retry-After": str(retry_after)})
-    return JSONResponse({"error": "too_many_requests"})
-
-
-def payload_too_large(error: PayloadTooLarge) -> JSONResponse:
-    """413 in the shape of /chat_stream's other errors; the limit is in ``detail``."""
-    return JSONResponse({"error": "payload_too_large", "detail": error.message}, status_code=413, headers=error.headers)
-
-
-def engine_error_response(error: EngineError, as_http_error: bool) -> JSONResponse:
-    """An engine that cannot start a turn: full (EngineOverloaded) answers like a full queue, failing with 503."""
-    if isinstance(error, EngineOverloaded):
-        return too_many_requests(as_http_error, error.retry_after)
-    return service_unavailable(f"the engine cannot serve requests: {error}")
-
-
-def service_unavailable(detail: str) -> JSONResponse:
-    """503 while the server drains or is not ready."""
-    return JSONResponse({"error": "service_unavailable", "detail": detail}, status_code=503)

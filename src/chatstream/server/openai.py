@@ -26,6 +26,7 @@ from chatstream.admission.admission import Draining, QueueFull, Slot
 from chatstream.admission.generation import GenerationStream
 from chatstream.engine.base import EngineError, FinishReason
 from chatstream.prompts.window import ContextLengthExceeded
+from chatstream.request_builder import UnsupportedSampling
 from chatstream.server.context import ServerContext
 from chatstream.server.errors import ApiError, MethodNotAllowed, NotFound, openai_error_response
 from chatstream.server.fairness import user_key
@@ -45,7 +46,7 @@ from chatstream.server.openai_stream import event_stream
 from chatstream.server.openapi_docs import endpoint_options, install_openapi
 from chatstream.server.queue_position import queued_events
 from chatstream.server.responses import add_responses_routes
-from chatstream.service import ChatService, UnsupportedSampling
+from chatstream.service import ChatService
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -220,8 +221,8 @@ async def _finish_job(
     for request in job.requests:
         if body.add_special_tokens is not None:
             request = dataclasses.replace(request, add_special_tokens=body.add_special_tokens)
-        service.check_sampling(request.sampling)
-        requests.append(await service.check_context(request, body.new_token_limit() is not None))
+        service.requests.check_sampling(request.sampling)
+        requests.append(await service.requests.check_context(request, body.new_token_limit() is not None))
     return dataclasses.replace(job, requests=tuple(requests))
 
 

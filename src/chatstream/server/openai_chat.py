@@ -148,7 +148,7 @@ def prompt_request(
             prompt = render_chat(tokenizer, messages, plan)
         except Exception as exc:  # jinja2 raises TemplateError (or ValueError) for messages it rejects
             raise BadRequest(f"the chat template rejects these messages: {exc}", param="messages") from None
-        return service.build_rendered_request(prompt, user_input=_last_user_text(messages))
+        return service.requests.build_rendered_request(prompt, user_input=_last_user_text(messages))
     if tool_traffic:
         messages = fold_tool_traffic(messages)
     return _prompt_class_request(service, messages)
@@ -164,7 +164,7 @@ def _prompt_class_request(service: ChatService, messages: list[dict[str, Any]]) 
         chat_prompt = service.new_chat_prompt()
     try:
         load_openai_messages(chat_prompt, messages)
-        return service.build_request(chat_prompt)
+        return service.requests.build_request(chat_prompt)
     except ValueError as exc:
         raise BadRequest(str(exc), param="messages") from None
 
@@ -270,6 +270,6 @@ async def prepare_chat(service: ChatService, body: ChatCompletionRequest) -> Ope
 async def prepare_completion(service: ChatService, body: CompletionRequest) -> OpenAIJob:
     """The job of a /v1/completions request."""
     sampling = sampling_of(body, service.default_sampling, COMPLETIONS_DEFAULT_MAX_TOKENS)
-    request = service.build_text_request(f"cmpl-{uuid.uuid4().hex}", body.prompt_text, sampling)
+    request = service.requests.build_text_request(f"cmpl-{uuid.uuid4().hex}", body.prompt_text, sampling)
     request = dataclasses.replace(request, logprobs=body.num_logprobs)
     return OpenAIJob(choices(request, body.n or 1), logprobs=body.logprobs is not None)
