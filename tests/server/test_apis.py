@@ -284,6 +284,8 @@ async def test_get_load_reports_running_and_waiting() -> None:
     transport = httpx.ASGITransport(app=build_app(cs))
     async with httpx.AsyncClient(transport=transport, base_url="http://testserver", timeout=60) as c:
         idle = (await c.get("/get_load")).json()
+        engine = idle["chatstream_workers"][0].pop("engine")  # what the engine itself reports
+        assert (engine["num_running"], engine["num_waiting"]) == (0, 0)
         assert idle == {
             "success": True,
             "message": "success",
