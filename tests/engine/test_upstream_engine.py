@@ -24,7 +24,14 @@ from chatstream.config import SamplingParams
 from chatstream.engine.base import EngineError, EngineOverloaded, FinishReason, GenerationRequest
 from chatstream.engine.mock_engine import LONG_ANSWER
 from chatstream.engine.upstream_engine import OpenAIUpstreamEngine, UpstreamConfig
-from chatstream.engine.upstream_protocol import request_body, retry_after_seconds
+from chatstream.engine.upstream_protocol import (
+    UNKNOWN_TOKEN_ID,
+    UpstreamAPI,
+    UpstreamFailure,
+    chunk_logprobs,
+    request_body,
+    retry_after_seconds,
+)
 
 PROMPT = "The quick brown fox jumps over the lazy dog."
 SLOW_MOCK = ["--mock", "--mock-type", "long", "--mock-time-per-token", "0.05"]
@@ -137,6 +144,35 @@ async def test_chat_mode_sends_the_messages(tiny_upstream: UpstreamServer, make_
     assert out.text == direct["choices"][0]["message"]["content"] and out.text
     with pytest.raises(EngineError, match="chat mode"):
         engine.add_request(request())
+
+
+async def test_logprobs_are_forwarded_in_both_modes(tiny_upstream: UpstreamServer, make_engine: Any) -> None:
+    out = await collect(make_engine(tiny_upstream.base_url).add_request(request(sampling=greedy(6), logprobs=2)))
+    got = [lp for delta in out.deltas for lp in delta.logprobs]
+    direct = await ask_directly(tiny_upstream, prompt=PROMPT, max_tokens=6, temperature=0, logprobs=2)
+    expected = direct["choices"][0]["logprobs"]
+    assert [lp.token for lp in got] == expected["tokens"] and len(got) == out.deltas[-1].num_generated_tokens == 6
+    assert [lp.logprob for lp in got] == pytest.approx(expected["token_logprobs"], abs=1e-4)
+    for lp, top in zip(got, expected["top_logprobs"], strict=True):
+        assert [t.token for t in lp.top] == list(top) and [t.logprob for t in lp.top] == pytest.approx(
+            list(top.values())
+        )
+    assert {lp.token_id for lp in got} == {UNKNOWN_TOKEN_ID}
+
+    messages = (("user", "Hello, how are you today?"),)
+    chat = make_engine(tiny_upstream.base_url, api="chat")
+    out = await collect(chat.add_request(GenerationRequest("c1", "", greedy(6), messages=messages, logprobs=1)))
+    got = [lp for delta in out.deltas for lp in delta.logprobs]
+    user = [{"role": "user", "content": messages[0][1]}]
+    direct = await ask_directly(
+        tiny_upstream, "/chat/completions", messages=user, max_tokens=6, temperature=0, logprobs=True, top_logprobs=1
+    )
+    expected = direct["choices"][0]["logprobs"]["content"]
+    assert [(lp.token, list(lp.token_bytes)) for lp in got] == [(e["token"], e["bytes"]) for e in expected]
+    assert [lp.logprob for lp in got] == pytest.approx([e["logprob"] for e in expected], abs=1e-4)
+    assert [[(t.token, list(t.token_bytes)) for t in lp.top] for lp in got] == [
+        [(t["token"], t["bytes"]) for t in e["top_logprobs"]] for e in expected
+    ]
 
 
 # ----- against the slow mock: abort, 429, a killed upstream -----
@@ -323,6 +359,36 @@ def test_request_body_maps_sampling_params() -> None:
         "add_special_tokens": False,
     }
     assert request_body(request(sampling=greedy(4)), UpstreamConfig("http://h/v1"))["temperature"] == 0.0
+
+
+def test_request_body_asks_for_logprobs_in_each_api_s_shape() -> None:
+    asked = request(logprobs=3, messages=(("user", "hi"),))
+    assert request_body(asked, UpstreamConfig("http://h/v1"))["logprobs"] == 3
+    chat = request_body(asked, UpstreamConfig("http://h/v1", api="chat"))
+    assert (chat["logprobs"], chat["top_logprobs"]) == (True, 3)
+    assert "logprobs" not in request_body(request(), UpstreamConfig("http://h/v1"))
+
+
+def test_chunk_logprobs_read_both_shapes_and_refuse_others() -> None:
+    completion = {
+        "text": " é",
+        "logprobs": {"tokens": [" \u00e9"], "token_logprobs": [-0.5], "top_logprobs": [{"a": -2.0, " \u00e9": -0.5}]},
+    }
+    (lp,) = chunk_logprobs(completion, UpstreamAPI.COMPLETIONS)
+    assert (lp.token_id, lp.token, lp.logprob, lp.token_bytes) == (UNKNOWN_TOKEN_ID, " é", -0.5, " é".encode())
+    assert [(t.token, t.logprob) for t in lp.top] == [(" é", -0.5), ("a", -2.0)]  # best first
+    piece = {
+        "token": "\ufffd",
+        "logprob": -1.0,
+        "bytes": [195],
+        "top_logprobs": [{"token": "\ufffd", "logprob": -1.0, "bytes": [195]}],
+    }
+    (lp,) = chunk_logprobs({"delta": {"content": ""}, "logprobs": {"content": [piece]}}, UpstreamAPI.CHAT)
+    assert (lp.token, lp.token_bytes, lp.top[0].token_bytes) == ("\ufffd", b"\xc3", b"\xc3")
+    assert chunk_logprobs({"text": "x", "logprobs": None}, UpstreamAPI.COMPLETIONS) == ()
+    for bad in ({"tokens": ["a"], "token_logprobs": []}, {"tokens": "a"}, ["a"]):
+        with pytest.raises(UpstreamFailure, match="malformed logprobs"):
+            chunk_logprobs({"text": "a", "logprobs": bad}, UpstreamAPI.COMPLETIONS)
 
 
 def test_request_body_refuses_what_the_upstream_cannot_be_asked() -> None:

@@ -12,16 +12,23 @@ from typing import IO
 
 from tests.live_server import free_port
 
-SRC_DIR = Path(__file__).resolve().parents[2] / "src"
+ROOT_DIR = Path(__file__).resolve().parents[2]
+SRC_DIR = ROOT_DIR / "src"
+CHATSTREAM_SERVE = ("-m", "chatstream", "serve")
 STARTUP_TIMEOUT_SEC = 90.0
 READY = "ChatStream is ready: "
 
 
 class UpstreamServer:
-    """``chatstream serve ARGV`` on a fixed port; ``start()`` waits until it listens, ``kill()`` is a SIGKILL."""
+    """``chatstream serve ARGV`` on a fixed port; ``start()`` waits until it listens, ``kill()`` is a SIGKILL.
 
-    def __init__(self, argv: list[str], port: int | None = None) -> None:
+    ``launcher``: the Python arguments before ARGV, for another server that takes ``chatstream serve``'s ``--port``,
+    ``--log-level`` and ``--drain-timeout`` and prints its ready line (``-m tests.server.scripted_upstream``).
+    """
+
+    def __init__(self, argv: list[str], port: int | None = None, launcher: tuple[str, ...] = CHATSTREAM_SERVE) -> None:
         self.argv = argv
+        self.launcher = launcher
         self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self._stdout: list[bytes] = []
@@ -37,8 +44,8 @@ class UpstreamServer:
         return f"{self.root}/v1"
 
     def start(self) -> UpstreamServer:
-        env = {**os.environ, "PYTHONPATH": str(SRC_DIR), "PYTHONUNBUFFERED": "1"}
-        argv = [sys.executable, "-m", "chatstream", "serve", "--port", str(self.port), "--log-level", "warning"]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join((str(SRC_DIR), str(ROOT_DIR))), "PYTHONUNBUFFERED": "1"}
+        argv = [sys.executable, *self.launcher, "--port", str(self.port), "--log-level", "warning"]
         argv += ["--drain-timeout", "0"]  # stop() needs no graceful drain
         self._stdout, self._stderr = [], []
         self.proc = subprocess.Popen([*argv, *self.argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)

@@ -372,6 +372,7 @@ def test_conversation_key_follows_the_opening_of_the_chat() -> None:
     assert conversation_key(turn1, "alice") != conversation_key(turn1, "bob")
 
 
+@pytest.mark.local_engine("the per-conversation KV cache and its cached-token counts are our engine's")
 async def test_the_next_turn_of_an_openai_chat_reuses_its_kv_cache(tiny_model: Any, tiny_tokenizer: Any) -> None:
     cs = ChatStream(model=tiny_model, tokenizer=tiny_tokenizer, temperature=0.0, max_new_tokens=6)
     async with started(cs), asgi_client(build_app(cs)) as client:

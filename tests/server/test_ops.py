@@ -78,6 +78,7 @@ async def test_metrics_after_chats_show_latency_and_token_counters(tiny_model: A
     assert metric(text, "chatstream_requests_running") == 0
 
 
+@pytest.mark.local_engine("the transformers engine's own description is checked")
 async def test_the_engine_reports_what_it_knows(tiny_model: Any, tiny_tokenizer: Any) -> None:
     roles = {"user": {"apis": {"allow": "all", "auth_method": "nothing", "use_session": True}}}
     cs = ChatStream(model=tiny_model, tokenizer=tiny_tokenizer, context_len=512, model_name="tiny", client_roles=roles)

@@ -30,6 +30,10 @@ def tiny(tiny_model: Any, tiny_tokenizer: Any) -> Iterator[tuple[ChatStream, ope
         yield cs, openai.OpenAI(base_url=f"{url}/v1", api_key="sk-a", max_retries=0, timeout=60), url
 
 
+@pytest.mark.local_engine(
+    "KV reuse along a conversation and its cached-token counts are our engine's (an upstream's prefix cache is "
+    "shared with its other clients: here the other tests)"
+)
 def test_a_three_step_chain_reuses_the_conversation_kv(tiny: tuple[ChatStream, openai.OpenAI, str]) -> None:
     cs, sdk, _ = tiny
     first = sdk.responses.create(model=cs.model_name, input="Hello there, how are you today?", instructions="Be brief.")
@@ -98,6 +102,7 @@ def test_delete_forks_store_false_and_owners(tiny: tuple[ChatStream, openai.Open
         other_owner.responses.retrieve(second.id)
 
 
+@pytest.mark.local_engine("text.format json_schema is constrained decoding, which the upstream engine refuses (400)")
 def test_text_format_json_schema(tiny: tuple[ChatStream, openai.OpenAI, str]) -> None:
     cs, sdk, _ = tiny
     schema = {

@@ -4,7 +4,8 @@ ChatStream keeps what it adds on top (conversations, sessions, roles, admission)
 request is one streaming POST of the prompt we rendered to ``{base_url}/completions``, or of the conversation's
 messages to ``{base_url}/chat/completions`` for servers without a completions endpoint. Output replacements and stop
 strings are applied here too, exactly as in our own engine (stop strings are also sent upstream so that it stops
-early). :meth:`OpenAIUpstreamEngine.abort` cancels the request's task, which closes its HTTP connection at once.
+early). Requested logprobs are asked of the upstream and passed on (without token ids, which OpenAI's API does not
+give). :meth:`OpenAIUpstreamEngine.abort` cancels the request's task, which closes its HTTP connection at once.
 
 Errors: an upstream 429 fails the stream with :class:`EngineOverloaded` carrying its ``Retry-After``; an unreachable
 upstream, another error status or a malformed stream fails it with an :class:`EngineError` naming the upstream, or,
@@ -30,6 +31,7 @@ from chatstream.engine.upstream_protocol import (
     UpstreamFailure,
     check_sampling,
     check_status,
+    chunk_logprobs,
     describe,
     error_message,
     request_body,
@@ -194,7 +196,9 @@ class _ForwardState:
     """One forwarded request: its output filter, what has been delivered and what the upstream reported."""
 
     def __init__(self, request: GenerationRequest, api: UpstreamAPI) -> None:
+        self.api = api
         self.chat = api is UpstreamAPI.CHAT
+        self.logprobs = request.logprobs is not None
         self.filter = TextFilter(request.sampling.stop, request.output_replacements)
         self.num_deltas = 0
         self.num_generated = 0
@@ -212,10 +216,12 @@ class _ForwardState:
             return True
         choice = choices[0]
         text = (choice.get("delta") or {}).get("content") if self.chat else choice.get("text")
-        if text:
-            self.num_generated += 1
+        logprobs = chunk_logprobs(choice, self.api) if self.logprobs else ()
+        if text or logprobs:
+            self.num_generated += len(logprobs) or 1
             self.num_deltas += 1
-            stream.put_nowait(Delta(text=self.filter.push(str(text)), num_generated_tokens=self.num_generated))
+            text = self.filter.push(str(text or ""))
+            stream.put_nowait(Delta(text=text, num_generated_tokens=self.num_generated, logprobs=logprobs))
             if self.filter.stopped:
                 self.finish = FinishReason.STOP
                 return False

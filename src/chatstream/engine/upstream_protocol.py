@@ -15,10 +15,13 @@ from typing import Any
 import httpx
 
 from chatstream.config import RepetitionPenaltyMethod, SamplingParams
-from chatstream.engine.base import EngineError, EngineOverloaded, GenerationRequest
+from chatstream.engine.base import EngineError, EngineOverloaded, GenerationRequest, TokenLogprob, TopLogprob
 
 MAX_ERROR_BODY_BYTES = 4096
 """How much of an upstream error response is read to find its message."""
+
+UNKNOWN_TOKEN_ID = -1
+"""The ``token_id`` of the logprobs an upstream returns: OpenAI's API names tokens by their text only."""
 
 
 class UpstreamAPI(enum.Enum):
@@ -106,6 +109,9 @@ def request_body(request: GenerationRequest, config: UpstreamConfig) -> dict[str
         body["prompt"] = request.prompt
     check_sampling(sampling, config)
     body.update(openai_sampling(sampling))
+    if request.logprobs is not None:
+        chat = config.api is UpstreamAPI.CHAT
+        body.update({"logprobs": True, "top_logprobs": request.logprobs} if chat else {"logprobs": request.logprobs})
     if config.sampling_extensions:
         body.update(sampling_extensions(sampling, request.add_special_tokens))
     return body
@@ -159,6 +165,43 @@ def sampling_extensions(sampling: SamplingParams, add_special_tokens: bool | Non
     if add_special_tokens is not None:
         fields["add_special_tokens"] = add_special_tokens
     return fields
+
+
+def chunk_logprobs(choice: dict[str, Any], api: UpstreamAPI) -> tuple[TokenLogprob, ...]:
+    """The logprobs of one streamed choice: a chat chunk's ``logprobs.content`` entries (with their bytes), or a
+    completion chunk's ``tokens`` / ``token_logprobs`` / ``top_logprobs`` (bytes: the token's UTF-8). Token ids are
+    :data:`UNKNOWN_TOKEN_ID`. UpstreamFailure when the object has another shape."""
+    logprobs = choice.get("logprobs")
+    if logprobs is None:
+        return ()
+    try:
+        if api is UpstreamAPI.CHAT:
+            return tuple(_chat_token(entry) for entry in logprobs.get("content") or ())
+        tops = logprobs.get("top_logprobs") or [None] * len(logprobs["tokens"])
+        return tuple(
+            TokenLogprob(UNKNOWN_TOKEN_ID, token, float(logprob), _completion_top(top), token.encode())
+            for token, logprob, top in zip(logprobs["tokens"], logprobs["token_logprobs"], tops, strict=True)
+        )
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise UpstreamFailure(f"malformed logprobs: {str(logprobs)[:80]!r} ({exc})") from None
+
+
+def _chat_token(entry: dict[str, Any]) -> TokenLogprob:
+    top = tuple(
+        TopLogprob(UNKNOWN_TOKEN_ID, alt["token"], float(alt["logprob"]), _token_bytes(alt))
+        for alt in entry.get("top_logprobs") or ()
+    )
+    return TokenLogprob(UNKNOWN_TOKEN_ID, entry["token"], float(entry["logprob"]), top, _token_bytes(entry))
+
+
+def _token_bytes(entry: dict[str, Any]) -> bytes:
+    raw = entry.get("bytes")
+    return bytes(raw) if raw is not None else str(entry["token"]).encode()
+
+
+def _completion_top(top: dict[str, Any] | None) -> tuple[TopLogprob, ...]:
+    alternatives = sorted((top or {}).items(), key=lambda item: -float(item[1]))  # best first, as ours
+    return tuple(TopLogprob(UNKNOWN_TOKEN_ID, token, float(lp), token.encode()) for token, lp in alternatives)
 
 
 async def check_status(response: httpx.Response) -> None:
