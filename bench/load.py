@@ -41,6 +41,8 @@ class RequestResult:
     text: str = ""
     arrivals: list[float] = field(default_factory=list)
     """``time.perf_counter()`` of every piece of answer text (the first is the TTFT's end)."""
+    arrival_chars: list[int] = field(default_factory=list)
+    """OpenAI streams: the characters of answer text received so far at each of ``arrivals``."""
 
 
 class _Timeline:
@@ -110,6 +112,7 @@ async def _read_sse(response: httpx.Response, timeline: _Timeline, count_tokens:
     result = timeline.result
     decoder = SseDecoder()
     parts: list[str] = []
+    chars = 0
     usage_tokens: int | None = None
     async for line in response.aiter_lines():
         data = decoder.feed_line(line)
@@ -121,6 +124,8 @@ async def _read_sse(response: httpx.Response, timeline: _Timeline, count_tokens:
         if chunk.text:
             timeline.text_arrived()
             parts.append(chunk.text)
+            chars += len(chunk.text)
+            result.arrival_chars.append(chars)
         if chunk.completion_tokens is not None:
             usage_tokens = chunk.completion_tokens
             result.prompt_tokens = chunk.prompt_tokens

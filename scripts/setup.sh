@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent setup of a fresh machine: a virtualenv in .venv with the CPU build of torch, ChatStream with its dev
 # tools and Ray Serve (the ray extra: chatstream.ray and its tests), Debian's chromium for the browser tests and
-# Debian's redis-server for the Redis store's tests. Re-running it only installs what is missing.
+# Debian's redis-server for the Redis store's tests, and vLLM's CPU build in a second venv, .venv-vllm, for the tests
+# marked vllm (scripts/setup_vllm.sh; CHATSTREAM_SKIP_VLLM=1 skips it). Re-running it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,4 +32,12 @@ if ! command -v redis-server >/dev/null 2>&1; then
   else
     echo "note: redis-server is not installed; the Redis store's tests will be skipped (sudo apt-get install redis-server)" >&2
   fi
+fi
+
+# vLLM's CPU build beside ChatStream in a venv of its own (it pins releases .venv outgrows): about 5 minutes the first
+# time, nothing once built; it logs the time of each step.
+if [ "${CHATSTREAM_SKIP_VLLM:-0}" != "1" ]; then
+  bash scripts/setup_vllm.sh
+else
+  echo "note: CHATSTREAM_SKIP_VLLM=1: no .venv-vllm; the tests marked vllm will be skipped" >&2
 fi

@@ -52,6 +52,7 @@ async def test_openai_chat_uses_usage_and_records_itl_per_event():
     assert result.output_tokens == 3  # from usage, not from the counter
     assert result.prompt_tokens == 5
     assert len(result.itl_s) == 2 and result.ttft_s is not None and result.ttft_s > 0
+    assert result.arrival_chars == [2, 4, 5] and len(result.arrivals) == 3
     assert seen["temperature"] == 0.0 and seen["max_tokens"] == 16 and seen["ignore_eos"] is True
 
 

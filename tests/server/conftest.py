@@ -35,7 +35,7 @@ from chatstream.sessions import Store, open_store
 
 __all__ = ["redis_server", "redis_url", "store"]
 
-ENGINE_FACTORY_TARGET = "chatstream.chat_stream.create_engine"
+ENGINE_FACTORY_TARGET = "chatstream.engine_choice.create_engine"
 """Where ChatStream looks up the function that builds its engine (``create_engine(spec, model, tokenizer,
 config)``): the upstream mode patches it. Change it here when engine construction moves to another module."""
 

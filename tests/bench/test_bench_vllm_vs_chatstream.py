@@ -1,0 +1,77 @@
+"""bench/vllm_vs_chatstream.py's own logic: the tap's reading of the upstream's stream and the per-chunk pairing."""
+
+import json
+
+import httpx
+import pytest
+from bench.load import RequestResult
+from bench.vllm_vs_chatstream import Requests, Sent, Tap, _SseText, chunk_delays, parse_args
+
+
+def _event(text: str, chat: bool = True) -> bytes:
+    choice = {"delta": {"content": text}} if chat else {"text": text}
+    return f"data: {json.dumps({'choices': [choice]})}\n\n".encode()
+
+
+def test_the_tap_reads_text_across_split_reads_of_both_apis():
+    sent = Sent()
+    reader = _SseText(sent)
+    stream = _event("", chat=True) + _event("Hel", chat=False) + _event("lo ") + b"data: [DONE]\n\n"
+    reader.feed(1.0, stream[:30])
+    reader.feed(2.0, stream[30:70])
+    reader.feed(3.0, stream[70:])
+    assert sent.text == "Hello "
+    assert sent.chars == [3, 6]
+    assert sent.times[-1] == 3.0
+
+
+def test_each_client_chunk_pairs_with_the_moment_the_upstream_had_sent_its_text():
+    sent = Sent(times=[10.0, 11.0, 12.0], chars=[2, 4, 6], text="aabbcc")
+    # the front merged the first two upstream pieces, then passed the third on
+    result = RequestResult(ok=True, text="aabbcc", arrivals=[11.5, 12.25], arrival_chars=[4, 6])
+    assert chunk_delays(result, sent) == [0.5, 0.25]
+    assert chunk_delays(RequestResult(ok=True, text="xx", arrivals=[1.0], arrival_chars=[2]), sent) is None
+
+
+async def test_the_tap_forwards_the_request_and_timestamps_the_tagged_answer():
+    seen = {}
+
+    def upstream(request):
+        seen["body"] = json.loads(request.content)
+        return httpx.Response(200, content=_event("Hi") + _event("!") + b"data: [DONE]\n\n")
+
+    tap = Tap("http://upstream")
+    tap._client = httpx.AsyncClient(transport=httpx.MockTransport(upstream))
+    body = json.dumps({"prompt": "say hi (bench-req-7)"}).encode()
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+    sent_messages = []
+
+    async def receive():
+        return messages.pop(0)
+
+    async def send(message):
+        sent_messages.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "query_string": b"", "headers": []}
+    await tap(scope, receive, send)
+    assert seen["body"]["prompt"] == "say hi (bench-req-7)"
+    assert sent_messages[0]["status"] == 200
+    assert b"".join(m.get("body", b"") for m in sent_messages[1:]).count(b"data:") == 3
+    assert tap.sent[7].text == "Hi!" and tap.sent[7].chars == [2, 3]
+    assert tap.sent[7].requested is not None and tap.sent[7].requested <= tap.sent[7].times[0]
+
+
+def test_each_round_has_its_own_prompts_and_every_chat_its_own_tag():
+    requests = Requests(requests_per_client=2)
+    first, second = requests.round(3, 0), requests.round(3, 1)
+    assert list(first) == [0, 1, 2, 3, 4, 5] and list(second) == [6, 7, 8, 9, 10, 11]
+    assert first[0][0]["content"].endswith("(bench-req-0000000)")
+    prompts = [chat[0]["content"].rsplit(" (", 1)[0] for chat in (*first.values(), *second.values())]
+    assert len(set(prompts)) == 12  # another slice of the prompt set in the next round
+
+
+def test_options_are_checked():
+    args = parse_args(["--parts", "vllm", "--concurrency", "4,16", "--kv-cache-gib", "0.5"])
+    assert args.concurrency == [4, 16] and args.kv_cache_bytes == 1 << 29
+    with pytest.raises(SystemExit):
+        parse_args(["--parts", "vllm,other"])
