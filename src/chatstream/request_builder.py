@@ -15,7 +15,7 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from chatstream.config import SamplingOverrides, SamplingParams, ServiceConfig
-from chatstream.engine.base import Engine, GenerationRequest, SamplingChecker, wants_chat_context
+from chatstream.engine.base import Engine, GenerationRequest, SamplingChecker, takes_messages_only, wants_chat_context
 from chatstream.engine.mock_engine import MockRequest
 from chatstream.prompts.openai_messages import role_messages
 from chatstream.prompts.window import ContextWindow
@@ -34,6 +34,10 @@ class UnsupportedSampling(ValueError):
     def __init__(self, message: str, field: str | None) -> None:
         super().__init__(message)
         self.field = field
+
+
+class UnsupportedByEngine(UnsupportedSampling):
+    """The engine cannot take the request in this form (``field`` names what needs another engine); a 400."""
 
 
 class RequestBuilder:
@@ -108,7 +112,14 @@ class RequestBuilder:
         self, prompt: str, *, user_input: str | None, conversation_id: str | None = None
     ) -> GenerationRequest:
         """The engine request for a prompt already rendered by the chat template (tools, tool results): default
-        sampling, no stop strings of a prompt class, encoded without adding special tokens unless configured."""
+        sampling, no stop strings of a prompt class, encoded without adding special tokens unless configured.
+        Raises UnsupportedByEngine (``tools``) for an engine that takes messages only (an upstream in chat mode)."""
+        if takes_messages_only(self.engine):
+            raise UnsupportedByEngine(
+                "'tools' and tool messages need the model's chat template, which this server renders only for an "
+                "engine that takes a prompt: the upstream is in chat mode (run it with --upstream-api completions)",
+                "tools",
+            )
         special = self.config.add_special_tokens if self.config.add_special_tokens is not None else False
         request = GenerationRequest(
             request_id=f"chat-{uuid.uuid4().hex}",

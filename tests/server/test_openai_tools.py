@@ -163,3 +163,22 @@ def test_required_and_named_tool_choice_force_valid_calls(tiny_model: Any) -> No
         )
         calls = several.choices[0].message.tool_calls or []  # the random model may write several calls
         assert calls and all(call.function.name == "get_weather" for call in calls)
+
+
+@pytest.mark.local_engine("builds its own upstream engine in chat mode")
+async def test_tools_on_an_upstream_in_chat_mode_are_a_400_before_admission() -> None:
+    from tests.server.support import asgi_client, started
+
+    from chatstream.engine.upstream_engine import OpenAIUpstreamEngine, UpstreamConfig
+
+    # Nothing listens on the upstream's port: the request must be refused before anything is sent there.
+    upstream = OpenAIUpstreamEngine(UpstreamConfig("http://127.0.0.1:9/v1", api="chat"))
+    cs = ChatStream(engine=upstream, tokenizer=hermes_tokenizer())
+    async with started(cs), asgi_client(create_app(cs)) as client:
+        body = {"model": cs.model_name, "messages": [USER], "tools": [WEATHER_TOOL]}
+        refused = await client.post("/v1/chat/completions", json=body)
+        plain = await client.post("/v1/chat/completions", json={**body, "tools": None})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "tools", refused.text
+    assert "completions" in refused.json()["error"]["message"]
+    assert cs.metrics.admitted._value.get() == 1  # only the plain chat was admitted (and failed upstream)
+    assert plain.status_code == 503

@@ -345,6 +345,13 @@ def engine_workers(engine: Engine) -> Sequence[WorkerStats]:
     return tuple(workers()) if callable(workers) else ()
 
 
+def takes_messages_only(engine: Engine) -> bool:
+    """Whether the engine generates from :attr:`GenerationRequest.messages` alone (its ``takes_messages_only``: an
+    upstream in chat mode), so that a prompt rendered by the service (tools through the chat template) cannot reach
+    it."""
+    return bool(getattr(engine, "takes_messages_only", False))
+
+
 def wants_chat_context(engine: Engine) -> bool:
     """Whether the engine answers from the user's message and the turn number (its ``wants_chat_context``)."""
     return bool(getattr(engine, "wants_chat_context", False))

@@ -65,6 +65,11 @@ class OpenAIUpstreamEngine:
     def is_running(self) -> bool:
         return self._running
 
+    @property
+    def takes_messages_only(self) -> bool:
+        """In chat mode the upstream renders the prompt from the messages: a prompt rendered here cannot be sent."""
+        return self.config.api is UpstreamAPI.CHAT
+
     def start(self) -> None:
         """Read the API key (EngineError when its variable is not set); idempotent."""
         if self._running:
