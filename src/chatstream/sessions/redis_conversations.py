@@ -13,7 +13,6 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from chatstream.sessions import redis_scripts
 from chatstream.sessions.base import DEFAULT_PAGE_SIZE, ConversationStore, check_page_size
 from chatstream.sessions.errors import Conflict, ConversationNotFound, CorruptRecord, ForeignRecord
 from chatstream.sessions.records import (
@@ -32,6 +31,7 @@ from chatstream.sessions.records import (
     title_from_messages,
 )
 from chatstream.sessions.redis_keys import RedisKeys, translated_errors, whole_seconds
+from chatstream.sessions.redis_scripts import BUMP, CREATE, DELETE, RENAME
 from chatstream.sessions.retention import RetentionPolicy, expired_ids
 
 logger = logging.getLogger(__name__)
@@ -53,10 +53,10 @@ class RedisConversationStore(ConversationStore):
         self._ttl = "0" if ttl is None else str(whole_seconds(ttl))
         self._clock = clock
         self._where = where
-        self._create = client.register_script(redis_scripts.CREATE)
-        self._bump = client.register_script(redis_scripts.BUMP)
-        self._rename = client.register_script(redis_scripts.RENAME)
-        self._delete = client.register_script(redis_scripts.DELETE)
+        self._create = client.register_script(CREATE)
+        self._bump = client.register_script(BUMP)
+        self._rename = client.register_script(RENAME)
+        self._delete = client.register_script(DELETE)
 
     async def create(self, conversation: Conversation) -> Conversation:
         title = conversation.derived_title()

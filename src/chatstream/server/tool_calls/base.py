@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import secrets
 import string
+from abc import ABC, abstractmethod
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -90,7 +91,7 @@ class ParsedOutput:
         return "tool_calls" if self.tool_calls else "stop"
 
 
-class ToolFormat:
+class ToolFormat(ABC):
     """How one model family writes tool calls. Subclasses set the markers and implement :meth:`parse_block`.
 
     Attributes:
@@ -105,9 +106,9 @@ class ToolFormat:
     end_marker: str | None = None
     whole_output = False
 
+    @abstractmethod
     def parse_block(self, block: str) -> list[tuple[str, Any]] | None:
         """The ``(name, arguments)`` pairs in one block (arguments a dict or JSON text); None when malformed."""
-        raise NotImplementedError
 
     def call_grammar(
         self, tools: Sequence[dict[str, Any]], special_ids: dict[str, int], *, parallel: bool = True
