@@ -122,10 +122,13 @@ async def test_several_conversations_prefill_their_next_turns_together(
     for i, result in results.items():
         assert result.token_ids == reference(tiny_model, seconds[i], 9), i
     assert sum(result.deltas[-1].num_cached_tokens > 0 for result in results.values()) >= 2
-    # every row used as much of its cache as the longest new suffix allowed
-    longest_suffix = max(len(seconds[i]) - (len(firsts[i][0]) + len(firsts[i][1].token_ids) - 1) for i in range(4))
+    # Rows prefilled together compute as many new columns as the longest uncached suffix among them, so a row with a
+    # short suffix recomputes part of its cache; a row that would lose more than half of it waits for the next
+    # group instead. Every row therefore keeps at least half of what the first turn cached (its prompt and answer,
+    # short of the answer's last token), and never more.
     for i, result in results.items():
-        assert result.deltas[-1].num_cached_tokens == max(len(seconds[i]) - longest_suffix, 0)
+        cached_by_first_turn = len(firsts[i][0]) + len(firsts[i][1].token_ids) - 1
+        assert cached_by_first_turn <= 2 * result.deltas[-1].num_cached_tokens <= 2 * cached_by_first_turn, i
 
 
 async def test_conversations_sharing_a_system_prompt_reuse_its_kv(

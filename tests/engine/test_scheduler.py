@@ -269,3 +269,14 @@ def test_finish_all_ends_everything_and_forgets_pending_releases() -> None:
 def test_plan_lists_decodes_before_the_prefilled() -> None:
     plan = SchedulerOutput(decodes=(seq("a", [1]),), prefilled=(seq("b", [1]),))
     assert ids(plan.scheduled) == ["a", "b"]
+
+
+def test_a_hit_that_would_recompute_most_of_its_cache_waits_for_the_next_group() -> None:
+    sched = scheduler()
+    sched.prefix_cache.insert(list(range(3, 23)))  # 20 cached
+    sched.add(seq("long", list(range(40, 58))))  # 18 new tokens
+    sched.add(seq("next_turn", [*range(3, 23), 24]))  # beside "long" it would compute 18 columns: 17 of its 20 again
+    plan, _ = step(sched)
+    assert [p.seq.request_id for p in plan.group] == ["long"]
+    plan, _ = step(sched)
+    assert [(p.seq.request_id, p.num_cached_tokens) for p in plan.group] == [("next_turn", 20)]

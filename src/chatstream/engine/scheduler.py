@@ -182,9 +182,15 @@ class Scheduler:
         return self.prefix_cache.match(seq.prompt_ids).truncated(len(seq.prompt_ids) - 1)
 
     def _joins(self, picked: list[tuple[Sequence, PrefixMatch]], seq: Sequence, match: PrefixMatch) -> bool:
-        uncached = [len(s.prompt_ids) - m.num_tokens for s, m in picked] + [len(seq.prompt_ids) - match.num_tokens]
-        padded = len(uncached) * max(uncached)
+        rows = [*picked, (seq, match)]
+        uncached = [len(s.prompt_ids) - m.num_tokens for s, m in rows]
+        width = max(uncached)
+        padded = len(uncached) * width
         if padded > self.max_prefill_tokens or padded > 2 * sum(uncached):
+            return False
+        # Every row computes ``width`` columns: a row with a cache hit recomputes the tail of its cached prefix. One
+        # that would recompute more than half of it (a next turn beside longer new prompts) waits for the next group.
+        if any(2 * max(0, len(s.prompt_ids) - width) < m.num_tokens for s, m in rows):
             return False
         if not self.prefix_cache.enabled:
             return True
