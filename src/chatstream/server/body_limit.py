@@ -26,6 +26,8 @@ logger = logging.getLogger(__name__)
 
 CHAT_STREAM_PATH = "/chat_stream"
 OPENAI_PATH_PREFIX = "/v1/"
+CONVERSATIONS_PATH = "/conversations"
+"""The conversations API answers errors in OpenAI's shape (server/conversations.py)."""
 _DISCONNECTED = b"\0disconnected"  # a marker, compared by identity
 
 
@@ -81,9 +83,10 @@ class BodyLimitMiddleware:
 
 
 def too_large_response(path: str, limit: int) -> JSONResponse:
-    """413 in the error shape of the endpoint at ``path`` (OpenAI under /v1, the original's shapes elsewhere)."""
+    """413 in the error shape of the endpoint at ``path`` (OpenAI's under /v1 and for the conversations API, the
+    original's shapes elsewhere)."""
     error = PayloadTooLarge(limit)
-    if OPENAI_PATH_PREFIX in path:
+    if OPENAI_PATH_PREFIX in path or CONVERSATIONS_PATH in path:
         return openai_error_response(error)
     if path.rstrip("/").endswith(CHAT_STREAM_PATH):
         return payload_too_large(error)

@@ -26,6 +26,7 @@ from chatstream.sessions.base import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 
 _TAG = "Conversations"
 _CONVERSATION_ERRORS = {
+    413: "`payload_too_large`: the body is longer than the server accepts (the limit is in the message).",
     400: "Invalid input (`param` names it: `conversation_id`, `limit`, `after`, `title`, `format`...), or "
     "`no_session`: the request skipped the session (X-FastSession-Skip).",
     403: "The caller's client role may not call this API (`permission_error`).",
@@ -33,11 +34,6 @@ _CONVERSATION_ERRORS = {
     500: "`corrupt_record` / `foreign_record`: the stored record cannot be read (the message names it); "
     "`no_session`: the app has no session middleware.",
     503: "`store_unavailable`: the conversation store cannot be reached.",
-}
-_CONVERSATION_TOO_LARGE = {
-    "description": "The body is longer than the server accepts: the original's shape when the body-limit middleware "
-    "(append_middlewares) refuses it, OpenAI's when the endpoint's own reader does (no middleware).",
-    "content": {JSON: {"schema": {"anyOf": [ref(m.OpenAIError), ref(m.ApiResult)]}}},
 }
 _CONVERSATION_ID = path_parameter(
     "conversation_id", "The conversation's id (1 to 100 of A-Z a-z 0-9 _ - .).", "^[A-Za-z0-9_.-]{1,100}$"
@@ -47,10 +43,7 @@ _CONVERSATION_ID = path_parameter(
 def _conversation_errors(*statuses: int) -> dict[int, Any]:
     errors: dict[int, Any] = {}
     for status in sorted({400, 403, 500, 503, *statuses}):
-        if status == 413:
-            errors[413] = _CONVERSATION_TOO_LARGE
-        else:
-            errors[status] = json_response(m.OpenAIError, _CONVERSATION_ERRORS[status])
+        errors[status] = json_response(m.OpenAIError, _CONVERSATION_ERRORS[status])
     return errors
 
 
