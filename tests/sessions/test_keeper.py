@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,16 @@ from chatstream.sessions.store import MemoryStore
 from chatstream.sessions.turns import commit_turn, open_for_turn, requested_conversation_id
 
 PROMPTS = PromptFactory(ChatPromptTogetherRedPajamaINCITEChat)
+
+
+@pytest.fixture
+async def keeper(store: Store) -> AsyncIterator[ConversationKeeper]:
+    """A keeper on ``store``, shut down (its retention task stopped) before the store closes, as an app's lifespan
+    does. The tests left the task running into the event loop's teardown, which hung once in CI with a Redis store;
+    the shutdown is bounded, so that a hang fails the test instead of the run."""
+    made = ConversationKeeper(store, PROMPTS)
+    yield made
+    await asyncio.wait_for(made.shutdown(), 5)
 
 
 class Manager:
@@ -88,8 +99,7 @@ def test_retention_defaults() -> None:
         ConversationKeeper(object(), PROMPTS)  # type: ignore[arg-type]
 
 
-async def test_turns_create_then_append(store: Store) -> None:
-    keeper = ConversationKeeper(store, PROMPTS)
+async def test_turns_create_then_append(store: Store, keeper: ConversationKeeper) -> None:
     found = session()
     first = await turn(keeper, found, "one")
     assert found.data["conversation_id"] == first
@@ -99,8 +109,7 @@ async def test_turns_create_then_append(store: Store) -> None:
     assert record.messages[1].generation_params == {"temperature": 0.5} and record.version == 2
 
 
-async def test_a_turn_that_stores_nothing_leaves_no_conversation(store: Store) -> None:
-    keeper = ConversationKeeper(store, PROMPTS)
+async def test_a_turn_that_stores_nothing_leaves_no_conversation(store: Store, keeper: ConversationKeeper) -> None:
     found = session()
     opened = await open_for_turn(keeper, found)  # e.g. a pass phrase: nothing is committed
     owner = found.data["user_id"]
@@ -108,8 +117,7 @@ async def test_a_turn_that_stores_nothing_leaves_no_conversation(store: Store) -
     assert await turn(keeper, found, "now") == opened.conversation_id  # the same id, stored at last
 
 
-async def test_two_first_turns_on_one_new_id_both_stay(store: Store) -> None:
-    keeper = ConversationKeeper(store, PROMPTS)
+async def test_two_first_turns_on_one_new_id_both_stay(store: Store, keeper: ConversationKeeper) -> None:
     found = session()
     tab_a, tab_b = await open_for_turn(keeper, found), await open_for_turn(keeper, found)
     assert tab_a.conversation_id == tab_b.conversation_id
@@ -121,8 +129,7 @@ async def test_two_first_turns_on_one_new_id_both_stay(store: Store) -> None:
     assert sorted(m.text for m in record.messages) == sorted(["from a", "answer from a", "from b", "answer from b"])
 
 
-async def test_a_named_conversation_must_be_the_users(store: Store) -> None:
-    keeper = ConversationKeeper(store, PROMPTS)
+async def test_a_named_conversation_must_be_the_users(store: Store, keeper: ConversationKeeper) -> None:
     theirs = await turn(keeper, session(), "mine")
     with pytest.raises(ConversationNotFound):
         await open_for_turn(keeper, session(), theirs)
@@ -155,8 +162,9 @@ async def test_lifecycle_closes_only_the_store_it_opened(tmp_path: Path) -> None
     assert isinstance(ConversationKeeper("memory://", PROMPTS).store, MemoryStore)
 
 
-async def test_a_regenerated_answer_is_put_in_place_after_a_conflicting_turn(store: Store) -> None:
-    keeper = ConversationKeeper(store, PROMPTS)
+async def test_a_regenerated_answer_is_put_in_place_after_a_conflicting_turn(
+    store: Store, keeper: ConversationKeeper
+) -> None:
     found = session()
     conversation_id = await turn(keeper, found, "question")
     regenerating = await open_for_turn(keeper, found)  # reads the record, then another tab writes a turn
@@ -171,8 +179,7 @@ async def test_a_regenerated_answer_is_put_in_place_after_a_conflicting_turn(sto
     assert record.messages[1].id == "regenerated"
 
 
-async def test_a_regenerate_whose_answer_is_gone_is_a_conflict(store: Store) -> None:
-    keeper = ConversationKeeper(store, PROMPTS)
+async def test_a_regenerate_whose_answer_is_gone_is_a_conflict(store: Store, keeper: ConversationKeeper) -> None:
     found = session()
     conversation_id = await turn(keeper, found, "question")
     first, second = await open_for_turn(keeper, found), await open_for_turn(keeper, found)
