@@ -174,6 +174,19 @@ def test_no_fused_decoder_reaches_the_engine_config(tiny_model_dir: Path) -> Non
         assert chat_stream.engine_config.fused_decoder is fused
 
 
+def test_prefill_budget_and_weight_quantization_reach_the_engine_config(tiny_model_dir: Path) -> None:
+    argv = ["chat", "--model", str(tiny_model_dir), "--device", "cpu", "--dtype", "fp32"]
+    cases = (([], 256, None), (["--max-prefill-tokens", "64", "--weight-quantization", "int4"], 64, "int4"))
+    for extra, budget, quantization in cases:
+        args = build_parser().parse_args([*argv, *extra])
+        chat_stream = cli.build_chat_stream(args, max_concurrency=1, max_queue_size=0, reject_as_http_error=False)
+        assert chat_stream.engine_config.max_prefill_tokens == budget
+        assert chat_stream.engine_config.weight_quantization == quantization
+    for bad in (["--max-prefill-tokens", "0"], ["--weight-quantization", "int3"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([*argv, *bad])
+
+
 def _start(argv: list[str]) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONPATH": str(SRC_DIR), "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(

@@ -91,6 +91,10 @@ class ChatStream:
         fused_decoder: on the CPU, run the model families it supports (Llama, Mistral, Qwen2, Qwen3, Gemma-3)
             through the engine's fused decoder; False keeps transformers' own forward pass (``chatstream serve
             --no-fused-decoder``).
+        max_prefill_tokens: prompt tokens (padding included) our engine prefills in one step beside the decode of
+            the running streams; a longer prompt is prefilled in chunks (``--max-prefill-tokens``; docs/performance.md).
+        weight_quantization: None, "int8" or "int4": the fused CPU decoder decodes with weights quantized at load
+            time (``--weight-quantization``; off by default; docs/performance.md shows speed and quality).
         max_body_bytes: the largest request body accepted (default 1 MiB); longer ones get 413 before they are
             read whole.
         fair_queue: serve the waiting line fairly across users (default); False: first come, first served.
@@ -157,6 +161,8 @@ class ChatStream:
         token_sampler: Any = None,
         probe_mode_enabled: bool = False,
         fused_decoder: bool = True,
+        max_prefill_tokens: int = 256,
+        weight_quantization: str | None = None,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         fair_queue: bool = True,
         max_running_per_user: int | None = None,
@@ -206,6 +212,8 @@ class ChatStream:
             add_special_tokens=add_special_tokens,
             prefix_cache_bytes=prefix_cache_bytes,
             fused_decoder=fused_decoder,
+            max_prefill_tokens=max_prefill_tokens,
+            weight_quantization=weight_quantization,
         )
         self.client_roles = ClientRoles.from_config(client_roles)
         self.chat_prompt_clazz = chat_prompt_clazz or default_prompt_class(tokenizer, use_mock_response)

@@ -254,6 +254,8 @@ def build_chat_stream(
         chat_prompt_clazz=prompt_class_for(args.model, tokenizer),
         model_name=model_id_for(args.model),
         fused_decoder=args.fused_decoder,
+        max_prefill_tokens=args.max_prefill_tokens,
+        weight_quantization=args.weight_quantization,
         devices=getattr(args, "devices", None),
         **common,
     )

@@ -46,6 +46,18 @@ def add_model_options(parser: argparse.ArgumentParser, default_log_level: str) -
         action="store_false",
         help="run transformers' own forward pass instead of the fused CPU decoder (for comparison or a model it fails)",
     )
+    group.add_argument(
+        "--max-prefill-tokens",
+        type=_int_at_least(1),
+        default=256,
+        help="prompt tokens prefilled per step beside the running streams; longer prompts go in chunks (default: 256)",
+    )
+    group.add_argument(
+        "--weight-quantization",
+        choices=("int8", "int4"),
+        default=None,
+        help="decode with weights quantized at load time by the fused CPU decoder (default: the model's own)",
+    )
     group.add_argument("--mock", action="store_true", help="answer with canned text; no model is loaded")
     group.add_argument("--mock-type", choices=("round", "long", "echo"), default="round")
     group.add_argument("--mock-time-per-token", type=_float_at_least(0.0), default=0.02, metavar="SEC")

@@ -19,7 +19,11 @@ from chatstream.ray.launch import default_gpus_per_replica
 def engine_settings(args: argparse.Namespace, model_dir: str | None) -> tuple[EngineSpec, ReplicaSettings]:
     """What each replica loads (``model_dir``, or the mock with ``--mock``), and how many run where."""
     config = EngineConfig(
-        max_batch_size=args.max_concurrency, context_len=args.context_len, fused_decoder=args.fused_decoder
+        max_batch_size=args.max_concurrency,
+        context_len=args.context_len,
+        fused_decoder=args.fused_decoder,
+        max_prefill_tokens=args.max_prefill_tokens,
+        weight_quantization=args.weight_quantization,
     )
     if args.mock or model_dir is None:
         mock = MockConfig.from_seed_params({"type": args.mock_type, "time_per_token_sec": args.mock_time_per_token})
