@@ -161,7 +161,7 @@ class ChatStream:
         token_sampler: Any = None,
         probe_mode_enabled: bool = False,
         fused_decoder: bool = True,
-        max_prefill_tokens: int = 256,
+        max_prefill_tokens: int = EngineConfig.max_prefill_tokens,
         weight_quantization: str | None = None,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         fair_queue: bool = True,

@@ -10,6 +10,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from chatstream.config import EngineConfig
+
 API_KEYS_ENV = "CHATSTREAM_API_KEYS"
 """Comma-separated API keys for the OpenAI endpoints, added to those given with ``--api-key``."""
 
@@ -49,8 +51,9 @@ def add_model_options(parser: argparse.ArgumentParser, default_log_level: str) -
     group.add_argument(
         "--max-prefill-tokens",
         type=_int_at_least(1),
-        default=256,
-        help="prompt tokens prefilled per step beside the running streams; longer prompts go in chunks (default: 256)",
+        default=EngineConfig.max_prefill_tokens,
+        help="prompt tokens prefilled per step beside the running streams; longer prompts go in chunks "
+        "(default: %(default)s)",
     )
     group.add_argument(
         "--weight-quantization",
