@@ -295,7 +295,7 @@ async def bench_server(
     result: dict[str, Any] = {"kind": spec.kind, "dtype": spec.dtype, "protocols": list(spec.protocols)}
     server: RunningServer | None = None
     try:
-        if scenarios & {"throughput", "health", "crosscheck"}:
+        if scenarios & {"throughput", "health", "crosscheck", "shared_prefix", "long_joiners"}:
             server = _start(spec, options, log_dir)
             result["ready_s"] = server.ready_s
             result.update(await single_turn_phase(server, options, config, prompts, count, scenarios))
