@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from chatstream.config import EngineConfig
+from chatstream.config import WEIGHT_QUANTIZATIONS, EngineConfig
 
 API_KEYS_ENV = "CHATSTREAM_API_KEYS"
 """Comma-separated API keys for the OpenAI endpoints, added to those given with ``--api-key``."""
@@ -57,7 +57,7 @@ def add_model_options(parser: argparse.ArgumentParser, default_log_level: str) -
     )
     group.add_argument(
         "--weight-quantization",
-        choices=("int8", "int4"),
+        choices=WEIGHT_QUANTIZATIONS,
         default=None,
         help="decode with weights quantized at load time by the fused CPU decoder (default: the model's own)",
     )

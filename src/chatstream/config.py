@@ -16,6 +16,9 @@ T = TypeVar("T")
 GREEDY_TEMPERATURE = 1e-4
 """A temperature below this value means greedy decoding (argmax)."""
 
+WEIGHT_QUANTIZATIONS = ("int8", "int4")
+"""The values of ``EngineConfig.weight_quantization`` besides None (engine/cpu/quantized.py implements them)."""
+
 
 class RepetitionPenaltyMethod(enum.Enum):
     """How ``repetition_penalty`` is applied to the logits of tokens already in the sequence."""
@@ -178,9 +181,8 @@ class EngineConfig:
         _check(self.max_batch_size >= 1, "max_batch_size", self.max_batch_size, "must be >= 1")
         _check(self.prefix_cache_bytes >= 0, "prefix_cache_bytes", self.prefix_cache_bytes, "must be >= 0")
         _check(self.max_prefill_tokens >= 1, "max_prefill_tokens", self.max_prefill_tokens, "must be >= 1")
-        quantizations = (None, "int8", "int4")
-        _check(self.weight_quantization in quantizations, "weight_quantization", self.weight_quantization,
-               "must be None, 'int8' or 'int4'")  # fmt: skip
+        _check(self.weight_quantization in (None, *WEIGHT_QUANTIZATIONS), "weight_quantization",
+               self.weight_quantization, f"must be None, {' or '.join(map(repr, WEIGHT_QUANTIZATIONS))}")  # fmt: skip
         groups = (32, 64, 128, 256)
         _check(self.quantization_group_size in groups, "quantization_group_size", self.quantization_group_size,
                "must be 32, 64, 128 or 256")  # fmt: skip

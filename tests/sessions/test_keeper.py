@@ -129,7 +129,7 @@ async def test_two_first_turns_on_one_new_id_both_stay(store: Store, keeper: Con
     assert sorted(m.text for m in record.messages) == sorted(["from a", "answer from a", "from b", "answer from b"])
 
 
-async def test_a_named_conversation_must_be_the_users(store: Store, keeper: ConversationKeeper) -> None:
+async def test_a_named_conversation_must_be_the_users(keeper: ConversationKeeper) -> None:
     theirs = await turn(keeper, session(), "mine")
     with pytest.raises(ConversationNotFound):
         await open_for_turn(keeper, session(), theirs)

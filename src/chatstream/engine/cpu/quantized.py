@@ -22,11 +22,12 @@ from typing import Any, Protocol
 
 import torch
 
+from chatstream.config import WEIGHT_QUANTIZATIONS
 from chatstream.engine.cpu.fast_path import Forward
 
 logger = logging.getLogger(__name__)
 
-MODES = ("int8", "int4")
+MODES = WEIGHT_QUANTIZATIONS
 ACTIVATION_DTYPE = torch.bfloat16
 INT4_INNER_K_TILES = 1
 
