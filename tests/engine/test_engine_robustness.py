@@ -67,7 +67,7 @@ async def test_decode_failure_fails_the_batch_and_the_engine_keeps_serving(
     calls = {"n": 0}
 
     def third_decode(parts: list[Any]) -> bool:
-        if runner.batch is None or not any(part.cache is runner.batch.cache for part in parts):
+        if not any(part.cache is batch.cache for batch in runner.batches for part in parts):
             return False
         calls["n"] += 1
         return calls["n"] == 3
@@ -80,6 +80,25 @@ async def test_decode_failure_fails_the_batch_and_the_engine_keeps_serving(
     after = await collect(engine.add_request(GenerationRequest("b", PROMPTS[1], greedy(8))))
     assert after.token_ids == reference(tiny_model, tiny_tokenizer.encode(PROMPTS[1]), 8)
     assert engine.is_running
+
+
+async def test_a_decode_failure_in_one_decode_group_fails_only_its_rows(
+    make_tiny_engine: Any, tiny_model: Any, tiny_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = make_tiny_engine()
+    long_ids = tuple(tiny_tokenizer.encode(" ".join(PROMPTS)) * 3)[:150]
+
+    def long_row_decodes(parts: list[Any]) -> bool:  # only the long prompt's row decodes at positions past 150
+        return any(part.decode and int(part.positions.max()) >= 151 for part in parts)
+
+    _fail_forward(engine.llm.model_runner, monkeypatch, long_row_decodes)
+    short = engine.add_request(GenerationRequest("short", PROMPTS[1], greedy(30, ignore_eos=True)))
+    await asyncio.sleep(0.05)
+    long = engine.add_request(GenerationRequest("long", "", greedy(10, ignore_eos=True), prompt_token_ids=long_ids))
+    short_out, long_out = await asyncio.gather(collect(short), collect(long))
+    assert long_out.finish_reason is FinishReason.ERROR and "boom" in (long_out.deltas[-1].error or "")
+    assert long_out.token_ids == reference(tiny_model, list(long_ids), 2)
+    assert short_out.token_ids == reference(tiny_model, tiny_tokenizer.encode(PROMPTS[1]), 30)
 
 
 async def test_stats_count(make_tiny_engine: Any, tiny_tokenizer: Any) -> None:

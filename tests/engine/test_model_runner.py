@@ -93,17 +93,17 @@ def test_run_keeps_kv_releases_rows_and_prefills_on_cached_segments(tiny_model: 
     out = runner.run(_prefill_plan(ScheduledPrefill(a), ScheduledPrefill(b)))
     assert set(out.sampled) == {a.seq_id, b.seq_id} and not out.errors
     a.output_ids.append(out.sampled[a.seq_id])
-    assert runner.batch is not None and runner.batch.seq_ids == [a.seq_id, b.seq_id]
+    assert runner.seq_ids == [a.seq_id, b.seq_id] and len(runner.batches) == 1
     n = len(a.prompt_ids)
     keeps = (KeepKV(10, a.seq_id, 0, 5), KeepKV(11, a.seq_id, 5, n), KeepKV(12, b.seq_id, 0, 2), FreeKV(12))
     runner.run(SchedulerOutput(cache_ops=keeps, releases=(a.seq_id,)))
-    assert runner.batch.seq_ids == [b.seq_id] and sorted(runner.kept) == [10, 11]
+    assert runner.seq_ids == [b.seq_id] and sorted(runner.kept) == [10, 11]
     assert runner.kept[10].num_tokens == 5 and runner.kept[11].num_tokens == n - 5
     again = _seq("again", [*a.prompt_ids, a.output_ids[0]])
     prefix = PrefixMatch(((10, 5), (11, n - 5)), n)
     out = runner.run(_prefill_plan(ScheduledPrefill(again, prefix)))
     assert out.sampled[again.seq_id] == reference(tiny_model, again.prompt_ids, 1)[0]
-    assert runner.batch.seq_ids == [b.seq_id, again.seq_id] and sorted(runner.kept) == [10, 11]
+    assert runner.seq_ids == [b.seq_id, again.seq_id] and sorted(runner.kept) == [10, 11]
 
 
 def test_a_chunked_prefill_runs_beside_the_decode_and_gives_the_tokens_of_generate(
@@ -112,9 +112,10 @@ def test_a_chunked_prefill_runs_beside_the_decode_and_gives_the_tokens_of_genera
     runner = ModelRunner(tiny_model)
     a = _seq("a", tiny_tokenizer.encode(PROMPTS[1]))
     runner.run(_prefill_plan(ScheduledPrefill(a)))
-    long = _seq("long", tiny_tokenizer.encode(PROMPTS[3]))
+    long = _seq("long", (tiny_tokenizer.encode(" ".join(PROMPTS)) * 4)[:150])  # longer than a buffer's headroom
     expected = reference(tiny_model, long.prompt_ids, 1)[0]
-    width, step = len(long.prompt_ids), 7
+    width, step = len(long.prompt_ids), 37
+    buffers: set[int] = set()
     for start in range(0, width, step):
         plan = _prefill_plan(ScheduledPrefill(long), chunk=(start, min(width, start + step)))
         plan = SchedulerOutput(
@@ -122,8 +123,11 @@ def test_a_chunked_prefill_runs_beside_the_decode_and_gives_the_tokens_of_genera
         )
         out = runner.run(plan)
         assert set(out.sampled) == ({a.seq_id, long.seq_id} if plan.prefilled else {a.seq_id})
+        if runner.group is not None:  # the group's cache was sized for the whole prompt: chunks append in place
+            buffers.add(runner.group.cache.buffered[0].key_buffer.data_ptr())
+    assert len(buffers) == 1
     assert out.sampled[long.seq_id] == expected
-    assert runner.group is None and runner.batch is not None and runner.batch.seq_ids == [a.seq_id, long.seq_id]
+    assert runner.group is None and runner.seq_ids == [a.seq_id, long.seq_id]
 
 
 def test_a_plan_that_does_not_match_the_batch_is_a_bug(tiny_model: Any, tiny_tokenizer: Any) -> None:

@@ -56,6 +56,7 @@ class BufferedLayer(DynamicLayer):
     ) -> None:
         super().__init__()
         self.length = 0
+        self.reserved = 0
         if key_buffer is not None and value_buffer is not None:
             self._set_buffers(key_buffer, value_buffer, length)
 
@@ -82,7 +83,7 @@ class BufferedLayer(DynamicLayer):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         b, h, n, _ = key_states.shape
-        cap = _round_up(n + HEADROOM_COLUMNS)
+        cap = _round_up(max(n + HEADROOM_COLUMNS, self.reserved))
         keys = key_states.new_empty((b, h, cap, key_states.shape[3]))
         values = value_states.new_empty((b, h, cap, value_states.shape[3]))
         self._set_buffers(keys, values, 0)
@@ -99,8 +100,15 @@ class BufferedLayer(DynamicLayer):
         self._set_buffers(self.key_buffer, self.value_buffer, end)
         return self.keys, self.values
 
-    def _grow(self, needed: int) -> None:
-        cap = _round_up(max(needed, 2 * self.capacity))
+    def reserve(self, columns: int) -> None:
+        """Make room for ``columns`` columns at once (now, or when the first keys come), so that appending up to
+        there copies nothing."""
+        self.reserved = max(self.reserved, columns)
+        if self.is_initialized and self.capacity < columns:
+            self._grow(columns, exact=True)
+
+    def _grow(self, needed: int, *, exact: bool = False) -> None:
+        cap = _round_up(needed if exact else max(needed, 2 * self.capacity))
         keys, values = self.key_buffer, self.value_buffer
         new_keys = keys.new_empty((*keys.shape[:2], cap, keys.shape[3]))
         new_values = values.new_empty((*values.shape[:2], cap, values.shape[3]))
@@ -142,6 +150,11 @@ class BatchKVCache(Cache):
     def lengths(self) -> list[int]:
         """Every layer's length (they differ only while a forward is under way)."""
         return [layer.length for layer in self.buffered]
+
+    def reserve(self, columns: int) -> None:
+        """Room for ``columns`` columns in every layer, allocated once (see :meth:`BufferedLayer.reserve`)."""
+        for layer in self.buffered:
+            layer.reserve(columns)
 
     def restore(self, lengths: Sequence[int]) -> None:
         """Set every layer back to the length it had (:meth:`lengths`): forgets what a failed forward appended."""

@@ -4,9 +4,16 @@
 cache dropped, takes the rows that left out of the batch, starts a new prefill group on its cached prefixes, then runs
 one forward: a decode of every running row together with the next chunk of the prefill group (their tokens share the
 matrix products; each attends to its own cache). After the group's last chunk its rows get their first token and join
-the batch. It returns a token per scheduled sequence, or why the model failed on it: a forward that fails is redone
-part by part, and a failed group of several rows row by row, so that only the culprit fails; a failed decode fails
-every running row and drops the batch.
+the running rows. It returns a token per scheduled sequence, or why the model failed on it: a forward that fails is
+redone part by part, and a failed group of several rows row by row, so that only the culprit fails; a failed decode
+fails the running rows of its decode group and drops that group.
+
+The running rows live in a few decode groups (:class:`~chatstream.engine.kv_cache.DecodeBatch`), each left-padded to
+its own width, that decode in the same forward. A prefilled group joins as a decode group of its own, without a
+copy; groups are merged (one copy of both) only when there are more than :data:`MAX_DECODE_GROUPS`, the pair whose
+merge adds the least padding first. So a long prompt joining short chats neither widens their rows to its length nor
+copies their KV (on a CPU, allocating and touching that memory took longer than a prefill chunk; see
+docs/performance.md).
 """
 
 from __future__ import annotations
@@ -28,6 +35,11 @@ from chatstream.engine.sequence import Sequence
 
 logger = logging.getLogger(__name__)
 
+MAX_DECODE_GROUPS = 4
+"""The most decode groups the running rows are kept in (with the fused decoder; transformers' forward runs a model
+call per group, so without the fused decoder the rows are kept in one). Each group costs an attention call per layer
+and a mask per step; a merge costs a copy of both groups' KV."""
+
 
 class ModelRunner:
     """Runs a transformers causal LM on the engine's left-padded batches, with explicit 2-D masks and position ids.
@@ -41,7 +53,7 @@ class ModelRunner:
     transformers' forward from then on, redoing that forward.
 
     Attributes:
-        batch: the running rows (None when no sequence runs); only the runner changes it.
+        batches: the running rows, in decode groups (empty when no sequence runs); only the runner changes them.
         group: the rows being prefilled (None between groups).
         kept: the prefix cache's KV segments, by node id.
     """
@@ -70,7 +82,7 @@ class ModelRunner:
                 self.fused.quantize(model, quantization, quantization_group_size)
             elif quantization is not None:
                 logger.warning("weight quantization needs the fused decoder; the model runs unquantized")
-        self.batch: DecodeBatch | None = None
+        self.batches: list[DecodeBatch] = []
         self.group: PrefillGroup | None = None
         self.kept: dict[int, RowKV] = {}
 
@@ -91,9 +103,20 @@ class ModelRunner:
 
     def reset(self) -> None:
         """Drop the batch, the prefill group and every kept KV."""
-        self.batch = None
+        self.batches = []
         self.group = None
         self.kept.clear()
+
+    @property
+    def seq_ids(self) -> list[int]:
+        """The sequence id of every running row, group after group (the order of a decode's tokens)."""
+        return [seq_id for batch in self.batches for seq_id in batch.seq_ids]
+
+    def _row_of(self, seq_id: int) -> tuple[DecodeBatch, int] | None:
+        for batch in self.batches:
+            if seq_id in batch.seq_ids:
+                return batch, batch.seq_ids.index(seq_id)
+        return None
 
     def kv_bytes_per_token(self) -> int:
         """The size of one token's keys and values over all layers, measured on a one-token prefill."""
@@ -102,29 +125,32 @@ class ModelRunner:
         return batch.extract_row(0).num_bytes
 
     def _apply_cache_ops(self, ops: SequenceABC[CacheOp]) -> None:
-        rows = {seq_id: row for row, seq_id in enumerate(self.batch.seq_ids)} if self.batch is not None else {}
         for op in ops:
             if isinstance(op, KeepKV):
-                if self.batch is None or op.seq_id not in rows:
+                found = self._row_of(op.seq_id)
+                if found is None:
                     raise RuntimeError(f"KV of sequence {op.seq_id} to cache, but it has no row in the batch")
-                self.kept[op.node_id] = self.batch.extract_row(rows[op.seq_id], op.start, op.end)
+                batch, row = found
+                self.kept[op.node_id] = batch.extract_row(row, op.start, op.end)
             else:
                 self.kept.pop(op.node_id, None)
 
     def _release(self, releases: SequenceABC[int]) -> None:
-        """Take the released rows out of the batch."""
+        """Take the released rows out of their decode groups (a group left empty goes, without a copy)."""
         if not releases:
             return
-        if self.batch is None:
-            raise RuntimeError("rows released from an empty batch")
-        batch, leaving = self.batch, set(releases)
-        if not leaving <= set(batch.seq_ids):
-            raise RuntimeError(f"released sequences {sorted(leaving - set(batch.seq_ids))} have no row in the batch")
-        staying = [row for row, seq_id in enumerate(batch.seq_ids) if seq_id not in leaving]
-        if staying:
-            batch.filter(staying)
-        else:
-            self.batch = None
+        leaving = set(releases)
+        unknown = leaving - set(self.seq_ids)
+        if unknown:
+            raise RuntimeError(f"released sequences {sorted(unknown)} have no row in the batch")
+        kept = []
+        for batch in self.batches:
+            staying = [row for row, seq_id in enumerate(batch.seq_ids) if seq_id not in leaving]
+            if len(staying) < batch.size and staying:
+                batch.filter(staying)
+            if staying:
+                kept.append(batch)
+        self.batches = kept
 
     def _start_group(self, prefills: SequenceABC[ScheduledPrefill], output: ModelOutput) -> None:
         try:
@@ -136,55 +162,69 @@ class ModelRunner:
     # ---- one forward -----------------------------------------------------------------------------------------------
 
     def _step(self, plan: SchedulerOutput, output: ModelOutput) -> None:
-        """The decode of the running rows and the group's chunk, as one forward where both run."""
+        """The decode of the running rows (a part per decode group) and the group's chunk, as one forward."""
         seqs = self._decode_rows(plan.decodes)
+        batches = list(self.batches) if seqs else []
         group, chunk = self.group, plan.chunk
-        parts: list[ForwardGroup] = []
-        if seqs:
-            parts.append(self._decode_part(seqs))
+        parts = [self._decode_part(batch) for batch in batches]
         if group is not None and chunk is not None:
             parts.append(group.chunk(chunk.start, chunk.end))
         results = self._forward_parts(parts)
-        if seqs:
-            self._finish_decode(seqs, results.pop(0), output)
+        if batches:
+            self._finish_decode(batches, seqs, results[: len(batches)], output)
         if group is not None and chunk is not None:
-            self._finish_chunk(group, chunk, results.pop(0), output)
+            self._finish_chunk(group, chunk, results[len(batches)], output)
 
     def _decode_rows(self, decodes: SequenceABC[Sequence]) -> list[Sequence]:
-        """The planned decodes in batch row order."""
+        """The planned decodes in row order (group after group)."""
         if not decodes:
             return []
-        batch, by_id = self.batch, {seq.seq_id: seq for seq in decodes}
-        if batch is None or set(batch.seq_ids) != by_id.keys():
+        ids, by_id = self.seq_ids, {seq.seq_id: seq for seq in decodes}
+        if len(ids) != len(by_id) or set(ids) != by_id.keys():
             raise RuntimeError("the planned decodes are not the rows of the batch")
-        return [by_id[seq_id] for seq_id in batch.seq_ids]
+        return [by_id[seq_id] for seq_id in ids]
 
-    def _decode_part(self, seqs: SequenceABC[Sequence]) -> ForwardGroup:
-        batch = self.batch
-        assert batch is not None
+    def _decode_part(self, batch: DecodeBatch) -> ForwardGroup:
         ones = torch.ones((batch.size, 1), dtype=torch.bool, device=self.device)
         batch.attention_mask = torch.cat([batch.attention_mask, ones], dim=1)
         tokens, positions = batch.next_tokens.unsqueeze(1), batch.positions.unsqueeze(1)
         return ForwardGroup(tokens, positions, batch.attention_mask, batch.cache, decode=True)
 
     def _finish_decode(
-        self, seqs: list[Sequence], result: torch.Tensor | Exception | None, output: ModelOutput
+        self,
+        batches: list[DecodeBatch],
+        seqs: list[Sequence],
+        results: SequenceABC[torch.Tensor | Exception | None],
+        output: ModelOutput,
     ) -> None:
-        batch = self.batch
-        assert batch is not None
-        try:
+        """Sample every decode group whose forward ran, together; a group whose forward failed (or all of them, if
+        sampling fails) fails its rows and leaves."""
+        good: list[tuple[DecodeBatch, list[Sequence], torch.Tensor]] = []
+        failed: list[tuple[DecodeBatch, list[Sequence], Exception]] = []
+        start = 0
+        for batch, result in zip(batches, results, strict=True):
+            rows, start = seqs[start : start + batch.size], start + batch.size
             if isinstance(result, Exception):
-                raise result
-            assert result is not None
-            tokens = self._sample(seqs, result)
-        except Exception as exc:
-            logger.exception("decode step failed; failing the %d running requests", len(seqs))
-            self.batch = None
-            output.errors.update({seq.seq_id: f"decode failed: {exc}" for seq in seqs})
-            return
-        batch.positions = batch.positions + 1
-        batch.next_tokens = tokens
-        output.sampled.update(zip(batch.seq_ids, tokens.tolist(), strict=True))
+                failed.append((batch, rows, result))
+            else:
+                assert result is not None
+                good.append((batch, rows, result))
+        if good:
+            try:
+                logits = good[0][2] if len(good) == 1 else torch.cat([logits for _, _, logits in good])
+                tokens = self._sample([seq for _, rows, _ in good for seq in rows], logits)
+            except Exception as sampling_error:
+                failed += [(batch, rows, sampling_error) for batch, rows, _ in good]
+            else:
+                for (batch, _, _), batch_tokens in zip(good, tokens.split([b.size for b, _, _ in good]), strict=True):
+                    batch.positions = batch.positions + 1
+                    batch.next_tokens = batch_tokens
+                    output.sampled.update(zip(batch.seq_ids, batch_tokens.tolist(), strict=True))
+        for _, rows, error in failed:
+            logger.error("decode step failed; failing the %d running requests of its group", len(rows), exc_info=error)
+            output.errors.update({seq.seq_id: f"decode failed: {error}" for seq in rows})
+        if failed:
+            self.batches = [b for b in self.batches if not any(b is f for f, _, _ in failed)]
 
     def _finish_chunk(
         self, group: PrefillGroup, chunk: PrefillChunk, result: torch.Tensor | Exception | None, output: ModelOutput
@@ -215,8 +255,19 @@ class ModelRunner:
 
     def _join(self, group: PrefillGroup, tokens: torch.Tensor, output: ModelOutput) -> None:
         joined = group.to_batch(tokens)
-        self.batch = joined if self.batch is None else DecodeBatch.concatenate([self.batch, joined])
+        self.batches.append(joined)
+        limit = MAX_DECODE_GROUPS if self.fused is not None else 1
+        while len(self.batches) > limit:
+            self._merge_closest()
         output.sampled.update(zip(joined.seq_ids, tokens.tolist(), strict=True))
+
+    def _merge_closest(self) -> None:
+        """Merge the two decode groups whose merge adds the least padding (the smaller copy on a tie)."""
+        pairs = [(i, j) for i in range(len(self.batches)) for j in range(i + 1, len(self.batches))]
+        i, j = min(pairs, key=lambda p: _merge_cost(self.batches[p[0]], self.batches[p[1]]))
+        merged = DecodeBatch.concatenate([self.batches[i], self.batches[j]])
+        self.batches[i] = merged
+        del self.batches[j]
 
     def _sample(self, seqs: SequenceABC[Sequence], logits: torch.Tensor) -> torch.Tensor:
         """The next token of every row: grammar masks first (constrained rows), then the sampler; the logprobs a
@@ -319,6 +370,13 @@ class ModelRunner:
 
     def _packed_context(self) -> AbstractContextManager[None]:
         return self.fast_path.active() if self.fast_path is not None else nullcontext()
+
+
+def _merge_cost(a: DecodeBatch, b: DecodeBatch) -> tuple[int, int]:
+    """(the padding columns a merge of ``a`` and ``b`` adds, the columns it copies)."""
+    width_a, width_b = a.attention_mask.shape[1], b.attention_mask.shape[1]
+    width = max(width_a, width_b)
+    return (a.size + b.size) * width - a.size * width_a - b.size * width_b, (a.size + b.size) * width
 
 
 def _num_cache_layers(model: Any) -> int:

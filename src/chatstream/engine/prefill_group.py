@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from chatstream.engine.kv_cache import BatchKVCache, DecodeBatch, ForwardGroup, RowKV
+from chatstream.engine.kv_cache import HEADROOM_COLUMNS, BatchKVCache, DecodeBatch, ForwardGroup, RowKV
 from chatstream.engine.scheduler import ScheduledPrefill
 
 
@@ -55,6 +55,7 @@ class PrefillGroup:
         cached = max(used)
         pieces = [[(kept[node_id], n) for node_id, n in p.prefix.segments] for p in prefills]
         cache = BatchKVCache.from_segments(pieces, num_layers)
+        cache.reserve(cached + width + HEADROOM_COLUMNS)  # the chunks and the first decode steps append in place
         input_ids = torch.full((len(prefills), width), pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(prefills), cached + width), dtype=torch.bool)
         positions = torch.zeros((len(prefills), width), dtype=torch.long)
