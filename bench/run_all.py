@@ -73,6 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "client on each OpenAI endpoint)",
     )
     parser.add_argument("--max-prefill-tokens", type=int, default=None, help="ours: per-step prefill budget")
+    parser.add_argument(
+        "--max-decode-slowdown", type=float, default=None, help="ours: the prefill pacer's limit (0: token budget only)"
+    )
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG next to the JSON")
     parser.add_argument("--readme", action="store_true", help="rewrite README.md's generated benchmark table")
     parser.add_argument("--mt-conversations", type=int, default=8)
@@ -340,6 +343,7 @@ def launch_options(
         cache_dir=args.cache_dir,
         gguf_path=prepare_gguf(args.cache_dir) if llamacpp else None,
         max_prefill_tokens=args.max_prefill_tokens,
+        max_decode_slowdown=args.max_decode_slowdown,
     )
 
 
@@ -365,6 +369,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "config": asdict(config),
         "ignore_eos": options.ignore_eos,
         "max_prefill_tokens": args.max_prefill_tokens,
+        "max_decode_slowdown": args.max_decode_slowdown,
         "machine_before": machine_state(),
     }
     report: dict[str, Any] = {"meta": meta, "servers": {}}

@@ -76,6 +76,8 @@ class LaunchOptions:
     """The GGUF file llama-server loads (the one the checkpoint was converted from)."""
     max_prefill_tokens: int | None = None
     """Ours: the engine's per-step prefill budget (None: the engine's default)."""
+    max_decode_slowdown: float | None = None
+    """Ours: ``--max-decode-slowdown`` (None: the engine's default; 0: off)."""
 
 
 def free_port() -> int:
@@ -128,6 +130,8 @@ def _ours_command(spec: ServerSpec, options: LaunchOptions, port: int) -> list[s
     argv += ["--weight-quantization", "int4"] if spec.dtype == "int4" else []
     if options.max_prefill_tokens is not None:
         argv += ["--max-prefill-tokens", str(options.max_prefill_tokens)]
+    if options.max_decode_slowdown is not None:
+        argv += ["--max-decode-slowdown", str(options.max_decode_slowdown)]
     return argv + (["--ignore-eos"] if options.ignore_eos else [])
 
 

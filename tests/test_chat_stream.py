@@ -44,6 +44,8 @@ def test_device_accepts_strings_and_torch_devices(device: Any) -> None:
         ({"top_p": 1.5}, "top_p"),
         ({"repetition_penalty_method": "divide"}, "repetition_penalty_method"),
         ({"context_len": 1}, "context_len"),
+        ({"max_decode_slowdown": 1.0}, "max_decode_slowdown"),
+        ({"max_prefill_tokens": 0}, "max_prefill_tokens"),
         ({"mock_params": {"type": "poem"}}, "mock_params"),
         (
             {

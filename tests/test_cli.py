@@ -174,15 +174,26 @@ def test_no_fused_decoder_reaches_the_engine_config(tiny_model_dir: Path) -> Non
         assert chat_stream.engine_config.fused_decoder is fused
 
 
-def test_prefill_budget_and_weight_quantization_reach_the_engine_config(tiny_model_dir: Path) -> None:
+def test_prefill_budget_slowdown_and_weight_quantization_reach_the_engine_config(tiny_model_dir: Path) -> None:
     argv = ["chat", "--model", str(tiny_model_dir), "--device", "cpu", "--dtype", "fp32"]
-    cases = (([], 256, None), (["--max-prefill-tokens", "64", "--weight-quantization", "int4"], 64, "int4"))
-    for extra, budget, quantization in cases:
+    cases = (
+        ([], 256, 2.0, None),
+        (
+            ["--max-prefill-tokens", "64", "--max-decode-slowdown", "0", "--weight-quantization", "int4"],
+            64,
+            None,
+            "int4",
+        ),
+        (["--max-decode-slowdown", "1.5"], 256, 1.5, None),
+    )
+    for extra, budget, slowdown, quantization in cases:
         args = build_parser().parse_args([*argv, *extra])
         chat_stream = cli.build_chat_stream(args, max_concurrency=1, max_queue_size=0, reject_as_http_error=False)
         assert chat_stream.engine_config.max_prefill_tokens == budget
+        assert chat_stream.engine_config.max_decode_slowdown == slowdown
         assert chat_stream.engine_config.weight_quantization == quantization
-    for bad in (["--max-prefill-tokens", "0"], ["--weight-quantization", "int3"]):
+    bad_values = (["--max-prefill-tokens", "0"], ["--weight-quantization", "int3"], ["--max-decode-slowdown", "0.5"])
+    for bad in bad_values:
         with pytest.raises(SystemExit):
             build_parser().parse_args([*argv, *bad])
 

@@ -93,6 +93,8 @@ class ChatStream:
             --no-fused-decoder``).
         max_prefill_tokens: prompt tokens (padding included) our engine prefills in one step beside the decode of
             the running streams; a longer prompt is prefilled in chunks (``--max-prefill-tokens``; docs/performance.md).
+        max_decode_slowdown: while streams decode, the engine shrinks a prefill chunk so that the step takes at most
+            this many times a step without one (``--max-decode-slowdown``; None: always ``max_prefill_tokens``).
         weight_quantization: None, "int8" or "int4": the fused CPU decoder decodes with weights quantized at load
             time (``--weight-quantization``; off by default; docs/performance.md shows speed and quality).
         max_body_bytes: the largest request body accepted (default 1 MiB); longer ones get 413 before they are
@@ -162,6 +164,7 @@ class ChatStream:
         probe_mode_enabled: bool = False,
         fused_decoder: bool = True,
         max_prefill_tokens: int = EngineConfig.max_prefill_tokens,
+        max_decode_slowdown: float | None = EngineConfig.max_decode_slowdown,
         weight_quantization: str | None = None,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         fair_queue: bool = True,
@@ -213,6 +216,7 @@ class ChatStream:
             prefix_cache_bytes=prefix_cache_bytes,
             fused_decoder=fused_decoder,
             max_prefill_tokens=max_prefill_tokens,
+            max_decode_slowdown=max_decode_slowdown,
             weight_quantization=weight_quantization,
         )
         self.client_roles = ClientRoles.from_config(client_roles)

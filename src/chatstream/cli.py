@@ -255,6 +255,7 @@ def build_chat_stream(
         model_name=model_id_for(args.model),
         fused_decoder=args.fused_decoder,
         max_prefill_tokens=args.max_prefill_tokens,
+        max_decode_slowdown=args.max_decode_slowdown or None,
         weight_quantization=args.weight_quantization,
         devices=getattr(args, "devices", None),
         **common,

@@ -56,6 +56,14 @@ def add_model_options(parser: argparse.ArgumentParser, default_log_level: str) -
         "(default: %(default)s)",
     )
     group.add_argument(
+        "--max-decode-slowdown",
+        type=_slowdown,
+        default=EngineConfig.max_decode_slowdown,
+        metavar="X",
+        help="while streams decode, shrink the prefill chunk so that a step takes at most X times a step without "
+        "one (0: always --max-prefill-tokens; default: %(default)s)",
+    )
+    group.add_argument(
         "--weight-quantization",
         choices=WEIGHT_QUANTIZATIONS,
         default=None,
@@ -298,6 +306,13 @@ def _int_at_least(minimum: int) -> Any:
 
     parse.__name__ = "integer"
     return parse
+
+
+def _slowdown(text: str) -> float:
+    value = float(text)
+    if not (value == 0.0 or value > 1.0):  # also rejects nan
+        raise argparse.ArgumentTypeError(f"{value} is neither 0 (off) nor more than 1")
+    return value
 
 
 def _float_at_least(minimum: float) -> Any:

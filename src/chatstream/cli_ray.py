@@ -23,6 +23,7 @@ def engine_settings(args: argparse.Namespace, model_dir: str | None) -> tuple[En
         context_len=args.context_len,
         fused_decoder=args.fused_decoder,
         max_prefill_tokens=args.max_prefill_tokens,
+        max_decode_slowdown=args.max_decode_slowdown or None,
         weight_quantization=args.weight_quantization,
     )
     if args.mock or model_dir is None:

@@ -157,6 +157,10 @@ class EngineConfig:
         max_prefill_tokens: prompt tokens (padding included) prefilled in one step, next to the decode of the
             running streams; a longer prompt is prefilled in chunks of this size over several steps, so a running
             stream never waits for more than one chunk.
+        max_decode_slowdown: while rows decode, a step with a prefill chunk may take at most this many times a step
+            without one: the engine measures both and shrinks the chunk below ``max_prefill_tokens`` to fit (a
+            long prompt joining a busy batch then costs the running streams at most this factor on their
+            inter-token gap, and takes longer to prefill). None: ``max_prefill_tokens`` always.
         fused_decoder: on the CPU, run supported model families (Llama, Mistral, Qwen2, Qwen3, Gemma-3) through the
             hand-written fused decoder (checked against transformers when built); False keeps transformers' forward.
         weight_quantization: None (the model's own weights), ``"int8"`` or ``"int4"``: the fused decoder's linear
@@ -172,6 +176,7 @@ class EngineConfig:
     add_special_tokens: bool | None = None
     prefix_cache_bytes: int = 512 * 1024 * 1024
     max_prefill_tokens: int = 256
+    max_decode_slowdown: float | None = 2.0
     fused_decoder: bool = True
     weight_quantization: str | None = None
     quantization_group_size: int = 32
@@ -181,6 +186,8 @@ class EngineConfig:
         _check(self.max_batch_size >= 1, "max_batch_size", self.max_batch_size, "must be >= 1")
         _check(self.prefix_cache_bytes >= 0, "prefix_cache_bytes", self.prefix_cache_bytes, "must be >= 0")
         _check(self.max_prefill_tokens >= 1, "max_prefill_tokens", self.max_prefill_tokens, "must be >= 1")
+        _check(self.max_decode_slowdown is None or self.max_decode_slowdown > 1.0, "max_decode_slowdown",
+               self.max_decode_slowdown, "must be None or > 1")  # fmt: skip
         _check(self.weight_quantization in (None, *WEIGHT_QUANTIZATIONS), "weight_quantization",
                self.weight_quantization, f"must be None, {' or '.join(map(repr, WEIGHT_QUANTIZATIONS))}")  # fmt: skip
         groups = (32, 64, 128, 256)

@@ -55,13 +55,15 @@ def test_llama_server_runs_the_gguf_with_a_slot_per_chat_and_the_shared_template
     assert "--chat-template-file" in argv and "--no-webui" in argv and "--jinja" in argv
 
 
-def test_ours_int4_and_the_prefill_budget(tmp_path: Path) -> None:
-    argv, _ = build_command(ServerSpec("ours", "int4", ("openai",)), _options(tmp_path, max_prefill_tokens=512), 1)
+def test_ours_int4_the_prefill_budget_and_the_pacer(tmp_path: Path) -> None:
+    options = _options(tmp_path, max_prefill_tokens=512, max_decode_slowdown=0.0)
+    argv, _ = build_command(ServerSpec("ours", "int4", ("openai",)), options, 1)
     assert argv[argv.index("--dtype") + 1] == "fp32"
     assert argv[argv.index("--weight-quantization") + 1] == "int4"
     assert argv[argv.index("--max-prefill-tokens") + 1] == "512"
+    assert argv[argv.index("--max-decode-slowdown") + 1] == "0.0"
     plain, _ = build_command(ServerSpec("ours", "bf16", ("openai",)), _options(tmp_path / "b"), 1)
-    assert "--weight-quantization" not in plain and "--max-prefill-tokens" not in plain
+    assert not {"--weight-quantization", "--max-prefill-tokens", "--max-decode-slowdown"} & set(plain)
 
 
 def _report() -> dict:

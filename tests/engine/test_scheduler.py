@@ -8,6 +8,7 @@ from tests.tiny_model import greedy
 
 from chatstream.config import EngineConfig
 from chatstream.engine.base import FinishReason, GenerationRequest
+from chatstream.engine.prefill_pacer import MIN_CHUNK_TOKENS
 from chatstream.engine.prefix_cache import PrefixMatch
 from chatstream.engine.scheduler import FreeKV, KeepKV, ModelOutput, PrefillChunk, Scheduler, SchedulerOutput
 from chatstream.engine.sequence import Detokenizer, Sequence, SequenceStatus
@@ -48,7 +49,7 @@ def test_waiting_sequences_join_in_arrival_order_then_decode() -> None:
         sched.add(seq(name, [1, 3, 4]))
     plan, updated = step(sched)
     assert ids([p.seq for p in plan.group]) == ["a", "b", "c"] and not plan.decodes
-    assert plan.chunk == PrefillChunk(0, 3, 3) and ids(plan.prefilled) == ["a", "b", "c"]
+    assert plan.chunk == PrefillChunk(0, 3, 3, rows=3) and ids(plan.prefilled) == ["a", "b", "c"]
     assert all(p.prefix == PrefixMatch() for p in plan.group)
     assert ids(sched.running) == ["a", "b", "c"] and all(s.status is SequenceStatus.RUNNING for s in updated)
     plan, _ = step(sched)
@@ -83,6 +84,29 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_the_running_rows_decode() ->
     assert chunks == [PrefillChunk(0, 4, 10), PrefillChunk(4, 8, 10), PrefillChunk(8, 10, 10)]
     assert ids(updated) == ["a", "long"] and ids(sched.running) == ["a", "long"]
     assert sched.num_prefill_chunks_total == 4
+
+
+def test_the_pacer_shrinks_the_chunks_while_rows_decode_and_learns_from_each_step() -> None:
+    sched = scheduler(max_prefill_tokens=64, max_decode_slowdown=2.0)
+    sched.add(seq("a", [3, 4]))
+    plan, _ = step(sched)
+    sched.observe(plan, 0.002)  # a prefill alone: 2 tokens in 2 ms
+    plan, _ = step(sched)
+    sched.observe(plan, 0.020)  # a decode step: 20 ms, so the chunk beside it may add 20 ms: 20 tokens
+    sched.add(seq("long", list(range(20, 120))))
+    plan, _ = step(sched)
+    assert plan.chunk == PrefillChunk(0, 20, 100)
+    sched.observe(plan, 0.020 + 20 * 0.010)  # the tokens cost 10 ms each beside the decode: smaller chunks
+    plan, _ = step(sched)
+    assert plan.chunk == PrefillChunk(20, 20 + MIN_CHUNK_TOKENS, 100)
+    off = scheduler(max_prefill_tokens=64, max_decode_slowdown=None)
+    off.add(seq("a", [3, 4]))
+    for seconds in (0.002, 0.020):
+        plan, _ = step(off)
+        off.observe(plan, seconds)
+    off.add(seq("long", list(range(20, 120))))
+    plan, _ = step(off)
+    assert plan.chunk == PrefillChunk(0, 64, 100)
 
 
 def test_a_group_is_formed_while_it_fits_one_step_with_little_padding() -> None:
@@ -232,7 +256,7 @@ def test_hits_prefill_together_with_the_longest_uncached_part() -> None:
     plan, _ = step(sched)
     # "a" recomputes 3 of its cached tokens so that every row runs 4 new tokens
     assert [(p.seq.request_id, p.num_cached_tokens) for p in plan.group] == [("a", 7), ("b", 6), ("plain", 0)]
-    assert plan.chunk == PrefillChunk(0, 4, 4)
+    assert plan.chunk == PrefillChunk(0, 4, 4, rows=3)
 
 
 def test_eviction_frees_the_dropped_nodes() -> None:

@@ -10,6 +10,7 @@ and tests drive it directly.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, NamedTuple
 
 from chatstream.config import EngineConfig
@@ -83,7 +84,9 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model, and append the sampled tokens; returns one delta per scheduled request."""
         plan = self.scheduler.schedule()
+        started = time.perf_counter()
         output = self.model_runner.run(plan)
+        self.scheduler.observe(plan, time.perf_counter() - started)
         return [_output(seq) for seq in self.scheduler.update_from_output(plan, output)]
 
     def abort_all(self) -> list[RequestOutput]:

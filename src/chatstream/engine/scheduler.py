@@ -2,8 +2,11 @@
 
 :meth:`Scheduler.schedule` returns a :class:`SchedulerOutput`: every running sequence decodes one token, and the
 prefill group (sequences that join together, each on the longest cached prefix of its prompt) advances by one chunk
-of at most ``max_prefill_tokens`` padded tokens. A long prompt is so prefilled over several steps while the running
-streams keep decoding; when its last chunk runs, its sequences get their first token and join the batch. The plan
+of at most ``max_prefill_tokens`` padded tokens, fewer while rows decode if the
+:class:`~chatstream.engine.prefill_pacer.PrefillPacer` finds that a full chunk would slow their step more than
+``max_decode_slowdown`` allows (:meth:`Scheduler.observe` shows it each step's wall time). A long prompt is so
+prefilled over several steps while the running streams keep decoding; when its last chunk runs, its sequences get
+their first token and join the batch. The plan
 also carries the rows that left the batch and the prefix-cache operations (KV to copy out of a row into the cache,
 cached KV to free) for the model runner to carry out first.
 
@@ -23,6 +26,7 @@ from dataclasses import dataclass, field
 
 from chatstream.config import EngineConfig
 from chatstream.engine.base import FinishReason
+from chatstream.engine.prefill_pacer import PrefillPacer
 from chatstream.engine.prefix_cache import PrefixMatch, RadixPrefixCache, common_prefix_len
 from chatstream.engine.sequence import Sequence, SequenceStatus, stop_reason
 
@@ -47,11 +51,13 @@ class ScheduledPrefill:
 
 @dataclass(frozen=True)
 class PrefillChunk:
-    """Columns ``[start, end)`` of the prefill group's ``width`` new columns; the last chunk samples first tokens."""
+    """Columns ``[start, end)`` of the prefill group's ``width`` new columns, in each of its ``rows`` rows; the last
+    chunk samples first tokens."""
 
     start: int
     end: int
     width: int
+    rows: int = 1
 
     @property
     def final(self) -> bool:
@@ -113,7 +119,8 @@ class Scheduler:
 
     Args:
         config: ``max_batch_size`` bounds the prefilling and running sequences, ``max_prefill_tokens`` the padded
-            tokens prefilled in one step, ``prefix_cache_bytes`` the cached KV.
+            tokens prefilled in one step (``max_decode_slowdown`` fewer while rows decode), ``prefix_cache_bytes``
+            the cached KV.
         kv_bytes_per_token: the size of one token's keys and values over all layers (the prefix cache's unit; 0
             disables the prefix cache).
     """
@@ -121,6 +128,7 @@ class Scheduler:
     def __init__(self, config: EngineConfig, kv_bytes_per_token: int = 0) -> None:
         self.max_batch_size = config.max_batch_size
         self.max_prefill_tokens = config.max_prefill_tokens
+        self.pacer = PrefillPacer(config.max_prefill_tokens, config.max_decode_slowdown)
         self.prefix_cache = RadixPrefixCache(config.prefix_cache_bytes, kv_bytes_per_token)
         self.waiting: deque[Sequence] = deque()
         self.prefilling: list[Sequence] = []
@@ -158,8 +166,15 @@ class Scheduler:
         return SchedulerOutput(group, chunk, tuple(self.running), prefilled, releases, ops, cancel)
 
     def _next_chunk(self) -> PrefillChunk:
-        per_step = max(1, self.max_prefill_tokens // len(self.prefilling))
-        return PrefillChunk(self._done, min(self._width, self._done + per_step), self._width)
+        rows = len(self.prefilling)
+        per_step = max(1, self.pacer.budget(decoding=bool(self.running)) // rows)
+        return PrefillChunk(self._done, min(self._width, self._done + per_step), self._width, rows)
+
+    def observe(self, plan: SchedulerOutput, seconds: float) -> None:
+        """The model ran ``plan`` in ``seconds`` (the pacer learns the cost of a decode step and of a prompt
+        token from it)."""
+        tokens = 0 if plan.chunk is None else plan.chunk.rows * (plan.chunk.end - plan.chunk.start)
+        self.pacer.observe(len(plan.decodes), tokens, seconds)
 
     def _admit(self) -> tuple[ScheduledPrefill, ...]:
         """Pop the sequences that form the next prefill group, in arrival order: the first always; more while the

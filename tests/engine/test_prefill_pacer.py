@@ -1,0 +1,46 @@
+"""PrefillPacer: the prefill budget in time, learned from the steps' wall times."""
+
+from __future__ import annotations
+
+from chatstream.engine.prefill_pacer import MIN_CHUNK_TOKENS, PrefillPacer
+
+
+def test_without_measurements_or_decoding_rows_the_budget_is_the_token_limit() -> None:
+    pacer = PrefillPacer(256, 2.0)
+    assert pacer.budget(decoding=True) == 256  # nothing learned yet
+    pacer.observe(num_decodes=8, num_prefill_tokens=0, seconds=0.040)
+    assert pacer.budget(decoding=True) == 256  # the cost of a prompt token is still unknown
+    pacer.observe(num_decodes=0, num_prefill_tokens=256, seconds=0.256)
+    assert pacer.budget(decoding=False) == 256  # nothing decodes: the whole budget
+
+
+def test_while_rows_decode_a_chunk_keeps_the_step_within_the_slowdown() -> None:
+    pacer = PrefillPacer(256, 2.0)
+    pacer.observe(num_decodes=8, num_prefill_tokens=0, seconds=0.040)  # a decode step: 40 ms
+    pacer.observe(num_decodes=8, num_prefill_tokens=100, seconds=0.140)  # + 1 ms per prompt token
+    assert pacer.budget(decoding=True) == 40  # 40 ms more at most: 40 tokens
+    tripled = PrefillPacer(256, 3.0)
+    tripled.observe(num_decodes=8, num_prefill_tokens=0, seconds=0.040)
+    tripled.observe(num_decodes=0, num_prefill_tokens=100, seconds=0.100)
+    assert tripled.budget(decoding=True) == 80
+
+
+def test_the_budget_follows_the_measurements_and_stays_within_its_bounds() -> None:
+    pacer = PrefillPacer(64, 2.0)
+    pacer.observe(num_decodes=4, num_prefill_tokens=0, seconds=0.010)
+    pacer.observe(num_decodes=4, num_prefill_tokens=10, seconds=0.110)  # 10 ms a token: 1 token would fit
+    assert pacer.budget(decoding=True) == MIN_CHUNK_TOKENS
+    for _ in range(30):  # prefill got much cheaper (0.01 ms a token): the limit again
+        pacer.observe(num_decodes=4, num_prefill_tokens=64, seconds=0.0106)
+    assert pacer.budget(decoding=True) == 64
+    slow = PrefillPacer(8, 2.0)
+    slow.observe(num_decodes=4, num_prefill_tokens=0, seconds=0.010)
+    slow.observe(num_decodes=0, num_prefill_tokens=8, seconds=1.0)
+    assert slow.budget(decoding=True) == 8  # never more than the token limit, even as the minimum
+
+
+def test_off_means_the_token_limit_always() -> None:
+    pacer = PrefillPacer(256, None)
+    pacer.observe(num_decodes=8, num_prefill_tokens=0, seconds=0.040)
+    pacer.observe(num_decodes=8, num_prefill_tokens=100, seconds=1.0)
+    assert pacer.budget(decoding=True) == 256
