@@ -158,6 +158,9 @@ async def _joiner_round(endpoint: Endpoint, config: ChatScenarioConfig, index: i
     joiner_target = replace(endpoint.openai, max_tokens=config.new_tokens)
     story = "tell me a long story about a lighthouse keeper."
     prompts = [f"Round {index} chat {i}: {story}" for i in range(config.streams)]
+    # The joiners' texts are made before the streams start: tokenizing them blocks this event loop, and a block
+    # while the streams run would read as a gap in their arrivals.
+    texts = [filler_text(100 + 10 * index + j, config.joiner_tokens, endpoint.count_tokens) for j in range(4)]
     streams = [RequestResult() for _ in prompts]
     running = [
         asyncio.create_task(
@@ -166,7 +169,6 @@ async def _joiner_round(endpoint: Endpoint, config: ChatScenarioConfig, index: i
         for p, r in zip(prompts, streams, strict=True)
     ]
     await _until_all_stream(streams, running, config.timeout_s)
-    texts = [filler_text(100 + 10 * index + j, config.joiner_tokens, endpoint.count_tokens) for j in range(4)]
     chats = [[{"role": "user", "content": f"Summarize this text:\n{texts[j % 4]}"}] for j in range(config.joiners)]
     joined_at = time.perf_counter()
     joiners = await _chats(endpoint, joiner_target, chats)

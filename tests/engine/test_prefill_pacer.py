@@ -44,3 +44,22 @@ def test_off_means_the_token_limit_always() -> None:
     pacer.observe(num_decodes=8, num_prefill_tokens=0, seconds=0.040)
     pacer.observe(num_decodes=8, num_prefill_tokens=100, seconds=1.0)
     assert pacer.budget(decoding=True) == 256
+
+
+def test_one_slow_step_does_not_move_the_estimates() -> None:
+    pacer = PrefillPacer(256, 2.0)
+    for seconds in (0.040, 0.041, 0.039, 1.5, 0.040):  # a page-fault storm in the middle
+        pacer.observe(num_decodes=8, num_prefill_tokens=0, seconds=seconds)
+    for seconds in (0.080, 0.081, 0.079):
+        pacer.observe(num_decodes=8, num_prefill_tokens=40, seconds=seconds)
+    assert pacer.budget(decoding=True) == 40
+
+
+def test_a_stale_decode_estimate_is_replaced_by_the_faster_step() -> None:
+    pacer = PrefillPacer(256, 2.0)
+    pacer.observe(num_decodes=8, num_prefill_tokens=0, seconds=0.200)  # the first decode steps were slow
+    pacer.observe(num_decodes=0, num_prefill_tokens=100, seconds=0.100)  # 1 ms a token
+    assert pacer.budget(decoding=True) == 200
+    pacer.observe(num_decodes=8, num_prefill_tokens=200, seconds=0.150)  # faster than "a decode alone"
+    assert pacer.decode_s == 0.150 and pacer.token_s == 0.001
+    assert pacer.budget(decoding=True) == 150

@@ -7,17 +7,21 @@ that the step takes at most ``max_slowdown`` times a plain decode step: a long p
 prefilled in small chunks (the streams keep their pace), and at full ``max_tokens`` when nothing decodes.
 
 On a fast prefill (a GPU, a CPU with AMX) the time budget allows the whole ``max_tokens``; on a slow one it is what
-keeps the streams' inter-token gap bounded. The estimates are exponential moving averages, so they follow the batch
-growing, the contexts lengthening and the machine's load.
+keeps the streams' inter-token gap bounded. The estimates are medians of the last :data:`WINDOW` steps, so they
+follow the batch growing, the contexts lengthening and the machine's load, and one slow step (a burst of page
+faults, a garbage collection, rows joining) does not move them.
 """
 
 from __future__ import annotations
 
+import statistics
+from collections import deque
+
 MIN_CHUNK_TOKENS = 16
 """The smallest chunk the pacer gives, so that a joining prompt always advances at a useful rate."""
 
-SMOOTHING = 0.3
-"""The weight of the newest step in the moving averages."""
+WINDOW = 8
+"""Steps each estimate is the median of."""
 
 
 class PrefillPacer:
@@ -32,16 +36,25 @@ class PrefillPacer:
     def __init__(self, max_tokens: int, max_slowdown: float | None) -> None:
         self.max_tokens = max_tokens
         self.max_slowdown = max_slowdown
-        self.decode_s: float | None = None
-        """A decode-only step's wall time (moving average)."""
-        self.token_s: float | None = None
-        """What one prefilled token adds to a step (moving average)."""
+        self._decode_steps: deque[float] = deque(maxlen=WINDOW)
+        self._token_costs: deque[float] = deque(maxlen=WINDOW)
+
+    @property
+    def decode_s(self) -> float | None:
+        """A decode-only step's wall time: the median of the last ones (None before the first)."""
+        return statistics.median(self._decode_steps) if self._decode_steps else None
+
+    @property
+    def token_s(self) -> float | None:
+        """What one prefilled token adds to a step: the median of the last chunks' (None before the first)."""
+        return statistics.median(self._token_costs) if self._token_costs else None
 
     def budget(self, decoding: bool) -> int:
         """Padded prompt tokens the next step may prefill; ``decoding``: whether running rows decode in it."""
-        if not decoding or self.max_slowdown is None or self.decode_s is None or not self.token_s:
+        decode_s, token_s = self.decode_s, self.token_s
+        if not decoding or self.max_slowdown is None or decode_s is None or not token_s:
             return self.max_tokens
-        tokens = int((self.max_slowdown - 1.0) * self.decode_s / self.token_s)
+        tokens = int((self.max_slowdown - 1.0) * decode_s / token_s)
         return max(min(MIN_CHUNK_TOKENS, self.max_tokens), min(self.max_tokens, tokens))
 
     def observe(self, num_decodes: int, num_prefill_tokens: int, seconds: float) -> None:
@@ -49,11 +62,11 @@ class PrefillPacer:
         in ``seconds``."""
         if num_prefill_tokens <= 0:
             if num_decodes > 0:
-                self.decode_s = _average(self.decode_s, seconds)
+                self._decode_steps.append(seconds)
             return
         base = (self.decode_s or 0.0) if num_decodes > 0 else 0.0
-        self.token_s = _average(self.token_s, max(seconds - base, 0.0) / num_prefill_tokens)
-
-
-def _average(current: float | None, sample: float) -> float:
-    return sample if current is None else (1.0 - SMOOTHING) * current + SMOOTHING * sample
+        if seconds <= base:  # a decode and a chunk took less than a decode alone: that estimate is stale
+            self._decode_steps.clear()
+            self._decode_steps.append(seconds)  # an upper bound, until decode-only steps come again
+            return
+        self._token_costs.append((seconds - base) / num_prefill_tokens)
