@@ -102,3 +102,32 @@ def test_extract_row_takes_a_span_of_token_positions() -> None:
     span = batch.extract_row(0, 1, 3)
     assert span.num_tokens == 2 and torch.equal(span.layers[0][0][0, :, 0], torch.tensor([11.0, 12.0]))
     assert batch.extract_row(1, 2).num_tokens == 2
+
+
+def test_layers_grow_on_consecutive_steps_not_all_in_one() -> None:
+    cache = BatchKVCache(4)
+    for layer in cache.buffered:
+        layer.update(_kv(1, 10, 1.0), _kv(1, 10, 1.0))
+    capacity = cache.buffered[0].capacity
+    grown_at: dict[int, int] = {}
+    for step in range(capacity):
+        for index, layer in enumerate(cache.buffered):
+            before = layer.key_buffer
+            layer.update(_kv(1, 1, 2.0), _kv(1, 1, 2.0))
+            if layer.key_buffer is not before:
+                grown_at.setdefault(index, step)
+    assert len(set(grown_at.values())) == 4  # each layer on a step of its own
+    assert all(float(layer.k[0, 0, 9, 0]) == 1.0 and layer.length == 10 + capacity for layer in cache.buffered)
+
+
+def test_a_long_span_of_a_one_row_cache_is_shared_and_stays_as_it_was() -> None:
+    alone = _cache(1, 100, 1.0)
+    kept = alone.extract_row(0, 0, 100)
+    assert kept.layers[0][0].data_ptr() == alone.buffered[0].key_buffer.data_ptr()  # a view, no copy
+    for layer in alone.buffered:
+        layer.update(_kv(1, 1, 5.0), _kv(1, 1, 5.0))  # the next step appends after it
+    assert kept.num_tokens == 100 and bool((kept.layers[0][0] == 1.0).all())
+    short = alone.extract_row(0, 0, 10)  # a short span would keep a large buffer alive: copied
+    rows = _cache(2, 100, 1.0).extract_row(1, 0, 100)  # a row of several: copied
+    for span in (short, rows):
+        assert span.layers[0][0].untyped_storage().nbytes() == span.layers[0][0].numel() * 4

@@ -57,6 +57,8 @@ class BufferedLayer(DynamicLayer):
         super().__init__()
         self.length = 0
         self.reserved = 0
+        self.grow_ahead = 0
+        """Grow once fewer than this many columns would be left free (see :class:`BatchKVCache`)."""
         if key_buffer is not None and value_buffer is not None:
             self._set_buffers(key_buffer, value_buffer, length)
 
@@ -93,8 +95,8 @@ class BufferedLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         n = key_states.shape[2]
         end = self.length + n
-        if end > self.capacity:
-            self._grow(end)
+        if end + self.grow_ahead > self.capacity:
+            self._grow(end + self.grow_ahead)
         self.key_buffer[:, :, self.length : end].copy_(key_states)
         self.value_buffer[:, :, self.length : end].copy_(value_states)
         self._set_buffers(self.key_buffer, self.value_buffer, end)
@@ -134,12 +136,16 @@ class BatchKVCache(Cache):
     """The running batch's KV cache: one :class:`BufferedLayer` per model layer, all of the same length.
 
     ``filter`` and ``concatenate`` rebuild the buffers (a copy, only when rows leave or join); a decode step only
-    writes one column per layer in place.
+    writes one column per layer in place. When the columns run out, a layer's buffer is reallocated at twice the
+    size and copied: layer ``i`` does so ``i`` columns early (modulo half the headroom), so that the layers grow on
+    consecutive steps, one copy each, instead of all together in one step that would stall every running stream.
     """
 
     def __init__(self, num_layers: int, layers: list[BufferedLayer] | None = None) -> None:
         if layers is None:
             layers = [BufferedLayer() for _ in range(num_layers)]
+        for index, layer in enumerate(layers):
+            layer.grow_ahead = index % (HEADROOM_COLUMNS // 2)
         self.buffered: list[BufferedLayer] = layers
         super().__init__(layers=list(self.buffered))
 
@@ -202,10 +208,25 @@ class BatchKVCache(Cache):
         return cls(len(layers), layers)
 
     def extract_row(self, row: int, start: int, end: int | None = None) -> RowKV:
-        """A detached copy of one row's columns ``[start, end)`` (``end`` None: to the last column)."""
+        """One row's columns ``[start, end)`` (``end`` None: to the last column), as a copy; or, where this cache
+        has a single row and the span fills at least half of a layer's buffer, as a view of that buffer (written
+        columns are never written again: a step appends after them, and filter, concatenate and growth build new
+        buffers), which saves copying a long prompt's KV in the step after its prefill, at the price of keeping
+        at most twice its size alive."""
         stop = self.length if end is None else end
-        layers = self.buffered
-        return RowKV(tuple((lay.k[row, :, start:stop].clone(), lay.v[row, :, start:stop].clone()) for lay in layers))
+        return RowKV(tuple(_span(lay, row, start, stop, shared=self.num_rows == 1) for lay in self.buffered))
+
+    @property
+    def num_rows(self) -> int:
+        layer = self.buffered[0] if self.buffered else None
+        return int(layer.key_buffer.shape[0]) if layer is not None and layer.is_initialized else 0
+
+
+def _span(layer: BufferedLayer, row: int, start: int, stop: int, *, shared: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    keys, values = layer.k[row, :, start:stop], layer.v[row, :, start:stop]
+    if shared and 2 * (stop - start) >= layer.capacity:
+        return keys, values
+    return keys.clone(), values.clone()
 
 
 def _place(
