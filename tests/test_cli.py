@@ -177,7 +177,7 @@ def test_no_fused_decoder_reaches_the_engine_config(tiny_model_dir: Path) -> Non
 def test_prefill_budget_slowdown_and_weight_quantization_reach_the_engine_config(tiny_model_dir: Path) -> None:
     argv = ["chat", "--model", str(tiny_model_dir), "--device", "cpu", "--dtype", "fp32"]
     cases = (
-        ([], 256, 2.0, None),
+        ([], 256, 2.5, None),
         (
             ["--max-prefill-tokens", "64", "--max-decode-slowdown", "0", "--weight-quantization", "int4"],
             64,

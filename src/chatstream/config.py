@@ -176,7 +176,7 @@ class EngineConfig:
     add_special_tokens: bool | None = None
     prefix_cache_bytes: int = 512 * 1024 * 1024
     max_prefill_tokens: int = 256
-    max_decode_slowdown: float | None = 2.0
+    max_decode_slowdown: float | None = 2.5
     fused_decoder: bool = True
     weight_quantization: str | None = None
     quantization_group_size: int = 32
