@@ -271,6 +271,22 @@ def test_ctrl_c_during_an_answer_exits_cleanly(processes: list[subprocess.Popen[
     assert "begin something new" not in reader.text  # the answer was cut short, not waited for
 
 
+def test_ctrl_c_quits_also_when_started_with_sigint_ignored(processes: list[subprocess.Popen[bytes]]) -> None:
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the child inherits it, as from a parent that ignores it
+    try:
+        proc = _start(["chat", "--mock", "--mock-type", "long", "--mock-time-per-token", "0.05"])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    processes.append(proc)
+    reader = _OutputReader(proc)
+    assert proc.stdin is not None
+    proc.stdin.write(b"tell me a story\n")
+    proc.stdin.flush()
+    reader.wait_for("Once upon a time", STARTUP_TIMEOUT_SEC)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=15) == 0
+
+
 # ----- serve as a real process -----
 
 

@@ -11,7 +11,9 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -182,6 +184,7 @@ def _serve_app(args: argparse.Namespace, chat_stream: ChatStream, server: Any, d
 def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
     """``chatstream chat``: a console chat; each answer streams as it is generated. EOF, Ctrl+C or /exit quit."""
     chat_stream = build_chat_stream(args, max_concurrency=1, max_queue_size=0, reject_as_http_error=False)
+    _let_ctrl_c_quit()
     console = _Console(stdin or sys.stdin, stdout or sys.stdout)
     console.say(f"Chatting with {chat_stream.model_name}. Ctrl+D, Ctrl+C or /exit quits.")
     with asyncio.Runner() as runner:
@@ -197,6 +200,13 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, stdout: Text
         finally:
             runner.run(chat_stream.shutdown(_CONSOLE_DRAIN_SEC))
     return 0
+
+
+def _let_ctrl_c_quit() -> None:
+    """Ctrl+C quits the chat also where the process started with SIGINT ignored (a parent or a non-interactive shell
+    that ignores it passes that on, and Python then installs no KeyboardInterrupt handler)."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def run_convert(args: argparse.Namespace) -> int:

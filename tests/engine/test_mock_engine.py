@@ -1,6 +1,7 @@
 """The mock engine streams canned answers through the Engine contract."""
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -106,3 +107,18 @@ async def test_script_answers_in_turn_and_counts_prompt_tokens(tiny_tokenizer: o
     assert first.num_prompt_tokens == len(tiny_tokenizer.encode(prompt)) > 0  # type: ignore[attr-defined]
     with pytest.raises(ValueError, match="script"):
         MockConfig(type="script")
+
+
+async def test_stop_from_a_worker_thread_cancels_through_the_loop() -> None:
+    engine = MockEngine(MockConfig(type="long", time_per_token_sec=0.05))
+    engine.start()
+    stream = engine.add_request(request(request_id="long"))
+    deltas = aiter(stream)
+    first = await anext(deltas)
+    await asyncio.to_thread(engine.stop)  # as the service's shutdown calls it
+    rest = await asyncio.wait_for(_rest(deltas), timeout=5)
+    assert first.text and rest[-1].finish_reason is FinishReason.ABORT and engine.stats().num_running == 0
+
+
+async def _rest(deltas: Any) -> list[Delta]:
+    return [d async for d in deltas]
