@@ -257,9 +257,11 @@ def test_python_m_chatstream_chat_mock_over_stdin(processes: list[subprocess.Pop
     assert b"Traceback" not in err
 
 
-def test_ctrl_c_during_an_answer_exits_cleanly(processes: list[subprocess.Popen[bytes]]) -> None:
-    proc = _start(["chat", "--mock", "--mock-type", "long", "--mock-time-per-token", "0.05"])
-    processes.append(proc)
+_LONG_CHAT = ["chat", "--mock", "--mock-type", "long", "--mock-time-per-token", "0.05"]
+
+
+def _ctrl_c_during_an_answer(proc: subprocess.Popen[bytes]) -> _OutputReader:
+    """Ask for the long answer, press Ctrl+C once it streams; the chat must quit within 15 s with status 0."""
     reader = _OutputReader(proc)
     assert proc.stdin is not None
     proc.stdin.write(b"tell me a story\n")
@@ -267,6 +269,13 @@ def test_ctrl_c_during_an_answer_exits_cleanly(processes: list[subprocess.Popen[
     reader.wait_for("Once upon a time", STARTUP_TIMEOUT_SEC)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=15) == 0
+    return reader
+
+
+def test_ctrl_c_during_an_answer_exits_cleanly(processes: list[subprocess.Popen[bytes]]) -> None:
+    proc = _start(_LONG_CHAT)
+    processes.append(proc)
+    reader = _ctrl_c_during_an_answer(proc)
     assert proc.stderr is not None and b"Traceback" not in proc.stderr.read()
     assert "begin something new" not in reader.text  # the answer was cut short, not waited for
 
@@ -274,17 +283,11 @@ def test_ctrl_c_during_an_answer_exits_cleanly(processes: list[subprocess.Popen[
 def test_ctrl_c_quits_also_when_started_with_sigint_ignored(processes: list[subprocess.Popen[bytes]]) -> None:
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the child inherits it, as from a parent that ignores it
     try:
-        proc = _start(["chat", "--mock", "--mock-type", "long", "--mock-time-per-token", "0.05"])
+        proc = _start(_LONG_CHAT)
     finally:
         signal.signal(signal.SIGINT, previous)
     processes.append(proc)
-    reader = _OutputReader(proc)
-    assert proc.stdin is not None
-    proc.stdin.write(b"tell me a story\n")
-    proc.stdin.flush()
-    reader.wait_for("Once upon a time", STARTUP_TIMEOUT_SEC)
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=15) == 0
+    _ctrl_c_during_an_answer(proc)
 
 
 # ----- serve as a real process -----
