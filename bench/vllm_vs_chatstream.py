@@ -3,7 +3,7 @@
 Two parts. In each, the two servers are up together and measured in turn, in an order that alternates from round to
 round, with the same load through the OpenAI streaming API (/v1/chat/completions, greedy, ``ignore_eos``, a fixed
 ``max_tokens``) at each number of concurrent chats (``--concurrency``, default 8 and 32); figures are medians over
-``--rounds`` rounds, after one discarded warm-up round per server.
+``--rounds`` rounds, after one discarded warm-up round per server, each round after ``--settle`` seconds of quiet.
 
 1. ``vllm``: ``chatstream serve --engine vllm`` against vLLM's own OpenAI server (``vllm serve``), both on the
    same vLLM build with the same engine settings: dtype, max_model_len, max_num_seqs, KV cache size, prefix caching,
@@ -295,8 +295,8 @@ RoundFn = Callable[[OpenAITarget, dict[int, list[dict[str, str]]], int], Any]
 
 
 async def alternate(targets: dict[str, OpenAITarget], args: argparse.Namespace, measure: RoundFn) -> dict[str, Any]:
-    """Per concurrency, ``--rounds`` rounds of each target, the order reversed every other round; a warm-up round
-    of each first. Returns the rounds' summaries and their medians, by concurrency and target."""
+    """Per concurrency, ``--rounds`` rounds of each target, the order reversed every other round, ``--settle``
+    seconds of quiet before each; a warm-up round of each first. Returns the rounds' summaries and their medians, by concurrency and target."""
     requests = Requests(args.requests_per_client)
     top = max(args.concurrency)
     warm_up = requests.round(top, -1)
@@ -309,6 +309,7 @@ async def alternate(targets: dict[str, OpenAITarget], args: argparse.Namespace, 
             chats = requests.round(concurrency, index)
             names = list(targets)[:: -1 if index % 2 else 1]
             for name in names:
+                await asyncio.sleep(args.settle)  # see --settle
                 summary = await measure(targets[name], chats, concurrency)
                 rounds[name].append(summary)
                 print(f"  chats {concurrency:>3} round {index + 1} {name:<16} {_brief(summary)}", flush=True)
@@ -436,6 +437,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=Path,
         default=REPO_ROOT / ".venv" / "bin" / "python",
         help="the main venv's Python, for the servers of part 2 (default: .venv/bin/python)",
+    )
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=3.0,
+        help="seconds of quiet before each measured round (default 3). Two vLLM servers on one small CPU: the one "
+        "measured right after the other lost ~1 s on its first step (both engines bind core 0); 3 s removes it",
     )
     parser.add_argument("--startup-timeout", type=float, default=1200.0, help="seconds a server may take to start")
     parser.add_argument("--round-timeout", type=float, default=600.0, help="seconds before a round is abandoned")

@@ -125,6 +125,10 @@ class ChatStream:
         tool_call_format: how the model writes tool calls (``hermes``, ``llama3_json``, ``mistral``,
             ``functiongemma``, ``pythonic``, or one added with ``chatstream.server.tool_calls.register_format``);
             None detects it from the chat template (docs/api.md, tool calling).
+        freeze_gc_heap: once the engine has started, the objects alive then (the libraries, the model) are frozen
+            out of Python's garbage collector (``gc.freeze()``, the first time in a process), so that its full
+            collections stop pausing every stream for a quarter to half a second (docs/performance.md); they are
+            still freed when nothing refers to them. False leaves the collector as it is.
     """
 
     def __init__(
@@ -177,6 +181,7 @@ class ChatStream:
         max_conversations_per_user: int | None = None,
         retention_interval: float = DEFAULT_RETENTION_INTERVAL,
         tool_call_format: str | None = None,
+        freeze_gc_heap: bool = True,
     ) -> None:
         self.name = name
         self.logger = logger or logging.getLogger("chatstream")
@@ -225,6 +230,7 @@ class ChatStream:
         if tool_call_format is not None:
             get_format(tool_call_format)  # ValueError listing the known formats
         self.tool_call_format = tool_call_format
+        self.freeze_gc_heap = freeze_gc_heap
         built = build_engine(engine, devices, spec, model, tokenizer, self.engine_config, use_mock_response)
         self.service = self._create_service(locale, model_name, built)
         self.conversations = ConversationKeeper(
@@ -256,6 +262,7 @@ class ChatStream:
             context_len=prompt_context_len(engine, spec, self.engine_config, self.use_mock_response),
             model_type=getattr(getattr(self.model, "config", None), "model_type", None),
             tool_call_format=self.tool_call_format,
+            freeze_gc_heap=self.freeze_gc_heap,
         )
         return ChatService(config, engine, PromptFactory(self.chat_prompt_clazz, self.tokenizer), self.logger)
 

@@ -10,6 +10,7 @@ with a drain). server/ and sessions/ depend on it; it depends on neither.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
@@ -76,6 +77,25 @@ def create_engine(model: Any, tokenizer: Any, config: EngineConfig, mock: MockCo
     :func:`chatstream.engine.factory.create_engine`)."""
     spec = EngineSpec(EngineKind.MOCK, mock) if mock is not None else EngineSpec()
     return build_engine(spec, model, tokenizer, config)
+
+
+def freeze_gc_heap(log: logging.Logger = logger) -> bool:
+    """Collect the garbage, then freeze every object alive out of the collector's passes (``gc.freeze()``), unless
+    this process already froze its heap. True when it froze.
+
+    A server's heap is mostly what it loaded at startup (torch, transformers, vLLM, the model: 0.4 million objects
+    and more), and a full collection walks all of it while holding the GIL: 0.25-0.6 s measured on a 2-core CPU,
+    every stream paused. Frozen objects are skipped by the collector and still freed by reference counting; only
+    a reference cycle among them that later becomes garbage is kept.
+    """
+    if gc.get_freeze_count():
+        return False
+    started = time.perf_counter()
+    gc.collect()
+    gc.freeze()
+    elapsed_ms = 1000 * (time.perf_counter() - started)
+    log.info("froze %d startup objects out of the garbage collector (%.0f ms)", gc.get_freeze_count(), elapsed_ms)
+    return True
 
 
 class ChatService:
@@ -319,6 +339,8 @@ class ChatService:
             self.engine.start()  # quick, and on this thread (our engine frees the loading thread's OpenMP pool)
         if isinstance(self.engine, GrammarEngine):
             await asyncio.to_thread(self.engine.prepare_grammars)
+        if self.config.freeze_gc_heap:
+            freeze_gc_heap(self.logger)
         self.logger.info("ChatStream %r started (%s)", self.name, name)
 
     async def _start_in_thread(self, name: str) -> None:
