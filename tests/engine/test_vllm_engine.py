@@ -103,6 +103,18 @@ async def test_stop_strings_and_replacements_as_in_our_engine(vllm_engine: VLLME
 
 
 @vllm_test
+async def test_concurrent_requests_share_one_tokenizer_without_copies(vllm_engine: VLLMEngine) -> None:
+    # vLLM's own tokenizer is a pool that deep-copies itself for every call beyond its copies (seconds each on a
+    # large vocabulary, GIL held); the engine encodes and decodes with a tokenizer of its own instead
+    tokenizer = vllm_engine.tokenizer
+    assert not type(tokenizer).__name__.startswith("TokenizerPool")
+    requests = [GenerationRequest(f"c{i}", PROMPTS[i % len(PROMPTS)], greedy(8)) for i in range(8)]
+    outs = await asyncio.gather(*(collect(vllm_engine.add_request(r)) for r in requests))
+    assert all(out.finish_reason in (FinishReason.STOP, FinishReason.LENGTH) and out.token_ids for out in outs)
+    assert vllm_engine.tokenizer is tokenizer
+
+
+@vllm_test
 async def test_abort_frees_the_request(vllm_engine: VLLMEngine) -> None:
     request = GenerationRequest("long", PROMPTS[1], SamplingParams(max_new_tokens=400, ignore_eos=True, seed=1))
     deltas = aiter(vllm_engine.add_request(request))
