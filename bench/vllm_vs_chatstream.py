@@ -296,7 +296,8 @@ RoundFn = Callable[[OpenAITarget, dict[int, list[dict[str, str]]], int], Any]
 
 async def alternate(targets: dict[str, OpenAITarget], args: argparse.Namespace, measure: RoundFn) -> dict[str, Any]:
     """Per concurrency, ``--rounds`` rounds of each target, the order reversed every other round, ``--settle``
-    seconds of quiet before each; a warm-up round of each first. Returns the rounds' summaries and their medians, by concurrency and target."""
+    seconds of quiet before each; a warm-up round of each first. Returns the rounds' summaries and their medians, by
+    concurrency and target."""
     requests = Requests(args.requests_per_client)
     top = max(args.concurrency)
     warm_up = requests.round(top, -1)

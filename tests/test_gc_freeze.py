@@ -10,7 +10,6 @@ import subprocess
 import sys
 import textwrap
 
-
 _SCRIPT = textwrap.dedent(
     """
     import asyncio, gc, json, sys
