@@ -158,9 +158,8 @@ class VLLMEngine:
         """The model's tokenizer, our own copy. Not ``AsyncLLM.get_tokenizer()``: vLLM hands out a pool of deep
         copies, and a call made while every copy is in use deep-copies the whole tokenizer with the GIL held (Gemma-3's
         262k-token vocabulary: 2.4-2.9 s each); the first 32 chats at once cost 21 s of CPU that way, every stream
-        stalled.
-        Our encodes and decodes never change the tokenizer (no truncation or padding set), so one instance is safe
-        from the worker threads and the event loop alike."""
+        stalled. Our encodes and decodes never change the tokenizer (no truncation or padding set), so one instance
+        is safe from the worker threads and the event loop alike."""
         from transformers import AutoTokenizer
 
         source = self.config.tokenizer or self.model
