@@ -11,7 +11,7 @@ import asyncio
 import enum
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from chatstream.config import SamplingParams
 from chatstream.engine.grammar import GrammarSpec
@@ -152,6 +152,26 @@ class EngineOverloaded(EngineError):
     def __init__(self, message: str, retry_after: int = 1) -> None:
         super().__init__(message)
         self.retry_after = max(1, int(retry_after))
+
+
+def running_loop() -> asyncio.AbstractEventLoop | None:
+    """The event loop running on this thread, or None (another thread, or no loop)."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def cancel_task(task: asyncio.Task[Any] | None) -> None:
+    """Cancel ``task`` unless it is done, from any thread: at once on its loop's own thread, else through that loop
+    (asyncio tasks may only be touched from their loop; an engine's ``stop`` may run in a worker thread)."""
+    if task is None or task.done():
+        return
+    loop = task.get_loop()
+    if running_loop() is loop:
+        task.cancel()
+    elif not loop.is_closed():
+        loop.call_soon_threadsafe(task.cancel)
 
 
 class RequestStream:

@@ -27,6 +27,7 @@ from chatstream.engine.base import (
     RequestStream,
     TokenLogprob,
     TopLogprob,
+    cancel_task,
 )
 
 logger = logging.getLogger(__name__)
@@ -157,20 +158,8 @@ class MockEngine:
         return stream
 
     def abort(self, request_id: str) -> None:
-        """Cancel the request's task; from another thread (``stop`` runs in a worker thread at shutdown) through its
-        event loop, as asyncio tasks may only be touched from their loop's thread."""
-        task = self._tasks.get(request_id)
-        if task is None or task.done():
-            return
-        loop = task.get_loop()
-        try:
-            on_loop = asyncio.get_running_loop() is loop
-        except RuntimeError:
-            on_loop = False
-        if on_loop:
-            task.cancel()
-        elif not loop.is_closed():
-            loop.call_soon_threadsafe(task.cancel)
+        """Cancel the request's task (from any thread: ``stop`` runs in a worker thread at shutdown)."""
+        cancel_task(self._tasks.get(request_id))
 
     def _forget(self, request_id: str, task: asyncio.Task[None], stream: RequestStream) -> None:
         self._tasks.pop(request_id, None)

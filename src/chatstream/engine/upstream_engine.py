@@ -23,7 +23,16 @@ from typing import Any
 import httpx
 
 from chatstream.config import SamplingParams
-from chatstream.engine.base import Delta, EngineError, EngineStats, FinishReason, GenerationRequest, RequestStream
+from chatstream.engine.base import (
+    Delta,
+    EngineError,
+    EngineStats,
+    FinishReason,
+    GenerationRequest,
+    RequestStream,
+    cancel_task,
+    running_loop,
+)
 from chatstream.engine.detokenizer import TextFilter
 from chatstream.engine.upstream_protocol import (
     UpstreamAPI,
@@ -88,7 +97,7 @@ class OpenAIUpstreamEngine:
         loop, self._loop = self._loop, None
         if loop is None or loop.is_closed():
             return
-        if _running_loop() is loop:
+        if running_loop() is loop:
             for task in self._tasks.values():
                 task.cancel()
             if self._client is not None:
@@ -118,9 +127,7 @@ class OpenAIUpstreamEngine:
 
     def abort(self, request_id: str) -> None:
         """Cancel the request's task: its connection closes and its stream ends with ABORT."""
-        task = self._tasks.get(request_id)
-        if task is not None and not task.done():
-            task.cancel()
+        cancel_task(self._tasks.get(request_id))
 
     def describe(self) -> dict[str, Any]:
         """What /get_load, /get_resource_usage and /v1/models show of this engine."""
@@ -258,10 +265,3 @@ class _ForwardState:
             num_cached_tokens=self.num_cached,
             error=error,
         )
-
-
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None

@@ -22,7 +22,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from chatstream.config import RepetitionPenaltyMethod, SamplingParams
-from chatstream.engine.base import Delta, EngineError, EngineStats, FinishReason, GenerationRequest, RequestStream
+from chatstream.engine.base import (
+    Delta,
+    EngineError,
+    EngineStats,
+    FinishReason,
+    GenerationRequest,
+    RequestStream,
+    cancel_task,
+    running_loop,
+)
 from chatstream.engine.detokenizer import IncrementalDetokenizer
 from chatstream.engine.sequence import truncate_prompt
 
@@ -173,7 +182,7 @@ class VLLMEngine:
         tasks = list(self._tasks.values())
         loop = tasks[0].get_loop() if tasks else None
         if loop is not None and not loop.is_closed():
-            if _running_loop() is loop:
+            if running_loop() is loop:
                 for task in tasks:
                     task.cancel()
             elif loop.is_running():
@@ -200,9 +209,7 @@ class VLLMEngine:
 
     def abort(self, request_id: str) -> None:
         """Cancel the request: vLLM drops it at its next step and its stream ends with ABORT."""
-        task = self._tasks.get(request_id)
-        if task is not None and not task.done():
-            task.cancel()
+        cancel_task(self._tasks.get(request_id))
 
     def describe(self) -> dict[str, Any]:
         """What /get_load, /get_resource_usage and /v1/models show of this engine."""
@@ -376,13 +383,6 @@ async def _cancel_all(tasks: list[asyncio.Task[None]]) -> None:
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
 
 
 def _check(ok: bool, name: str, value: object, rule: str = "is out of range") -> None:

@@ -24,6 +24,7 @@ from chatstream.engine.base import (
     GenerationRequest,
     RequestStream,
     WorkerStats,
+    cancel_task,
 )
 from chatstream.pool.policy import Ownership
 from chatstream.ray.engine_replica import ReplicaTag
@@ -114,9 +115,7 @@ class RayEngine:
         return stream
 
     def abort(self, request_id: str) -> None:
-        task = self._tasks.get(request_id)
-        if task is not None and not task.done():
-            task.cancel()
+        cancel_task(self._tasks.get(request_id))
 
     def stats(self) -> EngineStats:
         """This front's view: its requests in flight and the token totals of the answers it relayed."""
