@@ -2,6 +2,7 @@
 
     PYTHONPATH=src python bench/profile_step.py --model gemma --dtype bf16 --batch 1 8 32
     PYTHONPATH=src python bench/profile_step.py --model tiny --batch 1 4 --steps 4
+    PYTHONPATH=src python bench/profile_step.py --model gemma --dtype bf16 --quantization int4 --batch 1
 
 Two views per batch size B:
 
@@ -113,8 +114,10 @@ async def _run_requests(engine: TransformersEngine, size: int, new_tokens: int) 
     await asyncio.gather(*(drain(s) for s in streams))
 
 
-def engine_phases(model: Any, tokenizer: Any, size: int, steps: int, threads: int | None) -> dict[str, float]:
-    config = EngineConfig(max_batch_size=size, prefix_cache_bytes=0)
+def engine_phases(
+    model: Any, tokenizer: Any, size: int, steps: int, threads: int | None, quantization: str | None = None
+) -> dict[str, float]:
+    config = EngineConfig(max_batch_size=size, prefix_cache_bytes=0, weight_quantization=quantization)
     engine = TransformersEngine(model, tokenizer, config, num_threads=threads)
     timer = PhaseTimer(engine, size)
     engine.start()
@@ -181,8 +184,10 @@ def _labelled(label: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def operator_profile(model: Any, tokenizer: Any, size: int, steps: int, top: int) -> None:
-    runner = ModelRunner(model)
+def operator_profile(
+    model: Any, tokenizer: Any, size: int, steps: int, top: int, quantization: str | None = None
+) -> None:
+    runner = ModelRunner(model, quantization=quantization)
     prompts = [tokenizer.encode(PROMPTS[i % len(PROMPTS)]) for i in range(size)]
     params = [SamplingParams(temperature=0.0)] * size
     with torch.inference_mode():
@@ -230,17 +235,21 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=12, help="operators listed")
     parser.add_argument("--threads", type=int, default=None, help="engine threads (default: the engine's choice)")
     parser.add_argument("--skip-ops", action="store_true", help="only the phase view")
+    parser.add_argument(
+        "--quantization", choices=("int8", "int4"), default=None, help="weight-only quantized decode (default: none)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)  # this thread (the operator view); the engine sets its own thread
     model, tokenizer = load(args.model, args.dtype, None)
     for size in args.batch:
-        phases = engine_phases(model, tokenizer, size, args.steps, args.threads)
-        print(f"\nB={size} {args.model} {args.dtype} threads={torch.get_num_threads()}: engine step (median ms)")
+        phases = engine_phases(model, tokenizer, size, args.steps, args.threads, args.quantization)
+        label = f"{args.model} {args.dtype}" + (f" {args.quantization}" if args.quantization else "")
+        print(f"\nB={size} {label} threads={torch.get_num_threads()}: engine step (median ms)")
         print("  " + "  ".join(f"{k} {phases[k]:.2f}" for k in (*PHASES, "other", "step")))
         print(f"  => {size / phases['step'] * 1000:.1f} tok/s over {phases['steps']:.0f} full-batch steps")
         if not args.skip_ops:
-            operator_profile(model, tokenizer, size, args.steps, args.top)
+            operator_profile(model, tokenizer, size, args.steps, args.top, args.quantization)
 
 
 if __name__ == "__main__":
