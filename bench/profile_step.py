@@ -7,9 +7,9 @@
 Two views per batch size B:
 
 1. **Phases of the real engine step** (wall clock, no profiler): B greedy requests run in the engine thread; once all
-   B are in the batch, each decode step is split into the model forward (``ModelRunner.decode``), sampling,
-   postprocessing (``Scheduler.update_from_output``: detokenize, stop checks), delivery to the event loop and the rest
-   of the step (scheduling, deltas).
+   B are in the batch, each decode step is split into the model forward (``ModelRunner._forward_parts``: the step's
+   decode groups in one forward), sampling, postprocessing (``Scheduler.update_from_output``: detokenize, stop
+   checks), delivery to the event loop and the rest of the step (scheduling, deltas).
 2. **Operators and modules** (``torch.profiler``, on this thread): the same decode + greedy sample on a prefilled
    batch, grouped by module (embedding, masks, rotary, attention and its projections, MLP, norms, LM head) and the top
    operators by self CPU time. The profiler adds per-op overhead, so compare its shares, not its absolute times, with
@@ -60,7 +60,7 @@ class PhaseTimer:
         self.full = False
         self.steps: list[dict[str, float]] = []
         runner, scheduler = engine.llm.model_runner, engine.llm.scheduler
-        runner.decode = self._timed("forward", runner.decode)  # type: ignore[method-assign]
+        runner._forward_parts = self._timed("forward", runner._forward_parts)  # type: ignore[method-assign]
         runner._sample = self._timed("sample", runner._sample)  # type: ignore[method-assign]
         scheduler.update_from_output = self._timed("postprocess", scheduler.update_from_output)  # type: ignore[method-assign]
         engine._deliver = self._timed("deliver", engine._deliver)  # type: ignore[method-assign]
