@@ -24,8 +24,10 @@ DEFAULT_CACHE = Path(os.environ.get("CHATSTREAM_BENCH_CACHE", Path.home() / ".ca
 GEMMA_TEMPLATE = BENCH_DIR / "gemma_chat_template.jinja"
 
 KINDS = ("ours", "vllm", "original", "llamacpp")
-DTYPES = ("bf16", "fp32", "int4", "q4km")
-"""``int4``: ours with weight-only int4 linear layers (fp32 elsewhere); ``q4km``: the GGUF's own Q4_K_M weights."""
+DTYPES = ("bf16", "fp32", "int4", "int4bf16", "q4km")
+"""``int4``: ours with weight-only int4 linear layers for decoding rows on the fp32 checkpoint (prefill in fp32);
+``int4bf16``: the same on the bf16 checkpoint (what ``--weight-quantization int4`` gets by default on a CPU with fast
+bf16); ``q4km``: the GGUF's own Q4_K_M weights."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ ALL_SERVERS = (
     ServerSpec("vllm", "fp32", ("openai",)),
     ServerSpec("original", "fp32", ("native",)),
     ServerSpec("ours", "int4", ("openai", "native")),
+    ServerSpec("ours", "int4bf16", ("openai", "native")),
     ServerSpec("llamacpp", "q4km", ("openai",)),
 )
 
@@ -117,6 +120,10 @@ def build_command(spec: ServerSpec, options: LaunchOptions, port: int) -> tuple[
     return argv + list(options.extra_args), env
 
 
+_OURS_BASE_DTYPE = {"int4": "fp32", "int4bf16": "bf16"}
+"""The checkpoint dtype under ours' int4 servers."""
+
+
 def _ours_command(spec: ServerSpec, options: LaunchOptions, port: int) -> list[str]:
     argv = [sys.executable, "-m", "chatstream", "serve", "--host", "127.0.0.1", "--port", str(port)]
     argv += ["--max-concurrency", str(options.max_concurrency), "--max-queue", str(options.max_queue)]
@@ -126,8 +133,8 @@ def _ours_command(spec: ServerSpec, options: LaunchOptions, port: int) -> list[s
     if options.mock:
         argv += ["--mock"]
     else:
-        argv += ["--model", str(options.model_dir), "--dtype", "fp32" if spec.dtype == "int4" else spec.dtype]
-    argv += ["--weight-quantization", "int4"] if spec.dtype == "int4" else []
+        argv += ["--model", str(options.model_dir), "--dtype", _OURS_BASE_DTYPE.get(spec.dtype, spec.dtype)]
+    argv += ["--weight-quantization", "int4"] if spec.dtype in _OURS_BASE_DTYPE else []
     if options.max_prefill_tokens is not None:
         argv += ["--max-prefill-tokens", str(options.max_prefill_tokens)]
     if options.max_decode_slowdown is not None:
