@@ -212,7 +212,9 @@ async def test_shutdown_waits_for_running_generations_then_stops_the_engine() ->
 
 
 async def test_n_copies_run_together_and_a_disconnect_aborts_them_all() -> None:
-    svc = mock_service(time_per_token=0.001)
+    # 2 ms a token: the long answer (221 tokens) takes at least 0.44 s, so the copies still run when the disconnect is
+    # first checked (every 0.25 s); at 1 ms a token they could finish just before it, and nothing was aborted.
+    svc = mock_service(time_per_token=0.002)
     await svc.startup()
     try:
         requests = [svc.requests.build_text_request(f"cmpl-{i}", "x", SamplingParams()) for i in range(3)]
