@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
 
-from chatstream.config import EngineConfig, SamplingParams  # noqa: E402
+from chatstream.config import WEIGHT_QUANTIZATIONS, EngineConfig, SamplingParams  # noqa: E402
 from chatstream.engine.async_engine import TransformersEngine  # noqa: E402
 from chatstream.engine.base import GenerationRequest, RequestStream  # noqa: E402
 
@@ -132,7 +132,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="engine threads (default: the engine's choice)")
     parser.add_argument("--no-pack", action="store_true", help="plain nn.Linear weights (no oneDNN prepacking)")
     parser.add_argument("--no-fused-decoder", action="store_true", help="transformers' forward, not the fused decoder")
-    parser.add_argument("--quantization", choices=("int8", "int4"), default=None, help="weight-only quantization")
+    parser.add_argument("--quantization", choices=WEIGHT_QUANTIZATIONS, default=None, help="weight-only quantization")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
 
 from bench.engine_throughput import PROMPTS, load  # noqa: E402
-from chatstream.config import EngineConfig, SamplingParams  # noqa: E402
+from chatstream.config import WEIGHT_QUANTIZATIONS, EngineConfig, SamplingParams  # noqa: E402
 from chatstream.engine import sampler  # noqa: E402
 from chatstream.engine.async_engine import TransformersEngine  # noqa: E402
 from chatstream.engine.base import GenerationRequest  # noqa: E402
@@ -236,7 +236,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="engine threads (default: the engine's choice)")
     parser.add_argument("--skip-ops", action="store_true", help="only the phase view")
     parser.add_argument(
-        "--quantization", choices=("int8", "int4"), default=None, help="weight-only quantized decode (default: none)"
+        "--quantization", choices=WEIGHT_QUANTIZATIONS, default=None, help="weight-only quantized decode"
     )
     args = parser.parse_args()
     if args.threads:
