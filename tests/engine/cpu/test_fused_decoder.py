@@ -12,7 +12,7 @@ from torch import nn
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from chatstream.engine.cpu.fast_path import packing_supported
-from chatstream.engine.cpu.fused_decoder import FusedDecoder, unsupported_reason
+from chatstream.engine.cpu.fused_decoder import QUERY_BLOCK, FusedDecoder, unsupported_reason
 from chatstream.engine.model_runner import ModelRunner
 
 needs_packing = pytest.mark.skipif(
@@ -101,6 +101,41 @@ def test_gemma3_sliding_window_bf16_within_rounding(tiny_tokenizer: Any) -> None
     model = build_gemma(tiny_tokenizer, window=8).to(torch.bfloat16)
     _, _, difference = _decode_both_ways(model, _prompts(tiny_tokenizer))
     assert difference < 2e-2
+
+
+def _long_prompts(vocab: int) -> list[list[int]]:
+    """Two rows long enough for the attention to run in query blocks (one left-padded by 70 tokens)."""
+    generator = torch.Generator().manual_seed(5)
+    lengths = (2 * QUERY_BLOCK + 100, 2 * QUERY_BLOCK + 30)
+    return [torch.randint(3, vocab, (n,), generator=generator).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("window", [8, QUERY_BLOCK + 44])
+def test_long_prompts_in_query_blocks_match_transformers_fp32(tiny_tokenizer: Any, window: int) -> None:
+    """A prefill of more than two query blocks reads, per block, only the columns up to its last query (and from its
+    first query's window on): windows shorter and longer than a block, causal and padded rows, same tokens and
+    logits as transformers' whole masked attention."""
+    model = build_gemma(tiny_tokenizer, window=window)
+    ours, theirs, difference = _decode_both_ways(model, _long_prompts(len(tiny_tokenizer)))
+    assert torch.equal(ours, theirs)
+    assert difference < 1e-5
+
+
+def test_query_blocks_cover_the_prompt_and_skip_what_no_query_reads(tiny_tokenizer: Any) -> None:
+    decoder = FusedDecoder(build_gemma(tiny_tokenizer, window=8))
+    new, cached = 2 * QUERY_BLOCK + 100, 50  # a prompt's tail prefilled on top of 50 cached columns
+    mask = torch.ones((1, cached + new), dtype=torch.bool)
+    blocks = decoder._masks(mask, new)
+    for window, expected_start in ((None, lambda first: 0), (8, lambda first: cached + first - 7)):
+        spans = [(b.first, b.last, b.start, b.end) for b in blocks[window]]
+        firsts = range(0, new, QUERY_BLOCK)
+        assert spans == [(f, min(new, f + QUERY_BLOCK), expected_start(f), cached + min(new, f + QUERY_BLOCK))
+                         for f in firsts]  # fmt: skip
+        for block in blocks[window]:  # [B, 1, G * queries, columns]; every query reads its own column
+            assert block.mask.shape == (1, 1, decoder.groups * (block.last - block.first), block.end - block.start)
+            assert bool(block.mask[0, 0, :, -1].any())
+    (decode,) = decoder._masks(torch.ones((1, cached + 1), dtype=torch.bool), 1)[None]
+    assert (decode.first, decode.last, decode.start, decode.end) == (0, 1, 0, cached + 1)
 
 
 def test_qwen3_head_norms_match_transformers(tiny_tokenizer: Any) -> None:
