@@ -21,6 +21,7 @@ from tests.tiny_model import PROMPTS, collect, greedy, reference
 from chatstream.config import EngineConfig, SamplingParams
 from chatstream.engine.async_engine import TransformersEngine
 from chatstream.engine.base import Engine, EngineError, FinishReason, GenerationRequest
+from chatstream.engine.factory import EngineKind, EngineSpec, create_engine
 from chatstream.engine.vllm_engine import VLLMConfig, VLLMEngine, check_sampling
 
 BLOCK_SIZE = 32
@@ -198,3 +199,12 @@ async def test_stop_from_another_thread_aborts_running_requests(vllm_engine: VLL
     assert rest[-1].finish_reason is FinishReason.ABORT and not vllm_engine.is_running
     with pytest.raises(EngineError, match="not running"):
         vllm_engine.add_request(GenerationRequest("late", "x"))
+
+
+def test_a_chatstream_hands_its_tokenizer_to_the_vllm_engine() -> None:
+    """One tokenizer for the prompt classes and vLLM's requests: the engine does not load a second copy."""
+    tokenizer = object()
+    engine = create_engine(EngineSpec(EngineKind.VLLM, model="/models/m"), None, tokenizer, EngineConfig())
+    assert isinstance(engine, VLLMEngine)
+    assert engine.tokenizer is tokenizer
+    assert VLLMEngine("/models/m").tokenizer is None  # none given: start() loads it

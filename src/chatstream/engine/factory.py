@@ -94,7 +94,7 @@ def create_engine(spec: EngineSpec, model: Any, tokenizer: Any, config: EngineCo
 
         assert spec.model is not None
         options = spec.options if isinstance(spec.options, VLLMConfig) else None
-        return VLLMEngine(spec.model, options or VLLMConfig(max_num_seqs=config.max_batch_size))
+        return VLLMEngine(spec.model, options or VLLMConfig(max_num_seqs=config.max_batch_size), tokenizer=tokenizer)
     if model is None or tokenizer is None:
         raise ValueError("model and tokenizer are required for the transformers engine (or choose another engine)")
     from chatstream.engine.async_engine import TransformersEngine

@@ -118,6 +118,9 @@ class VLLMEngine:
     Args:
         model: a model folder or Hugging Face model id.
         config: see :class:`VLLMConfig`.
+        tokenizer: the model's tokenizer when the caller has it already (a ChatStream loads one for its prompt
+            classes); None loads it at :meth:`start` from ``config.tokenizer`` or ``model``. It encodes prompts in
+            worker threads and decodes outputs on the event loop, so it must not be set to truncate or pad.
 
     :meth:`start` loads the model (it blocks for as long as vLLM takes to start). Requests run on the event loop
     that calls :meth:`add_request` first; use one loop for the engine's life.
@@ -126,11 +129,13 @@ class VLLMEngine:
     blocking_start = True
     """:meth:`start` loads the model (minutes): the service calls it in a worker thread."""
 
-    def __init__(self, model: str | os.PathLike[str], config: VLLMConfig | None = None) -> None:
+    def __init__(
+        self, model: str | os.PathLike[str], config: VLLMConfig | None = None, *, tokenizer: Any = None
+    ) -> None:
         self.model = os.fspath(model)
         self.config = config or VLLMConfig()
         self._llm: Any = None
-        self._tokenizer: Any = None
+        self._tokenizer: Any = tokenizer
         self._max_model_len = 0
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._streaming: set[str] = set()  # requests that have had output: running in vLLM
@@ -142,7 +147,8 @@ class VLLMEngine:
 
     @property
     def tokenizer(self) -> Any:
-        """The model's tokenizer, loaded by the engine from the same source as vLLM's (None before :meth:`start`)."""
+        """The model's tokenizer: the one given, else the one :meth:`start` loads from the same source as vLLM's
+        (None until then)."""
         return self._tokenizer
 
     def start(self) -> None:
@@ -158,7 +164,8 @@ class VLLMEngine:
         unknown = [name for name, _ in self.config.engine_args if name not in known]
         _check(not unknown, "engine_args", unknown, "are not vllm.AsyncEngineArgs fields")
         llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.config.engine_kwargs(self.model)))
-        self._tokenizer = self._load_tokenizer()
+        if self._tokenizer is None:
+            self._tokenizer = self._load_tokenizer()
         self._max_model_len = int(llm.model_config.max_model_len)
         self._llm = llm
         logger.info("vLLM engine ready: %s (max_model_len %d)", self.model, self._max_model_len)
