@@ -27,22 +27,22 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
 
 from bench.engine_throughput import load  # noqa: E402
-from chatstream.engine.cpu import fused_decoder  # noqa: E402
+from chatstream.engine.cpu import attention  # noqa: E402
 from chatstream.engine.model_runner import ModelRunner  # noqa: E402
 
-VARIANTS = {"blocked": fused_decoder.QUERY_BLOCK, "one call": 1 << 30}
+VARIANTS = {"blocked": attention.QUERY_BLOCK, "one call": 1 << 30}
 """Variant name → the query block size it runs with (a block larger than any prompt: one masked call)."""
 
 
 def prefill_seconds(runner: ModelRunner, prompt: list[int], query_block: int) -> float:
-    fused_decoder.QUERY_BLOCK = query_block
+    attention.QUERY_BLOCK = query_block
     try:
         with torch.inference_mode():
             started = time.perf_counter()
             runner.prefill([prompt])
             return time.perf_counter() - started
     finally:
-        fused_decoder.QUERY_BLOCK = VARIANTS["blocked"]
+        attention.QUERY_BLOCK = VARIANTS["blocked"]
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -11,8 +11,9 @@ from tests.tiny_model import build_model
 from torch import nn
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
+from chatstream.engine.cpu.attention import QUERY_BLOCK, attention_blocks
 from chatstream.engine.cpu.fast_path import packing_supported
-from chatstream.engine.cpu.fused_decoder import QUERY_BLOCK, FusedDecoder, unsupported_reason
+from chatstream.engine.cpu.fused_decoder import FusedDecoder, unsupported_reason
 from chatstream.engine.model_runner import ModelRunner
 
 needs_packing = pytest.mark.skipif(
@@ -125,7 +126,7 @@ def test_query_blocks_cover_the_prompt_and_skip_what_no_query_reads(tiny_tokeniz
     decoder = FusedDecoder(build_gemma(tiny_tokenizer, window=8))
     new, cached = 2 * QUERY_BLOCK + 100, 50  # a prompt's tail prefilled on top of 50 cached columns
     mask = torch.ones((1, cached + new), dtype=torch.bool)
-    blocks = decoder._masks(mask, new)
+    blocks = attention_blocks(mask, new, decoder.windows, decoder.groups)
     for window, expected_start in ((None, lambda first: 0), (8, lambda first: cached + first - 7)):
         spans = [(b.first, b.last, b.start, b.end) for b in blocks[window]]
         firsts = range(0, new, QUERY_BLOCK)
@@ -134,7 +135,9 @@ def test_query_blocks_cover_the_prompt_and_skip_what_no_query_reads(tiny_tokeniz
         for block in blocks[window]:  # [B, 1, G * queries, columns]; every query reads its own column
             assert block.mask.shape == (1, 1, decoder.groups * (block.last - block.first), block.end - block.start)
             assert bool(block.mask[0, 0, :, -1].any())
-    (decode,) = decoder._masks(torch.ones((1, cached + 1), dtype=torch.bool), 1)[None]
+    (decode,) = attention_blocks(torch.ones((1, cached + 1), dtype=torch.bool), 1, decoder.windows, decoder.groups)[
+        None
+    ]
     assert (decode.first, decode.last, decode.start, decode.end) == (0, 1, 0, cached + 1)
 
 

@@ -12,8 +12,7 @@ docs/performance.md). :class:`FusedDecoder` runs the same arithmetic in about 55
 - attention is one ``scaled_dot_product_attention`` per layer with the query heads of each key head stacked along
   the query axis (no repeated keys), reading the engine's :class:`~chatstream.engine.kv_cache.BatchKVCache` in
   place; sliding-window layers read only the columns inside their window. A long prompt prefilled whole attends
-  in blocks of :data:`QUERY_BLOCK` queries, each over the columns it can see only (a 1,500-token prompt's
-  attention: less than half the work of one masked call).
+  in blocks of queries, each over the columns it can see only (:mod:`chatstream.engine.cpu.attention`).
 
 It serves prefill (also on top of cached prefixes, chunk by chunk) and decode alike, several groups of rows in one
 forward. It is built only for model families
@@ -33,6 +32,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from chatstream.engine.cpu.attention import AttentionBlock, attention_blocks
 from chatstream.engine.cpu.fast_path import (
     ONE_PLUS_WEIGHT_NORMS,
     CpuFastPath,
@@ -67,23 +67,6 @@ def _cat_bias(*linears: nn.Linear) -> torch.Tensor | None:
     return torch.cat(
         [lin.bias.detach() if lin.bias is not None else lin.weight.new_zeros(lin.out_features) for lin in linears]
     )
-
-
-QUERY_BLOCK = 256
-"""New tokens per attention block when a forward runs at least twice as many for one group (see
-:meth:`FusedDecoder._masks`)."""
-
-
-@dataclass(frozen=True)
-class _Block:
-    """The queries ``[first, last)`` of a group's new tokens, attending to its cache columns ``[start, end)`` under
-    ``mask`` ``[B, 1, G * (last - first), end - start]`` (query heads of one key head stacked along the query axis)."""
-
-    first: int
-    last: int
-    start: int
-    end: int
-    mask: torch.Tensor
 
 
 @dataclass
@@ -220,7 +203,10 @@ class FusedDecoder:
         if not all(part.decode for part in parts[: len(decoding)]):
             raise ValueError("decode groups must come first in a forward")
         self.decode_rows.count = sum(part.input_ids.numel() for part in decoding)
-        masks = [self._masks(part.mask, new) for part, (_, new) in zip(parts, shapes, strict=True)]
+        news = [new for _, new in shapes]
+        masks = [
+            attention_blocks(part.mask, new, self.windows, self.groups) for part, new in zip(parts, news, strict=True)
+        ]
         positions = _flat([part.positions for part in parts])
         tables = {kind: self._rotary(kind, positions) for kind in self.rope}
         x = F.embedding(_flat([part.input_ids for part in parts]), self.embed_weight)
@@ -247,55 +233,13 @@ class FusedDecoder:
         pieces = iter(logits.split([size for (size, _), want in zip(shapes, wanted, strict=True) if want]))
         return [next(pieces) if want else None for want in wanted]
 
-    def _masks(self, mask: torch.Tensor, new: int) -> dict[int | None, list[_Block]]:
-        """Per window (None: full attention) the attention blocks of ``new`` query tokens over the ``[B, L]`` padding
-        mask's columns (see :class:`_Block`).
-
-        A long run of new tokens (a prompt prefilled whole) is split into blocks of :data:`QUERY_BLOCK` queries, each
-        reading the columns up to its last query only (and, in a sliding-window layer, from its first query's window
-        on): the causal mask's upper triangle and the columns outside every window are never computed. A row's
-        allowed columns are the same either way, so the result is the same attention.
-        """
-        length = mask.shape[1]
-        allowed = mask[:, None, :]  # [B, 1, L]
-        if new > 1:
-            columns = torch.arange(length, device=mask.device)
-            query_columns = columns[length - new :, None]  # [S, 1]
-            allowed = allowed & (columns <= query_columns)  # [B, S, L]
-        spans = (
-            [(0, new)]
-            if new < 2 * QUERY_BLOCK
-            else [(s, min(new, s + QUERY_BLOCK)) for s in range(0, new, QUERY_BLOCK)]
-        )
-        masks: dict[int | None, list[_Block]] = {}
-        for window in (None, *self.windows):
-            blocks = []
-            for first, last in spans:  # queries [first, last) of the new tokens
-                end = length - new + last  # the column after the block's last query
-                start = 0 if window is None else max(0, length - new + first - window + 1)
-                block = allowed[:, first:last, start:end] if new > 1 else allowed[:, :, start:end]
-                if window is not None:
-                    keys = torch.arange(start, end, device=mask.device)
-                    queries = torch.arange(length - new + first, end, device=mask.device)[:, None]
-                    block = block & (keys > queries - window)
-                blocks.append(_Block(first, last, start, end, self._grouped(block)))
-            masks[window] = blocks
-        return masks
-
-    def _grouped(self, mask: torch.Tensor) -> torch.Tensor:
-        """``[B, S, L]`` → ``[B, 1, G*S, L]``: the query heads of one key head are stacked along the query axis."""
-        mask = mask.unsqueeze(1)
-        if mask.shape[2] > 1 and self.groups > 1:
-            mask = mask.repeat(1, 1, self.groups, 1)
-        return mask
-
     def _layer_step(
         self,
         layer: _Layer,
         x: torch.Tensor,
         shapes: list[tuple[int, ...]],
         index: int,
-        attention: list[tuple[BatchKVCache, list[_Block]]],
+        attention: list[tuple[BatchKVCache, list[AttentionBlock]]],
         rotary: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
         tokens = x.shape[0]  # all groups' B * S
@@ -329,7 +273,7 @@ class FusedDecoder:
         v: torch.Tensor,
         size: int,
         cache_layer: BufferedLayer,
-        blocks: list[_Block],
+        blocks: list[AttentionBlock],
     ) -> torch.Tensor:
         """One group's attention: ``qk`` ``[B*S, Hq + Hkv, D]`` (rotated), ``v`` ``[B*S, Hkv*D]``; the new keys and
         values are appended to ``cache_layer``. Returns ``[B*S, Hq*D]``."""
