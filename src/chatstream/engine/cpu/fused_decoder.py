@@ -203,9 +203,9 @@ class FusedDecoder:
         if not all(part.decode for part in parts[: len(decoding)]):
             raise ValueError("decode groups must come first in a forward")
         self.decode_rows.count = sum(part.input_ids.numel() for part in decoding)
-        news = [new for _, new in shapes]
         masks = [
-            attention_blocks(part.mask, new, self.windows, self.groups) for part, new in zip(parts, news, strict=True)
+            attention_blocks(part.mask, new, self.windows, self.groups)
+            for part, (_, new) in zip(parts, shapes, strict=True)
         ]
         positions = _flat([part.positions for part in parts])
         tables = {kind: self._rotary(kind, positions) for kind in self.rope}
