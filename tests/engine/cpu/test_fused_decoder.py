@@ -133,11 +133,12 @@ def test_query_blocks_cover_the_prompt_and_skip_what_no_query_reads(tiny_tokeniz
         assert spans == [(f, min(new, f + QUERY_BLOCK), expected_start(f), cached + min(new, f + QUERY_BLOCK))
                          for f in firsts]  # fmt: skip
         for block in blocks[window]:  # [B, 1, G * queries, columns]; every query reads its own column
-            assert block.mask.shape == (1, 1, decoder.groups * (block.last - block.first), block.end - block.start)
-            assert bool(block.mask[0, 0, :, -1].any())
-    (decode,) = attention_blocks(torch.ones((1, cached + 1), dtype=torch.bool), 1, decoder.windows, decoder.groups)[
-        None
-    ]
+            queries = block.last - block.first
+            assert block.mask.shape == (1, 1, decoder.groups * queries, block.end - block.start)
+            own = torch.arange(queries).repeat(decoder.groups) + cached + block.first - block.start
+            assert bool(block.mask[0, 0, torch.arange(decoder.groups * queries), own].all())
+    decoding = attention_blocks(torch.ones((1, cached + 1), dtype=torch.bool), 1, decoder.windows, decoder.groups)
+    (decode,) = decoding[None]
     assert (decode.first, decode.last, decode.start, decode.end) == (0, 1, 0, cached + 1)
 
 
