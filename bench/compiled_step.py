@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import platform
 import statistics
@@ -41,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
 
 from bench.engine_throughput import load  # noqa: E402
+from bench.report import print_markdown, write_json  # noqa: E402
 from chatstream.engine.cpu.support import rope_tables  # noqa: E402
 from chatstream.engine.kv_cache import BatchKVCache  # noqa: E402
 from chatstream.engine.model_runner import ModelRunner  # noqa: E402
@@ -306,17 +306,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     report = run(args)
-    print("\n| context | compiled step (ms) | fused decoder (ms) | compiled / fused | per round | first compile (s) |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    for row in report["results"]:
-        print(
-            f"| {row['context']} | {row['compiled_ms']:.1f} | {row['fused_ms']:.1f} | {row['ratio']:.2f} "
-            f"| {row['paired_ratio']:.2f} | {row['first_compile_s']:.0f} |"
-        )
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"compiled_step_gemma_{args.dtype}.json"
-    path.write_text(json.dumps(report, indent=2))
-    print(f"wrote {path}")
+    header = ("context", "compiled step (ms)", "fused decoder (ms)", "compiled / fused", "per round", "compile (s)")
+    formats = {"compiled_ms": ".1f", "fused_ms": ".1f", "ratio": ".2f", "paired_ratio": ".2f", "first_compile_s": ".0f"}
+    results = report["results"]
+    print_markdown(header, [[str(row["context"])] + [format(row[k], f) for k, f in formats.items()] for row in results])
+    write_json(args.out, f"compiled_step_gemma_{args.dtype}.json", report)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ warm-up round) and the ratio blocked / one call. Results go to bench/results/ as
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -27,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
 
 from bench.engine_throughput import load  # noqa: E402
+from bench.report import print_markdown, write_json  # noqa: E402
 from chatstream.engine.cpu import attention  # noqa: E402
 from chatstream.engine.model_runner import ModelRunner  # noqa: E402
 
@@ -89,14 +89,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
     report = run(args)
-    print("\n| prompt tokens | blocked (ms) | one call (ms) | blocked / one call |")
-    print("|---:|---:|---:|---:|")
-    for row in report["results"]:
-        print(f"| {row['prompt_tokens']} | {row['blocked_ms']:.0f} | {row['one_call_ms']:.0f} | {row['ratio']:.2f} |")
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"prefill_query_blocks_{args.model}_{args.dtype}.json"
-    path.write_text(json.dumps(report, indent=2))
-    print(f"wrote {path}")
+    print_markdown(
+        ("prompt tokens", "blocked (ms)", "one call (ms)", "blocked / one call"),
+        [
+            (str(row["prompt_tokens"]), f"{row['blocked_ms']:.0f}", f"{row['one_call_ms']:.0f}", f"{row['ratio']:.2f}")
+            for row in report["results"]
+        ],
+    )
+    write_json(args.out, f"prefill_query_blocks_{args.model}_{args.dtype}.json", report)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
-"""Ratios ours/peer and the plain-text tables printed at the end of a run."""
+"""Ratios ours/peer and the plain-text tables printed at the end of a run; the Markdown table and JSON file of the
+single-purpose benchmarks."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from bench.stats import ratio
@@ -221,3 +224,20 @@ def render_tables(report: dict[str, Any]) -> str:
     if errors:
         parts += ["", "Errors", *errors]
     return "\n".join(parts)
+
+
+def print_markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """A Markdown table (numbers right-aligned), ready for the docs."""
+    print("\n| " + " | ".join(header) + " |")
+    print("|" + "---:|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+def write_json(directory: Path, name: str, report: dict[str, Any]) -> Path:
+    """``report`` as ``directory/name`` (the directory created if needed); prints where."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    path.write_text(json.dumps(report, indent=2))
+    print(f"wrote {path}")
+    return path
