@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Sequence
 
 
@@ -46,3 +47,19 @@ def median_of_dicts(rounds: Sequence[dict[str, float | None]]) -> dict[str, floa
             if key not in keys:
                 keys.append(key)
     return {key: median([summary.get(key) for summary in rounds]) for key in keys}
+
+
+def median_with_ci(
+    values: Sequence[float], confidence: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> tuple[float | None, float | None, float | None]:
+    """The median of ``values`` and a percentile-bootstrap confidence interval for it (fixed seed, so a result file
+    is reproducible from its own figures): ``(median, low, high)``, all None for no values."""
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be within (0, 1), got {confidence!r}")
+    if not values:
+        return None, None, None
+    rng = random.Random(seed)
+    n = len(values)
+    medians = [percentile([values[rng.randrange(n)] for _ in range(n)], 50.0) or 0.0 for _ in range(resamples)]
+    tail = (1.0 - confidence) * 50.0
+    return percentile(values, 50.0), percentile(medians, tail), percentile(medians, 100.0 - tail)

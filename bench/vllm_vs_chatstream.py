@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -52,13 +53,14 @@ from tests.live_server import run_server
 from bench.load import DEFAULT_TIMEOUT, OpenAITarget, RequestResult, openai_chat, run_round, summarize_round
 from bench.protocols import SseDecoder, parse_openai_event
 from bench.servers import free_port, prepare_model_dir
-from bench.stats import median_of_dicts, percentile, ratio
+from bench.stats import median_of_dicts, median_with_ci, percentile, ratio
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS = REPO_ROOT / "bench" / "results" / "vllm_vs_chatstream.json"
 LOGS = REPO_ROOT / "bench" / "results" / "logs"
 PROMPTS = json.loads((REPO_ROOT / "bench" / "prompts.json").read_text(encoding="utf-8"))["single"]
 TAG = re.compile(rb"bench-req-(\d+)")
+FRONT_PROBE = REPO_ROOT / "bench" / "front_probe"
 TARGET_RATIO, TARGET_TTFT_MS = 0.95, 10.0
 
 
@@ -66,13 +68,19 @@ TARGET_RATIO, TARGET_TTFT_MS = 0.95, 10.0
 
 
 @contextlib.contextmanager
-def serving(name: str, argv_for: Callable[[int], list[str]], timeout_s: float) -> Iterator[str]:
+def serving(
+    name: str, argv_for: Callable[[int], list[str]], timeout_s: float, probe: Path | None = None
+) -> Iterator[str]:
     """Start ``argv_for(port)`` (its own process group, output to bench/results/logs/), yield its URL once /health
-    answers, stop it at the end."""
+    answers, stop it at the end. With ``probe``, the server stamps each request it hands to vLLM's engine core
+    into that file (bench/front_probe/)."""
     port = free_port()
     LOGS.mkdir(parents=True, exist_ok=True)
     log_path = LOGS / f"vllm_vs_chatstream-{name}.log"
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "src"), "PYTHONUNBUFFERED": "1"}
+    if probe is not None:
+        env["PYTHONPATH"] += os.pathsep + str(FRONT_PROBE)
+        env["CHATSTREAM_BENCH_FRONT_PROBE"] = str(probe)
     with log_path.open("w", encoding="utf-8") as log:
         process = subprocess.Popen(
             argv_for(port), cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -257,8 +265,10 @@ class Requests:
     requests_per_client: int
     next_tag: int = 0
 
-    def round(self, concurrency: int, index: int) -> dict[int, list[dict[str, str]]]:
-        count = concurrency * self.requests_per_client
+    def round(self, concurrency: int, index: int, per_client: int | None = None) -> dict[int, list[dict[str, str]]]:
+        """``concurrency`` chats of ``per_client`` requests each (default: ``requests_per_client``), slice ``index``
+        of the prompt set."""
+        count = concurrency * (per_client or self.requests_per_client)
         chats = {}
         for i in range(count):
             prompt = PROMPTS[(index * count + i) % len(PROMPTS)]
@@ -316,7 +326,40 @@ async def alternate(targets: dict[str, OpenAITarget], args: argparse.Namespace, 
                 print(f"  chats {concurrency:>3} round {index + 1} {name:<16} {_brief(summary)}", flush=True)
         medians = {name: median_of_dicts(r) for name, r in rounds.items()}
         figures[str(concurrency)] = {"median": medians, "rounds": rounds}
+        if args.ttft_pairs:
+            figures[str(concurrency)]["ttft_pairs"] = await ttft_pairs(targets, requests, concurrency, args, measure)
     return figures
+
+
+async def ttft_pairs(
+    targets: dict[str, OpenAITarget], requests: Requests, concurrency: int, args: argparse.Namespace, measure: RoundFn
+) -> dict[str, list[dict[str, Any]]]:
+    """``--ttft-pairs`` pairs of short rounds (``concurrency`` chats arriving at once, one request each,
+    ``--ttft-max-tokens`` tokens) in alternating order, ``--settle`` seconds of quiet before each: each round's TTFT
+    p50 by target. A round of this load has the TTFT of a long one (the first token does not depend on how many
+    follow) and lasts about one TTFT, so the two rounds of a pair run seconds apart, not minutes, and the machine's
+    drift in speed (±20 % over minutes on a shared VM) mostly cancels in their difference. Returns each round's
+    summary by target."""
+    short = {name: dataclasses.replace(target, max_tokens=args.ttft_max_tokens) for name, target in targets.items()}
+    summaries: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
+    for index in range(args.ttft_pairs):
+        chats = requests.round(concurrency, args.rounds + index, per_client=1)
+        for name in list(short)[:: -1 if index % 2 else 1]:
+            await asyncio.sleep(args.settle)
+            summaries[name].append(await measure(short[name], chats, concurrency))
+        line = ", ".join(f"{name} {_brief(rounds[-1])}" for name, rounds in summaries.items())
+        print(f"  chats {concurrency:>3} TTFT pair {index + 1}: {line}", flush=True)
+    return summaries
+
+
+def paired(
+    ours: Sequence[float | None], peer: Sequence[float | None], how: Callable[[float, float], float]
+) -> dict[str, float | None]:
+    """``how(ours, peer)`` for each pair of rounds run back to back; the median of these and its 95 % bootstrap
+    interval (bench/stats.py), and how many pairs there were."""
+    values = [how(a, b) for a, b in zip(ours, peer, strict=True) if a is not None and b is not None and b != 0]
+    mid, low, high = median_with_ci(values)
+    return {"median": mid, "ci95_low": low, "ci95_high": high, "pairs": float(len(values))}
 
 
 def _brief(summary: dict[str, Any]) -> str:
@@ -335,21 +378,83 @@ def part_vllm(args: argparse.Namespace) -> dict[str, Any]:
         sys.executable, args, "--engine", "vllm", *vllm_options(args), "--context-len", str(args.context_len)
     )
     timeout = args.startup_timeout
-    with serving("vllm", vllm_serve_argv(args), timeout) as vllm_url, serving("chatstream-vllm", ours, timeout) as url:
+    with contextlib.ExitStack() as stack:
+        probes = {name: _probe_file(stack, args, name) for name in ("vllm", "chatstream-vllm")}
+        vllm_url = stack.enter_context(serving("vllm", vllm_serve_argv(args), timeout, probes["vllm"]))
+        url = stack.enter_context(serving("chatstream-vllm", ours, timeout, probes["chatstream-vllm"]))
         targets = {"vllm": _target(vllm_url, vllm_url, args), "chatstream-vllm": _target(url, url, args)}
+        stamps = {name: FrontStamps(path) for name, path in probes.items() if path is not None}
 
         async def measure(target: OpenAITarget, chats: dict[int, Any], concurrency: int) -> dict[str, Any]:
-            return (await one_round(target, chats, concurrency, args.round_timeout))[0]
+            name = next(n for n, t in targets.items() if t.base_url == target.base_url)
+            if name in stamps:
+                stamps[name].take()  # the warm-up's and any earlier round's
+            summary, results = await one_round(target, chats, concurrency, args.round_timeout)
+            return {**summary, **(front_delays(results, stamps[name].take()) if name in stamps else {})}
 
         figures = asyncio.run(alternate(targets, args, measure))
     for entry in figures.values():
         ours_m, peer = entry["median"]["chatstream-vllm"], entry["median"]["vllm"]
         entry["tokens_per_s_ratio"] = ratio(ours_m["tokens_per_s"], peer["tokens_per_s"])
         entry["ttft_p50_added_ms"] = _minus(ours_m["ttft_p50_ms"], peer["ttft_p50_ms"])
+        ours_r, peer_r = entry["rounds"]["chatstream-vllm"], entry["rounds"]["vllm"]
+        entry["paired_tokens_per_s_ratio"] = paired(
+            [r["tokens_per_s"] for r in ours_r], [r["tokens_per_s"] for r in peer_r], lambda a, b: a / b
+        )
+        entry["paired_ttft_p50_added_ms"] = paired(
+            [r["ttft_p50_ms"] for r in ours_r], [r["ttft_p50_ms"] for r in peer_r], lambda a, b: a - b
+        )
+        if "ttft_pairs" in entry:
+            ours_s, peer_s = entry["ttft_pairs"]["chatstream-vllm"], entry["ttft_pairs"]["vllm"]
+            for key in ("ttft_p50_ms", "front_p50_ms", "front_last_ms"):
+                if key in ours_s[0]:
+                    entry[f"short_rounds_{key[:-3]}_added_ms"] = paired(
+                        [r[key] for r in ours_s], [r[key] for r in peer_s], lambda a, b: a - b
+                    )
         entry["targets_met"] = (entry["tokens_per_s_ratio"] or 0) >= TARGET_RATIO and (
             entry["ttft_p50_added_ms"] is not None and entry["ttft_p50_added_ms"] <= TARGET_TTFT_MS
         )
     return figures
+
+
+def _probe_file(stack: contextlib.ExitStack, args: argparse.Namespace, name: str) -> Path | None:
+    if not args.front_probe:
+        return None
+    folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="front-probe-")))
+    return folder / f"{name}.txt"
+
+
+class FrontStamps:
+    """The stamps a server's front probe (bench/front_probe/) appended to ``path`` since the last :meth:`take`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._offset = 0
+
+    def take(self) -> list[float]:
+        if not self.path.exists():
+            return []
+        with self.path.open("rb") as file:
+            file.seek(self._offset)
+            data = file.read()
+        complete = data[: data.rfind(b"\n") + 1]
+        self._offset += len(complete)
+        return [float(line) for line in complete.split()]
+
+
+def front_delays(results: dict[int, RequestResult], handed_over: list[float]) -> dict[str, float | None]:
+    """For a round of requests sent at once (one per chat): from each request's sending by the client to the moment a
+    front handed a request to vLLM's engine core, the i-th sent paired with the i-th handed over (p50, ms), and from
+    the first sending to the last hand-over (ms): how long the front kept the engine from seeing the whole burst."""
+    sent = sorted(r.arrivals[0] - r.ttft_s for r in results.values() if r.arrivals and r.ttft_s is not None)
+    handed = sorted(handed_over)
+    if not sent or len(handed) != len(results):
+        return {"front_p50_ms": None, "front_last_ms": None, "front_stamps": float(len(handed))}
+    return {
+        "front_p50_ms": _ms([h - s for s, h in zip(sent, handed, strict=False)], 50),
+        "front_last_ms": 1000.0 * (handed[-1] - sent[0]),
+        "front_stamps": float(len(handed)),
+    }
 
 
 def part_upstream(args: argparse.Namespace) -> dict[str, Any]:
@@ -446,6 +551,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="seconds of quiet before each measured round (default 3). Two vLLM servers on one small CPU: the one "
         "measured right after the other lost ~1 s on its first step (both engines bind core 0); 3 s removes it",
     )
+    parser.add_argument(
+        "--ttft-pairs",
+        type=int,
+        default=0,
+        help="after the rounds at each concurrency, this many pairs of short rounds (one request per chat, "
+        "--ttft-max-tokens tokens) for a paired estimate of the TTFT difference (default 0: none)",
+    )
+    parser.add_argument("--ttft-max-tokens", type=int, default=4, help="tokens per answer in the short rounds")
+    parser.add_argument(
+        "--front-probe",
+        action="store_true",
+        help="part 1: each server stamps the moment its front hands a request to vLLM's engine core "
+        "(bench/front_probe/); each round adds front_p50_ms and front_last_ms (from the client's sending)",
+    )
     parser.add_argument("--startup-timeout", type=float, default=1200.0, help="seconds a server may take to start")
     parser.add_argument("--round-timeout", type=float, default=600.0, help="seconds before a round is abandoned")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -525,6 +644,22 @@ def print_tables(results: dict[str, Any], args: argparse.Namespace, machine: dic
                 f"{concurrency:>5}  {'ours / vLLM':<16} {_f(entry['tokens_per_s_ratio'], 8, 3)} "
                 f"{_f(entry['ttft_p50_added_ms'], 7, 1, '+')}ms  targets {verdict}"
             )
+            print(
+                f"{concurrency:>5}  paired rounds, medians [95 % interval]: ours / vLLM tok/s "
+                f"{_interval(entry['paired_tokens_per_s_ratio'], 3)}, TTFT p50 added "
+                f"{_interval(entry['paired_ttft_p50_added_ms'], 1)} ms"
+            )
+            for key, label in (("front_p50", "front p50"), ("front_last", "burst's last hand-over")):
+                if f"short_rounds_{key}_added_ms" in entry:
+                    print(
+                        f"{concurrency:>5}  short rounds: {label} added "
+                        f"{_interval(entry[f'short_rounds_{key}_added_ms'], 2)} ms"
+                    )
+            if "short_rounds_ttft_p50_added_ms" in entry:
+                print(
+                    f"{concurrency:>5}  short rounds (TTFT only): TTFT p50 added "
+                    f"{_interval(entry['short_rounds_ttft_p50_added_ms'], 1)} ms"
+                )
     if "upstream" in results:
         print(
             "\nChatStream in front of an upstream (ms): per chunk, tap (in front of the upstream) to client; TTFT and"
@@ -545,6 +680,12 @@ def print_tables(results: dict[str, Any], args: argparse.Namespace, machine: dic
                 f"{_f(entry['added_chunk_p99_ms'], 9, 2, '+')} {_f(entry['added_ttft_p50_ms'], 8, 1, '+')} "
                 f"{_f(entry['added_to_upstream_p50_ms'], 11, 2, '+')}"
             )
+
+
+def _interval(estimate: dict[str, float | None], digits: int) -> str:
+    """``median [low, high] (n pairs)`` of a :func:`paired` estimate."""
+    mid, low, high = (_f(estimate[key], 0, digits) for key in ("median", "ci95_low", "ci95_high"))
+    return f"{mid} [{low}, {high}] ({estimate['pairs']:.0f} pairs)"
 
 
 def _f(value: float | None, width: int, digits: int, sign: str = "") -> str:

@@ -2,7 +2,7 @@
 
 import pytest
 from bench.report import compute_ratios
-from bench.stats import median, median_of_dicts, percentile, ratio
+from bench.stats import median, median_of_dicts, median_with_ci, percentile, ratio
 
 
 def test_percentile_matches_linear_interpolation():
@@ -86,3 +86,16 @@ def test_ratios_pair_servers_on_their_shared_protocol():
 
 def test_ratios_skip_pairs_with_a_missing_server():
     assert compute_ratios({"ours-fp32": _server(100.0, 10.0)}) == []
+
+
+def test_median_with_ci_brackets_the_median_and_repeats_itself():
+    values = [float(v) for v in (5, -3, 12, 7, 0, 9, -1, 4, 6, 8, 2)]
+    mid, low, high = median_with_ci(values)
+    assert mid == 5.0
+    assert low is not None and high is not None and min(values) <= low <= mid <= high <= max(values)
+    assert median_with_ci(values) == (mid, low, high)  # seeded
+    narrow = median_with_ci(values, confidence=0.5)
+    assert low <= narrow[1] <= narrow[2] <= high
+    assert median_with_ci([]) == (None, None, None)
+    with pytest.raises(ValueError):
+        median_with_ci(values, confidence=1.0)

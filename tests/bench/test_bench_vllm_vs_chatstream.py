@@ -5,7 +5,17 @@ import json
 import httpx
 import pytest
 from bench.load import RequestResult
-from bench.vllm_vs_chatstream import Requests, Sent, Tap, _SseText, chunk_delays, parse_args
+from bench.vllm_vs_chatstream import (
+    FrontStamps,
+    Requests,
+    Sent,
+    Tap,
+    _SseText,
+    chunk_delays,
+    front_delays,
+    paired,
+    parse_args,
+)
 
 
 def _event(text: str, chat: bool = True) -> bytes:
@@ -75,3 +85,42 @@ def test_options_are_checked():
     assert args.concurrency == [4, 16] and args.kv_cache_bytes == 1 << 29
     with pytest.raises(SystemExit):
         parse_args(["--parts", "vllm,other"])
+
+
+def test_short_rounds_have_one_request_per_chat_and_prompts_of_their_own():
+    requests = Requests(requests_per_client=2)
+    long_round = requests.round(4, 0)
+    short = requests.round(4, 1, per_client=1)
+    assert len(long_round) == 8 and len(short) == 4
+    assert not set(long_round) & set(short)
+
+
+def test_paired_estimates_skip_rounds_with_a_missing_side():
+    estimate = paired([110.0, None, 90.0, 100.0], [100.0, 80.0, 100.0, 0.0], lambda a, b: a - b)
+    assert estimate["pairs"] == 2.0  # the missing side and the zero peer are left out
+    assert estimate["median"] == 0.0
+    assert estimate["ci95_low"] == -10.0 and estimate["ci95_high"] == 10.0
+
+
+def test_front_stamps_are_read_once_and_only_whole_lines(tmp_path):
+    path = tmp_path / "probe.txt"
+    stamps = FrontStamps(path)
+    assert stamps.take() == []  # the server has not written yet
+    path.write_bytes(b"1.5\n2.25\n3.")
+    assert stamps.take() == [1.5, 2.25]
+    with path.open("ab") as file:
+        file.write(b"75\n")
+    assert stamps.take() == [3.75]
+    assert stamps.take() == []
+
+
+def test_front_delays_pair_the_burst_in_order():
+    def sent_at(start, ttft):
+        return RequestResult(ok=True, ttft_s=ttft, arrivals=[start + ttft])
+
+    results = {0: sent_at(10.0, 1.0), 1: sent_at(10.002, 1.0), 2: sent_at(10.004, 1.0)}
+    delays = front_delays(results, [10.009, 10.003, 10.006])
+    assert delays["front_p50_ms"] == pytest.approx(4.0)  # handed over 3, 4 and 5 ms after their sending
+    assert delays["front_last_ms"] == pytest.approx(9.0)
+    missing = front_delays(results, [10.003])  # a request the probe never saw handed over
+    assert missing["front_p50_ms"] is None and missing["front_stamps"] == 1.0
