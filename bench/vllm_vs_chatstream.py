@@ -406,7 +406,7 @@ def part_vllm(args: argparse.Namespace) -> dict[str, Any]:
         )
         if "ttft_pairs" in entry:
             ours_s, peer_s = entry["ttft_pairs"]["chatstream-vllm"], entry["ttft_pairs"]["vllm"]
-            for key in ("ttft_p50_ms", "front_p50_ms", "front_last_ms"):
+            for key in ("ttft_p50_ms", "front_p50_ms", "front_last_ms", "egress_p50_ms"):
                 if key in ours_s[0]:
                     entry[f"short_rounds_{key[:-3]}_added_ms"] = paired(
                         [r[key] for r in ours_s], [r[key] for r in peer_s], lambda a, b: a - b
@@ -425,36 +425,51 @@ def _probe_file(stack: contextlib.ExitStack, args: argparse.Namespace, name: str
 
 
 class FrontStamps:
-    """The stamps a server's front probe (bench/front_probe/) appended to ``path`` since the last :meth:`take`."""
+    """What a server's front probe (bench/front_probe/) appended to ``path`` since the last :meth:`take`."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._offset = 0
 
-    def take(self) -> list[float]:
+    def take(self) -> dict[str, list[float]]:
+        """The new stamps by kind: ``h`` (a request handed to the engine core), ``o`` (a step's outputs taken in)."""
+        stamps: dict[str, list[float]] = {"h": [], "o": []}
         if not self.path.exists():
-            return []
+            return stamps
         with self.path.open("rb") as file:
             file.seek(self._offset)
             data = file.read()
         complete = data[: data.rfind(b"\n") + 1]
         self._offset += len(complete)
-        return [float(line) for line in complete.split()]
+        for line in complete.decode().splitlines():
+            kind, at = line.split()
+            stamps[kind].append(float(at))
+        return stamps
 
 
-def front_delays(results: dict[int, RequestResult], handed_over: list[float]) -> dict[str, float | None]:
-    """For a round of requests sent at once (one per chat): from each request's sending by the client to the moment a
-    front handed a request to vLLM's engine core, the i-th sent paired with the i-th handed over (p50, ms), and from
-    the first sending to the last hand-over (ms): how long the front kept the engine from seeing the whole burst."""
-    sent = sorted(r.arrivals[0] - r.ttft_s for r in results.values() if r.arrivals and r.ttft_s is not None)
-    handed = sorted(handed_over)
-    if not sent or len(handed) != len(results):
-        return {"front_p50_ms": None, "front_last_ms": None, "front_stamps": float(len(handed))}
-    return {
-        "front_p50_ms": _ms([h - s for s, h in zip(sent, handed, strict=False)], 50),
-        "front_last_ms": 1000.0 * (handed[-1] - sent[0]),
-        "front_stamps": float(len(handed)),
-    }
+def front_delays(results: dict[int, RequestResult], stamps: dict[str, list[float]]) -> dict[str, float | None]:
+    """The two parts of a round's TTFT that a front spends, for a round of requests sent at once (one per chat), in
+    ms: the way in, from each request's sending by the client to a front handing a request to vLLM's engine core (the
+    i-th sent paired with the i-th handed over; p50), and from the first sending to the last hand-over (how long the
+    front kept the engine from seeing the whole burst); the way out, from the front taking in the engine step's
+    outputs that carried a request's first token (the last taken in before its first text reached the client) to
+    that text's arrival (p50)."""
+    done = [r for r in results.values() if r.arrivals and r.ttft_s is not None]
+    sent = sorted(r.arrivals[0] - r.ttft_s for r in done)  # type: ignore[operator]
+    handed, taken_in = sorted(stamps["h"]), sorted(stamps["o"])
+    figures: dict[str, float | None] = {"front_p50_ms": None, "front_last_ms": None, "egress_p50_ms": None}
+    figures["front_stamps"] = float(len(handed))
+    if sent and len(handed) == len(results):
+        figures["front_p50_ms"] = _ms([h - s for s, h in zip(sent, handed, strict=False)], 50)
+        figures["front_last_ms"] = 1000.0 * (handed[-1] - sent[0])
+    out = []
+    for result in done:
+        first_text = result.arrivals[0]
+        before = [t for t in taken_in if t <= first_text]
+        if before:
+            out.append(first_text - before[-1])
+    figures["egress_p50_ms"] = _ms(out, 50)
+    return figures
 
 
 def part_upstream(args: argparse.Namespace) -> dict[str, Any]:
@@ -562,8 +577,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--front-probe",
         action="store_true",
-        help="part 1: each server stamps the moment its front hands a request to vLLM's engine core "
-        "(bench/front_probe/); each round adds front_p50_ms and front_last_ms (from the client's sending)",
+        help="part 1: each server stamps when its front hands a request to vLLM's engine core and takes a step's "
+        "outputs in (bench/front_probe/); each round adds front_p50_ms, front_last_ms and egress_p50_ms",
     )
     parser.add_argument("--startup-timeout", type=float, default=1200.0, help="seconds a server may take to start")
     parser.add_argument("--round-timeout", type=float, default=600.0, help="seconds before a round is abandoned")
@@ -649,7 +664,11 @@ def print_tables(results: dict[str, Any], args: argparse.Namespace, machine: dic
                 f"{_interval(entry['paired_tokens_per_s_ratio'], 3)}, TTFT p50 added "
                 f"{_interval(entry['paired_ttft_p50_added_ms'], 1)} ms"
             )
-            for key, label in (("front_p50", "front p50"), ("front_last", "burst's last hand-over")):
+            for key, label in (
+                ("front_p50", "way in p50"),
+                ("front_last", "burst's last hand-over"),
+                ("egress_p50", "way out p50"),
+            ):
                 if f"short_rounds_{key}_added_ms" in entry:
                     print(
                         f"{concurrency:>5}  short rounds: {label} added "

@@ -105,22 +105,25 @@ def test_paired_estimates_skip_rounds_with_a_missing_side():
 def test_front_stamps_are_read_once_and_only_whole_lines(tmp_path):
     path = tmp_path / "probe.txt"
     stamps = FrontStamps(path)
-    assert stamps.take() == []  # the server has not written yet
-    path.write_bytes(b"1.5\n2.25\n3.")
-    assert stamps.take() == [1.5, 2.25]
+    assert stamps.take() == {"h": [], "o": []}  # the server has not written yet
+    path.write_bytes(b"h 1.5\no 2.25\nh 3.")
+    assert stamps.take() == {"h": [1.5], "o": [2.25]}
     with path.open("ab") as file:
         file.write(b"75\n")
-    assert stamps.take() == [3.75]
-    assert stamps.take() == []
+    assert stamps.take() == {"h": [3.75], "o": []}
+    assert stamps.take() == {"h": [], "o": []}
 
 
-def test_front_delays_pair_the_burst_in_order():
+def test_front_delays_split_the_ttft_into_the_ways_in_and_out():
     def sent_at(start, ttft):
         return RequestResult(ok=True, ttft_s=ttft, arrivals=[start + ttft])
 
-    results = {0: sent_at(10.0, 1.0), 1: sent_at(10.002, 1.0), 2: sent_at(10.004, 1.0)}
-    delays = front_delays(results, [10.009, 10.003, 10.006])
+    # sent at 10.000, 10.002, 10.004; first text at 11.000, 11.002, 11.104 (the last one a step later)
+    results = {0: sent_at(10.0, 1.0), 1: sent_at(10.002, 1.0), 2: sent_at(10.004, 1.1)}
+    stamps = {"h": [10.009, 10.003, 10.006], "o": [10.5, 10.999, 11.1, 11.2]}
+    delays = front_delays(results, stamps)
     assert delays["front_p50_ms"] == pytest.approx(4.0)  # handed over 3, 4 and 5 ms after their sending
     assert delays["front_last_ms"] == pytest.approx(9.0)
-    missing = front_delays(results, [10.003])  # a request the probe never saw handed over
-    assert missing["front_p50_ms"] is None and missing["front_stamps"] == 1.0
+    assert delays["egress_p50_ms"] == pytest.approx(3.0)  # 1, 3 and 4 ms after the step's outputs came in
+    missing = front_delays(results, {"h": [10.003], "o": []})  # requests the probe never saw handed over
+    assert missing["front_p50_ms"] is None and missing["egress_p50_ms"] is None and missing["front_stamps"] == 1.0
