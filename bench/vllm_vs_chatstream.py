@@ -8,8 +8,13 @@ round, with the same load through the OpenAI streaming API (/v1/chat/completions
 1. ``vllm``: ``chatstream serve --engine vllm`` against vLLM's own OpenAI server (``vllm serve``), both on the
    same vLLM build with the same engine settings: dtype, max_model_len, max_num_seqs, KV cache size, prefix caching,
    eager or compiled. Per side: tokens/s (the round's output tokens / its wall time), TTFT p50 (to the first text),
-   ITL p50; then ChatStream's tokens/s over vLLM's and its TTFT p50 less vLLM's. Targets: tokens/s within 5 %, TTFT
-   p50 within 10 ms.
+   ITL p50, CPU seconds of the front process and of vLLM's engine core (its child) per round; then ChatStream's tokens/s
+   over vLLM's and its TTFT p50 less vLLM's, as the difference of the medians and as the median of the differences
+   within each pair of rounds (with a 95 % bootstrap interval). Targets: tokens/s within 5 %, TTFT p50 within 10 ms.
+   ``--ttft-pairs N`` adds N pairs of short rounds per concurrency, for a tighter estimate of the TTFT difference;
+   ``--front-probe`` splits each round's TTFT into the way in (client to engine core), the engine, and the way out
+   (engine core's outputs to the client's first text), stamped in the same vLLM code on both sides
+   (bench/front_probe/).
 2. ``upstream``: ``chatstream serve --engine upstream`` in front of a ``chatstream serve`` on the model (our
    engine), against that upstream alone. A tap (a pass-through proxy in this process, in front of the upstream on
    both paths) timestamps each piece of text as the upstream sends it; the client timestamps it as it arrives
@@ -48,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 from tests.live_server import run_server
 
 from bench.load import DEFAULT_TIMEOUT, OpenAITarget, RequestResult, openai_chat, run_round, summarize_round
@@ -67,13 +73,33 @@ TARGET_RATIO, TARGET_TTFT_MS = 0.95, 10.0
 # ----- servers -----
 
 
+@dataclass(frozen=True)
+class Running:
+    """A server :func:`serving` started: where it answers, and its process (the front; vLLM's engine core is a child
+    of it)."""
+
+    url: str
+    pid: int
+
+    def cpu_seconds(self) -> tuple[float, float]:
+        """CPU time (user + system) used so far by the front process and by its children together."""
+        front = psutil.Process(self.pid)
+        children = 0.0
+        for child in front.children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                times = child.cpu_times()
+                children += times.user + times.system
+        times = front.cpu_times()
+        return times.user + times.system, children
+
+
 @contextlib.contextmanager
 def serving(
     name: str, argv_for: Callable[[int], list[str]], timeout_s: float, probe: Path | None = None
-) -> Iterator[str]:
-    """Start ``argv_for(port)`` (its own process group, output to bench/results/logs/), yield its URL once /health
-    answers, stop it at the end. With ``probe``, the server stamps each request it hands to vLLM's engine core
-    into that file (bench/front_probe/)."""
+) -> Iterator[Running]:
+    """Start ``argv_for(port)`` (its own process group, output to bench/results/logs/), yield it once /health
+    answers, stop it at the end. With ``probe``, the server stamps when its front and vLLM's engine core meet into
+    that file (bench/front_probe/)."""
     port = free_port()
     LOGS.mkdir(parents=True, exist_ok=True)
     log_path = LOGS / f"vllm_vs_chatstream-{name}.log"
@@ -90,7 +116,7 @@ def serving(
             started = time.monotonic()
             _wait_ready(process, url, timeout_s, log_path)
             print(f"{name} ready in {time.monotonic() - started:.0f} s at {url}", flush=True)
-            yield url
+            yield Running(url, process.pid)
         finally:
             _stop(process)
 
@@ -380,16 +406,23 @@ def part_vllm(args: argparse.Namespace) -> dict[str, Any]:
     timeout = args.startup_timeout
     with contextlib.ExitStack() as stack:
         probes = {name: _probe_file(stack, args, name) for name in ("vllm", "chatstream-vllm")}
-        vllm_url = stack.enter_context(serving("vllm", vllm_serve_argv(args), timeout, probes["vllm"]))
-        url = stack.enter_context(serving("chatstream-vllm", ours, timeout, probes["chatstream-vllm"]))
-        targets = {"vllm": _target(vllm_url, vllm_url, args), "chatstream-vllm": _target(url, url, args)}
+        servers = {
+            "vllm": stack.enter_context(serving("vllm", vllm_serve_argv(args), timeout, probes["vllm"])),
+            "chatstream-vllm": stack.enter_context(
+                serving("chatstream-vllm", ours, timeout, probes["chatstream-vllm"])
+            ),
+        }
+        targets = {name: _target(server.url, server.url, args) for name, server in servers.items()}
         stamps = {name: FrontStamps(path) for name, path in probes.items() if path is not None}
 
         async def measure(target: OpenAITarget, chats: dict[int, Any], concurrency: int) -> dict[str, Any]:
             name = next(n for n, t in targets.items() if t.base_url == target.base_url)
             if name in stamps:
                 stamps[name].take()  # the warm-up's and any earlier round's
+            front_before, engine_before = servers[name].cpu_seconds()
             summary, results = await one_round(target, chats, concurrency, args.round_timeout)
+            front_after, engine_after = servers[name].cpu_seconds()
+            summary |= {"front_cpu_s": front_after - front_before, "engine_cpu_s": engine_after - engine_before}
             return {**summary, **(front_delays(results, stamps[name].take()) if name in stamps else {})}
 
         figures = asyncio.run(alternate(targets, args, measure))
@@ -477,13 +510,13 @@ def part_upstream(args: argparse.Namespace) -> dict[str, Any]:
     python, model, timeout = str(args.ours_python), str(args.model), args.startup_timeout
     with contextlib.ExitStack() as stack:
         upstream_argv = chatstream_argv(python, args, "--model", model, "--context-len", str(args.context_len))
-        upstream_url = stack.enter_context(serving("upstream", upstream_argv, timeout))
+        upstream_url = stack.enter_context(serving("upstream", upstream_argv, timeout)).url
         tap = Tap(upstream_url)
         tap_url = stack.enter_context(run_server(tap))
         front_argv = chatstream_argv(
             python, args, "--engine", "upstream", "--upstream", f"{tap_url}/v1", "--tokenizer", model
         )
-        front_url = stack.enter_context(serving("front", front_argv, timeout))
+        front_url = stack.enter_context(serving("front", front_argv, timeout)).url
         targets = {
             "direct": _target(tap_url, upstream_url, args),
             "chatstream-front": _target(front_url, front_url, args),
@@ -659,6 +692,12 @@ def print_tables(results: dict[str, Any], args: argparse.Namespace, machine: dic
                 f"{concurrency:>5}  {'ours / vLLM':<16} {_f(entry['tokens_per_s_ratio'], 8, 3)} "
                 f"{_f(entry['ttft_p50_added_ms'], 7, 1, '+')}ms  targets {verdict}"
             )
+            cpu = ", ".join(
+                f"{name} {_f(entry['median'][name].get('front_cpu_s'), 0, 2)} / "
+                f"{_f(entry['median'][name].get('engine_cpu_s'), 0, 2)} s"
+                for name in ("vllm", "chatstream-vllm")
+            )
+            print(f"{concurrency:>5}  CPU per round, front / engine core: {cpu}")
             print(
                 f"{concurrency:>5}  paired rounds, medians [95 % interval]: ours / vLLM tok/s "
                 f"{_interval(entry['paired_tokens_per_s_ratio'], 3)}, TTFT p50 added "
