@@ -361,11 +361,10 @@ async def ttft_pairs(
     targets: dict[str, OpenAITarget], requests: Requests, concurrency: int, args: argparse.Namespace, measure: RoundFn
 ) -> dict[str, list[dict[str, Any]]]:
     """``--ttft-pairs`` pairs of short rounds (``concurrency`` chats arriving at once, one request each,
-    ``--ttft-max-tokens`` tokens) in alternating order, ``--settle`` seconds of quiet before each: each round's TTFT
-    p50 by target. A round of this load has the TTFT of a long one (the first token does not depend on how many
-    follow) and lasts about one TTFT, so the two rounds of a pair run seconds apart, not minutes, and the machine's
-    drift in speed (±20 % over minutes on a shared VM) mostly cancels in their difference. Returns each round's
-    summary by target."""
+    ``--ttft-max-tokens`` tokens) in alternating order, ``--settle`` seconds of quiet before each. A round of this load
+    has the TTFT of a long one (the first token does not depend on how many follow) and lasts about one TTFT, so the
+    two rounds of a pair run seconds apart, not minutes, and the machine's drift in speed (±20 % over minutes on a
+    shared VM) mostly cancels in their difference. Returns each short round's summary by target."""
     short = {name: dataclasses.replace(target, max_tokens=args.ttft_max_tokens) for name, target in targets.items()}
     summaries: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
     for index in range(args.ttft_pairs):
@@ -379,11 +378,13 @@ async def ttft_pairs(
 
 
 def paired(
-    ours: Sequence[float | None], peer: Sequence[float | None], how: Callable[[float, float], float]
+    ours: Sequence[float | None],
+    peer: Sequence[float | None],
+    how: Callable[[float | None, float | None], float | None],
 ) -> dict[str, float | None]:
-    """``how(ours, peer)`` for each pair of rounds run back to back; the median of these and its 95 % bootstrap
-    interval (bench/stats.py), and how many pairs there were."""
-    values = [how(a, b) for a, b in zip(ours, peer, strict=True) if a is not None and b is not None and b != 0]
+    """``how(ours, peer)`` for each pair of rounds run back to back (:func:`ratio` or :func:`_minus`; None leaves the
+    pair out); the median of these and its 95 % bootstrap interval (bench/stats.py), and how many pairs there were."""
+    values = [v for a, b in zip(ours, peer, strict=True) if (v := how(a, b)) is not None]
     mid, low, high = median_with_ci(values)
     return {"median": mid, "ci95_low": low, "ci95_high": high, "pairs": float(len(values))}
 
@@ -432,17 +433,17 @@ def part_vllm(args: argparse.Namespace) -> dict[str, Any]:
         entry["ttft_p50_added_ms"] = _minus(ours_m["ttft_p50_ms"], peer["ttft_p50_ms"])
         ours_r, peer_r = entry["rounds"]["chatstream-vllm"], entry["rounds"]["vllm"]
         entry["paired_tokens_per_s_ratio"] = paired(
-            [r["tokens_per_s"] for r in ours_r], [r["tokens_per_s"] for r in peer_r], lambda a, b: a / b
+            [r["tokens_per_s"] for r in ours_r], [r["tokens_per_s"] for r in peer_r], ratio
         )
         entry["paired_ttft_p50_added_ms"] = paired(
-            [r["ttft_p50_ms"] for r in ours_r], [r["ttft_p50_ms"] for r in peer_r], lambda a, b: a - b
+            [r["ttft_p50_ms"] for r in ours_r], [r["ttft_p50_ms"] for r in peer_r], _minus
         )
         if "ttft_pairs" in entry:
             ours_s, peer_s = entry["ttft_pairs"]["chatstream-vllm"], entry["ttft_pairs"]["vllm"]
             for key in ("ttft_p50_ms", "front_p50_ms", "front_last_ms", "egress_p50_ms"):
                 if key in ours_s[0]:
                     entry[f"short_rounds_{key[:-3]}_added_ms"] = paired(
-                        [r[key] for r in ours_s], [r[key] for r in peer_s], lambda a, b: a - b
+                        [r[key] for r in ours_s], [r[key] for r in peer_s], _minus
                     )
         entry["targets_met"] = (entry["tokens_per_s_ratio"] or 0) >= TARGET_RATIO and (
             entry["ttft_p50_added_ms"] is not None and entry["ttft_p50_added_ms"] <= TARGET_TTFT_MS
@@ -488,7 +489,7 @@ def front_delays(results: dict[int, RequestResult], stamps: dict[str, list[float
     outputs that carried a request's first token (the last taken in before its first text reached the client) to
     that text's arrival (p50)."""
     done = [r for r in results.values() if r.arrivals and r.ttft_s is not None]
-    sent = sorted(r.arrivals[0] - r.ttft_s for r in done)  # type: ignore[operator]
+    sent = sorted(r.arrivals[0] - (r.ttft_s or 0.0) for r in done)
     handed, taken_in = sorted(stamps["h"]), sorted(stamps["o"])
     figures: dict[str, float | None] = {"front_p50_ms": None, "front_last_ms": None, "egress_p50_ms": None}
     figures["front_stamps"] = float(len(handed))

@@ -5,11 +5,13 @@ import json
 import httpx
 import pytest
 from bench.load import RequestResult
+from bench.stats import ratio
 from bench.vllm_vs_chatstream import (
     FrontStamps,
     Requests,
     Sent,
     Tap,
+    _minus,
     _SseText,
     chunk_delays,
     front_delays,
@@ -96,10 +98,12 @@ def test_short_rounds_have_one_request_per_chat_and_prompts_of_their_own():
 
 
 def test_paired_estimates_skip_rounds_with_a_missing_side():
-    estimate = paired([110.0, None, 90.0, 100.0], [100.0, 80.0, 100.0, 0.0], lambda a, b: a - b)
-    assert estimate["pairs"] == 2.0  # the missing side and the zero peer are left out
+    estimate = paired([110.0, None, 90.0, 100.0], [100.0, 80.0, 100.0, None], _minus)
+    assert estimate["pairs"] == 2.0  # the pairs with a missing side are left out
     assert estimate["median"] == 0.0
     assert estimate["ci95_low"] == -10.0 and estimate["ci95_high"] == 10.0
+    ratios = paired([110.0, 90.0, 100.0], [100.0, 100.0, 0.0], ratio)
+    assert ratios["pairs"] == 2.0 and ratios["median"] == pytest.approx(1.0)  # no ratio to a zero peer
 
 
 def test_front_stamps_are_read_once_and_only_whole_lines(tmp_path):
