@@ -82,7 +82,7 @@ class Running:
     pid: int
 
     def cpu_seconds(self) -> tuple[float, float]:
-        """CPU time (user + system) used so far by the front process and by its children together."""
+        """CPU seconds (user + system) used so far: ``(the front process, all its children summed)``."""
         front = psutil.Process(self.pid)
         children = 0.0
         for child in front.children(recursive=True):
