@@ -129,6 +129,27 @@ async def test_abort_frees_the_request(vllm_engine: VLLMEngine) -> None:
 
 
 @vllm_test
+async def test_a_stream_ended_from_outside_or_left_by_its_reader_frees_the_request(vllm_engine: VLLMEngine) -> None:
+    # ended from outside, as an engine pool ends a member's streams when the member fails
+    stream = vllm_engine.add_request(GenerationRequest("failed", PROMPTS[1], greedy(400, ignore_eos=True)))
+    deltas = aiter(stream)
+    await anext(deltas)
+    stream.fail(EngineError("member failed"))
+    with pytest.raises(EngineError, match="member failed"):
+        await anext(deltas)
+    assert vllm_engine.stats().num_running + vllm_engine.stats().num_waiting == 0
+    # the reader goes away (a client that disconnects): the request is dropped in vLLM
+    deltas = aiter(vllm_engine.add_request(GenerationRequest("left", PROMPTS[2], greedy(400, ignore_eos=True))))
+    await anext(deltas)
+    await deltas.aclose()  # type: ignore[attr-defined]
+    for _ in range(200):
+        if vllm_engine.stats().num_running + vllm_engine.stats().num_waiting == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert vllm_engine.stats().num_running + vllm_engine.stats().num_waiting == 0
+
+
+@vllm_test
 async def test_second_turn_reports_cached_prompt_tokens(vllm_engine: VLLMEngine) -> None:
     turn1 = "<|user|>\n" + " ".join(PROMPTS) + "</s>\n<|assistant|>\n"
     first = await collect(vllm_engine.add_request(GenerationRequest("t1", turn1, greedy(8), conversation_id="c")))

