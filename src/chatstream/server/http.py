@@ -9,7 +9,10 @@ from __future__ import annotations
 import json
 from typing import Any, Final
 
+import anyio
 from starlette.requests import Request
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from chatstream.server.errors import BadRequest, PayloadTooLarge
 
@@ -85,3 +88,35 @@ def parse_json_object(raw: bytes | str, *, example: str | None = None) -> dict[s
     if not isinstance(data, dict):
         raise BadRequest(f"The request body must be a JSON object{f' like {example}' if example else ''}.")
     return data
+
+
+async def stream_in_this_task(response: StreamingResponse, scope: Scope, receive: Receive, send: Send) -> None:
+    """Send ``response`` as ``StreamingResponse.__call__`` does, but write the body in the calling task.
+
+    Where the server speaks ASGI before 2.4 (uvicorn), Starlette writes the body in a task it starts and waits for
+    the client's disconnect in the request's own task. Our streaming endpoints answer once the first delta is there
+    (so that a refusal can still be a 429 or 503), so when one engine step finishes a burst of first tokens, every
+    request's new writing task would wait for its turn behind all the others: the first chunk of the first request
+    went out only after every request of the burst had built its response. Here the request's task writes the body
+    and a side task listens for the disconnect (which cancels the writing, as in Starlette).
+    """
+    version = tuple(int(part) for part in scope.get("asgi", {}).get("spec_version", "2.0").split("."))
+    if scope["type"] != "http" or version >= (2, 4):  # Starlette writes in this task already
+        await StreamingResponse.__call__(response, scope, receive, send)
+        return
+    try:
+        async with anyio.create_task_group() as group:
+
+            async def until_disconnect() -> None:
+                await response.listen_for_disconnect(receive)
+                group.cancel_scope.cancel()
+
+            group.start_soon(until_disconnect)
+            await response.stream_response(send)
+            group.cancel_scope.cancel()
+    except BaseExceptionGroup as failures:  # one failure (the writing's) as itself, as Starlette's own group does
+        if len(failures.exceptions) == 1:
+            raise failures.exceptions[0] from failures.exceptions[0].__cause__
+        raise
+    if response.background is not None:
+        await response.background()

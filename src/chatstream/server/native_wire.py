@@ -14,6 +14,7 @@ from starlette.types import Receive, Scope, Send
 
 from chatstream.engine.base import EngineError, EngineOverloaded
 from chatstream.server.errors import PayloadTooLarge
+from chatstream.server.http import stream_in_this_task
 from chatstream.sessions.handler import ChatRequestError
 
 FINISH_TOKEN = "<::EOS::>"
@@ -23,7 +24,8 @@ class NativeStreamingResponse(StreamingResponse):
     """A streaming response that reports when its body iterator was never started.
 
     Starlette does not start (and so never closes) the body iterator when the client is gone before the headers are
-    sent; ``on_abandoned`` then runs so that the admission slot and callbacks are still released.
+    sent; ``on_abandoned`` then runs so that the admission slot and callbacks are still released. The body is
+    written in the request's own task (:func:`~chatstream.server.http.stream_in_this_task`).
     """
 
     def __init__(
@@ -43,7 +45,7 @@ class NativeStreamingResponse(StreamingResponse):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            await super().__call__(scope, receive, send)
+            await stream_in_this_task(self, scope, receive, send)
         finally:
             if not self._started_body:
                 await self._on_abandoned()

@@ -13,6 +13,7 @@ from starlette.types import Receive, Scope, Send
 
 from chatstream.admission.generation import GenerationOutcome
 from chatstream.engine.base import FinishReason, TokenLogprob
+from chatstream.server.http import stream_in_this_task
 from chatstream.server.tool_calls import ParsedOutput, ToolFormat
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -39,7 +40,8 @@ def choice_finish_reason(reason: FinishReason | None, has_tool_calls: bool) -> s
 
 class SseResponse(StreamingResponse):
     """An SSE response whose generator is closed and ``on_close`` called however the response ends
-    (also when the client left before the body started, where Starlette never starts the iterator)."""
+    (also when the client left before the body started, where Starlette never starts the iterator); the body is
+    written in the request's own task (:func:`~chatstream.server.http.stream_in_this_task`)."""
 
     def __init__(
         self,
@@ -53,7 +55,7 @@ class SseResponse(StreamingResponse):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            await super().__call__(scope, receive, send)
+            await stream_in_this_task(self, scope, receive, send)
         finally:
             try:
                 aclose: Callable[[], Awaitable[None]] | None = getattr(self._events, "aclose", None)
