@@ -21,7 +21,12 @@ from typing import TYPE_CHECKING, Any
 from chatstream.admission.admission import DEFAULT_USER, AdmissionController, QueueFull, Slot, Ticket
 from chatstream.admission.generation import GenerationOutcome, GenerationStream, run_generation
 from chatstream.admission.metrics import ChatStreamMetrics
-from chatstream.admission.tasks import IsDisconnected, merge_streams, run_unless_disconnected
+from chatstream.admission.tasks import (
+    IsDisconnected,
+    await_unless_disconnected,
+    merge_streams,
+    run_unless_disconnected,
+)
 from chatstream.config import EngineConfig, MockConfig, SamplingParams, ServiceConfig
 from chatstream.engine.base import Delta, Engine, GenerationRequest, GrammarEngine, engine_workers
 from chatstream.engine.factory import EngineKind, EngineSpec
@@ -243,17 +248,13 @@ class ChatService:
         """
         outcome = GenerationOutcome()
         rest = self.generate(request, outcome, arrived)
-
-        async def first_delta() -> Delta:
-            return await anext(rest)
-
         try:
-            first = await run_unless_disconnected(first_delta(), is_disconnected)
+            first = await await_unless_disconnected(anext(rest), is_disconnected)
         except BaseException:
             await rest.aclose()
             raise
-        if first is None:  # the wait was cancelled, which aborted the request
-            await rest.aclose()
+        if first is None:  # the client left while waiting
+            await rest.aclose()  # aborts the request
             return None
         return GenerationStream(request, outcome, rest, first)
 

@@ -7,7 +7,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from chatstream.admission.tasks import merge_streams, run_unless_disconnected
+from chatstream.admission import tasks
+from chatstream.admission.tasks import await_unless_disconnected, merge_streams, run_unless_disconnected
 
 
 async def disconnected() -> bool:
@@ -30,6 +31,65 @@ async def test_a_result_that_arrives_as_the_client_leaves_is_handed_back() -> No
 
     assert await run_unless_disconnected(ready(), disconnected, handed_back.append) == "done"
     assert handed_back == ["slot"]
+
+
+async def test_await_unless_disconnected_awaits_in_the_calling_task(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tasks, "DISCONNECT_POLL_SEC", 0.01)
+    here: list[asyncio.Task[object] | None] = []
+
+    async def work() -> str:
+        here.append(asyncio.current_task())
+        await asyncio.sleep(0.03)  # a few polls of a client that stays
+        return "first delta"
+
+    async def present() -> bool:
+        return False
+
+    assert await await_unless_disconnected(work(), present) == "first delta"
+    assert here == [asyncio.current_task()]
+    await asyncio.sleep(0.03)
+    assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+
+
+async def test_await_unless_disconnected_cancels_the_work_when_the_client_leaves(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(tasks, "DISCONNECT_POLL_SEC", 0.01)
+    cancelled = asyncio.Event()
+
+    async def endless() -> str:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return "never"
+
+    assert await asyncio.wait_for(await_unless_disconnected(endless(), disconnected), 2) is None
+    assert cancelled.is_set() and asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+
+    async def failing() -> str:
+        raise ValueError("engine refused")
+
+    with pytest.raises(ValueError, match="engine refused"):
+        await await_unless_disconnected(failing(), disconnected)
+
+
+async def test_await_unless_disconnected_passes_a_cancellation_from_elsewhere_on() -> None:
+    started = asyncio.Event()
+
+    async def endless() -> None:
+        started.set()
+        await asyncio.sleep(10)
+
+    async def present() -> bool:
+        return False
+
+    waiting = asyncio.ensure_future(await_unless_disconnected(endless(), present))
+    await started.wait()
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
 
 
 async def test_merge_streams_interleaves_closes_and_raises() -> None:

@@ -67,6 +67,39 @@ async def run_unless_disconnected(
                 on_abandoned(task.result())
 
 
+async def await_unless_disconnected(work: Awaitable[T], is_disconnected: IsDisconnected) -> T | None:
+    """``work``'s result, awaited in the calling task, or None once the client has gone (``work`` is cancelled then).
+
+    Unlike :func:`run_unless_disconnected`, ``work`` gets no task of its own: a side task checks the client every
+    ``DISCONNECT_POLL_SEC`` and cancels the caller's wait when it has gone. The result is in the caller's hands as
+    soon as it is there, without waiting for the caller's turn after the task that made it (a burst of requests
+    whose first tokens come from one engine step). For work whose cancellation loses nothing, such as a
+    generation's first delta (cancelling it aborts the request); exceptions propagate.
+    """
+    caller = asyncio.current_task()
+    assert caller is not None, "await_unless_disconnected must run in a task"
+    left = False
+
+    async def watch() -> None:
+        nonlocal left
+        while True:
+            await asyncio.sleep(DISCONNECT_POLL_SEC)
+            if await is_disconnected():
+                left = True
+                caller.cancel()
+                return
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if left and caller.uncancel() == 0:  # our own cancellation, nobody else's
+            return None
+        raise
+    finally:
+        watcher.cancel()
+
+
 async def _cancel_quietly(future: asyncio.Future[Any]) -> None:
     """Cancel ``future`` and wait for it, swallowing what it raises."""
     future.cancel()
