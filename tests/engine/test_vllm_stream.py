@@ -176,12 +176,7 @@ async def test_abort_while_vllm_takes_the_request_in_and_while_it_streams(
     assert llm.added == ["c"] and llm.aborted == ["c-internal"] and llm.get_num_unfinished_requests() == 0
     # while it streams: the waiting reader wakes at once, and the request is gone from vLLM when the stream ends
     llm.add_delay = 0.0
-    stream = engine_.add_request(GenerationRequest("d", "hello", greedy(50)))
-    deltas = aiter(stream)
-    first = asyncio.ensure_future(anext(deltas))
-    await until(lambda: "d" in llm.added)
-    llm.step(5)
-    await first
+    _, deltas = await streaming(engine_, llm, "d")
     waiting = asyncio.ensure_future(anext(deltas))
     await asyncio.sleep(0.01)
     engine_.abort("d")
@@ -196,6 +191,17 @@ async def collect_all(stream: Any) -> list[Delta]:
     return [delta async for delta in stream]
 
 
+async def streaming(engine: VLLMEngine, llm: FakeLLM, request_id: str) -> tuple[Any, Any]:
+    """A request that is in vLLM and has delivered its first delta: its stream and the stream's iterator."""
+    stream = engine.add_request(GenerationRequest(request_id, "hello", greedy(50)))
+    deltas = aiter(stream)
+    first = asyncio.ensure_future(anext(deltas))
+    await until(lambda: request_id in llm.added)
+    llm.step(5)
+    await first
+    return stream, deltas
+
+
 async def test_an_abort_before_reading_never_reaches_vllm(engine: tuple[VLLMEngine, FakeLLM]) -> None:
     engine_, llm = engine
     stream = engine_.add_request(GenerationRequest("a", "hello", greedy(5)))
@@ -208,11 +214,7 @@ async def test_a_reader_that_leaves_drops_the_request_in_vllm(engine: tuple[VLLM
     engine_, llm = engine
     for leave in ("close", "cancel"):
         request_id = f"r-{leave}"
-        deltas = aiter(engine_.add_request(GenerationRequest(request_id, "hello", greedy(50))))
-        first = asyncio.ensure_future(anext(deltas))
-        await until(lambda rid=request_id: rid in llm.added)  # type: ignore[misc]
-        llm.step(5)
-        await first
+        _, deltas = await streaming(engine_, llm, request_id)
         if leave == "close":
             await deltas.aclose()  # type: ignore[attr-defined]
         else:
@@ -229,12 +231,7 @@ async def test_a_reader_that_leaves_drops_the_request_in_vllm(engine: tuple[VLLM
 async def test_ends_handed_over_from_outside_as_an_engine_pool_does(engine: tuple[VLLMEngine, FakeLLM]) -> None:
     engine_, llm = engine
     # fail(): the reader gets the exception, vLLM drops the request
-    stream = engine_.add_request(GenerationRequest("f", "hello", greedy(50)))
-    deltas = aiter(stream)
-    first = asyncio.ensure_future(anext(deltas))
-    await until(lambda: "f" in llm.added)
-    llm.step(5)
-    await first
+    stream, deltas = await streaming(engine_, llm, "f")
     stream.fail(EngineError("member failed"))
     with pytest.raises(EngineError, match="member failed"):
         await anext(deltas)

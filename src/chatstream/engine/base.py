@@ -181,6 +181,8 @@ class RequestStream:
     :meth:`put_nowait` (an engine thread hands deltas over with ``loop.call_soon_threadsafe``). Iteration ends after
     the delta that carries a ``finish_reason``, or raises the exception given to :meth:`fail` (an engine that finds
     out only after ``add_request`` that it cannot serve the request, e.g. a remote server that is full or gone).
+    A subclass may produce the deltas in the reading task instead (VLLMEngine's streams); there, :meth:`put_nowait`
+    and :meth:`fail` from outside end the stream with what they hand over.
     """
 
     def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop | None = None) -> None:
@@ -320,7 +322,10 @@ class Engine(Protocol):
         """True between start() and stop()."""
 
     def add_request(self, request: GenerationRequest) -> RequestStream:
-        """Queue a request; must be called on the event loop. Raises EngineError when stopped."""
+        """Queue a request; must be called on the event loop. Raises EngineError when stopped.
+
+        Callers read the stream to its end or abort the request. An engine may start the request only when its
+        stream is first read, and produce the deltas in the reader's task (VLLMEngine does)."""
 
     def abort(self, request_id: str) -> None:
         """Drop the request at the next step; its stream ends with FinishReason.ABORT. Unknown ids are ignored."""
