@@ -166,7 +166,8 @@ async def test_a_given_engine_instance_generates_without_a_model(tiny_model: Any
 def test_engines_chosen_by_name(tiny_model_dir: Any) -> None:
     from chatstream.engine.mock_engine import MockEngine
     from chatstream.engine.upstream_engine import OpenAIUpstreamEngine, UpstreamConfig
-    from chatstream.engine.vllm_engine import VLLMConfig, VLLMEngine
+    from chatstream.engine.vllm_config import VLLMConfig
+    from chatstream.engine.vllm_engine import VLLMEngine
 
     mock = ChatStream(engine="mock", mock_params={"type": "echo"})
     assert isinstance(mock.engine, MockEngine) and mock.model_name == "chatstream-mock"

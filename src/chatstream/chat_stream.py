@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     import torch
 
     from chatstream.engine.upstream_protocol import UpstreamConfig
-    from chatstream.engine.vllm_engine import VLLMConfig
+    from chatstream.engine.vllm_config import VLLMConfig
     from chatstream.prompts.base import AbstractChatPrompt
 
 

@@ -81,7 +81,7 @@ def upstream_chat_stream(args: argparse.Namespace, options: dict[str, Any]) -> C
 def vllm_chat_stream(args: argparse.Namespace, options: dict[str, Any]) -> ChatStream:
     """A ChatStream on vLLM's engine in this process, loading ``--model``."""
     from chatstream.chat_stream import ChatStream
-    from chatstream.engine.vllm_engine import VLLMConfig
+    from chatstream.engine.vllm_config import VLLMConfig
 
     model = _vllm_model(args.model, args.cache_dir)
     try:

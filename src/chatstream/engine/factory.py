@@ -14,7 +14,7 @@ from typing import Any
 from chatstream.config import EngineConfig, MockConfig
 from chatstream.engine.base import Engine
 from chatstream.engine.upstream_protocol import UpstreamConfig
-from chatstream.engine.vllm_engine import VLLMConfig
+from chatstream.engine.vllm_config import VLLMConfig
 
 
 class EngineKind(enum.Enum):
