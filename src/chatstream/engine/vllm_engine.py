@@ -227,7 +227,7 @@ class _VLLMStream(RequestStream):
         self.engine = engine
         self.run = _Run(request)
         self._collector: Any = None  # vLLM's RequestOutputCollector once the request is in vLLM
-        self._aborting: asyncio.Task[None] | None = None  # the request's abort in vLLM, once started
+        self._abort_task: asyncio.Task[None] | None = None  # the request's abort in vLLM, once started
         self._ended = False  # handed over from outside: the items in the base class's queue end the stream
         self._done = False  # vLLM's part is over (finished, aborted, failed)
         self._closed = False
@@ -260,13 +260,13 @@ class _VLLMStream(RequestStream):
         """Drop the request in vLLM (once)."""
         if not self._done:
             self._done = True
-            self._aborting = self.engine._abort_in_vllm(self._collector.request_id)
+            self._abort_task = self.engine._abort_in_vllm(self._collector.request_id)
 
     async def _aborted(self) -> None:
         """Wait until vLLM has dropped the request, so that it is gone from the engine's stats when the stream
         ends (the abort goes on if the wait is cancelled)."""
-        if self._aborting is not None:
-            await asyncio.shield(self._aborting)
+        if self._abort_task is not None:
+            await asyncio.shield(self._abort_task)
 
     async def _iterate(self) -> AsyncIterator[Delta]:
         try:
