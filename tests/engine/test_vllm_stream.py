@@ -274,3 +274,23 @@ async def test_stop_ends_every_stream_with_abort_from_another_thread(engine: tup
     outs = await asyncio.wait_for(asyncio.gather(*readers), 5)
     assert all(out[-1].finish_reason is FinishReason.ABORT for out in outs)
     assert not engine_.is_running
+
+
+class EngineDeadError(Exception):
+    """Named as vLLM's: the engine tells a dead vLLM by this name."""
+
+
+async def test_a_dead_vllm_fails_a_waiting_request_and_ends_a_streaming_one(
+    engine: tuple[VLLMEngine, FakeLLM],
+) -> None:
+    engine_, llm = engine
+    _, deltas = await streaming(engine_, llm, "s")
+    waiting = engine_.add_request(GenerationRequest("w", "hello", greedy(50)))
+    first = asyncio.ensure_future(anext(aiter(waiting)))
+    await until(lambda: "w" in llm.added)
+    for collector in llm.requests.values():  # what vLLM's output handler does when the engine core dies
+        collector.put(EngineDeadError("engine core died"))
+    with pytest.raises(EngineError, match="the vLLM engine died"):  # no output yet: the protocols answer 503
+        await first
+    last = await anext(deltas)  # already streaming: an ERROR delta ends the answer
+    assert last.finish_reason is FinishReason.ERROR and "engine core died" in (last.error or "")
