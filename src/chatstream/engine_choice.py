@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any
 from chatstream.config import EngineConfig, MockConfig
 from chatstream.engine.base import Engine
 from chatstream.engine.factory import EngineKind, EngineSpec, create_engine, engine_kind
+from chatstream.engine.vllm_config import VLLMConfig
 
 if TYPE_CHECKING:
     import torch
 
     from chatstream.engine.upstream_protocol import UpstreamConfig
-    from chatstream.engine.vllm_config import VLLMConfig
 
 EngineChoice = Engine | Sequence[Engine] | EngineSpec | str | None
 """What ChatStream's ``engine`` argument takes."""
@@ -50,8 +50,6 @@ def engine_spec(
 
 def tokenizer_for(spec: EngineSpec) -> Any:
     """vLLM's model has its tokenizer: load it for the prompt classes when none was given."""
-    from chatstream.engine.vllm_config import VLLMConfig
-
     if spec.kind is not EngineKind.VLLM:
         return None
     from transformers import AutoTokenizer
@@ -120,8 +118,6 @@ def prompt_context_len(
 
 def num_gpus_in_use(spec: EngineSpec | None, num_gpus: int | None) -> int | None:
     """GPUs this process uses (for /get_resource_usage): vLLM's tensor parallel size; none for an upstream."""
-    from chatstream.engine.vllm_config import VLLMConfig
-
     if spec is not None and spec.kind is EngineKind.VLLM:
         return spec.options.tensor_parallel_size if isinstance(spec.options, VLLMConfig) else 1
     if spec is not None and spec.kind is EngineKind.UPSTREAM:

@@ -73,7 +73,9 @@ class EngineCollector(Collector):
     """What the engine itself reports, read at each scrape; running and waiting only while it has no workers (a pool
     reports them per engine, labelled)."""
 
-    def __init__(self, stats: Callable[[], EngineStats], workers: Callable[[], Sequence[WorkerStats]] | None) -> None:
+    def __init__(
+        self, stats: Callable[[], EngineStats], workers: Callable[[], Sequence[WorkerStats]] | None
+    ) -> None:
         self.stats = stats
         self.workers = workers
 

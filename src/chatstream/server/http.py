@@ -94,11 +94,10 @@ async def stream_in_this_task(response: StreamingResponse, scope: Scope, receive
     """Send ``response`` as ``StreamingResponse.__call__`` does, but write the body in the calling task.
 
     Where the server speaks ASGI before 2.4 (uvicorn), Starlette writes the body in a task it starts and waits for
-    the client's disconnect in the request's own task. Our streaming endpoints answer once the first delta is there
-    (so that a refusal can still be a 429 or 503), so when one engine step finishes a burst of first tokens, every
-    request's new writing task would wait for its turn behind all the others: the first chunk of the first request
-    went out only after every request of the burst had built its response. Here the request's task writes the body
-    and a side task listens for the disconnect (which cancels the writing, as in Starlette).
+    the client's disconnect in the request's own task; here the request's task writes the body and a side task
+    listens for the disconnect (which cancels the writing, as in Starlette). Our streaming endpoints answer once the
+    first delta is there, so the task that got it writes it without queueing a new task behind the rest of a burst;
+    the first-token latency this saves was within the benchmark's noise (bench/README.md, rounds 9 and 10).
     """
     version = tuple(int(part) for part in scope.get("asgi", {}).get("spec_version", "2.0").split("."))
     if scope["type"] != "http" or version >= (2, 4):  # Starlette writes in this task already

@@ -57,13 +57,7 @@ logger = logging.getLogger(__name__)
 
 OPENAI_PREFIX = "/v1/"
 _EXPECTED_ERRORS = (
-    ApiError,
-    QueueFull,
-    Draining,
-    ValidationError,
-    EngineError,
-    ContextLengthExceeded,
-    UnsupportedSampling,
+    ApiError, QueueFull, Draining, ValidationError, EngineError, ContextLengthExceeded, UnsupportedSampling
 )
 """Errors answered in OpenAI's shape without a traceback in the log."""
 
