@@ -92,12 +92,14 @@ def test_a_burst_beyond_capacity_gets_429_with_retry_after_in_both_protocols(moc
 
 
 def test_ray_backpressure_becomes_429_with_retry_after(ray_cluster: str, mock_app: str) -> None:
-    # The front admits everything; Ray's own queue (2 + 4 slots) overflows, and the refusal is still a 429. Answers of
-    # 5 s (250 tokens x 0.02 s): with 2 s ones a burst slowed by a busy CI machine found slots freed again (2 refused).
+    # The front admits everything; Ray's own queue (2 + 4 slots) overflows, and the refusal is still a 429. Every
+    # answer takes 5 s (250 tokens x 0.02 s; the body's max_tokens, which would cap it, is raised to match), longer
+    # than a burst takes to arrive on a busy machine: with 0.5 s answers slots freed mid-burst (2 refused).
     options = {"num_of_concurrent_executions": 64, "max_queue_size": 0, "max_new_tokens": 250}
     front = FrontSettings(chat_stream_options=options)
+    body = _chat(stream=False) | {"max_tokens": 250}
     with deployed(ray_cluster, MOCK, REPLICAS, front) as url:  # replaces the module's app (same name and route)
-        responses = asyncio.run(_burst(url, [("/v1/chat/completions", _chat(stream=False))] * 16))
+        responses = asyncio.run(_burst(url, [("/v1/chat/completions", body)] * 16))
         with httpx.Client(base_url=url, timeout=30) as client:
             report = routing(client)
     codes = [r.status_code for r in responses]
