@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from chatstream.config import EngineConfig, SamplingParams  # noqa: E402
+from chatstream.config import WEIGHT_QUANTIZATIONS, EngineConfig, SamplingParams  # noqa: E402
 from chatstream.engine.base import GenerationRequest  # noqa: E402
 from chatstream.engine.kv_cache import BatchKVCache, ForwardGroup  # noqa: E402
 from chatstream.engine.llm_engine import LLMEngine  # noqa: E402
@@ -81,7 +81,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="model folder or GGUF (default: the embedded Gemma-3-270M)")
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
-    parser.add_argument("--modes", nargs="+", default=["int8", "int4"], choices=("int8", "int4"))
+    parser.add_argument("--modes", nargs="+", default=["int8", "int4"], choices=WEIGHT_QUANTIZATIONS)
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--text-tokens", type=int, default=128, help="tokens of the perplexity text")

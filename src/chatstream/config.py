@@ -16,7 +16,7 @@ T = TypeVar("T")
 GREEDY_TEMPERATURE = 1e-4
 """A temperature below this value means greedy decoding (argmax)."""
 
-WEIGHT_QUANTIZATIONS = ("int8", "int4")
+WEIGHT_QUANTIZATIONS = ("int8", "int4", "w8a8")
 """The values of ``EngineConfig.weight_quantization`` besides None (engine/cpu/quantized.py implements them)."""
 
 
@@ -163,11 +163,13 @@ class EngineConfig:
             inter-token gap, and takes longer to prefill). None: ``max_prefill_tokens`` always.
         fused_decoder: on the CPU, run supported model families (Llama, Mistral, Qwen2, Qwen3, Gemma-3) through the
             hand-written fused decoder (checked against transformers when built); False keeps transformers' forward.
-        weight_quantization: None (the model's own weights), ``"int8"`` or ``"int4"``: the fused decoder's linear
-            layers (the LM head included) run on weights quantized at load time (per output channel for int8, per
-            group of ``quantization_group_size`` input channels for int4), with activations in bfloat16. Smaller
-            weights make a single stream faster on CPUs where decode reads the weights from memory; the outputs
-            differ slightly from the unquantized model's (docs/performance.md).
+        weight_quantization: None (the model's own weights), ``"int8"``, ``"int4"`` or ``"w8a8"``: the fused
+            decoder's linear layers (the LM head included) decode on weights quantized at load time (per output
+            channel for int8 and w8a8, per group of ``quantization_group_size`` input channels for int4). int8 and
+            int4 keep the activations in bfloat16; w8a8 also quantizes them, per row and block of 32 inputs, and
+            multiplies bytes with bytes (x86-64 with AVX512-VNNI, a kernel compiled on first use). Smaller weights
+            make decoding faster on CPUs where it reads the weights from memory; the outputs differ slightly from
+            the unquantized model's (docs/performance.md).
         quantization_group_size: input channels sharing one int4 scale (32, 64, 128 or 256).
     """
 

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import torch
 
 from chatstream.config import WEIGHT_QUANTIZATIONS
+from chatstream.engine.cpu import w8a8
 from chatstream.engine.cpu.fast_path import Forward
 
 logger = logging.getLogger(__name__)
@@ -100,6 +101,8 @@ def unsupported_reason(mode: str, weight: torch.Tensor, group_size: int) -> str 
     n, k = weight.shape
     if mode == "int4" and (k % group_size or n % 8):
         return f"shape {n}x{k} does not fit int4 groups of {group_size}"
+    if mode == "w8a8":
+        return w8a8.unsupported_shape(n, k)
     return None
 
 
@@ -109,6 +112,8 @@ def quantized_linear(mode: str, weight: torch.Tensor, bias: torch.Tensor | None,
     if reason is not None:
         logger.info("linear layer %s kept unquantized: %s", tuple(weight.shape), reason)
         return None
+    if mode == "w8a8":
+        return w8a8.w8a8_linear(*quantize_int8(weight), bias)
     return int8_linear(weight, bias) if mode == "int8" else int4_linear(weight, bias, group_size)
 
 

@@ -1,0 +1,132 @@
+// int8 x int8 linear layer for decoding rows on CPUs with AVX512-VNNI (chatstream.engine.cpu.w8a8 builds it).
+//
+// Weights: int8 per output channel (w[n, k] ~ q[n, k] * wscale[n]), stored as unsigned bytes q + 128 in blocks of 16
+// output channels by 4 inputs, the layout VPDPBUSD multiplies: packed[n / 16][k / 4][n % 16][k % 4].
+// Activations: each row quantized at call time per block of 32 inputs (x[m, k] ~ a[m, k] * xscale[m, k / 32], a in
+// [-127, 127]), so a row's result depends on that row alone. One VPDPBUSD adds 4 products of 16 output channels:
+// sum (q + 128) * a = sum q * a + 128 * sum a, and each block's int32 sum starts at -128 * sum a to take the offset
+// back. The block sums are scaled by the row's block scale in float32; the output channel's scale and bias come last.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kBlockN = 16;  // output channels per weight block: one zmm of int32 sums
+constexpr int64_t kBlockK = 32;  // inputs of a row that share one activation scale
+constexpr int64_t kQuads = kBlockK / 4;
+
+struct QuantizedRows {
+  const int8_t* values;  // [M, K]
+  const float* scale;    // [M, K / kBlockK]
+  const int32_t* start;  // [M, K / kBlockK]: -128 * the block's sum of values
+  int64_t K;
+};
+
+// Rows [m0, m0 + MT) of one block of 16 output channels: the block's weights are loaded once per 4 inputs and used
+// by every row of the tile.
+template <int MT>
+void tile(const uint8_t* w, const QuantizedRows& rows, int64_t m0, __m512 wscale, __m512 bias, float* out, int64_t N) {
+  const int64_t K = rows.K, blocks = K / kBlockK;
+  __m512 sums[MT];
+  for (int t = 0; t < MT; ++t) sums[t] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m512i acc[MT];
+    for (int t = 0; t < MT; ++t) acc[t] = _mm512_set1_epi32(rows.start[(m0 + t) * blocks + b]);
+    const uint8_t* wb = w + b * kQuads * 64;
+    for (int64_t q = 0; q < kQuads; ++q) {
+      const __m512i weights = _mm512_loadu_si512(wb + q * 64);
+      for (int t = 0; t < MT; ++t) {
+        int32_t quad;
+        std::memcpy(&quad, rows.values + (m0 + t) * K + b * kBlockK + q * 4, sizeof quad);
+        acc[t] = _mm512_dpbusd_epi32(acc[t], weights, _mm512_set1_epi32(quad));
+      }
+    }
+    for (int t = 0; t < MT; ++t) {
+      const __m512 scale = _mm512_set1_ps(rows.scale[(m0 + t) * blocks + b]);
+      sums[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[t]), scale, sums[t]);
+    }
+  }
+  for (int t = 0; t < MT; ++t) _mm512_storeu_ps(out + (m0 + t) * N, _mm512_fmadd_ps(sums[t], wscale, bias));
+}
+
+using Tile = void (*)(const uint8_t*, const QuantizedRows&, int64_t, __m512, __m512, float*, int64_t);
+constexpr Tile kLastTile[8] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>, tile<5>, tile<6>, tile<7>};
+
+}  // namespace
+
+// q: int8 [N, K] (N a multiple of 16, K of 32) -> uint8 [N / 16, K / 4, 16, 4] holding q + 128.
+torch::Tensor pack_weight(torch::Tensor q) {
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == torch::kInt8, "pack_weight: q must be an int8 [N, K] tensor");
+  const int64_t N = q.size(0), K = q.size(1);
+  TORCH_CHECK(N % kBlockN == 0 && K % kBlockK == 0, "pack_weight: N must be a multiple of 16 and K of 32");
+  auto shifted = (q.to(torch::kInt16) + 128).to(torch::kUInt8);
+  return shifted.view({N / kBlockN, kBlockN, K / 4, 4}).permute({0, 2, 1, 3}).contiguous();
+}
+
+// x: [M, K] (any float dtype); packed from pack_weight; wscale: float32 [N]; bias: float32 [N] or None.
+// Returns float32 [M, N].
+torch::Tensor linear(torch::Tensor x, torch::Tensor packed, torch::Tensor wscale, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.dim() == 2, "linear: x must be [M, K]");
+  TORCH_CHECK(packed.dim() == 4 && packed.scalar_type() == torch::kUInt8 && packed.is_contiguous(),
+              "linear: packed must come from pack_weight");
+  const auto xf = x.to(torch::kFloat).contiguous();
+  const int64_t M = xf.size(0), K = xf.size(1), N = packed.size(0) * kBlockN;
+  TORCH_CHECK(packed.size(1) * 4 == K, "linear: x has ", K, " inputs, the weight ", packed.size(1) * 4);
+  TORCH_CHECK(wscale.scalar_type() == torch::kFloat && wscale.is_contiguous() && wscale.numel() == N,
+              "linear: wscale must be float32 [N]");
+  const float* bias_data = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == torch::kFloat && bias->is_contiguous() && bias->numel() == N,
+                "linear: bias must be float32 [N]");
+    bias_data = bias->data_ptr<float>();
+  }
+  const int64_t blocks = K / kBlockK;
+  std::vector<int8_t> values(M * K);
+  std::vector<float> scale(M * blocks);
+  std::vector<int32_t> start(M * blocks);
+  const float* xp = xf.data_ptr<float>();
+  for (int64_t i = 0; i < M * blocks; ++i) {
+    const float* v = xp + i * kBlockK;
+    float amax = 0.f;
+    for (int64_t k = 0; k < kBlockK; ++k) amax = std::max(amax, std::fabs(v[k]));
+    const float inverse = amax > 0.f ? 127.f / amax : 0.f;
+    int32_t sum = 0;
+    for (int64_t k = 0; k < kBlockK; ++k) {
+      const auto a = static_cast<int32_t>(std::nearbyint(v[k] * inverse));
+      values[i * kBlockK + k] = static_cast<int8_t>(a);
+      sum += a;
+    }
+    scale[i] = amax / 127.f;
+    start[i] = -128 * sum;
+  }
+  auto out = torch::empty({M, N}, xf.options());
+  float* out_data = out.data_ptr<float>();
+  const uint8_t* weights = packed.data_ptr<uint8_t>();
+  const float* wscale_data = wscale.data_ptr<float>();
+  const QuantizedRows rows{values.data(), scale.data(), start.data(), K};
+  at::parallel_for(0, N / kBlockN, 16, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      const uint8_t* w = weights + j * K * kBlockN;
+      const __m512 ws = _mm512_loadu_ps(wscale_data + j * kBlockN);
+      const __m512 bs = bias_data ? _mm512_loadu_ps(bias_data + j * kBlockN) : _mm512_setzero_ps();
+      float* o = out_data + j * kBlockN;
+      int64_t m0 = 0;
+      for (; m0 + 8 <= M; m0 += 8) tile<8>(w, rows, m0, ws, bs, o, N);
+      if (m0 < M) kLastTile[M - m0](w, rows, m0, ws, bs, o, N);
+    }
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("pack_weight", &pack_weight, "int8 [N, K] -> the kernel's uint8 layout");
+  m.def("linear", &linear, "x [M, K] @ dequantized(packed).T * wscale + bias, activations int8 per block of 32");
+}

@@ -1,0 +1,117 @@
+"""The ``w8a8`` quantization's kernel: int8 weights times int8 activations on AVX512-VNNI, built on first use.
+
+A decode step at 8–32 rows is bounded by reading the weights *and* by the arithmetic on them; PyTorch's weight-only
+int8 kernel converts every weight to bfloat16 and ends up slower than the unquantized packed weights at 8 rows
+(docs/performance.md). This kernel keeps the weights as bytes and multiplies them with bytes: each row of the input is
+quantized when the layer runs, one scale per 32 inputs (as llama.cpp's ``Q8_0`` activations), and ``VPDPBUSD`` adds
+64 byte products per instruction. A row's result depends on that row alone, whatever else shares the step.
+
+The C++ source (``kernels/w8a8.cpp``) is compiled with PyTorch's extension builder the first time a process asks for
+it (about 40 s; the build is kept in ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``, and reused
+while the source is unchanged). It needs an x86-64 CPU with AVX-512 (F, BW) and VNNI, a C++ compiler and ``ninja``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from chatstream.engine.cpu.fast_path import Forward
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "kernels" / "w8a8.cpp"
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")
+COMPILER_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma"]
+BLOCK_N, BLOCK_K = 16, 32
+"""Output channels per weight block (a layer's are padded up to a multiple) and inputs per activation scale (a layer's
+inputs must be a multiple)."""
+
+
+def unavailable_reason() -> str | None:
+    """Why the kernel cannot run on this machine (None when it can)."""
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return f"needs Linux on x86-64 (this is {platform.system()} on {platform.machine()})"
+    missing = [flag for flag in CPU_FLAGS if flag not in _cpu_flags()]
+    if missing:
+        return f"this CPU lacks {', '.join(missing)}"
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        return "no C++ compiler (c++ or g++) on PATH"
+    if _ninja_dir() is None:
+        return "ninja is not installed (pip install ninja)"
+    return None
+
+
+def unsupported_shape(n: int, k: int) -> str | None:
+    """Why a weight ``[n, k]`` does not fit the kernel's blocks (None when it does)."""
+    if k % BLOCK_K:
+        return f"{k} inputs are not a multiple of {BLOCK_K}"
+    return None
+
+
+@functools.cache
+def kernel() -> Any:
+    """The compiled extension module (built, or loaded from the build cache, once per process)."""
+    reason = unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"the w8a8 kernel cannot run here: {reason}")
+    from torch.utils.cpp_extension import load
+
+    ninja_dir = _ninja_dir()
+    if ninja_dir is not None and shutil.which("ninja") is None:  # the pip package's binary, off PATH in a venv
+        os.environ["PATH"] = ninja_dir + os.pathsep + os.environ.get("PATH", "")
+    logger.info("w8a8: building or loading the kernel (about 40 s the first time on a machine)")
+    started = time.monotonic()
+    module = load(name="chatstream_w8a8", sources=[str(SOURCE)], extra_cflags=COMPILER_FLAGS, verbose=False)
+    logger.info("w8a8: kernel ready in %.1f s", time.monotonic() - started)
+    return module
+
+
+def w8a8_linear(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> Forward:
+    """``x @ (q * scale[:, None]).T + bias`` with ``x`` quantized per row and block of 32 inputs; ``q`` is int8
+    ``[N, K]`` and ``scale`` ``[N]`` (:func:`chatstream.engine.cpu.quantized.quantize_int8`)."""
+    module = kernel()
+    n = q.shape[0]
+    pad = -n % BLOCK_N  # zero output channels up to the next block, cut off again after each call
+    packed = module.pack_weight(torch.nn.functional.pad(q, (0, 0, 0, pad)).contiguous())
+    scale32 = torch.nn.functional.pad(scale.float(), (0, pad)).contiguous()
+    bias32 = None if bias is None else torch.nn.functional.pad(bias.detach().float(), (0, pad)).contiguous()
+
+    def w8a8_forward(x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])  # [T, K]
+        y = module.linear(flat, packed, scale32, bias32)  # [T, N + pad], float32
+        y = (y[:, :n] if pad else y).to(x.dtype).contiguous()
+        return y.view(*x.shape[:-1], n)
+
+    return w8a8_forward
+
+
+def _ninja_dir() -> str | None:
+    found = shutil.which("ninja")
+    if found is not None:
+        return str(Path(found).parent)
+    try:
+        import ninja
+    except ImportError:
+        return None
+    return str(ninja.BIN_DIR)
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()

@@ -1,0 +1,118 @@
+"""The w8a8 kernel (int8 weights times int8 activations, compiled on first use) against its arithmetic in PyTorch,
+and the engine decoding with it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from tests.tiny_model import PROMPTS, collect, greedy
+from torch.nn import functional as F
+
+from chatstream.engine.base import FinishReason, GenerationRequest
+from chatstream.engine.cpu import w8a8
+from chatstream.engine.cpu.quantized import DecodeQuantized, quantize_int8, quantized_linear
+from chatstream.engine.model_runner import ModelRunner
+
+needs_kernel = pytest.mark.skipif(w8a8.unavailable_reason() is not None, reason=f"w8a8: {w8a8.unavailable_reason()}")
+
+
+def _weight(n: int, k: int) -> torch.Tensor:
+    return torch.randn(n, k, generator=torch.Generator().manual_seed(n + k)) * 0.05
+
+
+def _reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The kernel's arithmetic in float64: each row quantized to [-127, 127] per block of 32 inputs, times the
+    weights' int8 grid."""
+    rows, k = x.shape
+    blocks = x.double().view(rows, k // 32, 32)
+    amax = blocks.abs().amax(dim=2, keepdim=True)
+    values = torch.where(amax > 0, torch.round(blocks * 127 / amax), torch.zeros_like(blocks))
+    activations = (values * amax / 127).view(rows, k)
+    q, scale = quantize_int8(weight)
+    return F.linear(activations, q.double() * scale.double()[:, None], None if bias is None else bias.double())
+
+
+@needs_kernel
+@pytest.mark.parametrize(("rows", "n", "k", "with_bias"), [(1, 64, 96, True), (5, 40, 64, False), (8, 48, 2048, True),
+                                                           (13, 512, 640, True), (32, 16, 32, False)])  # fmt: skip
+def test_the_kernel_computes_its_arithmetic(rows: int, n: int, k: int, with_bias: bool) -> None:
+    weight = _weight(n, k)
+    bias = torch.randn(n) if with_bias else None
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
+    x[0, :32] = 0.0  # a block of zeros has no scale
+    got = quantized_linear("w8a8", weight, bias, 32)
+    assert got is not None
+    expected = _reference(x, weight, bias)
+    out = got(x)
+    assert out.dtype is torch.float32 and out.shape == (rows, n)
+    # the same products summed in float32 in another order
+    assert float((out.double() - expected).abs().max()) <= 1e-5 * float(expected.abs().max()) + 1e-6
+    three_d = got(x.view(rows, 1, k))
+    assert three_d.shape == (rows, 1, n) and torch.equal(three_d.view(rows, n), out)
+    assert got(x.bfloat16()).dtype is torch.bfloat16
+
+
+@needs_kernel
+def test_a_rows_result_does_not_depend_on_the_other_rows() -> None:
+    linear = quantized_linear("w8a8", _weight(272, 640), torch.randn(272), 32)
+    assert linear is not None
+    x = torch.randn(13, 640)
+    together = linear(x)
+    for row in range(13):
+        assert torch.equal(linear(x[row : row + 1])[0], together[row])
+    assert torch.equal(linear(x[3:11]), together[3:11])  # a full tile of 8 at another offset
+
+
+@needs_kernel
+def test_the_error_is_that_of_8_bit_weights_and_activations() -> None:
+    weight, x = _weight(256, 640), torch.randn(8, 640)
+    linear = quantized_linear("w8a8", weight, None, 32)
+    assert linear is not None
+    exact = F.linear(x, weight)
+    relative = float((linear(x) - exact).norm() / exact.norm())
+    assert 1e-4 < relative < 0.02, relative
+
+
+@needs_kernel
+def test_inputs_that_are_not_whole_blocks_stay_unquantized() -> None:
+    assert w8a8.unsupported_shape(64, 40) is not None and w8a8.unsupported_shape(50, 64) is None
+    assert quantized_linear("w8a8", _weight(64, 40), None, 32) is None
+
+
+@needs_kernel
+def test_decode_runs_on_the_kernel_and_prefill_on_the_model_weights(tiny_model: Any, tiny_tokenizer: Any) -> None:
+    plain = ModelRunner(tiny_model)
+    quantized = ModelRunner(tiny_model, quantization="w8a8")
+    assert quantized.fused is not None and isinstance(quantized.fused.lm_head, DecodeQuantized)
+    prompts = [tiny_tokenizer.encode(p) for p in PROMPTS]
+    with torch.inference_mode():
+        plain_batch, expected = plain.prefill(prompts)
+        batch, got = quantized.prefill(prompts)
+        assert torch.equal(got, expected)
+        plain_batch.next_tokens = batch.next_tokens = expected.argmax(-1)
+        expected, got = plain.decode(plain_batch), quantized.decode(batch)
+    assert not torch.equal(got, expected)
+    # 8-bit activations on the tiny model's random (wide) weights: 0.97-0.9997 per row; a wrong kernel is near 0.
+    # The real model's quality is measured by bench/quant_quality.py.
+    similarity = F.cosine_similarity(got.float(), expected.float(), dim=-1)
+    assert float(similarity.min()) > 0.95, similarity
+    assert float((got.argmax(-1) == expected.argmax(-1)).float().mean()) >= 0.75
+
+
+@needs_kernel
+async def test_engine_serves_with_w8a8(make_tiny_engine: Any) -> None:
+    engine = make_tiny_engine(weight_quantization="w8a8", max_batch_size=4)
+    requests = [GenerationRequest(f"r{i}", PROMPTS[i], greedy(12, ignore_eos=True)) for i in range(4)]
+    outs = [await collect(s) for s in [engine.add_request(request) for request in requests]]
+    assert all(out.finish_reason is FinishReason.LENGTH and len(out.token_ids) == 12 for out in outs)
+    again = await collect(engine.add_request(GenerationRequest("again", PROMPTS[2], greedy(12, ignore_eos=True))))
+    assert again.token_ids == outs[2].token_ids  # batched or alone, the same tokens
+
+
+def test_a_machine_without_the_kernel_gets_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(w8a8, "_cpu_flags", lambda: frozenset({"avx512f"}))
+    assert w8a8.unavailable_reason() == "this CPU lacks avx512bw, avx512_vnni"
+    with pytest.raises(RuntimeError, match="w8a8 kernel cannot run here: this CPU lacks avx512bw"):
+        w8a8.kernel.__wrapped__()
