@@ -24,10 +24,11 @@ DEFAULT_CACHE = Path(os.environ.get("CHATSTREAM_BENCH_CACHE", Path.home() / ".ca
 GEMMA_TEMPLATE = BENCH_DIR / "gemma_chat_template.jinja"
 
 KINDS = ("ours", "vllm", "original", "llamacpp")
-DTYPES = ("bf16", "fp32", "int4", "int4bf16", "q4km")
+DTYPES = ("bf16", "fp32", "int4", "int4bf16", "w8a8bf16", "q4km")
 """``int4``: ours with weight-only int4 linear layers for decoding rows on the fp32 checkpoint (prefill in fp32);
 ``int4bf16``: the same on the bf16 checkpoint (what ``--weight-quantization int4`` gets by default on a CPU with fast
-bf16); ``q4km``: the GGUF's own Q4_K_M weights."""
+bf16); ``w8a8bf16``: ours with ``--weight-quantization w8a8`` (int8 weights and activations for decoding rows) on the
+bf16 checkpoint; ``q4km``: the GGUF's own Q4_K_M weights."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ ALL_SERVERS = (
     ServerSpec("original", "fp32", ("native",)),
     ServerSpec("ours", "int4", ("openai", "native")),
     ServerSpec("ours", "int4bf16", ("openai", "native")),
+    ServerSpec("ours", "w8a8bf16", ("openai", "native")),
     ServerSpec("llamacpp", "q4km", ("openai",)),
 )
 
@@ -120,8 +122,8 @@ def build_command(spec: ServerSpec, options: LaunchOptions, port: int) -> tuple[
     return argv + list(options.extra_args), env
 
 
-_OURS_BASE_DTYPE = {"int4": "fp32", "int4bf16": "bf16"}
-"""The checkpoint dtype under ours' int4 servers."""
+_OURS_QUANTIZED = {"int4": ("fp32", "int4"), "int4bf16": ("bf16", "int4"), "w8a8bf16": ("bf16", "w8a8")}
+"""The checkpoint dtype and the weight quantization of ours' quantized servers."""
 
 
 def _ours_command(spec: ServerSpec, options: LaunchOptions, port: int) -> list[str]:
@@ -133,8 +135,9 @@ def _ours_command(spec: ServerSpec, options: LaunchOptions, port: int) -> list[s
     if options.mock:
         argv += ["--mock"]
     else:
-        argv += ["--model", str(options.model_dir), "--dtype", _OURS_BASE_DTYPE.get(spec.dtype, spec.dtype)]
-    argv += ["--weight-quantization", "int4"] if spec.dtype in _OURS_BASE_DTYPE else []
+        base, quantization = _OURS_QUANTIZED.get(spec.dtype, (spec.dtype, None))
+        argv += ["--model", str(options.model_dir), "--dtype", base]
+        argv += ["--weight-quantization", quantization] if quantization else []
     if options.max_prefill_tokens is not None:
         argv += ["--max-prefill-tokens", str(options.max_prefill_tokens)]
     if options.max_decode_slowdown is not None:

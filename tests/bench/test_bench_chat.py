@@ -65,6 +65,9 @@ def test_ours_int4_the_prefill_budget_and_the_pacer(tmp_path: Path) -> None:
     on_bf16, _ = build_command(ServerSpec("ours", "int4bf16", ("openai",)), _options(tmp_path / "q"), 1)
     assert on_bf16[on_bf16.index("--dtype") + 1] == "bf16"
     assert on_bf16[on_bf16.index("--weight-quantization") + 1] == "int4"
+    w8a8, _ = build_command(ServerSpec("ours", "w8a8bf16", ("openai",)), _options(tmp_path / "w"), 1)
+    assert w8a8[w8a8.index("--dtype") + 1] == "bf16"
+    assert w8a8[w8a8.index("--weight-quantization") + 1] == "w8a8"
     plain, _ = build_command(ServerSpec("ours", "bf16", ("openai",)), _options(tmp_path / "b"), 1)
     assert not {"--weight-quantization", "--max-prefill-tokens", "--max-decode-slowdown"} & set(plain)
 

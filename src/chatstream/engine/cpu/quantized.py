@@ -1,13 +1,15 @@
-"""Weight-only quantized linear layers for the fused decoder: int8 (one scale per output channel) and int4 (a scale
-and an offset per group of input channels), quantized once at load time from the model's own weights.
+"""Quantized linear layers for the fused decoder's decoding rows, built once at load time from the model's weights:
+``int8`` (one scale per output channel) and ``int4`` (a scale and an offset per group of input channels) with
+bfloat16 activations, and ``w8a8`` (int8 weights as ``int8``, activations quantized to int8 when the layer runs).
 
 A decode step at small batches reads every weight once per token, so its time is the weights' size over the memory
 bandwidth; int8 weights are a quarter of float32's bytes and int4 an eighth. Only decoding rows use them: prefill
 tokens (compute-bound, where these kernels are slower than oneDNN's) keep the unquantized packed weights, so a row's
-results never depend on which other rows share its step. The kernels are PyTorch's packed CPU
-kernels (``torch._weight_int8pack_mm`` and ``torch._weight_int4pack_mm_for_cpu``), which take bfloat16 activations
-(their float32 paths are slow): the input is rounded to bfloat16 and the output widened back to the model's dtype.
-Which kernel wins on which CPU, and what quantization does to the outputs, is in docs/performance.md.
+results never depend on which other rows share its step. int8 and int4 run PyTorch's packed CPU kernels
+(``torch._weight_int8pack_mm`` and ``torch._weight_int4pack_mm_for_cpu``), which take bfloat16 activations (their
+float32 paths are slow): the input is rounded to bfloat16 and the output widened back to the model's dtype. w8a8 runs
+this package's own kernel (:mod:`chatstream.engine.cpu.w8a8`). Which kernel wins on which CPU, and what quantization
+does to the outputs, is in docs/performance.md.
 
 :func:`quantize_decoder` swaps the linear layers of a built :class:`~chatstream.engine.cpu.fused_decoder.FusedDecoder`
 (after its probe against transformers, which runs on the unquantized weights); a layer whose shape a kernel cannot
