@@ -3,6 +3,7 @@ and the engine decoding with it."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -73,6 +74,18 @@ def test_the_error_is_that_of_8_bit_weights_and_activations() -> None:
     exact = F.linear(x, weight)
     relative = float((linear(x) - exact).norm() / exact.norm())
     assert 1e-4 < relative < 0.02, relative
+
+
+@needs_kernel
+def test_the_kernel_runs_on_pytorchs_threads() -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert w8a8.kernel().parallel_threads() == 2  # 1 when built without OpenMP: at::parallel_for is inline
+    finally:
+        torch.set_num_threads(threads)
+    gomp = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if "libgomp" in line}
+    assert len(gomp) == 1, gomp  # one OpenMP runtime in the process: PyTorch's
 
 
 @needs_kernel

@@ -30,7 +30,9 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "kernels" / "w8a8.cpp"
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")
-COMPILER_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma"]
+COMPILER_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-fopenmp"]
+"""``-fopenmp``: ``at::parallel_for`` is inline OpenMP; without it the kernel runs on one thread. The extension then
+needs ``libgomp.so.1``, which resolves to the copy PyTorch has already loaded (one thread pool)."""
 BLOCK_N, BLOCK_K = 16, 32
 """Output channels per weight block (a layer's are padded up to a multiple) and inputs per activation scale (a layer's
 inputs must be a multiple)."""
@@ -70,7 +72,8 @@ def kernel() -> Any:
         os.environ["PATH"] = ninja_dir + os.pathsep + os.environ.get("PATH", "")
     logger.info("w8a8: building or loading the kernel (about 40 s the first time on a machine)")
     started = time.monotonic()
-    module = load(name="chatstream_w8a8", sources=[str(SOURCE)], extra_cflags=COMPILER_FLAGS, verbose=False)
+    module = load(name="chatstream_w8a8", sources=[str(SOURCE)], extra_cflags=COMPILER_FLAGS,
+                  extra_ldflags=["-fopenmp"], verbose=False)  # fmt: skip
     logger.info("w8a8: kernel ready in %.1f s", time.monotonic() - started)
     return module
 

@@ -12,6 +12,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -126,7 +127,15 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor packed, torch::Tensor wscale
   return out;
 }
 
+// How many of PyTorch's threads at::parallel_for runs this extension's work on (1 if it was built without OpenMP).
+int64_t parallel_threads() {
+  std::vector<std::atomic<bool>> seen(at::get_num_threads());
+  at::parallel_for(0, 1024, 1, [&](int64_t, int64_t) { seen[at::get_thread_num()] = true; });
+  return std::count_if(seen.begin(), seen.end(), [](const std::atomic<bool>& s) { return s.load(); });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_weight", &pack_weight, "int8 [N, K] -> the kernel's uint8 layout");
+  m.def("parallel_threads", &parallel_threads, "threads at::parallel_for uses here");
   m.def("linear", &linear, "x [M, K] @ dequantized(packed).T * wscale + bias, activations int8 per block of 32");
 }
