@@ -94,24 +94,32 @@ def test_inputs_that_are_not_whole_blocks_stay_unquantized() -> None:
     assert quantized_linear("w8a8", _weight(64, 40), None, 32) is None
 
 
+def _close(got: torch.Tensor, expected: torch.Tensor) -> None:
+    """8-bit activations on the tiny model's random (wide) weights: cosine 0.97-0.9997 per row; a wrong kernel is near
+    0. The real model's quality is measured by bench/quant_quality.py."""
+    assert not torch.equal(got, expected)
+    similarity = F.cosine_similarity(got.float(), expected.float(), dim=-1)
+    assert float(similarity.min()) > 0.95, similarity
+    assert float((got.argmax(-1) == expected.argmax(-1)).float().mean()) >= 0.75
+
+
 @needs_kernel
-def test_decode_runs_on_the_kernel_and_prefill_on_the_model_weights(tiny_model: Any, tiny_tokenizer: Any) -> None:
+def test_prefill_and_decode_both_run_on_the_kernel(tiny_model: Any, tiny_tokenizer: Any) -> None:
     plain = ModelRunner(tiny_model)
     quantized = ModelRunner(tiny_model, quantization="w8a8")
-    assert quantized.fused is not None and isinstance(quantized.fused.lm_head, DecodeQuantized)
+    assert quantized.fused is not None and not isinstance(quantized.fused.lm_head, DecodeQuantized)
     prompts = [tiny_tokenizer.encode(p) for p in PROMPTS]
     with torch.inference_mode():
         plain_batch, expected = plain.prefill(prompts)
         batch, got = quantized.prefill(prompts)
-        assert torch.equal(got, expected)
+        _close(got, expected)
+        for row, prompt in enumerate(prompts):
+            # alone or left-padded beside longer prompts, a prompt's logits differ only by float32 rounding in the
+            # attention (as on the model's own weights), not by its activations' quantization (~0.1)
+            assert float((quantized.prefill([prompt])[1][0] - got[row]).abs().max()) < 1e-4
         plain_batch.next_tokens = batch.next_tokens = expected.argmax(-1)
         expected, got = plain.decode(plain_batch), quantized.decode(batch)
-    assert not torch.equal(got, expected)
-    # 8-bit activations on the tiny model's random (wide) weights: 0.97-0.9997 per row; a wrong kernel is near 0.
-    # The real model's quality is measured by bench/quant_quality.py.
-    similarity = F.cosine_similarity(got.float(), expected.float(), dim=-1)
-    assert float(similarity.min()) > 0.95, similarity
-    assert float((got.argmax(-1) == expected.argmax(-1)).float().mean()) >= 0.75
+    _close(got, expected)
 
 
 @needs_kernel

@@ -1,15 +1,17 @@
-"""Quantized linear layers for the fused decoder's decoding rows, built once at load time from the model's weights:
-``int8`` (one scale per output channel) and ``int4`` (a scale and an offset per group of input channels) with
-bfloat16 activations, and ``w8a8`` (int8 weights as ``int8``, activations quantized to int8 when the layer runs).
+"""Quantized linear layers for the fused decoder, built once at load time from the model's weights: ``int8`` (one
+scale per output channel) and ``int4`` (a scale and an offset per group of input channels) with bfloat16 activations,
+and ``w8a8`` (int8 weights as ``int8``, activations quantized to int8 when the layer runs).
 
 A decode step at small batches reads every weight once per token, so its time is the weights' size over the memory
-bandwidth; int8 weights are a quarter of float32's bytes and int4 an eighth. Only decoding rows use them: prefill
-tokens (compute-bound, where these kernels are slower than oneDNN's) keep the unquantized packed weights, so a row's
-results never depend on which other rows share its step. int8 and int4 run PyTorch's packed CPU kernels
-(``torch._weight_int8pack_mm`` and ``torch._weight_int4pack_mm_for_cpu``), which take bfloat16 activations (their
-float32 paths are slow): the input is rounded to bfloat16 and the output widened back to the model's dtype. w8a8 runs
-this package's own kernel (:mod:`chatstream.engine.cpu.w8a8`). Which kernel wins on which CPU, and what quantization
-does to the outputs, is in docs/performance.md.
+bandwidth; int8 weights are a quarter of float32's bytes and int4 an eighth. int8 and int4 serve only the decoding
+rows: prefill tokens (compute-bound, where those kernels are slower than oneDNN's) keep the unquantized packed
+weights. int8 and int4 run PyTorch's packed CPU kernels (``torch._weight_int8pack_mm`` and
+``torch._weight_int4pack_mm_for_cpu``), which take bfloat16 activations (their float32 paths are slow): the input is
+rounded to bfloat16 and the output widened back to the model's dtype. w8a8 runs this package's own kernel
+(:mod:`chatstream.engine.cpu.w8a8`), which multiplies bytes with bytes and is faster than the bfloat16 weights at
+prefill sizes too, so in that mode every row, prefill included, runs on it. Either way a row's result never depends
+on which other rows share its step. Which kernel wins on which CPU, and what quantization does to the outputs, is in
+docs/performance.md.
 
 :func:`quantize_decoder` swaps the linear layers of a built :class:`~chatstream.engine.cpu.fused_decoder.FusedDecoder`
 (after its probe against transformers, which runs on the unquantized weights); a layer whose shape a kernel cannot
@@ -33,6 +35,9 @@ logger = logging.getLogger(__name__)
 MODES = WEIGHT_QUANTIZATIONS
 ACTIVATION_DTYPE = torch.bfloat16
 INT4_INNER_K_TILES = 1
+EVERY_ROW_MODES = frozenset({"w8a8"})
+"""Modes whose kernel also serves prefill rows (faster than the unquantized packed weights at every batch size
+measured); the others serve the decoding rows only."""
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,7 +158,8 @@ class QuantizableDecoder(Protocol):
 
 def quantize_decoder(decoder: QuantizableDecoder, model: Any, mode: str, group_size: int) -> int:
     """Give the decoder's linear layers (per layer q/k/v, o, gate/up, down; the LM head) quantized weights built from
-    ``model``'s for its decoding rows (``decoder.decode_rows``); returns how many layers got them."""
+    ``model``'s, for its decoding rows (``decoder.decode_rows``) or, in :data:`EVERY_ROW_MODES`, for every row;
+    returns how many layers got them."""
     replaced = 0
 
     def swap(current: Forward, *linears: torch.nn.Linear) -> Forward:
@@ -163,7 +169,7 @@ def quantize_decoder(decoder: QuantizableDecoder, model: Any, mode: str, group_s
         if forward is None:
             return current
         replaced += 1
-        return DecodeQuantized(forward, current, decoder.decode_rows)
+        return forward if mode in EVERY_ROW_MODES else DecodeQuantized(forward, current, decoder.decode_rows)
 
     with torch.no_grad():
         for layer, module in zip(decoder.layers, model.model.layers, strict=True):

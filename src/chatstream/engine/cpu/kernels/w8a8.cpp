@@ -13,7 +13,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -58,6 +57,20 @@ void tile(const uint8_t* w, const QuantizedRows& rows, int64_t m0, __m512 wscale
   for (int t = 0; t < MT; ++t) _mm512_storeu_ps(out + (m0 + t) * N, _mm512_fmadd_ps(sums[t], wscale, bias));
 }
 
+// One block of 32 inputs of a row: a = round(x * 127 / max|x|) (to nearest, ties to even), its scale max|x| / 127 and
+// the offset term -128 * sum(a).
+void quantize_block(const float* x, int8_t* values, float* scale, int32_t* start) {
+  const __m512 lo = _mm512_loadu_ps(x), hi = _mm512_loadu_ps(x + 16);
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+  const __m512 inverse = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+  const __m512i a_lo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, inverse));  // rounds to nearest even (MXCSR default)
+  const __m512i a_hi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, inverse));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(values), _mm512_cvtepi32_epi8(a_lo));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(values + 16), _mm512_cvtepi32_epi8(a_hi));
+  *scale = amax / 127.f;
+  *start = -128 * _mm512_reduce_add_epi32(_mm512_add_epi32(a_lo, a_hi));
+}
+
 using Tile = void (*)(const uint8_t*, const QuantizedRows&, int64_t, __m512, __m512, float*, int64_t);
 constexpr Tile kLastTile[8] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>, tile<5>, tile<6>, tile<7>};
 
@@ -94,20 +107,9 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor packed, torch::Tensor wscale
   std::vector<float> scale(M * blocks);
   std::vector<int32_t> start(M * blocks);
   const float* xp = xf.data_ptr<float>();
-  for (int64_t i = 0; i < M * blocks; ++i) {
-    const float* v = xp + i * kBlockK;
-    float amax = 0.f;
-    for (int64_t k = 0; k < kBlockK; ++k) amax = std::max(amax, std::fabs(v[k]));
-    const float inverse = amax > 0.f ? 127.f / amax : 0.f;
-    int32_t sum = 0;
-    for (int64_t k = 0; k < kBlockK; ++k) {
-      const auto a = static_cast<int32_t>(std::nearbyint(v[k] * inverse));
-      values[i * kBlockK + k] = static_cast<int8_t>(a);
-      sum += a;
-    }
-    scale[i] = amax / 127.f;
-    start[i] = -128 * sum;
-  }
+  at::parallel_for(0, M * blocks, 256, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) quantize_block(xp + i * kBlockK, &values[i * kBlockK], &scale[i], &start[i]);
+  });
   auto out = torch::empty({M, N}, xf.options());
   float* out_data = out.data_ptr<float>();
   const uint8_t* weights = packed.data_ptr<uint8_t>();
