@@ -52,7 +52,8 @@ def test_the_kernel_computes_its_arithmetic(rows: int, n: int, k: int, with_bias
     assert float((out.double() - expected).abs().max()) <= 1e-5 * float(expected.abs().max()) + 1e-6
     three_d = got(x.view(rows, 1, k))
     assert three_d.shape == (rows, 1, n) and torch.equal(three_d.view(rows, n), out)
-    assert got(x.bfloat16()).dtype is torch.bfloat16
+    halves = x.bfloat16()
+    assert torch.equal(got(halves), got(halves.float()).bfloat16())  # read and written as bfloat16 by the kernel
 
 
 @needs_kernel

@@ -90,8 +90,8 @@ def w8a8_linear(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None)
 
     def w8a8_forward(x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])  # [T, K]
-        y = module.linear(flat, packed, scale32, bias32)  # [T, N + pad], float32
-        y = (y[:, :n] if pad else y).to(x.dtype).contiguous()
+        y = module.linear(flat, packed, scale32, bias32)  # [T, N + pad], bfloat16 for bfloat16 inputs, else float32
+        y = (y[:, :n] if pad else y).to(x.dtype).contiguous()  # no copy for a bfloat16 model's unpadded layers
         return y.view(*x.shape[:-1], n)
 
     return w8a8_forward

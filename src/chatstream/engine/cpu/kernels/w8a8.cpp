@@ -30,10 +30,42 @@ struct QuantizedRows {
   int64_t K;
 };
 
+// 16 inputs as float32: loaded, or widened from bfloat16 (exact: a bfloat16 is a float32's upper half).
+inline __m512 load16(const float* x) { return _mm512_loadu_ps(x); }
+inline __m512 load16(const at::BFloat16* x) {
+  const __m512i halves = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(halves, 16));
+}
+
+// 16 outputs stored as float32, or rounded to bfloat16 to nearest, ties to even, NaN as 0x7FC0 (as PyTorch rounds).
+inline void store16(float* out, __m512 v) { _mm512_storeu_ps(out, v); }
+inline void store16(at::BFloat16* out, __m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+  rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtepi32_epi16(rounded));
+}
+
+// One block of 32 inputs of a row: a = round(x * 127 / max|x|) (to nearest, ties to even), its scale max|x| / 127 and
+// the offset term -128 * sum(a).
+template <typename In>
+void quantize_block(const In* x, int8_t* values, float* scale, int32_t* start) {
+  const __m512 lo = load16(x), hi = load16(x + 16);
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+  const __m512 inverse = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+  const __m512i a_lo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, inverse));  // rounds to nearest even (MXCSR default)
+  const __m512i a_hi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, inverse));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(values), _mm512_cvtepi32_epi8(a_lo));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(values + 16), _mm512_cvtepi32_epi8(a_hi));
+  *scale = amax / 127.f;
+  *start = -128 * _mm512_reduce_add_epi32(_mm512_add_epi32(a_lo, a_hi));
+}
+
 // Rows [m0, m0 + MT) of one block of 16 output channels: the block's weights are loaded once per 4 inputs and used
 // by every row of the tile.
-template <int MT>
-void tile(const uint8_t* w, const QuantizedRows& rows, int64_t m0, __m512 wscale, __m512 bias, float* out, int64_t N) {
+template <int MT, typename Out>
+void tile(const uint8_t* w, const QuantizedRows& rows, int64_t m0, __m512 wscale, __m512 bias, Out* out, int64_t N) {
   const int64_t K = rows.K, blocks = K / kBlockK;
   __m512 sums[MT];
   for (int t = 0; t < MT; ++t) sums[t] = _mm512_setzero_ps();
@@ -54,25 +86,39 @@ void tile(const uint8_t* w, const QuantizedRows& rows, int64_t m0, __m512 wscale
       sums[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[t]), scale, sums[t]);
     }
   }
-  for (int t = 0; t < MT; ++t) _mm512_storeu_ps(out + (m0 + t) * N, _mm512_fmadd_ps(sums[t], wscale, bias));
+  for (int t = 0; t < MT; ++t) store16(out + (m0 + t) * N, _mm512_fmadd_ps(sums[t], wscale, bias));
 }
 
-// One block of 32 inputs of a row: a = round(x * 127 / max|x|) (to nearest, ties to even), its scale max|x| / 127 and
-// the offset term -128 * sum(a).
-void quantize_block(const float* x, int8_t* values, float* scale, int32_t* start) {
-  const __m512 lo = _mm512_loadu_ps(x), hi = _mm512_loadu_ps(x + 16);
-  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
-  const __m512 inverse = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
-  const __m512i a_lo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, inverse));  // rounds to nearest even (MXCSR default)
-  const __m512i a_hi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, inverse));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(values), _mm512_cvtepi32_epi8(a_lo));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(values + 16), _mm512_cvtepi32_epi8(a_hi));
-  *scale = amax / 127.f;
-  *start = -128 * _mm512_reduce_add_epi32(_mm512_add_epi32(a_lo, a_hi));
-}
+template <typename Out>
+using Tile = void (*)(const uint8_t*, const QuantizedRows&, int64_t, __m512, __m512, Out*, int64_t);
+template <typename Out>
+constexpr Tile<Out> kLastTile[8] = {nullptr,        tile<1, Out>, tile<2, Out>, tile<3, Out>,
+                                    tile<4, Out>,   tile<5, Out>, tile<6, Out>, tile<7, Out>};
 
-using Tile = void (*)(const uint8_t*, const QuantizedRows&, int64_t, __m512, __m512, float*, int64_t);
-constexpr Tile kLastTile[8] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>, tile<5>, tile<6>, tile<7>};
+// x [M, K] (In) quantized per row and block, times the packed weights, into out [M, N] (Out).
+template <typename In, typename Out>
+void run(const In* x, int64_t M, int64_t K, const uint8_t* weights, const float* wscale, const float* bias, Out* out,
+         int64_t N) {
+  const int64_t blocks = K / kBlockK;
+  std::vector<int8_t> values(M * K);
+  std::vector<float> scale(M * blocks);
+  std::vector<int32_t> start(M * blocks);
+  at::parallel_for(0, M * blocks, 256, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) quantize_block(x + i * kBlockK, &values[i * kBlockK], &scale[i], &start[i]);
+  });
+  const QuantizedRows rows{values.data(), scale.data(), start.data(), K};
+  at::parallel_for(0, N / kBlockN, 16, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      const uint8_t* w = weights + j * K * kBlockN;
+      const __m512 ws = _mm512_loadu_ps(wscale + j * kBlockN);
+      const __m512 bs = bias ? _mm512_loadu_ps(bias + j * kBlockN) : _mm512_setzero_ps();
+      Out* o = out + j * kBlockN;
+      int64_t m0 = 0;
+      for (; m0 + 8 <= M; m0 += 8) tile<8>(w, rows, m0, ws, bs, o, N);
+      if (m0 < M) kLastTile<Out>[M - m0](w, rows, m0, ws, bs, o, N);
+    }
+  });
+}
 
 }  // namespace
 
@@ -85,14 +131,15 @@ torch::Tensor pack_weight(torch::Tensor q) {
   return shifted.view({N / kBlockN, kBlockN, K / 4, 4}).permute({0, 2, 1, 3}).contiguous();
 }
 
-// x: [M, K] (any float dtype); packed from pack_weight; wscale: float32 [N]; bias: float32 [N] or None.
-// Returns float32 [M, N].
+// x: [M, K], bfloat16 (read as it is, and the result is bfloat16) or any other float dtype (converted to float32,
+// and the result is float32); packed from pack_weight; wscale: float32 [N]; bias: float32 [N] or None.
 torch::Tensor linear(torch::Tensor x, torch::Tensor packed, torch::Tensor wscale, c10::optional<torch::Tensor> bias) {
   TORCH_CHECK(x.dim() == 2, "linear: x must be [M, K]");
   TORCH_CHECK(packed.dim() == 4 && packed.scalar_type() == torch::kUInt8 && packed.is_contiguous(),
               "linear: packed must come from pack_weight");
-  const auto xf = x.to(torch::kFloat).contiguous();
-  const int64_t M = xf.size(0), K = xf.size(1), N = packed.size(0) * kBlockN;
+  const bool bf16 = x.scalar_type() == torch::kBFloat16;
+  const auto xc = bf16 ? x.contiguous() : x.to(torch::kFloat).contiguous();
+  const int64_t M = xc.size(0), K = xc.size(1), N = packed.size(0) * kBlockN;
   TORCH_CHECK(packed.size(1) * 4 == K, "linear: x has ", K, " inputs, the weight ", packed.size(1) * 4);
   TORCH_CHECK(wscale.scalar_type() == torch::kFloat && wscale.is_contiguous() && wscale.numel() == N,
               "linear: wscale must be float32 [N]");
@@ -102,30 +149,13 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor packed, torch::Tensor wscale
                 "linear: bias must be float32 [N]");
     bias_data = bias->data_ptr<float>();
   }
-  const int64_t blocks = K / kBlockK;
-  std::vector<int8_t> values(M * K);
-  std::vector<float> scale(M * blocks);
-  std::vector<int32_t> start(M * blocks);
-  const float* xp = xf.data_ptr<float>();
-  at::parallel_for(0, M * blocks, 256, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) quantize_block(xp + i * kBlockK, &values[i * kBlockK], &scale[i], &start[i]);
-  });
-  auto out = torch::empty({M, N}, xf.options());
-  float* out_data = out.data_ptr<float>();
+  auto out = torch::empty({M, N}, xc.options());
   const uint8_t* weights = packed.data_ptr<uint8_t>();
-  const float* wscale_data = wscale.data_ptr<float>();
-  const QuantizedRows rows{values.data(), scale.data(), start.data(), K};
-  at::parallel_for(0, N / kBlockN, 16, [&](int64_t j0, int64_t j1) {
-    for (int64_t j = j0; j < j1; ++j) {
-      const uint8_t* w = weights + j * K * kBlockN;
-      const __m512 ws = _mm512_loadu_ps(wscale_data + j * kBlockN);
-      const __m512 bs = bias_data ? _mm512_loadu_ps(bias_data + j * kBlockN) : _mm512_setzero_ps();
-      float* o = out_data + j * kBlockN;
-      int64_t m0 = 0;
-      for (; m0 + 8 <= M; m0 += 8) tile<8>(w, rows, m0, ws, bs, o, N);
-      if (m0 < M) kLastTile[M - m0](w, rows, m0, ws, bs, o, N);
-    }
-  });
+  if (bf16) {
+    run(xc.data_ptr<at::BFloat16>(), M, K, weights, wscale.data_ptr<float>(), bias_data, out.data_ptr<at::BFloat16>(), N);
+  } else {
+    run(xc.data_ptr<float>(), M, K, weights, wscale.data_ptr<float>(), bias_data, out.data_ptr<float>(), N);
+  }
   return out;
 }
 
