@@ -95,8 +95,9 @@ class ChatStream:
             the running streams; a longer prompt is prefilled in chunks (``--max-prefill-tokens``; docs/performance.md).
         max_decode_slowdown: while streams decode, the engine shrinks a prefill chunk so that the step takes at most
             this many times a step without one (``--max-decode-slowdown``; None: always ``max_prefill_tokens``).
-        weight_quantization: None, "int8", "int4" or "w8a8": the fused CPU decoder decodes with weights quantized at
-            load time (``--weight-quantization``; off by default; docs/performance.md shows speed and quality).
+        weight_quantization: None, "int8", "int4" or "w8a8": the fused CPU decoder decodes (w8a8: also prefills)
+            with weights quantized at load time (``--weight-quantization``; off by default; docs/performance.md shows
+            speed and quality).
         max_body_bytes: the largest request body accepted (default 1 MiB); longer ones get 413 before they are
             read whole.
         fair_queue: serve the waiting line fairly across users (default); False: first come, first served.

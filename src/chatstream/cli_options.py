@@ -67,7 +67,8 @@ def add_model_options(parser: argparse.ArgumentParser, default_log_level: str) -
         "--weight-quantization",
         choices=WEIGHT_QUANTIZATIONS,
         default=None,
-        help="decode with weights quantized at load time by the fused CPU decoder (default: the model's own)",
+        help="decode (w8a8: also prefill) with weights quantized at load time by the fused CPU decoder "
+        "(default: the model's own)",
     )
     group.add_argument("--mock", action="store_true", help="answer with canned text; no model is loaded")
     group.add_argument("--mock-type", choices=("round", "long", "echo"), default="round")

@@ -166,10 +166,11 @@ class EngineConfig:
         weight_quantization: None (the model's own weights), ``"int8"``, ``"int4"`` or ``"w8a8"``: the fused
             decoder's linear layers (the LM head included) decode on weights quantized at load time (per output
             channel for int8 and w8a8, per group of ``quantization_group_size`` input channels for int4). int8 and
-            int4 keep the activations in bfloat16; w8a8 also quantizes them, per row and block of 32 inputs, and
-            multiplies bytes with bytes (x86-64 with AVX512-VNNI, a kernel compiled on first use). Smaller weights
-            make decoding faster on CPUs where it reads the weights from memory; the outputs differ slightly from
-            the unquantized model's (docs/performance.md).
+            int4 keep the activations in bfloat16 and serve the decoding rows only (prompts prefill on the model's
+            weights); w8a8 also quantizes the activations, per row and block of 32 inputs, multiplies bytes with
+            bytes (x86-64 with AVX512-VNNI, a kernel compiled on first use) and serves the prompts' prefill too.
+            Smaller weights make decoding faster on CPUs where it reads the weights from memory; the outputs differ
+            slightly from the unquantized model's (docs/performance.md).
         quantization_group_size: input channels sharing one int4 scale (32, 64, 128 or 256).
     """
 
