@@ -4,7 +4,8 @@ A decode step at 8–32 rows is bounded by reading the weights *and* by the arit
 int8 kernel converts every weight to bfloat16 and ends up slower than the unquantized packed weights at 8 rows
 (docs/performance.md). This kernel keeps the weights as bytes and multiplies them with bytes: each row of the input is
 quantized when the layer runs, one scale per 32 inputs (as llama.cpp's ``Q8_0`` activations), and ``VPDPBUSD`` adds
-64 byte products per instruction. A row's result depends on that row alone, whatever else shares the step.
+64 byte products per instruction. A row's result depends on that row alone, whatever else shares the step. The same
+arithmetic beats the bfloat16 weights at prefill sizes (32–256 rows) too, so the w8a8 mode runs every row on it.
 
 The C++ source (``kernels/w8a8.cpp``) is compiled with PyTorch's extension builder the first time a process asks for
 it (about 40 s; the build is kept in ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``, and reused

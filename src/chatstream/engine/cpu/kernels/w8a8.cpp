@@ -1,4 +1,5 @@
-// int8 x int8 linear layer for decoding rows on CPUs with AVX512-VNNI (chatstream.engine.cpu.w8a8 builds it).
+// int8 x int8 linear layer (every row of the w8a8 mode, decode and prefill) on CPUs with AVX512-VNNI
+// (chatstream.engine.cpu.w8a8 builds it).
 //
 // Weights: int8 per output channel (w[n, k] ~ q[n, k] * wscale[n]), stored as unsigned bytes q + 128 in blocks of 16
 // output channels by 4 inputs, the layout VPDPBUSD multiplies: packed[n / 16][k / 4][n % 16][k % 4].
@@ -92,8 +93,8 @@ void tile(const uint8_t* w, const QuantizedRows& rows, int64_t m0, __m512 wscale
 template <typename Out>
 using Tile = void (*)(const uint8_t*, const QuantizedRows&, int64_t, __m512, __m512, Out*, int64_t);
 template <typename Out>
-constexpr Tile<Out> kLastTile[8] = {nullptr,        tile<1, Out>, tile<2, Out>, tile<3, Out>,
-                                    tile<4, Out>,   tile<5, Out>, tile<6, Out>, tile<7, Out>};
+constexpr Tile<Out> kLastTile[8] = {nullptr,      tile<1, Out>, tile<2, Out>, tile<3, Out>,
+                                    tile<4, Out>, tile<5, Out>, tile<6, Out>, tile<7, Out>};
 
 // x [M, K] (In) quantized per row and block, times the packed weights, into out [M, N] (Out).
 template <typename In, typename Out>
@@ -151,10 +152,11 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor packed, torch::Tensor wscale
   }
   auto out = torch::empty({M, N}, xc.options());
   const uint8_t* weights = packed.data_ptr<uint8_t>();
+  const float* wscale_data = wscale.data_ptr<float>();
   if (bf16) {
-    run(xc.data_ptr<at::BFloat16>(), M, K, weights, wscale.data_ptr<float>(), bias_data, out.data_ptr<at::BFloat16>(), N);
+    run(xc.data_ptr<at::BFloat16>(), M, K, weights, wscale_data, bias_data, out.data_ptr<at::BFloat16>(), N);
   } else {
-    run(xc.data_ptr<float>(), M, K, weights, wscale.data_ptr<float>(), bias_data, out.data_ptr<float>(), N);
+    run(xc.data_ptr<float>(), M, K, weights, wscale_data, bias_data, out.data_ptr<float>(), N);
   }
   return out;
 }
