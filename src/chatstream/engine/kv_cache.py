@@ -31,7 +31,8 @@ class ForwardGroup:
     ``[B, S]``, ``mask`` ``[B, L]`` the padding mask over every column including the ``S`` new ones (the last ``S``);
     the new keys and values are appended to ``cache``. ``logits``: whether the logits of each row's last token are
     wanted (a prefill chunk that is not the last needs none). ``decode``: the rows decode one token each (where the
-    engine quantizes weights for decode, these rows use the quantized ones; decode groups come first in a forward)."""
+    engine quantizes weights for decode only, int8 and int4, these rows use the quantized ones; decode groups come
+    first in a forward)."""
 
     input_ids: torch.Tensor
     positions: torch.Tensor

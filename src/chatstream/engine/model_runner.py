@@ -48,9 +48,9 @@ class ModelRunner:
     prompt. On the CPU the linear layers run on oneDNN-prepacked weights and transformers' RMSNorms in one kernel
     (:mod:`chatstream.engine.cpu.fast_path`) unless ``pack_weights`` is False, and supported families run through the
     hand-written :class:`~chatstream.engine.cpu.fused_decoder.FusedDecoder` (checked against transformers' forward
-    when it is built) unless ``fused_decoder`` is False; ``quantization`` (``"int8"``/``"int4"``) gives the fused
-    decoder weight-only quantized linear layers. If the fused decoder raises, the runner logs it once and uses
-    transformers' forward from then on, redoing that forward.
+    when it is built) unless ``fused_decoder`` is False; ``quantization`` (``"int8"``/``"int4"``/``"w8a8"``) gives
+    the fused decoder quantized linear layers (:mod:`chatstream.engine.cpu.quantized`). If the fused decoder raises,
+    the runner logs it once and uses transformers' forward from then on, redoing that forward.
 
     Attributes:
         batches: the running rows, in decode groups (empty when no sequence runs); only the runner changes them.
