@@ -12,7 +12,7 @@ from tests.tiny_model import PROMPTS, collect, greedy
 from torch.nn import functional as F
 
 from chatstream.engine.base import FinishReason, GenerationRequest
-from chatstream.engine.cpu import w8a8
+from chatstream.engine.cpu import fast_path, w8a8
 from chatstream.engine.cpu.quantized import DecodeQuantized, quantize_int8, quantized_linear
 from chatstream.engine.model_runner import ModelRunner
 
@@ -121,6 +121,60 @@ def test_prefill_and_decode_both_run_on_the_kernel(tiny_model: Any, tiny_tokeniz
         plain_batch.next_tokens = batch.next_tokens = expected.argmax(-1)
         expected, got = plain.decode(plain_batch), quantized.decode(batch)
     _close(got, expected)
+
+
+@needs_kernel
+@pytest.mark.parametrize("one_plus_weight", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("shape", "weight_shape"), [((7, 640), (640,)), ((2048, 640), (640,)), ((5, 100), (100,)),
+                                                     ((3, 5, 256), (5, 256)), ((4, 3, 48), (48,))])  # fmt: skip
+def test_the_kernels_rms_norm_computes_pytorchs(
+    one_plus_weight: bool, dtype: torch.dtype, shape: tuple[int, ...], weight_shape: tuple[int, ...]
+) -> None:
+    generator = torch.Generator().manual_seed(len(shape) + shape[-1])
+    weight = torch.randn(weight_shape, generator=generator).to(dtype)
+    x = (torch.randn(shape, generator=generator) * 3).to(dtype)
+    x[0] = 0.0  # a row of zeros: eps alone under the root
+    expected = fast_path.rms_norm(weight, 1e-6, one_plus_weight=one_plus_weight)(x)
+    got = w8a8.rms_norm(weight, 1e-6, one_plus_weight=one_plus_weight)(x)
+    assert got.dtype is dtype and got.shape == x.shape and got.is_contiguous()
+    difference = (got.double() - expected.double()).abs()
+    if dtype is torch.bfloat16:
+        # one rounding to bfloat16, where PyTorch rounds: equal but where the float32 sum of squares (added up in
+        # another order) moves a value across a rounding boundary, and then by one step of bfloat16
+        assert float((got != expected).float().mean()) < 1e-3
+        assert bool((difference <= expected.double().abs() * 2**-7).all())
+    else:
+        assert float(difference.max()) <= 1e-6 * float(expected.abs().max())
+
+
+@needs_kernel
+def test_the_kernels_rms_norm_reads_the_heads_of_a_strided_view() -> None:
+    qkv = torch.randn(3, 7 * 64 + 64, generator=torch.Generator().manual_seed(3)).bfloat16()
+    heads = qkv[:, : 6 * 64].view(3, 6, 64)  # the q and k heads inside the fused q/k/v projection's output
+    weight = torch.randn(6, 64, generator=torch.Generator().manual_seed(4))
+    expected = fast_path.rms_norm(weight, 1e-6, one_plus_weight=True)(heads)
+    assert torch.equal(w8a8.rms_norm(weight, 1e-6, one_plus_weight=True)(heads), expected)
+    half = torch.randn(2, 64).half()  # a dtype the kernel does not take runs PyTorch's norm
+    one = torch.randn(64)
+    assert torch.equal(w8a8.rms_norm(one, 1e-6, one_plus_weight=True)(half),
+                       fast_path.rms_norm(one, 1e-6, one_plus_weight=True)(half))  # fmt: skip
+
+
+@needs_kernel
+def test_the_w8a8_decoder_runs_its_norms_on_the_kernel(tiny_model: Any, tiny_tokenizer: Any) -> None:
+    runner = ModelRunner(tiny_model, quantization="w8a8")
+    assert runner.fused is not None
+    norms = runner.fused.layers[0].norms
+    assert [f.__name__ for f in (norms.input, norms.pre_mlp, runner.fused.final_norm)] == ["kernel_rms_norm"] * 3
+    prompts = [tiny_tokenizer.encode(p) for p in PROMPTS]
+    with torch.inference_mode():
+        _, got = runner.prefill(prompts)
+        runner.fused.use_norms(tiny_model, fast_path.rms_norm)
+        _, expected = runner.prefill(prompts)
+    # the same arithmetic but for the order of the float32 sums of squares
+    assert float((got - expected).abs().max()) < 1e-4 * float(expected.abs().max())
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
 
 
 @needs_kernel

@@ -24,7 +24,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -44,6 +44,12 @@ _installed: weakref.WeakKeyDictionary[nn.Module, CpuFastPath] = weakref.WeakKeyD
 _install_lock = threading.Lock()
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
+
+
+class NormBuilder(Protocol):
+    """Builds an RMSNorm's forward from its weight (:func:`rms_norm`'s signature; the w8a8 kernel has another)."""
+
+    def __call__(self, weight: torch.Tensor, eps: float, *, one_plus_weight: bool) -> Forward: ...
 
 
 def dtype_packable(dtype: torch.dtype) -> bool:
@@ -188,8 +194,9 @@ def rms_norm(weight: torch.Tensor, eps: float, *, one_plus_weight: bool) -> Forw
     return one_plus_weight_per_head
 
 
-def rms_norm_forward(module: Any) -> Forward | None:
-    """:func:`rms_norm` in place of an RMSNorm module of a known family; None for any other module."""
+def rms_norm_forward(module: Any, build: NormBuilder = rms_norm) -> Forward | None:
+    """:func:`rms_norm` (or another ``build``) in place of an RMSNorm module of a known family; None for any other
+    module."""
     kind = type(module).__name__
     eps = norm_eps(module)
     weight = getattr(module, "weight", None)
@@ -197,7 +204,7 @@ def rms_norm_forward(module: Any) -> Forward | None:
         return None
     if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
         return None
-    return rms_norm(weight, eps, one_plus_weight=kind in ONE_PLUS_WEIGHT_NORMS)
+    return build(weight, eps, one_plus_weight=kind in ONE_PLUS_WEIGHT_NORMS)
 
 
 def norm_eps(module: Any) -> Any:

@@ -37,6 +37,7 @@ from chatstream.engine.cpu.fast_path import (
     ONE_PLUS_WEIGHT_NORMS,
     CpuFastPath,
     Forward,
+    NormBuilder,
     linear_forward,
     norm_eps,
     rms_norm,
@@ -56,8 +57,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["SUPPORTED_MODEL_TYPES", "FusedDecoder", "unsupported_reason"]
 
 
-def _norm(module: nn.Module) -> Forward:
-    fused = rms_norm_forward(module)
+def _norm(module: nn.Module, build: NormBuilder) -> Forward:
+    fused = rms_norm_forward(module, build)
     return fused if fused is not None else module
 
 
@@ -70,17 +71,24 @@ def _cat_bias(*linears: nn.Linear) -> torch.Tensor | None:
 
 
 @dataclass
+class _Norms:
+    """A layer's RMSNorms."""
+
+    input: Forward
+    qk: Forward | None  # the query and key heads together
+    post_attention: Forward | None  # sandwich families only
+    pre_mlp: Forward
+    post_mlp: Forward | None  # sandwich families only
+
+
+@dataclass
 class _Layer:
-    input_norm: Forward
+    norms: _Norms
     qkv: Forward
-    qk_norm: Forward | None  # the query and key heads together
     o_proj: Forward
-    post_attention_norm: Forward | None  # sandwich families only
-    pre_mlp_norm: Forward
     gate_up: Forward
     act: Forward
     down: Forward
-    post_mlp_norm: Forward | None  # sandwich families only
     rope: str  # the layer type whose rotary table it uses
     sliding_window: int | None
     scaling: float
@@ -112,7 +120,7 @@ class FusedDecoder:
         self.embed_weight = base.embed_tokens.weight.detach()
         scale = getattr(base.embed_tokens, "embed_scale", None)
         self.embed_scale = None if scale is None else scale.to(self.embed_weight.dtype)
-        self.final_norm = _norm(base.norm)
+        self.final_norm = _norm(base.norm, rms_norm)
         self.lm_head = self._shared_linear(model.get_output_embeddings())
         self.softcap = getattr(config, "final_logit_softcapping", None)
         self.rope = rope_tables(base.rotary_emb)
@@ -126,35 +134,48 @@ class FusedDecoder:
         attn, mlp = layer.self_attn, layer.mlp
         qkv_weight = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach()
         gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach()
-        sandwich = self.model_type in SANDWICH_NORM_TYPES
-        q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
         return _Layer(
-            input_norm=_norm(layer.input_layernorm),
+            norms=self._norms(layer, rms_norm),
             qkv=linear_forward(qkv_weight, _cat_bias(attn.q_proj, attn.k_proj, attn.v_proj), pack=self.pack),
-            qk_norm=None if q_norm is None else self._head_norm(q_norm, k_norm),
             o_proj=self._shared_linear(attn.o_proj),
-            post_attention_norm=_norm(layer.post_attention_layernorm) if sandwich else None,
-            pre_mlp_norm=_norm(layer.pre_feedforward_layernorm if sandwich else layer.post_attention_layernorm),
             gate_up=linear_forward(gate_up, _cat_bias(mlp.gate_proj, mlp.up_proj), pack=self.pack),
             act=mlp.act_fn,
             down=self._shared_linear(mlp.down_proj),
-            post_mlp_norm=_norm(layer.post_feedforward_layernorm) if sandwich else None,
             rope=kind if kind in self.rope else "default",
             sliding_window=window if kind == "sliding_attention" else None,
             scaling=float(attn.scaling),
         )
+
+    def _norms(self, layer: Any, build: NormBuilder) -> _Norms:
+        attn = layer.self_attn
+        sandwich = self.model_type in SANDWICH_NORM_TYPES
+        q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+        return _Norms(
+            input=_norm(layer.input_layernorm, build),
+            qk=None if q_norm is None else self._head_norm(q_norm, k_norm, build),
+            post_attention=_norm(layer.post_attention_layernorm, build) if sandwich else None,
+            pre_mlp=_norm(layer.pre_feedforward_layernorm if sandwich else layer.post_attention_layernorm, build),
+            post_mlp=_norm(layer.post_feedforward_layernorm, build) if sandwich else None,
+        )
+
+    def use_norms(self, model: Any, build: NormBuilder) -> None:
+        """Run every RMSNorm (the layers' and the final one) on forwards made by ``build`` from ``model``'s norm
+        modules (the w8a8 mode's kernel: one call per norm)."""
+        self.final_norm = _norm(model.model.norm, build)
+        for layer, module in zip(self.layers, model.model.layers, strict=True):
+            layer.norms = self._norms(module, build)
 
     def _shared_linear(self, module: nn.Linear) -> Forward:
         """The fast path's packed copy of ``module`` when it has one (one copy in memory), else a new one."""
         packed = self.fast_path.packed(module) if self.fast_path is not None else None
         return packed if packed is not None else linear_forward(module.weight.detach(), _bias(module), pack=self.pack)
 
-    def _head_norm(self, q_norm: Any, k_norm: Any) -> Forward:
+    def _head_norm(self, q_norm: Any, k_norm: Any, build: NormBuilder) -> Forward:
         """The q and k RMSNorms as one call on the ``[T, Hq + Hkv, D]`` heads (per-head weights stacked)."""
         pairs = ((q_norm, self.num_heads), (k_norm, self.num_kv_heads))
         weight = torch.cat([norm.weight.detach().expand(heads, -1) for norm, heads in pairs])
         one_plus_weight = type(q_norm).__name__ in ONE_PLUS_WEIGHT_NORMS
-        return rms_norm(weight, float(norm_eps(q_norm)), one_plus_weight=one_plus_weight)
+        return build(weight, float(norm_eps(q_norm)), one_plus_weight=one_plus_weight)
 
     @classmethod
     def for_model(
@@ -243,11 +264,12 @@ class FusedDecoder:
         rotary: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
         tokens = x.shape[0]  # all groups' B * S
-        qkv = layer.qkv(layer.input_norm(x))
+        norms = layer.norms
+        qkv = layer.qkv(norms.input(x))
         heads = self.num_heads + self.num_kv_heads
         qk = qkv[:, : self.q_size + self.kv_size].view(tokens, heads, self.head_dim)
-        if layer.qk_norm is not None:
-            qk = layer.qk_norm(qk)
+        if norms.qk is not None:
+            qk = norms.qk(qk)
         cos, sin = rotary
         qk = qk * cos + qk.view(tokens, heads, 2, -1).flip(2).view(tokens, heads, -1) * sin
         v = qkv[:, self.q_size + self.kv_size :]
@@ -257,13 +279,13 @@ class FusedDecoder:
             attended.append(self._attend(layer, qk[start:end], v[start:end], size, cache.buffered[index], blocks))
             start = end
         h = layer.o_proj(_rows(attended))
-        if layer.post_attention_norm is not None:
-            h = layer.post_attention_norm(h)
+        if norms.post_attention is not None:
+            h = norms.post_attention(h)
         x = x + h
-        gate, up = layer.gate_up(layer.pre_mlp_norm(x)).chunk(2, dim=-1)
+        gate, up = layer.gate_up(norms.pre_mlp(x)).chunk(2, dim=-1)
         h = layer.down(layer.act(gate) * up)
-        if layer.post_mlp_norm is not None:
-            h = layer.post_mlp_norm(h)
+        if norms.post_mlp is not None:
+            h = norms.post_mlp(h)
         return x + h
 
     def _attend(

@@ -28,7 +28,7 @@ import torch
 
 from chatstream.config import WEIGHT_QUANTIZATIONS
 from chatstream.engine.cpu import w8a8
-from chatstream.engine.cpu.fast_path import Forward
+from chatstream.engine.cpu.fast_path import Forward, NormBuilder
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,8 @@ INT4_INNER_K_TILES = 1
 EVERY_ROW_MODES = frozenset({"w8a8"})
 """Modes whose kernel also serves prefill rows (faster than the unquantized packed weights at every batch size
 measured); the others serve the decoding rows only."""
+KERNEL_NORM_MODES = frozenset({"w8a8"})
+"""Modes whose kernel extension also runs the RMSNorms (one call per norm instead of PyTorch's dozen operators)."""
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,11 +157,13 @@ class QuantizableDecoder(Protocol):
     lm_head: Forward
     decode_rows: DecodeRows
 
+    def use_norms(self, model: Any, build: NormBuilder) -> None: ...
+
 
 def quantize_decoder(decoder: QuantizableDecoder, model: Any, mode: str, group_size: int) -> int:
     """Give the decoder's linear layers (per layer q/k/v, o, gate/up, down; the LM head) quantized weights built from
-    ``model``'s, for its decoding rows (``decoder.decode_rows``) or, in :data:`EVERY_ROW_MODES`, for every row;
-    returns how many layers got them."""
+    ``model``'s, for its decoding rows (``decoder.decode_rows``) or, in :data:`EVERY_ROW_MODES`, for every row, and
+    in :data:`KERNEL_NORM_MODES` its RMSNorms to the kernel's; returns how many linear layers got quantized weights."""
     replaced = 0
 
     def swap(current: Forward, *linears: torch.nn.Linear) -> Forward:
@@ -179,6 +183,8 @@ def quantize_decoder(decoder: QuantizableDecoder, model: Any, mode: str, group_s
             layer.gate_up = swap(layer.gate_up, mlp.gate_proj, mlp.up_proj)
             layer.down = swap(layer.down, mlp.down_proj)
         decoder.lm_head = swap(decoder.lm_head, model.get_output_embeddings())
+        if mode in KERNEL_NORM_MODES:
+            decoder.use_norms(model, w8a8.rms_norm)
     logger.info("fused decoder: %d linear layers quantized to %s", replaced, mode)
     return replaced
 

@@ -6,6 +6,8 @@ int8 kernel converts every weight to bfloat16 and ends up slower than the unquan
 quantized when the layer runs, one scale per 32 inputs (as llama.cpp's ``Q8_0`` activations), and ``VPDPBUSD`` adds
 64 byte products per instruction. A row's result depends on that row alone, whatever else shares the step. The same
 arithmetic beats the bfloat16 weights at prefill sizes (32–256 rows) too, so the w8a8 mode runs every row on it.
+The mode's RMSNorms run in the same extension (:func:`rms_norm`): one call per norm, where PyTorch runs a dozen
+small operators whose overhead is most of a one-row decode step's norms.
 
 The C++ source (``kernels/w8a8.cpp``) is compiled with PyTorch's extension builder the first time a process asks for
 it (about 40 s; the build is kept in ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``, and reused
@@ -25,6 +27,7 @@ from typing import Any
 
 import torch
 
+from chatstream.engine.cpu import fast_path
 from chatstream.engine.cpu.fast_path import Forward
 
 logger = logging.getLogger(__name__)
@@ -34,6 +37,8 @@ CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")
 COMPILER_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-fopenmp"]
 """``-fopenmp``: ``at::parallel_for`` is inline OpenMP; without it the kernel runs on one thread. The extension then
 needs ``libgomp.so.1``, which resolves to the copy PyTorch has already loaded (one thread pool)."""
+NORM_DTYPES = (torch.float32, torch.bfloat16)
+"""The dtypes the kernel's RMSNorm reads and writes (others run PyTorch's)."""
 BLOCK_N, BLOCK_K = 16, 32
 """Output channels per weight block (a layer's are padded up to a multiple) and inputs per activation scale (a layer's
 inputs must be a multiple)."""
@@ -96,6 +101,25 @@ def w8a8_linear(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None)
         return y.view(*x.shape[:-1], n)
 
     return w8a8_forward
+
+
+def rms_norm(weight: torch.Tensor, eps: float, *, one_plus_weight: bool) -> Forward:
+    """:func:`chatstream.engine.cpu.fast_path.rms_norm`'s arithmetic in one call of the kernel: float32 inside, one
+    rounding to the model's dtype where PyTorch rounds (results equal PyTorch's but for the last bit where the sum
+    of squares adds up in another order). ``weight`` is ``[D]``, or ``[H, D]`` for inputs ``[T, H, D]``. Inputs the
+    kernel does not take (other dtypes, other ranks, a strided last dimension) run the PyTorch norm."""
+    module = kernel()
+    eager = fast_path.rms_norm(weight, eps, one_plus_weight=one_plus_weight)
+    scale = (1.0 + weight.detach().float() if one_plus_weight else weight.detach().float()).contiguous()
+    rank = 2 if scale.dim() == 1 else 3
+    heads = scale.shape[0] if scale.dim() == 2 else None
+
+    def kernel_rms_norm(x: torch.Tensor) -> torch.Tensor:
+        if x.dtype not in NORM_DTYPES or x.dim() != rank or x.stride(-1) != 1 or (heads and x.shape[1] != heads):
+            return eager(x)
+        return module.rms_norm(x, scale, eps, not one_plus_weight)
+
+    return kernel_rms_norm
 
 
 def _ninja_dir() -> str | None:

@@ -7,6 +7,9 @@
 // [-127, 127]), so a row's result depends on that row alone. One VPDPBUSD adds 4 products of 16 output channels:
 // sum (q + 128) * a = sum q * a + 128 * sum a, and each block's int32 sum starts at -128 * sum a to take the offset
 // back. The block sums are scaled by the row's block scale in float32; the output channel's scale and bias come last.
+//
+// The mode's layers also run their RMSNorms here (rms_norm): one call per norm instead of PyTorch's dozen small
+// operators, which at one decoding row cost more than the norm's arithmetic.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -14,6 +17,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -38,14 +42,26 @@ inline __m512 load16(const at::BFloat16* x) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(halves, 16));
 }
 
-// 16 outputs stored as float32, or rounded to bfloat16 to nearest, ties to even, NaN as 0x7FC0 (as PyTorch rounds).
-inline void store16(float* out, __m512 v) { _mm512_storeu_ps(out, v); }
-inline void store16(at::BFloat16* out, __m512 v) {
+// 16 float32 values rounded to bfloat16 (to nearest, ties to even, NaN as 0x7FC0: as PyTorch rounds), one per
+// 32-bit lane's low half.
+inline __m512i bf16_bits(__m512 v) {
   const __m512i bits = _mm512_castps_si512(v);
   const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
-  rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtepi32_epi16(rounded));
+  const __m512i rounded =
+      _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+  return _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+}
+
+// 16 outputs stored as float32, or rounded to bfloat16.
+inline void store16(float* out, __m512 v) { _mm512_storeu_ps(out, v); }
+inline void store16(at::BFloat16* out, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtepi32_epi16(bf16_bits(v)));
+}
+
+// v as the dtype T holds it (rounded to bfloat16 and widened back; float32 as it is).
+inline __m512 as_stored(__m512 v, const float*) { return v; }
+inline __m512 as_stored(__m512 v, const at::BFloat16*) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits(v), 16));
 }
 
 // One block of 32 inputs of a row: a = round(x * 127 / max|x|) (to nearest, ties to even), its scale max|x| / 127 and
@@ -121,6 +137,33 @@ void run(const In* x, int64_t M, int64_t K, const uint8_t* weights, const float*
   });
 }
 
+// One row of an RMSNorm over C values: n = x * rstd with rstd = 1 / sqrt(mean(x^2) + eps), in float32; the output
+// is n * scale (Gemma's arithmetic, scale = 1 + weight), or with after_cast round(n) * scale (Llama's: the weight
+// multiplies n as the model's dtype holds it), stored in T.
+template <typename T>
+void norm_row(const T* x, const float* scale, T* out, int64_t C, float eps, bool after_cast) {
+  __m512 squares = _mm512_setzero_ps();
+  int64_t c = 0;
+  for (; c + 16 <= C; c += 16) {
+    const __m512 v = load16(x + c);
+    squares = _mm512_fmadd_ps(v, v, squares);
+  }
+  float sum = _mm512_reduce_add_ps(squares);
+  for (int64_t t = c; t < C; ++t) sum += static_cast<float>(x[t]) * static_cast<float>(x[t]);
+  const float rstd = 1.f / std::sqrt(sum / static_cast<float>(C) + eps);
+  const __m512 r = _mm512_set1_ps(rstd);
+  for (c = 0; c + 16 <= C; c += 16) {
+    __m512 n = _mm512_mul_ps(load16(x + c), r);
+    if (after_cast) n = as_stored(n, x);
+    store16(out + c, _mm512_mul_ps(n, _mm512_loadu_ps(scale + c)));
+  }
+  for (; c < C; ++c) {
+    float n = static_cast<float>(x[c]) * rstd;
+    if (after_cast) n = static_cast<float>(static_cast<T>(n));
+    out[c] = static_cast<T>(n * scale[c]);
+  }
+}
+
 }  // namespace
 
 // q: int8 [N, K] (N a multiple of 16, K of 32) -> uint8 [N / 16, K / 4, 16, 4] holding q + 128.
@@ -161,6 +204,40 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor packed, torch::Tensor wscale
   return out;
 }
 
+// RMSNorm of x [A, C] or [A, H, C] (float32 or bfloat16; the last dimension contiguous, the others any stride) with
+// scale float32 [C], or [H, C] for heads that each have their own; returns a new contiguous tensor of x's shape and
+// dtype (norm_row's arithmetic).
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor scale, double eps, bool after_cast) {
+  TORCH_CHECK(x.dim() == 2 || x.dim() == 3, "rms_norm: x must be [A, C] or [A, H, C]");
+  TORCH_CHECK(x.scalar_type() == torch::kBFloat16 || x.scalar_type() == torch::kFloat,
+              "rms_norm: x must be float32 or bfloat16");
+  TORCH_CHECK(x.stride(-1) == 1, "rms_norm: x's last dimension must be contiguous");
+  const int64_t A = x.size(0), H = x.dim() == 3 ? x.size(1) : 1, C = x.size(-1);
+  const int64_t row_stride = x.stride(0), head_stride = x.dim() == 3 ? x.stride(1) : 0;
+  TORCH_CHECK(scale.scalar_type() == torch::kFloat && scale.is_contiguous() && scale.size(-1) == C &&
+                  (scale.numel() == C || scale.numel() == H * C),
+              "rms_norm: scale must be float32 [C] or [H, C]");
+  const int64_t scale_step = scale.numel() == C ? 0 : C;
+  auto out = torch::empty(x.sizes(), x.options());
+  const float* s = scale.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, 16384 / C);  // one thread for a decode step's few rows
+  auto norm = [&](auto* in, auto* o) {
+    at::parallel_for(0, A * H, grain, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t a = r / H, h = r % H;
+        norm_row(in + a * row_stride + h * head_stride, s + h * scale_step, o + r * C, C, static_cast<float>(eps),
+                 after_cast);
+      }
+    });
+  };
+  if (x.scalar_type() == torch::kBFloat16) {
+    norm(x.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>());
+  } else {
+    norm(x.data_ptr<float>(), out.data_ptr<float>());
+  }
+  return out;
+}
+
 // How many of PyTorch's threads at::parallel_for runs this extension's work on (1 if it was built without OpenMP).
 int64_t parallel_threads() {
   std::vector<std::atomic<bool>> seen(at::get_num_threads());
@@ -172,4 +249,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_weight", &pack_weight, "int8 [N, K] -> the kernel's uint8 layout");
   m.def("parallel_threads", &parallel_threads, "threads at::parallel_for uses here");
   m.def("linear", &linear, "x [M, K] @ dequantized(packed).T * wscale + bias, activations int8 per block of 32");
+  m.def("rms_norm", &rms_norm, "RMSNorm of x [A, C] or [A, H, C] with a float32 scale [C] or [H, C]");
 }
