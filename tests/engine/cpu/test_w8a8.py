@@ -162,15 +162,33 @@ def test_the_kernels_rms_norm_reads_the_heads_of_a_strided_view() -> None:
 
 
 @needs_kernel
-def test_the_w8a8_decoder_runs_its_norms_on_the_kernel(tiny_model: Any, tiny_tokenizer: Any) -> None:
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("head_dim", [256, 64, 12])  # 12: halves of 6, the scalar loop
+def test_the_kernels_rotary_embedding_is_pytorchs_bitwise(dtype: torch.dtype, head_dim: int) -> None:
+    generator = torch.Generator().manual_seed(head_dim)
+    qkv = (torch.randn(9, 7 * head_dim, generator=generator) * 2).to(dtype)
+    heads = qkv[:, : 6 * head_dim].view(9, 6, head_dim)  # a strided view, as the fused decoder passes it
+    angles = torch.rand(9, 1, head_dim, generator=generator) * 6
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    sin[..., : head_dim // 2].neg_()
+    expected = fast_path.rotate(heads, cos, sin)
+    got = w8a8.rotate(heads, cos, sin)
+    assert got.is_contiguous() and torch.equal(got, expected)
+
+
+@needs_kernel
+def test_the_w8a8_decoder_runs_its_norms_and_rotary_embedding_on_the_kernel(
+    tiny_model: Any, tiny_tokenizer: Any
+) -> None:
     runner = ModelRunner(tiny_model, quantization="w8a8")
     assert runner.fused is not None
     norms = runner.fused.layers[0].norms
     assert [f.__name__ for f in (norms.input, norms.pre_mlp, runner.fused.final_norm)] == ["kernel_rms_norm"] * 3
+    assert runner.fused.ops.rotate is w8a8.rotate
     prompts = [tiny_tokenizer.encode(p) for p in PROMPTS]
     with torch.inference_mode():
         _, got = runner.prefill(prompts)
-        runner.fused.use_norms(tiny_model, fast_path.rms_norm)
+        runner.fused.use_ops(tiny_model, fast_path.LayerOps())
         _, expected = runner.prefill(prompts)
     # the same arithmetic but for the order of the float32 sums of squares
     assert float((got - expected).abs().max()) < 1e-4 * float(expected.abs().max())

@@ -24,6 +24,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -205,6 +206,25 @@ def rms_norm_forward(module: Any, build: NormBuilder = rms_norm) -> Forward | No
     if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
         return None
     return build(weight, eps, one_plus_weight=kind in ONE_PLUS_WEIGHT_NORMS)
+
+
+def rotate(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The rotary embedding of heads ``qk`` ``[T, H, D]`` at tables ``cos``, ``sin`` ``[T, 1, D]`` whose ``sin`` has
+    its first half negated: ``rotate_half(x) * sin`` is then the halves of ``x`` swapped times ``sin``."""
+    tokens, heads, _ = qk.shape
+    return qk * cos + qk.view(tokens, heads, 2, -1).flip(2).view(tokens, heads, -1) * sin
+
+
+Rotate = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class LayerOps:
+    """The element-wise work between the fused decoder's matrix products: PyTorch's operators by default; the w8a8
+    mode's kernel extension has one-call versions (:mod:`chatstream.engine.cpu.w8a8`)."""
+
+    rms_norm: NormBuilder = rms_norm
+    rotate: Rotate = rotate
 
 
 def norm_eps(module: Any) -> Any:

@@ -37,10 +37,10 @@ from chatstream.engine.cpu.fast_path import (
     ONE_PLUS_WEIGHT_NORMS,
     CpuFastPath,
     Forward,
+    LayerOps,
     NormBuilder,
     linear_forward,
     norm_eps,
-    rms_norm,
     rms_norm_forward,
 )
 from chatstream.engine.cpu.quantized import DecodeRows, quantize_decoder
@@ -120,7 +120,8 @@ class FusedDecoder:
         self.embed_weight = base.embed_tokens.weight.detach()
         scale = getattr(base.embed_tokens, "embed_scale", None)
         self.embed_scale = None if scale is None else scale.to(self.embed_weight.dtype)
-        self.final_norm = _norm(base.norm, rms_norm)
+        self.ops = LayerOps()
+        self.final_norm = _norm(base.norm, self.ops.rms_norm)
         self.lm_head = self._shared_linear(model.get_output_embeddings())
         self.softcap = getattr(config, "final_logit_softcapping", None)
         self.rope = rope_tables(base.rotary_emb)
@@ -135,7 +136,7 @@ class FusedDecoder:
         qkv_weight = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach()
         gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach()
         return _Layer(
-            norms=self._norms(layer, rms_norm),
+            norms=self._norms(layer, self.ops.rms_norm),
             qkv=linear_forward(qkv_weight, _cat_bias(attn.q_proj, attn.k_proj, attn.v_proj), pack=self.pack),
             o_proj=self._shared_linear(attn.o_proj),
             gate_up=linear_forward(gate_up, _cat_bias(mlp.gate_proj, mlp.up_proj), pack=self.pack),
@@ -158,12 +159,13 @@ class FusedDecoder:
             post_mlp=_norm(layer.post_feedforward_layernorm, build) if sandwich else None,
         )
 
-    def use_norms(self, model: Any, build: NormBuilder) -> None:
-        """Run every RMSNorm (the layers' and the final one) on forwards made by ``build`` from ``model``'s norm
-        modules (the w8a8 mode's kernel: one call per norm)."""
-        self.final_norm = _norm(model.model.norm, build)
+    def use_ops(self, model: Any, ops: LayerOps) -> None:
+        """Run the element-wise work on ``ops``: every RMSNorm (the layers' and the final one, rebuilt from ``model``'s
+        norm modules) and the rotary embedding (the w8a8 mode's kernel: one call each)."""
+        self.ops = ops
+        self.final_norm = _norm(model.model.norm, ops.rms_norm)
         for layer, module in zip(self.layers, model.model.layers, strict=True):
-            layer.norms = self._norms(module, build)
+            layer.norms = self._norms(module, ops.rms_norm)
 
     def _shared_linear(self, module: nn.Linear) -> Forward:
         """The fast path's packed copy of ``module`` when it has one (one copy in memory), else a new one."""
@@ -270,8 +272,7 @@ class FusedDecoder:
         qk = qkv[:, : self.q_size + self.kv_size].view(tokens, heads, self.head_dim)
         if norms.qk is not None:
             qk = norms.qk(qk)
-        cos, sin = rotary
-        qk = qk * cos + qk.view(tokens, heads, 2, -1).flip(2).view(tokens, heads, -1) * sin
+        qk = self.ops.rotate(qk, *rotary)
         v = qkv[:, self.q_size + self.kv_size :]
         attended, start = [], 0
         for (size, new), (cache, blocks) in zip(shapes, attention, strict=True):

@@ -6,8 +6,9 @@ int8 kernel converts every weight to bfloat16 and ends up slower than the unquan
 quantized when the layer runs, one scale per 32 inputs (as llama.cpp's ``Q8_0`` activations), and ``VPDPBUSD`` adds
 64 byte products per instruction. A row's result depends on that row alone, whatever else shares the step. The same
 arithmetic beats the bfloat16 weights at prefill sizes (32–256 rows) too, so the w8a8 mode runs every row on it.
-The mode's RMSNorms run in the same extension (:func:`rms_norm`): one call per norm, where PyTorch runs a dozen
-small operators whose overhead is most of a one-row decode step's norms.
+The mode's RMSNorms and rotary embeddings run in the same extension (:func:`rms_norm`, :func:`rotate`): one call
+each, where PyTorch runs a dozen or half a dozen small operators whose overhead at one decoding row is more than
+their arithmetic.
 
 The C++ source (``kernels/w8a8.cpp``) is compiled with PyTorch's extension builder the first time a process asks for
 it (about 40 s; the build is kept in ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``, and reused
@@ -34,9 +35,12 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "kernels" / "w8a8.cpp"
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")
-COMPILER_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-fopenmp"]
+COMPILER_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-ffp-contract=off",
+                  "-fopenmp"]  # fmt: skip
 """``-fopenmp``: ``at::parallel_for`` is inline OpenMP; without it the kernel runs on one thread. The extension then
-needs ``libgomp.so.1``, which resolves to the copy PyTorch has already loaded (one thread pool)."""
+needs ``libgomp.so.1``, which resolves to the copy PyTorch has already loaded (one thread pool).
+``-ffp-contract=off``: a product and a sum stay two roundings (as in PyTorch's separate operators) unless the source
+asks for a fused multiply-add."""
 NORM_DTYPES = (torch.float32, torch.bfloat16)
 """The dtypes the kernel's RMSNorm reads and writes (others run PyTorch's)."""
 BLOCK_N, BLOCK_K = 16, 32
@@ -120,6 +124,14 @@ def rms_norm(weight: torch.Tensor, eps: float, *, one_plus_weight: bool) -> Forw
         return module.rms_norm(x, scale, eps, not one_plus_weight)
 
     return kernel_rms_norm
+
+
+def rotate(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """:func:`chatstream.engine.cpu.fast_path.rotate` in one call of the kernel (the same roundings, bitwise); other
+    dtypes or layouts run PyTorch's."""
+    if qk.dtype not in NORM_DTYPES or qk.dim() != 3 or qk.stride(-1) != 1 or cos.dtype != qk.dtype:
+        return fast_path.rotate(qk, cos, sin)
+    return kernel().rotate(qk, cos, sin)
 
 
 def _ninja_dir() -> str | None:

@@ -8,8 +8,8 @@
 // sum (q + 128) * a = sum q * a + 128 * sum a, and each block's int32 sum starts at -128 * sum a to take the offset
 // back. The block sums are scaled by the row's block scale in float32; the output channel's scale and bias come last.
 //
-// The mode's layers also run their RMSNorms here (rms_norm): one call per norm instead of PyTorch's dozen small
-// operators, which at one decoding row cost more than the norm's arithmetic.
+// The mode's layers also run their RMSNorms (rms_norm) and rotary embeddings (rotate) here: one call each instead of
+// PyTorch's dozen or half-dozen small operators, which at one decoding row cost more than their arithmetic.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -164,6 +164,32 @@ void norm_row(const T* x, const float* scale, T* out, int64_t C, float eps, bool
   }
 }
 
+// One head of the rotary embedding, in PyTorch's order of roundings: out = round(round(x * cos) + round(flip(x) *
+// sin)), flip(x) swapping the two halves of the head (sin's first half comes negated).
+template <typename T>
+void rotate_head(const T* x, const T* cos, const T* sin, T* out, int64_t D) {
+  const int64_t half = D / 2;
+  int64_t d = 0;
+  if (half % 16 == 0) {
+    for (; d < half; d += 16) {
+      const __m512 a = load16(x + d), b = load16(x + d + half);
+      const __m512 lo = _mm512_add_ps(as_stored(_mm512_mul_ps(a, load16(cos + d)), x),
+                                      as_stored(_mm512_mul_ps(b, load16(sin + d)), x));
+      const __m512 hi = _mm512_add_ps(as_stored(_mm512_mul_ps(b, load16(cos + d + half)), x),
+                                      as_stored(_mm512_mul_ps(a, load16(sin + d + half)), x));
+      store16(out + d, lo);
+      store16(out + d + half, hi);
+    }
+  }
+  for (; d < half; ++d) {
+    const float a = static_cast<float>(x[d]), b = static_cast<float>(x[d + half]);
+    const auto stored = [](float v) { return static_cast<float>(static_cast<T>(v)); };
+    out[d] = static_cast<T>(stored(a * static_cast<float>(cos[d])) + stored(b * static_cast<float>(sin[d])));
+    out[d + half] =
+        static_cast<T>(stored(b * static_cast<float>(cos[d + half])) + stored(a * static_cast<float>(sin[d + half])));
+  }
+}
+
 }  // namespace
 
 // q: int8 [N, K] (N a multiple of 16, K of 32) -> uint8 [N / 16, K / 4, 16, 4] holding q + 128.
@@ -238,6 +264,39 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor scale, double eps, bool af
   return out;
 }
 
+// The rotary embedding of heads x [T, H, D] (float32 or bfloat16, the last dimension contiguous, the others any
+// stride) at tables cos, sin [T, D] of x's dtype; returns a new contiguous [T, H, D] (rotate_head's arithmetic).
+torch::Tensor rotate(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
+  TORCH_CHECK(x.dim() == 3 && x.stride(-1) == 1, "rotate: x must be [T, H, D] with a contiguous last dimension");
+  TORCH_CHECK(x.scalar_type() == torch::kBFloat16 || x.scalar_type() == torch::kFloat,
+              "rotate: x must be float32 or bfloat16");
+  const int64_t T = x.size(0), H = x.size(1), D = x.size(2);
+  TORCH_CHECK(D % 2 == 0, "rotate: the head size must be even");
+  const auto table = [&](const torch::Tensor& t) {
+    TORCH_CHECK(t.scalar_type() == x.scalar_type() && t.numel() == T * D,
+                "rotate: cos and sin must be [T, D] of x's dtype");
+    return t.contiguous();
+  };
+  const auto c = table(cos), s = table(sin);
+  auto out = torch::empty({T, H, D}, x.options());
+  const int64_t row_stride = x.stride(0), head_stride = x.stride(1);
+  auto run = [&](auto* in, auto* cs, auto* sn, auto* o) {
+    at::parallel_for(0, T * H, std::max<int64_t>(1, 16384 / D), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t t = r / H, h = r % H;
+        rotate_head(in + t * row_stride + h * head_stride, cs + t * D, sn + t * D, o + r * D, D);
+      }
+    });
+  };
+  if (x.scalar_type() == torch::kBFloat16) {
+    run(x.data_ptr<at::BFloat16>(), c.data_ptr<at::BFloat16>(), s.data_ptr<at::BFloat16>(),
+        out.data_ptr<at::BFloat16>());
+  } else {
+    run(x.data_ptr<float>(), c.data_ptr<float>(), s.data_ptr<float>(), out.data_ptr<float>());
+  }
+  return out;
+}
+
 // How many of PyTorch's threads at::parallel_for runs this extension's work on (1 if it was built without OpenMP).
 int64_t parallel_threads() {
   std::vector<std::atomic<bool>> seen(at::get_num_threads());
@@ -250,4 +309,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("parallel_threads", &parallel_threads, "threads at::parallel_for uses here");
   m.def("linear", &linear, "x [M, K] @ dequantized(packed).T * wscale + bias, activations int8 per block of 32");
   m.def("rms_norm", &rms_norm, "RMSNorm of x [A, C] or [A, H, C] with a float32 scale [C] or [H, C]");
+  m.def("rotate", &rotate, "the rotary embedding of heads x [T, H, D] at cos, sin [T, D]");
 }
