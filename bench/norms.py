@@ -1,5 +1,6 @@
-"""The w8a8 mode's element-wise operations on the kernel extension (RMSNorms, rotary embedding) against PyTorch's,
-side by side in one run: one norm call, and a whole decode step of the engine's fused decoder with either set.
+"""The w8a8 mode's element-wise operations on the kernel extension (RMSNorms, rotary embedding, MLP gate) against
+PyTorch's, side by side in one run: one norm call, and a whole decode step of the engine's fused decoder with either
+set.
 
     PYTHONPATH=src python bench/norms.py                          # Gemma-3-270M in bf16, 1 and 8 rows
     PYTHONPATH=src python bench/norms.py --batch 1 --rounds 9
@@ -39,7 +40,10 @@ from chatstream.engine.cpu import fast_path, w8a8  # noqa: E402
 from chatstream.engine.model_runner import ModelRunner  # noqa: E402
 
 VARIANTS = {"kernel": w8a8.rms_norm, "pytorch": fast_path.rms_norm}
-STEP_OPS = {"kernel": fast_path.LayerOps(rms_norm=w8a8.rms_norm, rotate=w8a8.rotate), "pytorch": fast_path.LayerOps()}
+STEP_OPS = {
+    "kernel": fast_path.LayerOps(rms_norm=w8a8.rms_norm, rotate=w8a8.rotate, gated=w8a8.gated),
+    "pytorch": fast_path.LayerOps(),
+}
 
 
 def _median_us(fn: Callable[[], Any], calls: int) -> float:

@@ -177,14 +177,37 @@ def test_the_kernels_rotary_embedding_is_pytorchs_bitwise(dtype: torch.dtype, he
 
 
 @needs_kernel
-def test_the_w8a8_decoder_runs_its_norms_and_rotary_embedding_on_the_kernel(
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("name", ["gelu_pytorch_tanh", "silu"])
+def test_the_kernels_mlp_gate_is_pytorchs_bitwise(dtype: torch.dtype, name: str) -> None:
+    from transformers.activations import ACT2FN
+
+    act = fast_path.activation(ACT2FN[name])
+    assert act.kind == {"gelu_pytorch_tanh": "gelu_tanh", "silu": "silu"}[name]
+    gate_up = (torch.randn(5, 2 * 96, generator=torch.Generator().manual_seed(5)) * 3).to(dtype)
+    gate, up = gate_up.chunk(2, dim=-1)
+    expected = ACT2FN[name](gate) * up  # the model's own module
+    assert torch.equal(fast_path.gated(act, gate_up), expected)
+    assert torch.equal(w8a8.gated(act, gate_up), expected)
+
+
+def test_an_activation_the_package_does_not_know_runs_as_the_models_module() -> None:
+    from transformers.activations import ACT2FN
+
+    module = ACT2FN["gelu"]  # exact GELU: no kernel kind
+    act = fast_path.activation(module)
+    assert act.kind is None and act.forward is module
+
+
+@needs_kernel
+def test_the_w8a8_decoder_runs_its_element_wise_operations_on_the_kernel(
     tiny_model: Any, tiny_tokenizer: Any
 ) -> None:
     runner = ModelRunner(tiny_model, quantization="w8a8")
     assert runner.fused is not None
     norms = runner.fused.layers[0].norms
     assert [f.__name__ for f in (norms.input, norms.pre_mlp, runner.fused.final_norm)] == ["kernel_rms_norm"] * 3
-    assert runner.fused.ops.rotate is w8a8.rotate
+    assert runner.fused.ops.rotate is w8a8.rotate and runner.fused.ops.gated is w8a8.gated
     prompts = [tiny_tokenizer.encode(p) for p in PROMPTS]
     with torch.inference_mode():
         _, got = runner.prefill(prompts)

@@ -19,6 +19,7 @@ switches: copy a model before an engine runs it. Timings are in docs/performance
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import weakref
@@ -219,12 +220,41 @@ Rotate = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
+class Activation:
+    """A gated MLP's activation as a plain function (no module call per layer) and its ``kind`` where this package
+    knows it (``"gelu_tanh"``, ``"silu"``; None: any other, run as the model's module)."""
+
+    forward: Forward
+    kind: str | None = None
+
+
+def activation(module: Any) -> Activation:
+    """The :class:`Activation` of transformers' ``act_fn`` module (the module itself where not known)."""
+    act = getattr(module, "act", None)  # transformers' GELUTanh holds functools.partial(F.gelu, approximate="tanh")
+    if isinstance(act, functools.partial) and act.func is F.gelu and not act.args:
+        return Activation(act, "gelu_tanh") if act.keywords == {"approximate": "tanh"} else Activation(module)
+    if isinstance(module, nn.SiLU) or type(module).__name__ == "SiLUActivation":
+        return Activation(F.silu, "silu")
+    return Activation(module)
+
+
+def gated(act: Activation, gate_up: torch.Tensor) -> torch.Tensor:
+    """``act(gate) * up`` of a gated MLP whose gate and up projections ran as one (``[..., 2 * I]``, gate first)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return act.forward(gate) * up
+
+
+Gated = Callable[[Activation, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
 class LayerOps:
     """The element-wise work between the fused decoder's matrix products: PyTorch's operators by default; the w8a8
     mode's kernel extension has one-call versions (:mod:`chatstream.engine.cpu.w8a8`)."""
 
     rms_norm: NormBuilder = rms_norm
     rotate: Rotate = rotate
+    gated: Gated = gated
 
 
 def norm_eps(module: Any) -> Any:

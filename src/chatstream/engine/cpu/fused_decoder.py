@@ -35,10 +35,12 @@ from torch.nn import functional as F
 from chatstream.engine.cpu.attention import AttentionBlock, attention_blocks
 from chatstream.engine.cpu.fast_path import (
     ONE_PLUS_WEIGHT_NORMS,
+    Activation,
     CpuFastPath,
     Forward,
     LayerOps,
     NormBuilder,
+    activation,
     linear_forward,
     norm_eps,
     rms_norm_forward,
@@ -87,7 +89,7 @@ class _Layer:
     qkv: Forward
     o_proj: Forward
     gate_up: Forward
-    act: Forward
+    act: Activation
     down: Forward
     rope: str  # the layer type whose rotary table it uses
     sliding_window: int | None
@@ -140,7 +142,7 @@ class FusedDecoder:
             qkv=linear_forward(qkv_weight, _cat_bias(attn.q_proj, attn.k_proj, attn.v_proj), pack=self.pack),
             o_proj=self._shared_linear(attn.o_proj),
             gate_up=linear_forward(gate_up, _cat_bias(mlp.gate_proj, mlp.up_proj), pack=self.pack),
-            act=mlp.act_fn,
+            act=activation(mlp.act_fn),
             down=self._shared_linear(mlp.down_proj),
             rope=kind if kind in self.rope else "default",
             sliding_window=window if kind == "sliding_attention" else None,
@@ -283,8 +285,7 @@ class FusedDecoder:
         if norms.post_attention is not None:
             h = norms.post_attention(h)
         x = x + h
-        gate, up = layer.gate_up(norms.pre_mlp(x)).chunk(2, dim=-1)
-        h = layer.down(layer.act(gate) * up)
+        h = layer.down(self.ops.gated(layer.act, layer.gate_up(norms.pre_mlp(x))))
         if norms.post_mlp is not None:
             h = norms.post_mlp(h)
         return x + h

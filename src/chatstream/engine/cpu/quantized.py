@@ -39,8 +39,8 @@ EVERY_ROW_MODES = frozenset({"w8a8"})
 """Modes whose kernel also serves prefill rows (faster than the unquantized packed weights at every batch size
 measured); the others serve the decoding rows only."""
 KERNEL_OPS_MODES = frozenset({"w8a8"})
-"""Modes whose kernel extension also runs the RMSNorms and the rotary embedding (one call each instead of PyTorch's
-half-dozen to dozen operators)."""
+"""Modes whose kernel extension also runs the RMSNorms, the rotary embedding and the MLP gate (one call each instead
+of PyTorch's few to dozen operators)."""
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,8 +164,8 @@ class QuantizableDecoder(Protocol):
 def quantize_decoder(decoder: QuantizableDecoder, model: Any, mode: str, group_size: int) -> int:
     """Give the decoder's linear layers (per layer q/k/v, o, gate/up, down; the LM head) quantized weights built from
     ``model``'s, for its decoding rows (``decoder.decode_rows``) or, in :data:`EVERY_ROW_MODES`, for every row, and in
-    :data:`KERNEL_OPS_MODES` move its RMSNorms and rotary embedding to the kernel's; returns how many linear layers
-    got quantized weights."""
+    :data:`KERNEL_OPS_MODES` move its RMSNorms, rotary embedding and MLP gate to the kernel's; returns how many linear
+    layers got quantized weights."""
     replaced = 0
 
     def swap(current: Forward, *linears: torch.nn.Linear) -> Forward:
@@ -186,7 +186,7 @@ def quantize_decoder(decoder: QuantizableDecoder, model: Any, mode: str, group_s
             layer.down = swap(layer.down, mlp.down_proj)
         decoder.lm_head = swap(decoder.lm_head, model.get_output_embeddings())
         if mode in KERNEL_OPS_MODES:
-            decoder.use_ops(model, LayerOps(rms_norm=w8a8.rms_norm, rotate=w8a8.rotate))
+            decoder.use_ops(model, LayerOps(rms_norm=w8a8.rms_norm, rotate=w8a8.rotate, gated=w8a8.gated))
     logger.info("fused decoder: %d linear layers quantized to %s", replaced, mode)
     return replaced
 

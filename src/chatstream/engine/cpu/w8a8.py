@@ -6,9 +6,9 @@ int8 kernel converts every weight to bfloat16 and ends up slower than the unquan
 quantized when the layer runs, one scale per 32 inputs (as llama.cpp's ``Q8_0`` activations), and ``VPDPBUSD`` adds
 64 byte products per instruction. A row's result depends on that row alone, whatever else shares the step. The same
 arithmetic beats the bfloat16 weights at prefill sizes (32–256 rows) too, so the w8a8 mode runs every row on it.
-The mode's RMSNorms and rotary embeddings run in the same extension (:func:`rms_norm`, :func:`rotate`): one call
-each, where PyTorch runs a dozen or half a dozen small operators whose overhead at one decoding row is more than
-their arithmetic.
+The mode's RMSNorms, rotary embeddings and MLP gates run in the same extension (:func:`rms_norm`, :func:`rotate`,
+:func:`gated`): one call each, where PyTorch runs a dozen to a few small operators whose overhead at one decoding
+row is more than their arithmetic.
 
 The C++ source (``kernels/w8a8.cpp``) is compiled with PyTorch's extension builder the first time a process asks for
 it (about 40 s; the build is kept in ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``, and reused
@@ -132,6 +132,14 @@ def rotate(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     if qk.dtype not in NORM_DTYPES or qk.dim() != 3 or qk.stride(-1) != 1 or cos.dtype != qk.dtype:
         return fast_path.rotate(qk, cos, sin)
     return kernel().rotate(qk, cos, sin)
+
+
+def gated(act: fast_path.Activation, gate_up: torch.Tensor) -> torch.Tensor:
+    """:func:`chatstream.engine.cpu.fast_path.gated` in one call of the extension for the activations it knows (the
+    same PyTorch operators, the same values); others run the Python version."""
+    if act.kind is None:
+        return fast_path.gated(act, gate_up)
+    return kernel().gated(gate_up, act.kind)
 
 
 def _ninja_dir() -> str | None:
