@@ -7,10 +7,11 @@ cannot tilt.
 VMs this project is measured on) a single-stream comparison depends on which server ran when. Here every listed
 server is started at once (each idle while another serves) and warmed up; then each round sends one chat of
 ``--max-tokens`` tokens (OpenAI protocol, greedy, EOS ignored) to every server in turn, the order rotating between
-rounds, so that each round's servers ran within seconds of each other. Reported per server: the medians over rounds
-of tok/s (tokens over the request's wall time, TTFT included), TTFT and the request's median inter-token gap; and
-per server after the first, the median of the rounds' own tok/s ratios against the first server. Results go to
-``--out`` (default bench/results/interleaved_<timestamp>.json).
+rounds, so that each round's servers ran within seconds of each other; each request follows ``--pause`` seconds of
+quiet, so that nothing a server does after its answer overlaps the next server's request. Reported per server: the
+medians over rounds of tok/s (tokens over the request's wall time, TTFT included), TTFT and the request's median
+inter-token gap; and per server after the first, the median of the rounds' own tok/s ratios against the first
+server. Results go to ``--out`` (default bench/results/interleaved_<timestamp>.json).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--servers", default="ours-w8a8bf16,llamacpp-q4km", help="comma list; the first is the base")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--pause", type=float, default=1.0, help="seconds of quiet before each request")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="where the peers' venvs live")
     parser.add_argument("--out", type=Path, help="JSON path")
     args = parser.parse_args(argv)
@@ -72,7 +74,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     options = launch_options(args, config, model_dir, any(spec.kind == "llamacpp" for spec in specs))
     meta = {"started": time.strftime("%Y%m%d-%H%M%S"), "git_commit": git_commit(), "model_dir": str(model_dir),
             "gguf_path": str(options.gguf_path) if options.gguf_path else None, "token_counting": counting,
-            "rounds": args.rounds, "max_tokens": args.max_tokens, "machine_before": machine_state()}  # fmt: skip
+            "rounds": args.rounds, "max_tokens": args.max_tokens, "pause_s": args.pause,
+            "machine_before": machine_state()}  # fmt: skip
     servers = [RunningServer(spec, options, RESULTS_DIR / "logs") for spec in specs]
     endpoints: list[Endpoint] = []
     try:
@@ -90,6 +93,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             order = list(range(len(specs)))[shift:] + list(range(len(specs)))[:shift]
             row: dict[str, dict[str, float]] = {}
             for i in order:
+                await asyncio.sleep(args.pause)  # whatever the last server does after its answer, it does it alone
                 result = await endpoints[i].single_turn(prompt)()
                 if not result.ok or not result.e2e_s or result.ttft_s is None:
                     raise RuntimeError(f"{specs[i].name}: request failed: {result.error}")

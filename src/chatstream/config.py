@@ -168,7 +168,8 @@ class EngineConfig:
             channel for int8 and w8a8, per group of ``quantization_group_size`` input channels for int4). int8 and
             int4 keep the activations in bfloat16 and serve the decoding rows only (prompts prefill on the model's
             weights); w8a8 also quantizes the activations, per row and block of 32 inputs, multiplies bytes with
-            bytes (x86-64 with AVX512-VNNI, a kernel compiled on first use) and serves the prompts' prefill too.
+            bytes (x86-64 with AVX512-VNNI, a kernel compiled on first use) and serves the prompts' prefill too;
+            its layers' RMSNorms, rotary embedding and MLP gate also run in that kernel's extension.
             Smaller weights make decoding faster on CPUs where it reads the weights from memory; the outputs differ
             slightly from the unquantized model's (docs/performance.md).
         quantization_group_size: input channels sharing one int4 scale (32, 64, 128 or 256).

@@ -4,7 +4,9 @@ Two factories build the replacements: :func:`linear_forward` (a linear layer on 
 blocked layout, instead of ``F.linear`` reordering it on every call) and :func:`rms_norm` (an RMSNorm of the Gemma or
 Llama family as one ``torch.rms_norm`` call, with its scale computed once, instead of about ten small operators). The
 fused decoder (:mod:`chatstream.engine.cpu.fused_decoder`) calls them directly; :class:`CpuFastPath` installs them on
-a transformers model's own modules for the engine's transformers forward.
+a transformers model's own modules for the engine's transformers forward. :class:`LayerOps` gathers the fused
+decoder's element-wise operations (RMSNorm, rotary embedding, the MLP's gate) in their PyTorch form; the w8a8 mode
+swaps in its extension's one-call versions.
 
 Packed bf16 results are bitwise identical to ``F.linear``; packed fp32 results differ in the last bits (oneDNN
 accumulates in another order than MKL). Each packed weight is one more copy of that weight in memory. A fused norm

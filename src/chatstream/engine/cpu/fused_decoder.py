@@ -163,7 +163,7 @@ class FusedDecoder:
 
     def use_ops(self, model: Any, ops: LayerOps) -> None:
         """Run the element-wise work on ``ops``: every RMSNorm (the layers' and the final one, rebuilt from ``model``'s
-        norm modules) and the rotary embedding (the w8a8 mode's kernel: one call each)."""
+        norm modules), the rotary embedding and the MLP's gate (the w8a8 mode's extension: one call each)."""
         self.ops = ops
         self.final_norm = _norm(model.model.norm, ops.rms_norm)
         for layer, module in zip(self.layers, model.model.layers, strict=True):
