@@ -41,6 +41,7 @@ sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
 
 from bench.engine_throughput import load  # noqa: E402
 from bench.report import print_markdown, write_json  # noqa: E402
+from bench.stats import median_call_s  # noqa: E402
 from chatstream.engine.cpu.support import rope_tables  # noqa: E402
 from chatstream.engine.kv_cache import BatchKVCache  # noqa: E402
 from chatstream.engine.model_runner import ModelRunner  # noqa: E402
@@ -206,12 +207,7 @@ class Batch:
 
 
 def _median_step_ms(step: Callable[[], Any], steps: int) -> float:
-    times = []
-    for _ in range(steps):
-        started = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - started)
-    return 1000 * statistics.median(times)
+    return 1000 * median_call_s(step, steps)
 
 
 def memory_roof(step: GemmaDecodeStep, rows: int) -> dict[str, float]:

@@ -25,7 +25,6 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,7 @@ sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
 
 from bench.engine_throughput import PROMPTS, load  # noqa: E402
 from bench.report import print_markdown, write_json  # noqa: E402
+from bench.stats import median_call_s  # noqa: E402
 from chatstream.engine.cpu import fast_path, w8a8  # noqa: E402
 from chatstream.engine.model_runner import ModelRunner  # noqa: E402
 
@@ -44,15 +44,6 @@ STEP_OPS = {
     "kernel": fast_path.LayerOps(rms_norm=w8a8.rms_norm, rotate=w8a8.rotate, gated=w8a8.gated),
     "pytorch": fast_path.LayerOps(),
 }
-
-
-def _median_us(fn: Callable[[], Any], calls: int) -> float:
-    times = []
-    for _ in range(calls):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return 1e6 * statistics.median(times)
 
 
 def _summary(rounds: list[dict[str, float]]) -> dict[str, Any]:
@@ -80,7 +71,8 @@ def one_norm(rows: int, dtype: torch.dtype, rounds: int, calls: int) -> dict[str
         per_round = []
         for index in range(rounds):
             order = list(built) if index % 2 == 0 else list(reversed(built))
-            per_round.append({variant: _median_us(functools.partial(built[variant], x), calls) for variant in order})
+            calls_of = {variant: functools.partial(built[variant], x) for variant in order}
+            per_round.append({variant: 1e6 * median_call_s(calls_of[variant], calls) for variant in order})
         out[name] = _summary(per_round)
     return out
 

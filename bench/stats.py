@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -24,6 +27,16 @@ def percentile(values: Sequence[float], q: float) -> float | None:
         return float(ordered[low])
     weight = rank - low
     return float(ordered[low] * (1.0 - weight) + ordered[high] * weight)
+
+
+def median_call_s(fn: Callable[[], Any], calls: int) -> float:
+    """The median wall time in seconds of ``calls`` calls of ``fn``, each timed on its own."""
+    times = []
+    for _ in range(calls):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
 
 
 def median(values: Sequence[float | None]) -> float | None:

@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
 
 from bench.report import print_markdown, write_json  # noqa: E402
+from bench.stats import median_call_s  # noqa: E402
 from chatstream.engine.cpu import w8a8  # noqa: E402
 from chatstream.engine.cpu.quantized import int8_linear, quantize_int8  # noqa: E402
 
@@ -42,12 +43,7 @@ SHAPES = {"lm_head": (262144, 640), "qkv": (1536, 640), "o_proj": (640, 1024), "
 def timed(fn: Callable[[], Any], calls: int) -> float:
     """Median seconds of ``calls`` calls, after two warm-up calls."""
     fn(), fn()
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_call_s(fn, calls)
 
 
 def kernels(weight: torch.Tensor) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
