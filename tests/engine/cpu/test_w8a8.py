@@ -3,6 +3,9 @@ and the engine decoding with it."""
 
 from __future__ import annotations
 
+import itertools
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -226,6 +229,33 @@ async def test_engine_serves_with_w8a8(make_tiny_engine: Any) -> None:
     assert all(out.finish_reason is FinishReason.LENGTH and len(out.token_ids) == 12 for out in outs)
     again = await collect(engine.add_request(GenerationRequest("again", PROMPTS[2], greedy(12, ignore_eos=True))))
     assert again.token_ids == outs[2].token_ids  # batched or alone, the same tokens
+
+
+@needs_kernel
+def test_the_kernel_lets_other_python_threads_run_while_it_computes() -> None:
+    forward = w8a8.w8a8_linear(*quantize_int8(_weight(65536, 640)), None)
+    x = torch.randn(64, 640)
+    forward(x)
+    calls: list[float] = []
+    done = threading.Event()
+
+    def engine_thread() -> None:
+        for _ in range(4):
+            started = time.perf_counter()
+            forward(x)
+            calls.append(time.perf_counter() - started)
+        done.set()
+
+    worker = threading.Thread(target=engine_thread)
+    stamps = [time.perf_counter()]
+    worker.start()
+    while not done.is_set():  # the event loop's thread: it gets the GIL back only while the kernel has let go
+        time.sleep(0.0005)
+        stamps.append(time.perf_counter())
+    worker.join()
+    longest_gap = max(b - a for a, b in itertools.pairwise(stamps))
+    assert min(calls) > 0.01  # each call long enough for a held GIL to show
+    assert longest_gap < min(calls) / 2, (longest_gap, calls)
 
 
 def test_a_machine_without_the_kernel_gets_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -316,11 +316,15 @@ int64_t parallel_threads() {
   return std::count_if(seen.begin(), seen.end(), [](const std::atomic<bool>& s) { return s.load(); });
 }
 
+// Every function lets go of the GIL while it computes (as PyTorch's own operators do), so that the event loop's
+// thread runs while the engine's thread is in a matrix product.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("pack_weight", &pack_weight, "int8 [N, K] -> the kernel's uint8 layout");
-  m.def("parallel_threads", &parallel_threads, "threads at::parallel_for uses here");
-  m.def("linear", &linear, "x [M, K] @ dequantized(packed).T * wscale + bias, activations int8 per block of 32");
-  m.def("rms_norm", &rms_norm, "RMSNorm of x [A, C] or [A, H, C] with a float32 scale [C] or [H, C]");
-  m.def("rotate", &rotate, "the rotary embedding of heads x [T, H, D] at cos, sin [T, D]");
-  m.def("gated", &gated, "act(gate) * up for gate_up = [gate | up], act gelu_tanh or silu");
+  const auto nogil = pybind11::call_guard<pybind11::gil_scoped_release>();
+  m.def("pack_weight", &pack_weight, "int8 [N, K] -> the kernel's uint8 layout", nogil);
+  m.def("parallel_threads", &parallel_threads, "threads at::parallel_for uses here", nogil);
+  m.def("linear", &linear, "x [M, K] @ dequantized(packed).T * wscale + bias, activations int8 per block of 32",
+        nogil);
+  m.def("rms_norm", &rms_norm, "RMSNorm of x [A, C] or [A, H, C] with a float32 scale [C] or [H, C]", nogil);
+  m.def("rotate", &rotate, "the rotary embedding of heads x [T, H, D] at cos, sin [T, D]", nogil);
+  m.def("gated", &gated, "act(gate) * up for gate_up = [gate | up], act gelu_tanh or silu", nogil);
 }
