@@ -8,9 +8,9 @@ set.
 1. **One norm**: a ``[rows, 640]`` input (the hidden size) and a ``[rows, 5, 256]`` one (the q and k heads, per-head
    weights), ``--calls`` calls of each variant per round, the order alternating between rounds.
 2. **Decode step**: the model with ``--weight-quantization w8a8``; per batch size, ``--batch`` rows of the fixed
-   prompts are prefilled, then each round times ``--steps`` greedy decode steps with the kernel's norms and
-   ``--steps`` with PyTorch's (``FusedDecoder.use_ops`` switches between them), the order alternating. The
-   greedy tokens of both are compared (the two differ only in the order of the float32 sums of squares).
+   prompts are prefilled, then each round times ``--steps`` greedy decode steps with the extension's operations
+   and ``--steps`` with PyTorch's (``FusedDecoder.use_ops`` switches between them), the order alternating. The
+   greedy tokens of both are compared (the two differ only in the order of the norms' float32 sums of squares).
 
 Tables: the medians over rounds of each round's median, their ratio (kernel / PyTorch) and the median of the rounds'
 own ratios. Results go to bench/results/norms_<model>_<dtype>.json.
@@ -85,7 +85,7 @@ def decode_steps(runner: ModelRunner, model: Any, tokenizer: Any, size: int, rou
     tokens: dict[str, list[list[int]]] = {}
     per_round = []
     for index in range(rounds):
-        order = list(VARIANTS) if index % 2 == 0 else list(reversed(VARIANTS))
+        order = list(STEP_OPS) if index % 2 == 0 else list(reversed(STEP_OPS))
         times: dict[str, float] = {}
         for variant in order:
             fused.use_ops(model, STEP_OPS[variant])
@@ -146,7 +146,7 @@ def main() -> None:
         step = decode_steps(runner, model, tokenizer, size, args.rounds, args.steps)
         report["decode_step_ms"][str(size)] = step
         rows.append([f"decode step, {size} rows (ms)", *_cells(step)])
-        print(f"batch {size}: greedy tokens the same with both norms: {step['same_greedy_tokens']}")
+        print(f"batch {size}: greedy tokens the same with both sets of operations: {step['same_greedy_tokens']}")
     print_markdown(["", "kernel", "PyTorch", "kernel ÷ PyTorch", "median of rounds' ratios"], rows)
     write_json(ROOT / "bench" / "results", f"norms_{args.model}_{args.dtype}.json", report)
 
