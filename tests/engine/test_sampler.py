@@ -11,7 +11,14 @@ import torch
 
 from chatstream.config import GREEDY_TEMPERATURE, SamplingParams
 from chatstream.engine import sampler as sampler_module
-from chatstream.engine.sampler import TOP_P_PREFILTER, apply_penalties, greedy_argmax, make_generator, sample
+from chatstream.engine.sampler import (
+    TOP_P_PREFILTER,
+    apply_penalties,
+    argmax_rows,
+    greedy_argmax,
+    make_generator,
+    sample,
+)
 
 torch.set_num_threads(1)
 
@@ -81,6 +88,36 @@ def test_greedy_argmax_matches_float_argmax_in_chunks(monkeypatch: pytest.Monkey
     assert torch.equal(greedy_argmax(logits), expected)
     greedy = params(temperature=0.0)
     assert torch.equal(sample(logits, [greedy] * 11, [()] * 11, [()] * 11, [None] * 11), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_argmax_by_blocks_is_argmax_with_its_ties_nans_and_infinities(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(9, 4096).to(dtype)  # 512 blocks of 8
+    top = logits.float().max() + 1
+    logits[0, 100] = logits[0, 3000] = top  # a tie across blocks: the first wins
+    logits[1, 17] = logits[1, 18] = top  # a tie within a block
+    logits[2, 4095] = top  # the last column
+    logits[3, 0] = top  # the first
+    logits[4, 2000] = logits[4, 10] = float("nan")  # NaNs count as the largest: the first of them
+    logits[5] = float("-inf")  # every token masked: index 0, as argmax
+    logits[6, 500], logits[6, 900] = float("inf"), float("nan")
+    logits[7, 1234] = float("inf")
+    assert sampler_module._argmax_blocks(logits) == sampler_module.ARGMAX_BLOCKS
+    expected = logits.float().argmax(dim=-1)
+    assert expected[:7].tolist() == [100, 17, 4095, 0, 10, 0, 900]
+    assert torch.equal(argmax_rows(logits), logits.argmax(dim=-1))
+    assert torch.equal(greedy_argmax(logits), expected)
+
+
+@pytest.mark.parametrize("vocab", [50257, 96, 1000])
+def test_argmax_by_blocks_takes_any_vocabulary(vocab: int) -> None:
+    # 50257 is odd (a plain argmax), 96 splits into 32 blocks of 3, 1000 into 8 (too few: a plain argmax)
+    torch.manual_seed(1)
+    logits = torch.randn(5, vocab)
+    logits[0, vocab - 1] = logits[0, vocab // 2] = 9.0
+    assert torch.equal(argmax_rows(logits), logits.argmax(dim=-1))
+    assert torch.equal(argmax_rows(logits[:, : vocab - 1]), logits[:, : vocab - 1].argmax(dim=-1))  # not contiguous
 
 
 def test_temperature_below_threshold_is_greedy_and_at_threshold_samples() -> None:

@@ -29,6 +29,12 @@ TOP_P_PREFILTER = 1024
 GREEDY_CHUNK_ELEMENTS = 1 << 21
 """Logits widened to float32 at a time by :func:`greedy_argmax` (8 MiB: 8 rows of a 262k vocabulary)."""
 
+ARGMAX_BLOCKS = 512
+"""Blocks per row in :func:`argmax_rows`: at most this many, as many as divide the vocabulary evenly."""
+
+MIN_ARGMAX_BLOCKS = 16
+"""Fewer blocks than this (a vocabulary with few small factors) and :func:`argmax_rows` is a plain ``argmax``."""
+
 RowLogprobs = tuple[float, tuple[tuple[int, float], ...]]
 """One row's logprobs: the chosen token's, and ``(token id, logprob)`` of the top tokens, best first."""
 
@@ -115,10 +121,10 @@ def _pick(
     """The next token of every row from float32 (penalised) logits: argmax for greedy rows, a draw for the others."""
     sampled_rows = [row for row, p in enumerate(params) if not p.greedy]
     if not sampled_rows:
-        return logits.argmax(dim=-1)  # [B]
+        return argmax_rows(logits)  # [B]
     if len(sampled_rows) == len(params):
         return _sample_rows(logits, params, generators)
-    next_ids = logits.argmax(dim=-1)  # [B]; the sampled rows are overwritten below
+    next_ids = argmax_rows(logits)  # [B]; the sampled rows are overwritten below
     index = torch.tensor(sampled_rows, device=logits.device)
     next_ids[index] = _sample_rows(
         logits[index], [params[row] for row in sampled_rows], [generators[row] for row in sampled_rows]
@@ -127,17 +133,40 @@ def _pick(
 
 
 def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:
-    """``logits.float().argmax(-1)`` without the float32 copy of the whole ``[B, V]``: low-precision rows are
-    widened a few at a time (exact, so the same token and the same first-index tie-break), which keeps every
-    temporary small enough to be reused by the allocator instead of being mapped and faulted in afresh (a
-    32 × 262k float32 copy costs more than the argmax itself). float32 ``argmax`` is vectorised, bf16's is not."""
+    """``logits.float().argmax(-1)`` (the same token, the same first-index tie-break) in any float dtype, by
+    :func:`argmax_rows`; where that falls back to a plain ``argmax``, low-precision rows are widened a few at a time
+    instead of all at once, which keeps every temporary small enough to be reused by the allocator (a 32 × 262k
+    float32 copy costs more than the argmax itself)."""
     # logits: [B, V]
-    if logits.dtype == torch.float32:
-        return logits.argmax(dim=-1)
+    if logits.dtype == torch.float32 or _argmax_blocks(logits) is not None:
+        return argmax_rows(logits)
     rows = max(1, GREEDY_CHUNK_ELEMENTS // max(1, logits.shape[-1]))
     if logits.shape[0] <= rows:
         return logits.float().argmax(dim=-1)
     return torch.cat([chunk.float().argmax(dim=-1) for chunk in logits.split(rows)])  # [B]
+
+
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(-1)`` of ``[B, V]`` logits in two passes: the maximum of each block of the row (a plain
+    reduction, which PyTorch vectorises; its index reduction over a long row is several times slower), the first
+    block holding the row's maximum, then the first index of it within that block. The result is ``argmax``'s: the
+    first index of the maximum, a NaN counting as larger than any number (both reductions propagate it)."""
+    blocks = _argmax_blocks(logits)
+    if blocks is None:
+        return logits.argmax(dim=-1)
+    size, width = logits.shape[0], logits.shape[-1] // blocks
+    by_block = logits.view(size, blocks, width)  # [B, blocks, width]
+    block = by_block.amax(dim=-1).argmax(dim=-1)  # [B]: the first block whose maximum is the row's
+    within = by_block[torch.arange(size, device=logits.device), block].argmax(dim=-1)  # [B]
+    return block * width + within
+
+
+def _argmax_blocks(logits: torch.Tensor) -> int | None:
+    """How many blocks :func:`argmax_rows` splits each row into, or None for a plain ``argmax``."""
+    if logits.dim() != 2 or not logits.is_contiguous():
+        return None
+    blocks = math.gcd(logits.shape[-1], ARGMAX_BLOCKS)
+    return blocks if blocks >= MIN_ARGMAX_BLOCKS else None
 
 
 def apply_penalties(
