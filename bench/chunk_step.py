@@ -38,6 +38,7 @@ sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
 
 from bench.engine_throughput import load  # noqa: E402
 from bench.report import print_markdown, write_json  # noqa: E402
+from bench.stats import timed  # noqa: E402
 from chatstream.config import EngineConfig, SamplingParams  # noqa: E402
 from chatstream.engine.base import GenerationRequest  # noqa: E402
 from chatstream.engine.llm_engine import LLMEngine  # noqa: E402
@@ -74,14 +75,7 @@ class PartTimer:
         decoder.forward = self.timed("forward", decoder.forward)
 
     def timed(self, part: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        def call(*args: Any, **kwargs: Any) -> Any:
-            started = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.seconds[part] += time.perf_counter() - started
-
-        return call
+        return timed(self.seconds, part, fn)
 
     def reset(self) -> None:
         self.seconds.clear()

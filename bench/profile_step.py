@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
 
 from bench.engine_throughput import PROMPTS, load  # noqa: E402
+from bench.stats import timed  # noqa: E402
 from chatstream.config import WEIGHT_QUANTIZATIONS, EngineConfig, SamplingParams  # noqa: E402
 from chatstream.engine import sampler  # noqa: E402
 from chatstream.engine.async_engine import TransformersEngine  # noqa: E402
@@ -67,14 +68,7 @@ class PhaseTimer:
         engine._step = self._timed_step(engine._step)  # type: ignore[method-assign]
 
     def _timed(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            started = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.current[name] += time.perf_counter() - started
-
-        return wrapper
+        return timed(self.current, name, fn)
 
     def _timed_step(self, fn: Callable[[], Any]) -> Callable[[], Any]:
         def wrapper() -> Any:

@@ -6,7 +6,7 @@ import math
 import random
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from typing import Any
 
 
@@ -37,6 +37,19 @@ def median_call_s(fn: Callable[[], Any], calls: int) -> float:
         fn()
         times.append(time.perf_counter() - started)
     return statistics.median(times)
+
+
+def timed(totals: MutableMapping[str, float], name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn``, adding the wall seconds of each call (also one that raises) to ``totals[name]`` (a defaultdict)."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            totals[name] += time.perf_counter() - started
+
+    return call
 
 
 def median(values: Sequence[float | None]) -> float | None:
