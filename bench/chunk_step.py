@@ -6,11 +6,11 @@ attention, norms, element-wise work, LM head, the rest).
     PYTHONPATH=src python bench/chunk_step.py --quantization none --chunks 32 --rounds 3
 
 ``--batch`` streams decode (60-token prompts); each round, per chunk size in ``--chunks`` (the order alternating
-between rounds), a prompt joins them and is prefilled with full chunks (``max_prefill_tokens`` 256) up to column
-``--column``, then ``--steps`` steps with a chunk of that size are timed (the prompt is long enough that each carries
-a whole one); and ``--steps`` decode-only steps are timed before the joiners. The
-chunk size is set through the pacer's ``max_tokens`` with its time budget off, so every timed step carries exactly
-that chunk. Wall-clock timers wrap the decoder's parts (no profiler; they add about a microsecond per call).
+between rounds), a prompt joins them and is prefilled in chunks of up to 256 tokens that end at column ``--column``,
+then ``--steps`` steps with a chunk of that size are timed (the prompt is long enough that each carries a whole
+one); and ``--steps`` decode-only steps are timed before the joiners. The chunk size is set through the pacer's
+``max_tokens`` with its time budget off, so every timed step carries exactly that chunk. Wall-clock timers wrap the
+decoder's parts (no profiler; they add about a microsecond per call).
 
 The table: per step kind, the median over rounds of each part's mean milliseconds per step; "chunk attention" is the
 chunk's attention over every column before it (a sliding-window layer: its window). Results go to
@@ -42,6 +42,9 @@ from bench.stats import timed  # noqa: E402
 from chatstream.config import EngineConfig, SamplingParams  # noqa: E402
 from chatstream.engine.base import GenerationRequest  # noqa: E402
 from chatstream.engine.llm_engine import LLMEngine  # noqa: E402
+
+LEAD_IN_CHUNK = 256
+"""Prompt tokens per step before and after the timed steps."""
 
 PARTS = ("linear", "decode attention", "chunk attention", "norms", "element-wise", "LM head", "rest")
 
@@ -111,7 +114,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model, tokenizer = load(args.model, "bf16", None)
     quantization = None if args.quantization == "none" else args.quantization
     config = EngineConfig(
-        weight_quantization=quantization, context_len=4096, max_prefill_tokens=256, max_decode_slowdown=None
+        weight_quantization=quantization, context_len=4096, max_prefill_tokens=LEAD_IN_CHUNK, max_decode_slowdown=None
     )
     engine = LLMEngine(model, tokenizer, config)
     timer = PartTimer(engine)
@@ -134,12 +137,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 GenerationRequest(f"joiner-{round_}-{chunk}", "", joiner, prompt_token_ids=_ids(generator, vocab,
                                                                                                 _length(args, chunk)))
             )  # fmt: skip
-            pacer.max_tokens = 256
+            pacer.max_tokens = min(LEAD_IN_CHUNK, args.column)  # the first chunks end exactly at the column
             while not scheduler.prefilling or scheduler._done < args.column:
                 engine.step()
+                pacer.max_tokens = max(1, min(LEAD_IN_CHUNK, args.column - scheduler._done))
             pacer.max_tokens = chunk
             results[f"chunk {chunk}"] = _timed_steps(engine, timer, args.steps)
-            pacer.max_tokens = 256
+            pacer.max_tokens = LEAD_IN_CHUNK
             while scheduler.prefilling:
                 engine.step()
         if round_ > 0:
