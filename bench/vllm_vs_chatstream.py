@@ -42,6 +42,7 @@ import functools
 import json
 import os
 import platform
+import random
 import re
 import subprocess
 import sys
@@ -308,22 +309,43 @@ def _no_usage(text: str) -> int:
     return 0
 
 
+def answer_tokens(tag: int, max_tokens: int, vary: float) -> int:
+    """Request ``tag``'s ``max_tokens``: ``max_tokens`` itself, or with ``vary`` > 0 drawn uniformly from
+    ``[(1 - vary) * max_tokens, max_tokens]`` by a generator seeded with the tag, so that every server gets the same
+    lengths for the same chats."""
+    if vary <= 0:
+        return max_tokens
+    low = max(1, round((1.0 - vary) * max_tokens))
+    return random.Random(tag).randint(low, max_tokens)
+
+
 async def one_round(
-    target: OpenAITarget, chats: dict[int, list[dict[str, str]]], concurrency: int, timeout_s: float
+    target: OpenAITarget, chats: dict[int, list[dict[str, str]]], concurrency: int, timeout_s: float, vary: float = 0.0
 ) -> tuple[dict[str, Any], dict[int, RequestResult]]:
-    """``chats`` with at most ``concurrency`` at once (each client sends its next when one ends); the round's
-    summary and each chat's result by tag."""
+    """``chats`` with at most ``concurrency`` at once (each client sends its next when one ends; ``vary``: see
+    :func:`answer_tokens`); the round's summary and each chat's result by tag. ``steady_ttft_p50_ms`` leaves out the
+    first ``concurrency`` requests (the burst that opens the round): the TTFT of requests that join a running batch."""
     results = {tag: RequestResult() for tag in chats}
     limits = httpx.Limits(max_connections=concurrency + 4)
     async with httpx.AsyncClient(timeout=DEFAULT_TIMEOUT, limits=limits) as client:
         requests = [
-            functools.partial(openai_chat, client, target, chats[tag], _no_usage, result)
+            functools.partial(
+                openai_chat,
+                client,
+                dataclasses.replace(target, max_tokens=answer_tokens(tag, target.max_tokens, vary)),
+                chats[tag],
+                _no_usage,
+                result,
+            )
             for tag, result in results.items()
         ]
         outcome = await run_round(requests, concurrency, timeout_s)
     summary = summarize_round(outcome)
     prompt_tokens = [r.prompt_tokens for r in outcome.results if r.ok and r.prompt_tokens is not None]
     summary["prompt_tokens_mean"] = sum(prompt_tokens) / len(prompt_tokens) if prompt_tokens else None
+    joined = [r.ttft_s * 1000.0 for r in list(results.values())[concurrency:] if r.ok and r.ttft_s is not None]
+    summary["steady_ttft_p50_ms"] = percentile(joined, 50)
+    summary["steady_ttft_samples"] = float(len(joined))
     return summary, results
 
 
@@ -421,7 +443,7 @@ def part_vllm(args: argparse.Namespace) -> dict[str, Any]:
             if name in stamps:
                 stamps[name].take()  # the warm-up's and any earlier round's
             front_before, engine_before = servers[name].cpu_seconds()
-            summary, results = await one_round(target, chats, concurrency, args.round_timeout)
+            summary, results = await one_round(target, chats, concurrency, args.round_timeout, args.vary_tokens)
             front_after, engine_after = servers[name].cpu_seconds()
             summary |= {"front_cpu_s": front_after - front_before, "engine_cpu_s": engine_after - engine_before}
             return {**summary, **(front_delays(results, stamps[name].take()) if name in stamps else {})}
@@ -437,6 +459,10 @@ def part_vllm(args: argparse.Namespace) -> dict[str, Any]:
         )
         entry["paired_ttft_p50_added_ms"] = paired(
             [r["ttft_p50_ms"] for r in ours_r], [r["ttft_p50_ms"] for r in peer_r], _minus
+        )
+        entry["steady_ttft_p50_added_ms"] = _minus(ours_m["steady_ttft_p50_ms"], peer["steady_ttft_p50_ms"])
+        entry["paired_steady_ttft_p50_added_ms"] = paired(
+            [r["steady_ttft_p50_ms"] for r in ours_r], [r["steady_ttft_p50_ms"] for r in peer_r], _minus
         )
         if "ttft_pairs" in entry:
             ours_s, peer_s = entry["ttft_pairs"]["chatstream-vllm"], entry["ttft_pairs"]["vllm"]
@@ -583,6 +609,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=5, help="measured rounds per concurrency and server")
     parser.add_argument("--max-tokens", type=int, default=128, help="tokens per answer (EOS ignored)")
     parser.add_argument("--requests-per-client", type=int, default=2, help="requests each chat sends back to back")
+    parser.add_argument(
+        "--vary-tokens",
+        type=float,
+        default=0.0,
+        help="part 1: each request's max_tokens drawn from [(1 - this) * --max-tokens, --max-tokens], the same for "
+        "both servers (default 0: all equal). With several requests per chat the chats then fall out of step, and "
+        "steady_ttft_p50_ms (the requests after each chat's first) measures requests joining a running batch",
+    )
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
     parser.add_argument("--context-len", type=int, default=2048, help="max_model_len of every server")
     parser.add_argument("--kv-cache-gib", type=float, default=1.0, help="vLLM's KV cache on both sides of part 1")
@@ -699,6 +733,14 @@ def print_tables(results: dict[str, Any], args: argparse.Namespace, machine: dic
                 for name in ("vllm", "chatstream-vllm")
             )
             print(f"{concurrency:>5}  CPU per round, front / engine core: {cpu}")
+            if entry["paired_steady_ttft_p50_added_ms"]["pairs"]:
+                print(
+                    f"{concurrency:>5}  requests joining a running batch (after each chat's first): TTFT p50 vLLM / "
+                    f"ours {_f(entry['median']['vllm']['steady_ttft_p50_ms'], 0, 1)} / "
+                    f"{_f(entry['median']['chatstream-vllm']['steady_ttft_p50_ms'], 0, 1)} ms, added "
+                    f"{_f(entry['steady_ttft_p50_added_ms'], 0, 1, '+')} ms, paired "
+                    f"{_interval(entry['paired_steady_ttft_p50_added_ms'], 1)} ms"
+                )
             print(
                 f"{concurrency:>5}  paired rounds, medians [95 % interval]: ours / vLLM tok/s "
                 f"{_interval(entry['paired_tokens_per_s_ratio'], 3)}, TTFT p50 added "

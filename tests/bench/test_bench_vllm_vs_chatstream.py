@@ -2,9 +2,10 @@
 
 import json
 
+import bench.vllm_vs_chatstream as versus
 import httpx
 import pytest
-from bench.load import RequestResult
+from bench.load import OpenAITarget, RequestResult
 from bench.stats import ratio
 from bench.vllm_vs_chatstream import (
     FrontStamps,
@@ -13,8 +14,10 @@ from bench.vllm_vs_chatstream import (
     Tap,
     _minus,
     _SseText,
+    answer_tokens,
     chunk_delays,
     front_delays,
+    one_round,
     paired,
     parse_args,
 )
@@ -131,3 +134,32 @@ def test_front_delays_split_the_ttft_into_the_ways_in_and_out():
     assert delays["egress_p50_ms"] == pytest.approx(3.0)  # 1, 3 and 4 ms after the step's outputs came in
     missing = front_delays(results, {"h": [10.003], "o": []})  # requests the probe never saw handed over
     assert missing["front_p50_ms"] is None and missing["egress_p50_ms"] is None and missing["front_stamps"] == 1.0
+
+
+def test_answer_lengths_vary_by_tag_within_the_asked_range_and_alike_for_every_server():
+    lengths = [answer_tokens(tag, 64, 0.75) for tag in range(200)]
+    assert min(lengths) >= 16 and max(lengths) <= 64
+    assert len(set(lengths)) > 20  # spread over the range, not a few values
+    assert lengths == [answer_tokens(tag, 64, 0.75) for tag in range(200)]  # the same draw for the same chats
+    assert {answer_tokens(tag, 64, 0.0) for tag in range(20)} == {64}
+    assert answer_tokens(3, 2, 1.0) >= 1
+
+
+async def test_a_round_sends_each_request_its_length_and_keeps_the_opening_burst_out_of_the_steady_ttft(monkeypatch):
+    asked: dict[int, int] = {}
+
+    async def fake_chat(client, target, messages, count_tokens, result):
+        tag = int(messages[0]["content"].rsplit("bench-req-", 1)[1].rstrip(")"))
+        asked[tag] = target.max_tokens
+        result.ok, result.output_tokens = True, target.max_tokens
+        result.ttft_s = 2.0 if tag < 3 else 0.1 + tag / 1000.0  # the opening burst waits longer
+        return result
+
+    monkeypatch.setattr(versus, "openai_chat", fake_chat)
+    chats = Requests(requests_per_client=4).round(3, 0)  # 3 chats x 4 requests: tags 0-11, the burst is 0-2
+    summary, results = await one_round(OpenAITarget("http://server", "m", 64), chats, 3, 10.0, vary=0.5)
+    assert asked == {tag: answer_tokens(tag, 64, 0.5) for tag in range(12)}
+    assert summary["steady_ttft_samples"] == 9.0
+    assert summary["steady_ttft_p50_ms"] == pytest.approx(107.0)  # tags 3-11: 103-111 ms
+    assert summary["ttft_p50_ms"] > summary["steady_ttft_p50_ms"]  # the burst counts in the round's own p50
+    assert len(results) == 12
