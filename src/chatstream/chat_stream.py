@@ -94,7 +94,8 @@ class ChatStream:
         max_prefill_tokens: prompt tokens (padding included) our engine prefills in one step beside the decode of
             the running streams; a longer prompt is prefilled in chunks (``--max-prefill-tokens``; docs/performance.md).
         max_decode_slowdown: while streams decode, the engine shrinks a prefill chunk so that the step takes at most
-            this many times a step without one (``--max-decode-slowdown``; None: always ``max_prefill_tokens``).
+            this many times a step without one, more when more users wait for a first token than stream
+            (``--max-decode-slowdown``; None: always ``max_prefill_tokens``).
         weight_quantization: None, "int8", "int4" or "w8a8": the fused CPU decoder decodes (w8a8: also prefills)
             with weights quantized at load time (``--weight-quantization``; off by default; docs/performance.md shows
             speed and quality).

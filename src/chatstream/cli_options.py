@@ -61,7 +61,8 @@ def add_model_options(parser: argparse.ArgumentParser, default_log_level: str) -
         default=EngineConfig.max_decode_slowdown,
         metavar="X",
         help="while streams decode, shrink the prefill chunk so that a step takes at most X times a step without "
-        "one (0: always --max-prefill-tokens; default: %(default)s)",
+        "one, more when more users wait for a first token than stream (0: always --max-prefill-tokens; default: "
+        "%(default)s)",
     )
     group.add_argument(
         "--weight-quantization",

@@ -160,7 +160,8 @@ class EngineConfig:
         max_decode_slowdown: while rows decode, a step with a prefill chunk may take at most this many times a step
             without one: the engine measures both and shrinks the chunk below ``max_prefill_tokens`` to fit (a
             long prompt joining a busy batch then costs the running streams at most this factor on their
-            inter-token gap, and takes longer to prefill). None: ``max_prefill_tokens`` always.
+            inter-token gap, and takes longer to prefill). When more users wait for their first token than stream,
+            the factor grows by their ratio. None: ``max_prefill_tokens`` always.
         fused_decoder: on the CPU, run supported model families (Llama, Mistral, Qwen2, Qwen3, Gemma-3) through the
             hand-written fused decoder (checked against transformers when built); False keeps transformers' forward.
         weight_quantization: None (the model's own weights), ``"int8"``, ``"int4"`` or ``"w8a8"``: the fused

@@ -63,3 +63,14 @@ def test_a_stale_decode_estimate_is_replaced_by_the_faster_step() -> None:
     pacer.observe(num_decodes=8, num_prefill_tokens=200, seconds=0.150)  # faster than "a decode alone"
     assert pacer.decode_s == 0.150 and pacer.token_s == 0.001
     assert pacer.budget(decoding=True) == 150
+
+
+def test_when_more_users_wait_for_a_first_token_than_stream_the_chunk_grows_by_their_ratio() -> None:
+    pacer = PrefillPacer(512, 2.0)
+    pacer.observe(num_decodes=1, num_prefill_tokens=0, seconds=0.040)  # one stream: 40 ms a step
+    pacer.observe(num_decodes=1, num_prefill_tokens=20, seconds=0.060)  # + 1 ms a prompt token
+    assert pacer.budget(1) == 40  # nobody waiting counted: 40 ms more at most
+    assert pacer.budget(1, waiting=1) == 40  # one user waits for one stream: the same
+    assert pacer.budget(1, waiting=7) == 280  # seven users wait for one stream: 7 x 40 ms
+    assert pacer.budget(8, waiting=4) == 40  # fewer wait than stream: the streams' pace first
+    assert pacer.budget(2, waiting=1000) == 512  # never more than the token limit

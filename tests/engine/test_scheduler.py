@@ -109,6 +109,24 @@ def test_the_pacer_shrinks_the_chunks_while_rows_decode_and_learns_from_each_ste
     assert plan.chunk == PrefillChunk(0, 64, 100)
 
 
+def test_users_waiting_for_a_first_token_beyond_the_streams_get_a_larger_chunk() -> None:
+    def paced(batch: int) -> Scheduler:
+        sched = scheduler(max_prefill_tokens=256, max_decode_slowdown=2.0, max_batch_size=batch)
+        sched.add(seq("a", [3, 4]))
+        plan, _ = step(sched)
+        sched.observe(plan, 0.002)  # a prefill alone: 2 tokens in 2 ms
+        plan, _ = step(sched)
+        sched.observe(plan, 0.020)  # one stream decodes: 20 ms a step, so 20 tokens fit beside it
+        for name in ("x", "y", "z"):  # three long prompts: one group each, the other two wait in the queue
+            sched.add(seq(name, list(range(20, 120))))
+        return sched
+
+    plan, _ = step(paced(batch=8))
+    assert plan.chunk == PrefillChunk(0, 60, 100)  # three users wait for one stream: 3 x 20 tokens
+    plan, _ = step(paced(batch=2))
+    assert plan.chunk == PrefillChunk(0, 20, 100)  # the batch has no room for the queue: it does not count
+
+
 def test_a_group_is_formed_while_it_fits_one_step_with_little_padding() -> None:
     sched = scheduler(max_prefill_tokens=10)
     sched.add(seq("a", [3, 4, 5, 6]))

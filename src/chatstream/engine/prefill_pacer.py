@@ -4,7 +4,10 @@ A prefill chunk runs in the same forward as the decode of every running row, so 
 :class:`PrefillPacer` learns from the steps it is shown (their wall time, how many rows decoded, how many prompt
 tokens were prefilled) what a step without a chunk costs and what one prompt token adds, and sizes the next chunk so
 that the step takes at most ``max_slowdown`` times a plain decode step: a long prompt joining a busy batch is then
-prefilled in small chunks (the streams keep their pace), and at full ``max_tokens`` when nothing decodes.
+prefilled in small chunks (the streams keep their pace), and at full ``max_tokens`` when nothing decodes. When more
+users wait for their first token than stream (eight users arrive with the same long system prompt, and the first one
+already streams), the allowed slowdown grows by their ratio: the chunk then delays each stream for more users' first
+tokens than there are streams.
 
 On a fast prefill (a GPU, a CPU with AMX) the time budget allows the whole ``max_tokens``; on a slow one it is what
 keeps the streams' inter-token gap bounded. The estimates are medians of the last :data:`WINDOW` steps, so they
@@ -49,12 +52,16 @@ class PrefillPacer:
         """What one prefilled token adds to a step: the median of the last chunks' (None before the first)."""
         return statistics.median(self._token_costs) if self._token_costs else None
 
-    def budget(self, decoding: bool) -> int:
-        """Padded prompt tokens the next step may prefill; ``decoding``: whether running rows decode in it."""
+    def budget(self, decoding: int, waiting: int = 0) -> int:
+        """Padded prompt tokens the next step may prefill beside ``decoding`` running rows, while ``waiting`` users
+        wait for their first token (the prefill group's and the queue's). When they outnumber the running rows the
+        step may slow the streams by ``waiting / decoding`` times as much: the delay a chunk adds to each stream
+        buys a first token for more users than it delays."""
         decode_s, token_s = self.decode_s, self.token_s
         if not decoding or self.max_slowdown is None or decode_s is None or not token_s:
             return self.max_tokens
-        tokens = int((self.max_slowdown - 1.0) * decode_s / token_s)
+        share = max(1.0, waiting / decoding)
+        tokens = int((self.max_slowdown - 1.0) * share * decode_s / token_s)
         return max(min(MIN_CHUNK_TOKENS, self.max_tokens), min(self.max_tokens, tokens))
 
     def observe(self, num_decodes: int, num_prefill_tokens: int, seconds: float) -> None:

@@ -4,11 +4,11 @@
 prefill group (sequences that join together, each on the longest cached prefix of its prompt) advances by one chunk
 of at most ``max_prefill_tokens`` padded tokens, fewer while rows decode if the
 :class:`~chatstream.engine.prefill_pacer.PrefillPacer` finds that a full chunk would slow their step more than
-``max_decode_slowdown`` allows (:meth:`Scheduler.observe` shows it each step's wall time). A long prompt is so
-prefilled over several steps while the running streams keep decoding; when its last chunk runs, its sequences get
-their first token and join the batch. The plan
-also carries the rows that left the batch and the prefix-cache operations (KV to copy out of a row into the cache,
-cached KV to free) for the model runner to carry out first.
+``max_decode_slowdown`` allows, or more when more users wait for a first token than stream
+(:meth:`Scheduler.observe` shows it each step's wall time). A long prompt is so prefilled over several steps while
+the running streams keep decoding; when its last chunk runs, its sequences get their first token and join the batch.
+The plan also carries the rows that left the batch and the prefix-cache operations (KV to copy out of a row into the
+cache, cached KV to free) for the model runner to carry out first.
 
 The model runner returns a :class:`ModelOutput` (one sampled token per scheduled sequence, or why it failed);
 :meth:`Scheduler.update_from_output` appends the tokens, decides the stops, and hands finished and freshly prefilled
@@ -167,7 +167,9 @@ class Scheduler:
 
     def _next_chunk(self) -> PrefillChunk:
         rows = len(self.prefilling)
-        per_step = max(1, self.pacer.budget(decoding=bool(self.running)) // rows)
+        # the users waiting for a first token: the group's, and the queue's that the batch has room for after it
+        room = max(0, self.max_batch_size - len(self.running) - rows)
+        per_step = max(1, self.pacer.budget(len(self.running), rows + min(room, len(self.waiting))) // rows)
         return PrefillChunk(self._done, min(self._width, self._done + per_step), self._width, rows)
 
     def observe(self, plan: SchedulerOutput, seconds: float) -> None:
