@@ -9,12 +9,14 @@ attention, norms, element-wise work, LM head, the rest).
 between rounds), a prompt joins them and is prefilled in chunks of up to 256 tokens that end at column ``--column``,
 then ``--steps`` steps with a chunk of that size are timed (the prompt is long enough that each carries a whole
 one); and ``--steps`` decode-only steps are timed before the joiners. The chunk size is set through the pacer's
-``max_tokens`` with its time budget off, so every timed step carries exactly that chunk. Wall-clock timers wrap the
+``max_tokens`` with its time budget off, so every timed step carries exactly that chunk. Where the chunk's attention
+runs on the extension's kernel (w8a8 on a CPU with AVX512-BF16), ``--attention both`` (the default) times every chunk
+size with it and with ``scaled_dot_product_attention``, alternating within each round. Wall-clock timers wrap the
 decoder's parts (no profiler; they add about a microsecond per call).
 
 The table: per step kind, the median over rounds of each part's mean milliseconds per step; "chunk attention" is the
 chunk's attention over every column before it (a sliding-window layer: its window). Results go to
-bench/results/chunk_step_<model>_<quantization>_column<column>.json.
+bench/results/chunk_step_<model>_<quantization>_column<column>[_<attention>].json.
 """
 
 from __future__ import annotations
@@ -68,13 +70,14 @@ class PartTimer:
             ops, rotate=self.timed("element-wise", ops.rotate), gated=self.timed("element-wise", ops.gated)
         )
         decoder.lm_head = self.timed("LM head", decoder.lm_head)
-        attend = decoder._attend
+        attend, attend_single = decoder._attend, decoder._attend_single
 
         def timed_attend(layer: Any, qk: torch.Tensor, v: torch.Tensor, size: int, *rest: Any) -> torch.Tensor:
             part = "chunk attention" if qk.shape[0] > size else "decode attention"
             return self.timed(part, attend)(layer, qk, v, size, *rest)
 
         decoder._attend = timed_attend
+        decoder._attend_single = self.timed("chunk attention", attend_single)  # a single row's chunk on the ops'
         decoder.forward = self.timed("forward", decoder.forward)
 
     def timed(self, part: str, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -127,14 +130,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         engine.add_request(GenerationRequest(f"stream-{i}", "", streams, prompt_token_ids=_ids(generator, vocab, 60)))
     for _ in range(20):  # every stream prefilled and decoding
         engine.step()
-    kinds = ["decode only", *(f"chunk {c}" for c in args.chunks)]
+    decoder = engine.model_runner.fused
+    assert decoder is not None
+    kernel = decoder.ops.chunk_attention
+    if args.attention == "kernel" and kernel is None:
+        raise SystemExit("the chunk attention kernel is not in use here (w8a8 on a CPU with AVX512-BF16)")
+    variants = {"kernel": kernel, "sdpa": None}
+    choice = "sdpa" if kernel is None else args.attention
+    if choice != "both":
+        variants = {choice: variants[choice]}
+    tags = {name: "" if len(variants) == 1 else f" ({name})" for name in variants}
+    kinds = ["decode only", *(f"chunk {c}{tags[name]}" for c in args.chunks for name in variants)]
     rounds: dict[str, list[dict[str, float]]] = {kind: [] for kind in kinds}
     for round_ in range(args.rounds + 1):  # round 0 warms up
         order = args.chunks if round_ % 2 == 0 else list(reversed(args.chunks))
         results = {"decode only": _timed_steps(engine, timer, args.steps)}
-        for chunk in order:
+        runs = [(chunk, name) for chunk in order for name in (variants if round_ % 2 == 0 else reversed(variants))]
+        for chunk, name in runs:
+            decoder.ops = dataclasses.replace(decoder.ops, chunk_attention=variants[name])
             engine.add_request(
-                GenerationRequest(f"joiner-{round_}-{chunk}", "", joiner, prompt_token_ids=_ids(generator, vocab,
+                GenerationRequest(f"joiner-{round_}-{chunk}-{name}", "", joiner, prompt_token_ids=_ids(generator, vocab,
                                                                                                 _length(args, chunk)))
             )  # fmt: skip
             pacer.max_tokens = min(LEAD_IN_CHUNK, args.column)  # the first chunks end exactly at the column
@@ -142,7 +157,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 engine.step()
                 pacer.max_tokens = max(1, min(LEAD_IN_CHUNK, args.column - scheduler._done))
             pacer.max_tokens = chunk
-            results[f"chunk {chunk}"] = _timed_steps(engine, timer, args.steps)
+            results[f"chunk {chunk}{tags[name]}"] = _timed_steps(engine, timer, args.steps)
             pacer.max_tokens = LEAD_IN_CHUNK
             while scheduler.prefilling:
                 engine.step()
@@ -153,7 +168,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         kind: {part: statistics.median(r[part] for r in rounds[kind]) for part in rounds[kind][0]} for kind in kinds
     }
     meta = {"model": args.model, "quantization": args.quantization, "batch": args.batch, "chunks": args.chunks,
-            "column": args.column, "steps": args.steps, "rounds": args.rounds}  # fmt: skip
+            "column": args.column, "steps": args.steps, "rounds": args.rounds,
+            "attention": list(variants)}  # fmt: skip
     meta.update(torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.machine())
     meta.update(load_average_after=os.getloadavg()[0], time=time.strftime("%Y-%m-%dT%H:%M:%S"))
     return {"meta": meta, "median_ms_per_step": table, "rounds": rounds}
@@ -168,6 +184,9 @@ def main() -> None:
     parser.add_argument("--column", type=int, default=1000, help="prompt column where the timed chunks start")
     parser.add_argument("--steps", type=int, default=6, help="timed steps per kind and round")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--attention", choices=("both", "kernel", "sdpa"), default="both",
+                        help="the chunk's attention: the extension's kernel, scaled_dot_product_attention, or both "
+                        "alternating (w8a8 only; other modes: sdpa)")  # fmt: skip
     args = parser.parse_args()
     report = run(args)
     rows = []
@@ -175,7 +194,9 @@ def main() -> None:
     for kind, parts in table.items():
         rows.append([kind, *(f"{parts[p]:.1f}" for p in (*PARTS, "forward", "step"))])
     print_markdown(["step", *PARTS, "forward", "step"], rows)
-    name = f"chunk_step_{args.model}_{args.quantization}_column{args.column}.json"
+    variants = report["meta"]["attention"]
+    suffix = "" if variants == ["sdpa"] else "_" + "_".join(variants)  # round 11's files: the flash kernel alone
+    name = f"chunk_step_{args.model}_{args.quantization}_column{args.column}{suffix}.json"
     write_json(ROOT / "bench" / "results", name, report)
 
 

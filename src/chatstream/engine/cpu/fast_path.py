@@ -247,6 +247,11 @@ def gated(act: Activation, gate_up: torch.Tensor) -> torch.Tensor:
 
 
 Gated = Callable[[Activation, torch.Tensor], torch.Tensor]
+ChunkAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, int, int, float], torch.Tensor]
+"""``(queries [M, D], keys [L, D], values [L, D], tokens, offset, window, scale) -> [M, D]``: one row's block of
+``tokens`` new tokens, the query heads of one key head stacked (row ``m`` is token ``m % tokens``, at key column
+``offset + m % tokens``), each reading the key columns up to its own and, where ``window`` > 0, the last ``window``
+of them (:func:`chatstream.engine.cpu.w8a8.chunk_attention`)."""
 
 
 @dataclass(frozen=True)
@@ -257,6 +262,9 @@ class LayerOps:
     rms_norm: NormBuilder = rms_norm
     rotate: Rotate = rotate
     gated: Gated = gated
+    chunk_attention: ChunkAttention | None = None
+    """Attention for the new tokens of a single unpadded row (a prompt's chunk); None: ``scaled_dot_product_attention``
+    for every group."""
 
 
 def norm_eps(module: Any) -> Any:

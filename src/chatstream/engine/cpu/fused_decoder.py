@@ -237,8 +237,16 @@ class FusedDecoder:
         x = F.embedding(_flat([part.input_ids for part in parts]), self.embed_weight)
         if self.embed_scale is not None:
             x = x * self.embed_scale
+        # a single row with no padding and several new tokens (a prompt's chunk) may run the ops' own attention
+        single = [
+            self.ops.chunk_attention is not None and new > 1 and size == 1 and bool(part.mask.all())
+            for part, (size, new) in zip(parts, shapes, strict=True)
+        ]
         for index, layer in enumerate(self.layers):
-            attention = [(part.cache, blocks[layer.sliding_window]) for part, blocks in zip(parts, masks, strict=True)]
+            attention = [
+                (part.cache, blocks[layer.sliding_window], one)
+                for part, blocks, one in zip(parts, masks, single, strict=True)
+            ]
             x = self._layer_step(layer, x, shapes, index, attention, tables[layer.rope])
         self.decode_rows.count = sum(part.input_ids.shape[0] for part in decoding if part.logits)
         return self._logits(x, shapes, [part.logits for part in parts])
@@ -264,7 +272,7 @@ class FusedDecoder:
         x: torch.Tensor,
         shapes: list[tuple[int, ...]],
         index: int,
-        attention: list[tuple[BatchKVCache, list[AttentionBlock]]],
+        attention: list[tuple[BatchKVCache, list[AttentionBlock], bool]],
         rotary: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
         tokens = x.shape[0]  # all groups' B * S
@@ -277,9 +285,10 @@ class FusedDecoder:
         qk = self.ops.rotate(qk, *rotary)
         v = qkv[:, self.q_size + self.kv_size :]
         attended, start = [], 0
-        for (size, new), (cache, blocks) in zip(shapes, attention, strict=True):
+        for (size, new), (cache, blocks, single) in zip(shapes, attention, strict=True):
             end = start + size * new
-            attended.append(self._attend(layer, qk[start:end], v[start:end], size, cache.buffered[index], blocks))
+            attend = self._attend_single if single and qk.dtype == torch.bfloat16 else self._attend
+            attended.append(attend(layer, qk[start:end], v[start:end], size, cache.buffered[index], blocks))
             start = end
         h = layer.o_proj(_rows(attended))
         if norms.post_attention is not None:
@@ -322,6 +331,46 @@ class FusedDecoder:
             outputs.append(attended.view(size, self.num_kv_heads, self.groups, block.last - block.first, self.head_dim))
         attended = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=3)
         return attended.view(size, self.num_heads, new, self.head_dim).transpose(1, 2).reshape(tokens, -1)
+
+    def _attend_single(
+        self,
+        layer: _Layer,
+        qk: torch.Tensor,
+        v: torch.Tensor,
+        size: int,
+        cache_layer: BufferedLayer,
+        blocks: list[AttentionBlock],
+    ) -> torch.Tensor:
+        """:meth:`_attend` for one unpadded row's new tokens through the ops' ``chunk_attention`` (its causal and
+        window masks follow from the columns; the blocks give the columns each block reads)."""
+        if self.head_dim % 64:
+            return self._attend(layer, qk, v, size, cache_layer, blocks)
+        assert self.ops.chunk_attention is not None
+        new = qk.shape[0]
+        k = qk[:, self.num_heads :].view(1, new, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        keys, values = cache_layer.update(k, v.view(1, new, self.num_kv_heads, self.head_dim).transpose(1, 2))
+        first_column = keys.shape[2] - new  # the first new token's column
+        q = qk[:, : self.num_heads].view(new, self.num_kv_heads, self.groups, self.head_dim).permute(1, 2, 0, 3)
+        window = layer.sliding_window or 0
+        heads = []
+        for kv in range(self.num_kv_heads):
+            outputs = []
+            for block in blocks:
+                tokens = block.last - block.first
+                query = q[kv, :, block.first : block.last].reshape(-1, self.head_dim)  # [G * tokens, D]
+                attended = self.ops.chunk_attention(
+                    query,
+                    keys[0, kv, block.start : block.end],
+                    values[0, kv, block.start : block.end],
+                    tokens,
+                    first_column + block.first - block.start,
+                    window,
+                    layer.scaling,
+                )
+                outputs.append(attended.view(self.groups, tokens, self.head_dim))
+            heads.append(outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1))
+        attended = torch.stack(heads)  # [Hkv, G, S, D]
+        return attended.view(self.num_heads, new, self.head_dim).transpose(0, 1).reshape(new, -1)
 
     def _rotary(self, kind: str, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq, scaling = self.rope[kind]

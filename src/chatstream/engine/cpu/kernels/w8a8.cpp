@@ -309,6 +309,180 @@ torch::Tensor gated(torch::Tensor gate_up, const std::string& act) {
   return h.mul_(up);
 }
 
+// Attention of a block of new tokens of one row against its cache (a prefill chunk), on CPUs with AVX512-BF16.
+// Queries q [M, D] are the block's S tokens for each query head of one key head, stacked head by head (row m is token
+// m % S); keys and values [L, D] are the cache columns the block may read, the first at column `start`; row m's token
+// sits at column start + offset + m % S and reads the columns up to its own and, with a window, the last `window` of
+// them. Scores are dot products of bfloat16 pairs added up in float32 (VDPBF16PS), the softmax is float32 and so are
+// the probabilities that weigh the values (widened from bfloat16, exactly); the output is rounded to bfloat16 once.
+// Work items are blocks of kAttnRows query rows: one reads every key of its rows' union of columns, so the key and
+// value rows it loads serve 32 queries (four heads' 8 tokens, or one head's 32).
+
+namespace {
+
+constexpr int64_t kAttnRows = 32;  // query rows per work item: two zmm of lanes
+constexpr int64_t kAttnKeys = 12;  // keys per register block of scores (2 x 12 accumulators)
+constexpr int64_t kAttnOutRows = 6;  // query rows per register block of the output (6 x 4 accumulators)
+
+struct ChunkAttention {
+  const uint32_t* q;  // [M, D / 2] bfloat16 pairs
+  const at::BFloat16* k;
+  const at::BFloat16* v;
+  int64_t k_stride, v_stride;  // elements between consecutive key (value) rows
+  int64_t M, S, L, D, offset, window;
+  float scale;
+  at::BFloat16* out;  // [M, D]
+};
+
+// e^x in float32 for x <= 0 (a score minus its row's maximum): 2^n * e^r with |r| <= ln(2) / 2, r's series to the
+// sixth power (relative error below 2e-7); x below -87 gives 0 within float32's normal range.
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) inline __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723212e-6f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// One work item: query rows [m0, m0 + 32) (rows past M repeat row M - 1 and are not written).
+// scores: [L, 32] float32 scratch; pairs: [D / 2, 32] scratch for the rows' query pairs, lane-major.
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) void attend_rows(const ChunkAttention& a, int64_t m0,
+                                                                       float* scores, uint32_t* pairs) {
+  const int64_t rows = std::min(kAttnRows, a.M - m0), half = a.D / 2;
+  alignas(64) int32_t lo[kAttnRows], hi[kAttnRows];
+  int64_t first = a.L, last = 0;
+  for (int64_t r = 0; r < kAttnRows; ++r) {
+    const int64_t m = m0 + std::min(r, rows - 1), own = a.offset + m % a.S;
+    hi[r] = static_cast<int32_t>(std::min(a.L, own + 1));
+    lo[r] = static_cast<int32_t>(a.window > 0 ? std::max<int64_t>(0, own - a.window + 1) : 0);
+    first = std::min<int64_t>(first, lo[r]);
+    last = std::max<int64_t>(last, hi[r]);
+  }
+  for (int64_t t = 0; t < half; ++t) {
+    for (int64_t r = 0; r < kAttnRows; ++r) {
+      pairs[t * kAttnRows + r] = a.q[(m0 + std::min(r, rows - 1)) * half + t];
+    }
+  }
+  const __m512i lo0 = _mm512_load_si512(lo), lo1 = _mm512_load_si512(lo + 16);
+  const __m512i hi0 = _mm512_load_si512(hi), hi1 = _mm512_load_si512(hi + 16);
+  const __m512 scale = _mm512_set1_ps(a.scale), minus_inf = _mm512_set1_ps(-INFINITY);
+  __m512 max0 = minus_inf, max1 = minus_inf;
+  for (int64_t j = first; j < last; j += kAttnKeys) {
+    const int32_t* key[kAttnKeys];
+    for (int64_t kk = 0; kk < kAttnKeys; ++kk) {  // past the last key: the last again (computed, not kept)
+      key[kk] = reinterpret_cast<const int32_t*>(a.k + std::min(j + kk, last - 1) * a.k_stride);
+    }
+    __m512 acc0[kAttnKeys], acc1[kAttnKeys];
+    for (int64_t kk = 0; kk < kAttnKeys; ++kk) acc0[kk] = acc1[kk] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < half; ++t) {
+      const __m512bh q0 = (__m512bh)_mm512_loadu_si512(pairs + t * kAttnRows);
+      const __m512bh q1 = (__m512bh)_mm512_loadu_si512(pairs + t * kAttnRows + 16);
+      for (int64_t kk = 0; kk < kAttnKeys; ++kk) {
+        const __m512bh kb = (__m512bh)_mm512_set1_epi32(key[kk][t]);
+        acc0[kk] = _mm512_dpbf16_ps(acc0[kk], q0, kb);
+        acc1[kk] = _mm512_dpbf16_ps(acc1[kk], q1, kb);
+      }
+    }
+    for (int64_t kk = 0; kk < std::min(kAttnKeys, last - j); ++kk) {
+      const __m512i col = _mm512_set1_epi32(static_cast<int32_t>(j + kk));
+      const __mmask16 in0 = _mm512_cmpge_epi32_mask(col, lo0) & _mm512_cmplt_epi32_mask(col, hi0);
+      const __mmask16 in1 = _mm512_cmpge_epi32_mask(col, lo1) & _mm512_cmplt_epi32_mask(col, hi1);
+      const __m512 s0 = _mm512_mask_mul_ps(minus_inf, in0, acc0[kk], scale);
+      const __m512 s1 = _mm512_mask_mul_ps(minus_inf, in1, acc1[kk], scale);
+      float* row = scores + (j + kk - first) * kAttnRows;
+      _mm512_storeu_ps(row, s0);
+      _mm512_storeu_ps(row + 16, s1);
+      max0 = _mm512_max_ps(max0, s0);
+      max1 = _mm512_max_ps(max1, s1);
+    }
+  }
+  __m512 sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps();
+  for (int64_t j = first; j < last; ++j) {  // every row reads its own column, so its maximum is finite
+    const __m512i col = _mm512_set1_epi32(static_cast<int32_t>(j));
+    const __mmask16 in0 = _mm512_cmpge_epi32_mask(col, lo0) & _mm512_cmplt_epi32_mask(col, hi0);
+    const __mmask16 in1 = _mm512_cmpge_epi32_mask(col, lo1) & _mm512_cmplt_epi32_mask(col, hi1);
+    float* row = scores + (j - first) * kAttnRows;
+    const __m512 e0 = _mm512_maskz_mov_ps(in0, exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(row), max0)));
+    const __m512 e1 = _mm512_maskz_mov_ps(in1, exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(row + 16), max1)));
+    _mm512_storeu_ps(row, e0);
+    _mm512_storeu_ps(row + 16, e1);
+    sum0 = _mm512_add_ps(sum0, e0);
+    sum1 = _mm512_add_ps(sum1, e1);
+  }
+  alignas(64) float inverse[kAttnRows];
+  _mm512_store_ps(inverse, _mm512_div_ps(_mm512_set1_ps(1.0f), sum0));
+  _mm512_store_ps(inverse + 16, _mm512_div_ps(_mm512_set1_ps(1.0f), sum1));
+  for (int64_t d0 = 0; d0 < a.D; d0 += 64) {
+    for (int64_t r0 = 0; r0 < rows; r0 += kAttnOutRows) {
+      int64_t lane[kAttnOutRows];
+      for (int64_t rr = 0; rr < kAttnOutRows; ++rr) lane[rr] = std::min(r0 + rr, rows - 1);
+      __m512 acc[kAttnOutRows][4];
+      for (int64_t rr = 0; rr < kAttnOutRows; ++rr) {
+        for (int c = 0; c < 4; ++c) acc[rr][c] = _mm512_setzero_ps();
+      }
+      for (int64_t j = first; j < last; ++j) {
+        const at::BFloat16* value = a.v + j * a.v_stride + d0;
+        __m512 vals[4];
+        for (int c = 0; c < 4; ++c) {
+          const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(value + 16 * c));
+          vals[c] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+        }
+        const float* p = scores + (j - first) * kAttnRows;
+        for (int64_t rr = 0; rr < kAttnOutRows; ++rr) {
+          const __m512 w = _mm512_set1_ps(p[lane[rr]]);
+          for (int c = 0; c < 4; ++c) acc[rr][c] = _mm512_fmadd_ps(w, vals[c], acc[rr][c]);
+        }
+      }
+      for (int64_t rr = 0; rr < std::min(kAttnOutRows, rows - r0); ++rr) {
+        const __m512 inv = _mm512_set1_ps(inverse[r0 + rr]);
+        at::BFloat16* o = a.out + (m0 + r0 + rr) * a.D + d0;
+        for (int c = 0; c < 4; ++c) {
+          const __m256bh rounded = _mm512_cvtneps_pbh(_mm512_mul_ps(acc[rr][c], inv));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 16 * c), (__m256i)rounded);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+// softmax(q k^T * scale + causal and window masks) v for one block of a row's new tokens (see ChunkAttention):
+// q [M, D] contiguous, k and v [L, D] with contiguous rows, all bfloat16, D a multiple of 64; returns [M, D].
+// The CPU must have AVX512-BF16 (the caller checks).
+torch::Tensor chunk_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, int64_t tokens, int64_t offset,
+                              int64_t window, double scale) {
+  TORCH_CHECK(q.dim() == 2 && k.dim() == 2 && v.dim() == 2, "chunk_attention: q, k and v must be 2-D");
+  TORCH_CHECK(q.scalar_type() == torch::kBFloat16 && k.scalar_type() == torch::kBFloat16 &&
+                  v.scalar_type() == torch::kBFloat16, "chunk_attention: q, k and v must be bfloat16");
+  const int64_t M = q.size(0), D = q.size(1), L = k.size(0);
+  TORCH_CHECK(D % 64 == 0 && k.size(1) == D && v.size(1) == D && v.size(0) == L,
+              "chunk_attention: the head size must match and be a multiple of 64");
+  TORCH_CHECK(k.stride(1) == 1 && v.stride(1) == 1, "chunk_attention: key and value rows must be contiguous");
+  TORCH_CHECK(tokens > 0 && M % tokens == 0, "chunk_attention: the query rows must be whole heads of `tokens`");
+  TORCH_CHECK(offset >= 0 && offset + tokens <= L, "chunk_attention: the block's tokens must lie in the key columns");
+  const auto queries = q.contiguous();
+  auto out = torch::empty({M, D}, q.options());
+  const ChunkAttention a{reinterpret_cast<const uint32_t*>(queries.data_ptr<at::BFloat16>()),
+                         k.data_ptr<at::BFloat16>(), v.data_ptr<at::BFloat16>(), k.stride(0), v.stride(0), M, tokens,
+                         L, D, offset, window, static_cast<float>(scale), out.data_ptr<at::BFloat16>()};
+  const int64_t items = (M + kAttnRows - 1) / kAttnRows;
+  at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores(L * kAttnRows);
+    std::vector<uint32_t> pairs(D / 2 * kAttnRows);
+    for (int64_t i = i0; i < i1; ++i) attend_rows(a, i * kAttnRows, scores.data(), pairs.data());
+  });
+  return out;
+}
+
 // How many of PyTorch's threads at::parallel_for runs this extension's work on (1 if it was built without OpenMP).
 int64_t parallel_threads() {
   std::vector<std::atomic<bool>> seen(at::get_num_threads());
@@ -326,5 +500,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         nogil);
   m.def("rms_norm", &rms_norm, "RMSNorm of x [A, C] or [A, H, C] with a float32 scale [C] or [H, C]", nogil);
   m.def("rotate", &rotate, "the rotary embedding of heads x [T, H, D] at cos, sin [T, D]", nogil);
+  m.def("chunk_attention", &chunk_attention,
+        "softmax(q k^T * scale, causal and window masks) v for a block of one row's new tokens (AVX512-BF16)", nogil);
   m.def("gated", &gated, "act(gate) * up for gate_up = [gate | up], act gelu_tanh or silu", nogil);
 }
