@@ -46,6 +46,9 @@ def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch
         (5, 300, 7, 1, 64),  # a window of 7: most columns outside every row's window
         (256, 256, 0, 4, 256),  # a whole prompt
         (100, 130, 40, 1, 64),
+        (1, 1500, 0, 4, 256),  # a decode step: few query rows, the columns split between threads and merged
+        (1, 700, 512, 4, 256),
+        (8, 600, 7, 1, 64),  # split columns where some rows have none of theirs in a part
     ],
 )
 def test_it_computes_masked_attention(tokens: int, columns: int, window: int, groups: int, head_dim: int) -> None:
@@ -133,8 +136,8 @@ def _run(decoder: FusedDecoder, chunks: list[list[int]], rows: int = 1) -> tuple
 
 def test_the_fused_decoder_runs_a_prompts_chunks_on_it(tiny_tokenizer: Any) -> None:
     """A prompt prefilled in chunks past the window: logits within bfloat16 rounding of the decoder's own attention
-    and the same next tokens; the kernel runs for every layer of every chunk of several tokens, not for one token
-    and not for a group of several rows."""
+    and the same next tokens; the kernel runs for every layer of every chunk (the last, of one token, as a single
+    row's decode step does), not for a group of several rows."""
     model = _gemma(len(tiny_tokenizer))
     prompt = torch.randint(3, len(tiny_tokenizer), (90,), generator=torch.Generator().manual_seed(2)).tolist()
     chunks = [prompt[:40], prompt[40:57], prompt[57:89], prompt[89:]]
@@ -144,7 +147,7 @@ def test_the_fused_decoder_runs_a_prompts_chunks_on_it(tiny_tokenizer: Any) -> N
     fused = FusedDecoder(model)
     fused.ops = LayerOps(chunk_attention=w8a8.chunk_attention)
     got, calls = _run(fused, chunks)
-    assert calls == 3 * len(model.model.layers)  # the last chunk is one token
+    assert calls == len(chunks) * len(model.model.layers)  # the last chunk, one token, as a decode step
     for a, b in zip(got, expected, strict=True):
         assert float((a.float() - b.float()).abs().max()) < 0.05 * float(b.float().abs().max())
         assert torch.equal(a.argmax(-1), b.argmax(-1))

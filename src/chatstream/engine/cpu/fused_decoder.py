@@ -237,10 +237,11 @@ class FusedDecoder:
         x = F.embedding(_flat([part.input_ids for part in parts]), self.embed_weight)
         if self.embed_scale is not None:
             x = x * self.embed_scale
-        # a single row with no padding and several new tokens (a prompt's chunk) may run the ops' own attention
+        # a single row with no padding (a prompt's chunk, a long prompt decoding in a group of its own) may run the
+        # ops' own attention
         single = [
-            self.ops.chunk_attention is not None and new > 1 and size == 1 and bool(part.mask.all())
-            for part, (size, new) in zip(parts, shapes, strict=True)
+            self.ops.chunk_attention is not None and size == 1 and bool(part.mask.all())
+            for part, (size, _) in zip(parts, shapes, strict=True)
         ]
         for index, layer in enumerate(self.layers):
             attention = [

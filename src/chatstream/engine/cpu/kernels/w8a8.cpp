@@ -323,6 +323,7 @@ namespace {
 constexpr int64_t kAttnRows = 32;  // query rows per work item: two zmm of lanes
 constexpr int64_t kAttnKeys = 12;  // keys per register block of scores (2 x 12 accumulators)
 constexpr int64_t kAttnOutRows = 6;  // query rows per register block of the output (6 x 4 accumulators)
+constexpr int64_t kAttnPartKeys = 128;  // the fewest key columns worth a thread of their own
 
 struct ChunkAttention {
   const uint32_t* q;  // [M, D / 2] bfloat16 pairs
@@ -352,20 +353,27 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) inline __m512 exp_nonposi
   return _mm512_scalef_ps(p, n);
 }
 
-// One work item: query rows [m0, m0 + 32) (rows past M repeat row M - 1 and are not written).
-// scores: [L, 32] float32 scratch; pairs: [D / 2, 32] scratch for the rows' query pairs, lane-major.
-__attribute__((target("avx512f,avx512bw,avx512bf16"))) void attend_rows(const ChunkAttention& a, int64_t m0,
-                                                                       float* scores, uint32_t* pairs) {
-  const int64_t rows = std::min(kAttnRows, a.M - m0), half = a.D / 2;
-  alignas(64) int32_t lo[kAttnRows], hi[kAttnRows];
-  int64_t first = a.L, last = 0;
+// The rows' own key columns: row r (of a work item's 32; rows past M repeat row M - 1) reads [lo[r], hi[r]).
+inline void row_bounds(const ChunkAttention& a, int64_t m0, int32_t* lo, int32_t* hi) {
+  const int64_t rows = std::min(kAttnRows, a.M - m0);
   for (int64_t r = 0; r < kAttnRows; ++r) {
     const int64_t m = m0 + std::min(r, rows - 1), own = a.offset + m % a.S;
     hi[r] = static_cast<int32_t>(std::min(a.L, own + 1));
     lo[r] = static_cast<int32_t>(a.window > 0 ? std::max<int64_t>(0, own - a.window + 1) : 0);
-    first = std::min<int64_t>(first, lo[r]);
-    last = std::max<int64_t>(last, hi[r]);
   }
+}
+
+// One work item: query rows [m0, m0 + 32) against the keys [first, last) (a part of the rows' columns). Leaves per
+// row the largest scaled score (-inf where the part holds none of the row's columns), the sum of e^(score - largest)
+// and the values weighed by those, unnormalized: out [32, D] float32.
+// scores: [last - first, 32] float32 scratch; pairs: [D / 2, 32] scratch for the rows' query pairs, lane-major.
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) void attend_part(const ChunkAttention& a, int64_t m0,
+                                                                        int64_t first, int64_t last, float* scores,
+                                                                        uint32_t* pairs, float* out, float* largest,
+                                                                        float* total) {
+  const int64_t rows = std::min(kAttnRows, a.M - m0), half = a.D / 2;
+  alignas(64) int32_t lo[kAttnRows], hi[kAttnRows];
+  row_bounds(a, m0, lo, hi);
   for (int64_t t = 0; t < half; ++t) {
     for (int64_t r = 0; r < kAttnRows; ++r) {
       pairs[t * kAttnRows + r] = a.q[(m0 + std::min(r, rows - 1)) * half + t];
@@ -405,7 +413,7 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void attend_rows(const Ch
     }
   }
   __m512 sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps();
-  for (int64_t j = first; j < last; ++j) {  // every row reads its own column, so its maximum is finite
+  for (int64_t j = first; j < last; ++j) {  // a row's columns outside its bounds weigh 0 (and no NaN from -inf)
     const __m512i col = _mm512_set1_epi32(static_cast<int32_t>(j));
     const __mmask16 in0 = _mm512_cmpge_epi32_mask(col, lo0) & _mm512_cmplt_epi32_mask(col, hi0);
     const __mmask16 in1 = _mm512_cmpge_epi32_mask(col, lo1) & _mm512_cmplt_epi32_mask(col, hi1);
@@ -417,9 +425,10 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void attend_rows(const Ch
     sum0 = _mm512_add_ps(sum0, e0);
     sum1 = _mm512_add_ps(sum1, e1);
   }
-  alignas(64) float inverse[kAttnRows];
-  _mm512_store_ps(inverse, _mm512_div_ps(_mm512_set1_ps(1.0f), sum0));
-  _mm512_store_ps(inverse + 16, _mm512_div_ps(_mm512_set1_ps(1.0f), sum1));
+  _mm512_storeu_ps(largest, max0);
+  _mm512_storeu_ps(largest + 16, max1);
+  _mm512_storeu_ps(total, sum0);
+  _mm512_storeu_ps(total + 16, sum1);
   for (int64_t d0 = 0; d0 < a.D; d0 += 64) {
     for (int64_t r0 = 0; r0 < rows; r0 += kAttnOutRows) {
       int64_t lane[kAttnOutRows];
@@ -442,13 +451,36 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void attend_rows(const Ch
         }
       }
       for (int64_t rr = 0; rr < std::min(kAttnOutRows, rows - r0); ++rr) {
-        const __m512 inv = _mm512_set1_ps(inverse[r0 + rr]);
-        at::BFloat16* o = a.out + (m0 + r0 + rr) * a.D + d0;
-        for (int c = 0; c < 4; ++c) {
-          const __m256bh rounded = _mm512_cvtneps_pbh(_mm512_mul_ps(acc[rr][c], inv));
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 16 * c), (__m256i)rounded);
-        }
+        for (int c = 0; c < 4; ++c) _mm512_storeu_ps(out + (r0 + rr) * a.D + d0 + 16 * c, acc[rr][c]);
       }
+    }
+  }
+}
+
+// The output rows [m0, m0 + rows) from the parts' results: each part's sums and values rescaled to the largest
+// score over all parts, added, divided, rounded to bfloat16 once.
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) void merge_parts(const ChunkAttention& a, int64_t m0,
+                                                                        int64_t parts, const float* outs,
+                                                                        const float* largest, const float* totals) {
+  const int64_t rows = std::min(kAttnRows, a.M - m0);
+  for (int64_t r = 0; r < rows; ++r) {
+    float top = -INFINITY;
+    for (int64_t p = 0; p < parts; ++p) top = std::max(top, largest[p * kAttnRows + r]);
+    float weight[64], sum = 0.0f;  // parts <= 64
+    for (int64_t p = 0; p < parts; ++p) {
+      const float m = largest[p * kAttnRows + r];
+      weight[p] = m == -INFINITY ? 0.0f : std::exp(m - top);
+      sum += weight[p] * totals[p * kAttnRows + r];
+    }
+    at::BFloat16* o = a.out + (m0 + r) * a.D;
+    for (int64_t d0 = 0; d0 < a.D; d0 += 16) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t p = 0; p < parts; ++p) {
+        const float* part = outs + (p * kAttnRows + r) * a.D + d0;
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(weight[p]), _mm512_loadu_ps(part), acc);
+      }
+      const __m256bh rounded = _mm512_cvtneps_pbh(_mm512_mul_ps(acc, _mm512_set1_ps(1.0f / sum)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + d0), (__m256i)rounded);
     }
   }
 }
@@ -457,7 +489,8 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void attend_rows(const Ch
 
 // softmax(q k^T * scale + causal and window masks) v for one block of a row's new tokens (see ChunkAttention):
 // q [M, D] contiguous, k and v [L, D] with contiguous rows, all bfloat16, D a multiple of 64; returns [M, D].
-// The CPU must have AVX512-BF16 (the caller checks).
+// Work is split by blocks of 32 query rows and, where there are fewer blocks than threads (a decode step's few
+// queries), by parts of the key columns whose results are merged. The CPU must have AVX512-BF16 (the caller checks).
 torch::Tensor chunk_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, int64_t tokens, int64_t offset,
                               int64_t window, double scale) {
   TORCH_CHECK(q.dim() == 2 && k.dim() == 2 && v.dim() == 2, "chunk_attention: q, k and v must be 2-D");
@@ -475,10 +508,30 @@ torch::Tensor chunk_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v,
                          k.data_ptr<at::BFloat16>(), v.data_ptr<at::BFloat16>(), k.stride(0), v.stride(0), M, tokens,
                          L, D, offset, window, static_cast<float>(scale), out.data_ptr<at::BFloat16>()};
   const int64_t items = (M + kAttnRows - 1) / kAttnRows;
-  at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> scores(L * kAttnRows);
+  const int64_t parts = std::max<int64_t>(1, std::min({at::get_num_threads() / items, int64_t{64}, L / kAttnPartKeys}));
+  std::vector<float> outs(items * parts * kAttnRows * D), largest(items * parts * kAttnRows),
+      totals(items * parts * kAttnRows);
+  at::parallel_for(0, items * parts, 1, [&](int64_t w0, int64_t w1) {
+    std::vector<float> scores;
     std::vector<uint32_t> pairs(D / 2 * kAttnRows);
-    for (int64_t i = i0; i < i1; ++i) attend_rows(a, i * kAttnRows, scores.data(), pairs.data());
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t item = w / parts, part = w % parts, m0 = item * kAttnRows;
+      alignas(64) int32_t lo[kAttnRows], hi[kAttnRows];
+      row_bounds(a, m0, lo, hi);
+      const int64_t first = *std::min_element(lo, lo + kAttnRows), last = *std::max_element(hi, hi + kAttnRows);
+      const int64_t width = (last - first + parts - 1) / parts;
+      const int64_t begin = std::min(last, first + part * width), end = std::min(last, begin + width);
+      scores.resize(std::max<int64_t>(1, end - begin) * kAttnRows);
+      const int64_t at = item * parts + part;
+      attend_part(a, m0, begin, end, scores.data(), pairs.data(), outs.data() + at * kAttnRows * D,
+                  largest.data() + at * kAttnRows, totals.data() + at * kAttnRows);
+    }
+  });
+  at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      merge_parts(a, i * kAttnRows, parts, outs.data() + i * parts * kAttnRows * D,
+                  largest.data() + i * parts * kAttnRows, totals.data() + i * parts * kAttnRows);
+    }
   });
   return out;
 }
