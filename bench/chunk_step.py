@@ -76,8 +76,12 @@ class PartTimer:
             part = "chunk attention" if qk.shape[0] > size else "decode attention"
             return self.timed(part, attend)(layer, qk, v, size, *rest)
 
+        def timed_single(layer: Any, qk: torch.Tensor, v: torch.Tensor, size: int, *rest: Any) -> torch.Tensor:
+            part = "chunk attention" if qk.shape[0] > size else "decode attention"  # on the ops' own attention
+            return self.timed(part, attend_single)(layer, qk, v, size, *rest)
+
         decoder._attend = timed_attend
-        decoder._attend_single = self.timed("chunk attention", attend_single)  # a single row's chunk on the ops'
+        decoder._attend_single = timed_single
         decoder.forward = self.timed("forward", decoder.forward)
 
     def timed(self, part: str, fn: Callable[..., Any]) -> Callable[..., Any]:
