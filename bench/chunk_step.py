@@ -11,7 +11,8 @@ then ``--steps`` steps with a chunk of that size are timed (the prompt is long e
 one); and ``--steps`` decode-only steps are timed before the joiners. The chunk size is set through the pacer's
 ``max_tokens`` with its time budget off, so every timed step carries exactly that chunk. Where the chunk's attention
 runs on the extension's kernel (w8a8 on a CPU with AVX512-BF16), ``--attention both`` (the default) times every chunk
-size with it and with ``scaled_dot_product_attention``, alternating within each round. Wall-clock timers wrap the
+size, and the decode-only steps, with it and with ``scaled_dot_product_attention``, alternating within each
+round. Wall-clock timers wrap the
 decoder's parts (no profiler; they add about a microsecond per call).
 
 The table: per step kind, the median over rounds of each part's mean milliseconds per step; "chunk attention" is the
@@ -70,18 +71,18 @@ class PartTimer:
             ops, rotate=self.timed("element-wise", ops.rotate), gated=self.timed("element-wise", ops.gated)
         )
         decoder.lm_head = self.timed("LM head", decoder.lm_head)
-        attend, attend_single = decoder._attend, decoder._attend_single
+        attend, attend_own = decoder._attend, decoder._attend_own
 
         def timed_attend(layer: Any, qk: torch.Tensor, v: torch.Tensor, size: int, *rest: Any) -> torch.Tensor:
             part = "chunk attention" if qk.shape[0] > size else "decode attention"
             return self.timed(part, attend)(layer, qk, v, size, *rest)
 
-        def timed_single(layer: Any, qk: torch.Tensor, v: torch.Tensor, size: int, *rest: Any) -> torch.Tensor:
-            part = "chunk attention" if qk.shape[0] > size else "decode attention"  # on the ops' own attention
-            return self.timed(part, attend_single)(layer, qk, v, size, *rest)
+        def timed_own(layer: Any, qk: torch.Tensor, v: torch.Tensor, cache: Any, blocks: Any, starts: Any) -> Any:
+            part = "chunk attention" if qk.shape[0] > starts.shape[0] else "decode attention"  # the ops' attention
+            return self.timed(part, attend_own)(layer, qk, v, cache, blocks, starts)
 
         decoder._attend = timed_attend
-        decoder._attend_single = timed_single
+        decoder._attend_own = timed_own
         decoder.forward = self.timed("forward", decoder.forward)
 
     def timed(self, part: str, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -144,11 +145,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if choice != "both":
         variants = {choice: variants[choice]}
     tags = {name: "" if len(variants) == 1 else f" ({name})" for name in variants}
-    kinds = ["decode only", *(f"chunk {c}{tags[name]}" for c in args.chunks for name in variants)]
+    kinds = [*(f"decode only{tags[name]}" for name in variants)]
+    kinds += [f"chunk {c}{tags[name]}" for c in args.chunks for name in variants]
     rounds: dict[str, list[dict[str, float]]] = {kind: [] for kind in kinds}
     for round_ in range(args.rounds + 1):  # round 0 warms up
         order = args.chunks if round_ % 2 == 0 else list(reversed(args.chunks))
-        results = {"decode only": _timed_steps(engine, timer, args.steps)}
+        results = {}
+        for name in variants if round_ % 2 == 0 else reversed(variants):
+            decoder.ops = dataclasses.replace(decoder.ops, chunk_attention=variants[name])
+            results[f"decode only{tags[name]}"] = _timed_steps(engine, timer, args.steps)
         runs = [(chunk, name) for chunk in order for name in (variants if round_ % 2 == 0 else reversed(variants))]
         for chunk, name in runs:
             decoder.ops = dataclasses.replace(decoder.ops, chunk_attention=variants[name])

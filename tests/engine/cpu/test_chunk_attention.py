@@ -97,11 +97,12 @@ def test_it_rejects_what_it_cannot_read() -> None:
         w8a8.chunk_attention(q.float(), k.float(), k.float(), 8, 2, 0, 1.0)
 
 
-def _gemma(vocab: int) -> Gemma3ForCausalLM:
+def _gemma(vocab: int, layer_types: tuple[str, ...] = ("sliding_attention", "full_attention", "sliding_attention")
+           ) -> Gemma3ForCausalLM:
     config = Gemma3TextConfig(
         vocab_size=vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=1, head_dim=64, sliding_window=24, max_position_embeddings=1024,
-        layer_types=["sliding_attention", "full_attention", "sliding_attention"], initializer_range=0.3,
+        layer_types=list(layer_types), initializer_range=0.3,
         tie_word_embeddings=False,
     )  # fmt: skip
     with torch.random.fork_rng(devices=[]):
@@ -109,20 +110,20 @@ def _gemma(vocab: int) -> Gemma3ForCausalLM:
         return Gemma3ForCausalLM(config).eval().to(torch.bfloat16)
 
 
-def _run(decoder: FusedDecoder, chunks: list[list[int]], rows: int = 1) -> tuple[list[torch.Tensor], int]:
-    """Prefill ``chunks`` one forward after another on one cache (``rows`` copies of each); returns the logits and
-    how often the ops' chunk attention ran."""
-    calls = 0
-    kernel = decoder.ops.chunk_attention
+def _counting(decoder: FusedDecoder, kernel: Any) -> list[int]:
+    """Install ``kernel`` as the decoder's chunk attention (None: none); returns a list that counts its calls."""
+    calls: list[int] = []
 
     def counted(*args: Any) -> torch.Tensor:
-        nonlocal calls
-        calls += 1
-        assert kernel is not None
+        calls.append(1)
         return kernel(*args)
 
-    if kernel is not None:
-        decoder.ops = LayerOps(chunk_attention=counted)
+    decoder.ops = LayerOps(chunk_attention=None if kernel is None else counted)
+    return calls
+
+
+def _run(decoder: FusedDecoder, chunks: list[list[int]], rows: int = 1) -> list[torch.Tensor]:
+    """Prefill ``chunks`` one forward after another on one cache (``rows`` copies of each); returns the logits."""
     cache, done, logits = BatchKVCache(len(decoder.layers)), 0, []
     with torch.inference_mode():
         for chunk in chunks:
@@ -131,26 +132,54 @@ def _run(decoder: FusedDecoder, chunks: list[list[int]], rows: int = 1) -> tuple
             mask = torch.ones((rows, done + len(chunk)), dtype=torch.bool)
             logits.append(decoder(ids, positions, mask, cache))
             done += len(chunk)
-    return logits, calls
+    return logits
 
 
-def test_the_fused_decoder_runs_a_prompts_chunks_on_it(tiny_tokenizer: Any) -> None:
-    """A prompt prefilled in chunks past the window: logits within bfloat16 rounding of the decoder's own attention
-    and the same next tokens; the kernel runs for every layer of every chunk (the last, of one token, as a single
-    row's decode step does), not for a group of several rows."""
-    model = _gemma(len(tiny_tokenizer))
-    prompt = torch.randint(3, len(tiny_tokenizer), (90,), generator=torch.Generator().manual_seed(2)).tolist()
-    chunks = [prompt[:40], prompt[40:57], prompt[57:89], prompt[89:]]
-    plain = FusedDecoder(model)
-    expected, calls = _run(plain, chunks)
-    assert calls == 0
-    fused = FusedDecoder(model)
-    fused.ops = LayerOps(chunk_attention=w8a8.chunk_attention)
-    got, calls = _run(fused, chunks)
-    assert calls == len(chunks) * len(model.model.layers)  # the last chunk, one token, as a decode step
+def _same(got: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
     for a, b in zip(got, expected, strict=True):
         assert float((a.float() - b.float()).abs().max()) < 0.05 * float(b.float().abs().max())
         assert torch.equal(a.argmax(-1), b.argmax(-1))
-    fused.ops = LayerOps(chunk_attention=w8a8.chunk_attention)
-    _, calls = _run(fused, chunks, rows=2)
-    assert calls == 0
+
+
+def test_the_fused_decoder_runs_a_prompts_chunks_on_it(tiny_tokenizer: Any) -> None:
+    """A prompt prefilled in chunks past the window, alone and as two rows: logits within bfloat16 rounding of the
+    decoder's own attention and the same next tokens; the kernel runs for every layer of every chunk (the last, of
+    one token, as a decode step)."""
+    model = _gemma(len(tiny_tokenizer))
+    prompt = torch.randint(3, len(tiny_tokenizer), (90,), generator=torch.Generator().manual_seed(2)).tolist()
+    chunks = [prompt[:40], prompt[40:57], prompt[57:89], prompt[89:]]
+    plain, fused = FusedDecoder(model), FusedDecoder(model)
+    assert not _counting(plain, None)
+    for rows in (1, 2):
+        calls = _counting(fused, w8a8.chunk_attention_into)
+        _same(_run(fused, chunks, rows), _run(plain, chunks, rows))
+        assert len(calls) == len(chunks) * len(model.model.layers)
+
+
+def test_left_padded_rows_decode_on_it_and_a_padded_prefill_does_not(tiny_tokenizer: Any) -> None:
+    """Two prompts of 10 and 60 tokens prefilled together (the shorter padded among the new tokens: the decoder's
+    own attention), then decoded four steps (each row from its own first column: the kernel); every layer attends
+    to every column, so a row reading its padding would differ."""
+    model = _gemma(len(tiny_tokenizer), ("full_attention",) * 3)
+    generator = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, len(tiny_tokenizer), (n,), generator=generator).tolist() for n in (10, 60)]
+    ids = torch.zeros((2, 60), dtype=torch.long)
+    mask = torch.zeros((2, 60), dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        ids[row, 60 - len(prompt) :], mask[row, 60 - len(prompt) :] = torch.tensor(prompt), True
+    positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
+    plain, fused = FusedDecoder(model), FusedDecoder(model)
+    _counting(plain, None)
+    calls = _counting(fused, w8a8.chunk_attention_into)
+    caches = [BatchKVCache(len(model.model.layers)) for _ in range(2)]
+    with torch.inference_mode():
+        expected, got = plain(ids, positions, mask, caches[0]), fused(ids, positions, mask, caches[1])
+        assert not calls and torch.equal(got, expected)
+        for _ in range(4):
+            step = expected.argmax(-1)[:, None]
+            positions, mask = positions[:, -1:] + 1, torch.cat([mask, torch.ones((2, 1), dtype=torch.bool)], dim=1)
+            expected, got = plain(step, positions, mask, caches[0]), fused(step, positions, mask, caches[1])
+            # the same rounding as the decoder's own attention: a few units in the last place of the largest logit
+            assert float((got.float() - expected.float()).abs().max()) < 0.01 * float(expected.float().abs().max())
+            assert torch.equal(got.argmax(-1), expected.argmax(-1))
+    assert len(calls) == 4 * len(model.model.layers)

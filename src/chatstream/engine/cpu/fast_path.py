@@ -247,11 +247,14 @@ def gated(act: Activation, gate_up: torch.Tensor) -> torch.Tensor:
 
 
 Gated = Callable[[Activation, torch.Tensor], torch.Tensor]
-ChunkAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, int, int, float], torch.Tensor]
-"""``(queries [M, D], keys [L, D], values [L, D], tokens, offset, window, scale) -> [M, D]``: one row's block of
-``tokens`` new tokens, the query heads of one key head stacked (row ``m`` is token ``m % tokens``, at key column
-``offset + m % tokens``), each reading the key columns up to its own and, where ``window`` > 0, the last ``window``
-of them (:func:`chatstream.engine.cpu.w8a8.chunk_attention`)."""
+ChunkAttention = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int, int, float, torch.Tensor], None
+]
+"""``(queries, keys, values, starts, column0, offset, window, scale, out)``: each row's block of ``S`` new tokens,
+``queries`` and ``out`` ``[B, S, G, D]`` (the ``G`` query heads of one key head; strided views), ``keys``/``values``
+``[B, L, D]`` the cache columns from ``column0`` on; token ``s`` sits at key column ``offset + s`` and reads the
+columns from its row's ``starts`` (cache columns) up to its own and, where ``window`` > 0, the last ``window`` of
+them (:func:`chatstream.engine.cpu.w8a8.chunk_attention_into`)."""
 
 
 @dataclass(frozen=True)
@@ -263,8 +266,8 @@ class LayerOps:
     rotate: Rotate = rotate
     gated: Gated = gated
     chunk_attention: ChunkAttention | None = None
-    """Attention for the new tokens of a single unpadded row (a prompt's chunk); None: ``scaled_dot_product_attention``
-    for every group."""
+    """Attention for groups whose rows have all of the step's new tokens (decode steps, a prompt's chunks); None:
+    ``scaled_dot_product_attention`` for every group."""
 
 
 def norm_eps(module: Any) -> Any:

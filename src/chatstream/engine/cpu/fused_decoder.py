@@ -237,16 +237,11 @@ class FusedDecoder:
         x = F.embedding(_flat([part.input_ids for part in parts]), self.embed_weight)
         if self.embed_scale is not None:
             x = x * self.embed_scale
-        # a single row with no padding (a prompt's chunk, a long prompt decoding in a group of its own) may run the
-        # ops' own attention
-        single = [
-            self.ops.chunk_attention is not None and size == 1 and bool(part.mask.all())
-            for part, (size, _) in zip(parts, shapes, strict=True)
-        ]
+        starts = [self._own_attention_starts(part.mask, new) for part, (_, new) in zip(parts, shapes, strict=True)]
         for index, layer in enumerate(self.layers):
             attention = [
-                (part.cache, blocks[layer.sliding_window], one)
-                for part, blocks, one in zip(parts, masks, single, strict=True)
+                (part.cache, blocks[layer.sliding_window], first)
+                for part, blocks, first in zip(parts, masks, starts, strict=True)
             ]
             x = self._layer_step(layer, x, shapes, index, attention, tables[layer.rope])
         self.decode_rows.count = sum(part.input_ids.shape[0] for part in decoding if part.logits)
@@ -273,7 +268,7 @@ class FusedDecoder:
         x: torch.Tensor,
         shapes: list[tuple[int, ...]],
         index: int,
-        attention: list[tuple[BatchKVCache, list[AttentionBlock], bool]],
+        attention: list[tuple[BatchKVCache, list[AttentionBlock], torch.Tensor | None]],
         rotary: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
         tokens = x.shape[0]  # all groups' B * S
@@ -286,10 +281,13 @@ class FusedDecoder:
         qk = self.ops.rotate(qk, *rotary)
         v = qkv[:, self.q_size + self.kv_size :]
         attended, start = [], 0
-        for (size, new), (cache, blocks, single) in zip(shapes, attention, strict=True):
+        for (size, new), (cache, blocks, starts) in zip(shapes, attention, strict=True):
             end = start + size * new
-            attend = self._attend_single if single and qk.dtype == torch.bfloat16 else self._attend
-            attended.append(attend(layer, qk[start:end], v[start:end], size, cache.buffered[index], blocks))
+            cache_layer = cache.buffered[index]
+            if starts is not None and qk.dtype == torch.bfloat16 and self.head_dim % 64 == 0:
+                attended.append(self._attend_own(layer, qk[start:end], v[start:end], cache_layer, blocks, starts))
+            else:
+                attended.append(self._attend(layer, qk[start:end], v[start:end], size, cache_layer, blocks))
             start = end
         h = layer.o_proj(_rows(attended))
         if norms.post_attention is not None:
@@ -333,45 +331,57 @@ class FusedDecoder:
         attended = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=3)
         return attended.view(size, self.num_heads, new, self.head_dim).transpose(1, 2).reshape(tokens, -1)
 
-    def _attend_single(
+    def _own_attention_starts(self, mask: torch.Tensor, new: int) -> torch.Tensor | None:
+        """Each row's first column where a group may run the ops' own attention (None where it may not): its rows'
+        padding is a prefix of their columns and every row has all ``new`` tokens (a decode step, a prompt's chunk;
+        not a prefill group whose shorter rows are padded among the new tokens)."""
+        if self.ops.chunk_attention is None:
+            return None
+        length = mask.shape[1]
+        starts = length - mask.sum(dim=1)
+        if int(starts.max()) > length - new:
+            return None
+        if not bool((torch.arange(length, device=mask.device) >= starts[:, None]).eq(mask).all()):
+            return None
+        return starts
+
+    def _attend_own(
         self,
         layer: _Layer,
         qk: torch.Tensor,
         v: torch.Tensor,
-        size: int,
         cache_layer: BufferedLayer,
         blocks: list[AttentionBlock],
+        starts: torch.Tensor,
     ) -> torch.Tensor:
-        """:meth:`_attend` for one unpadded row's new tokens through the ops' ``chunk_attention`` (its causal and
-        window masks follow from the columns; the blocks give the columns each block reads)."""
-        if self.head_dim % 64:
-            return self._attend(layer, qk, v, size, cache_layer, blocks)
-        assert self.ops.chunk_attention is not None
-        new = qk.shape[0]
-        k = qk[:, self.num_heads :].view(1, new, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        keys, values = cache_layer.update(k, v.view(1, new, self.num_kv_heads, self.head_dim).transpose(1, 2))
+        """:meth:`_attend` through the ops' ``chunk_attention`` for a group whose rows start at column ``starts``
+        (the causal and window masks follow from the columns; the blocks give the columns each block reads)."""
+        attend = self.ops.chunk_attention
+        assert attend is not None
+        size = starts.shape[0]
+        new = qk.shape[0] // size
+        k = qk[:, self.num_heads :].view(size, new, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        keys, values = cache_layer.update(k, v.view(size, new, self.num_kv_heads, self.head_dim).transpose(1, 2))
         first_column = keys.shape[2] - new  # the first new token's column
-        q = qk[:, : self.num_heads].view(new, self.num_kv_heads, self.groups, self.head_dim).permute(1, 2, 0, 3)
+        q = qk[:, : self.num_heads].view(size, new, self.num_heads, self.head_dim)
+        out = q.new_empty((size, new, self.num_heads, self.head_dim))  # the layout o_proj reads: [B * S, H * D]
         window = layer.sliding_window or 0
-        heads = []
         for kv in range(self.num_kv_heads):
-            outputs = []
+            heads = slice(kv * self.groups, (kv + 1) * self.groups)
             for block in blocks:
-                tokens = block.last - block.first
-                query = q[kv, :, block.first : block.last].reshape(-1, self.head_dim)  # [G * tokens, D]
-                attended = self.ops.chunk_attention(
-                    query,
-                    keys[0, kv, block.start : block.end],
-                    values[0, kv, block.start : block.end],
-                    tokens,
+                tokens = slice(block.first, block.last)
+                attend(
+                    q[:, tokens, heads],
+                    keys[:, kv, block.start : block.end],
+                    values[:, kv, block.start : block.end],
+                    starts,
+                    block.start,
                     first_column + block.first - block.start,
                     window,
                     layer.scaling,
+                    out[:, tokens, heads],
                 )
-                outputs.append(attended.view(self.groups, tokens, self.head_dim))
-            heads.append(outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1))
-        attended = torch.stack(heads)  # [Hkv, G, S, D]
-        return attended.view(self.num_heads, new, self.head_dim).transpose(0, 1).reshape(new, -1)
+        return out.view(size * new, -1)
 
     def _rotary(self, kind: str, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq, scaling = self.rope[kind]

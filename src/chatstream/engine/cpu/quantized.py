@@ -186,7 +186,7 @@ def quantize_decoder(decoder: QuantizableDecoder, model: Any, mode: str, group_s
             layer.down = swap(layer.down, mlp.down_proj)
         decoder.lm_head = swap(decoder.lm_head, model.get_output_embeddings())
         if mode in KERNEL_OPS_MODES:
-            attention = w8a8.chunk_attention if w8a8.attention_unavailable_reason() is None else None
+            attention = w8a8.chunk_attention_into if w8a8.attention_unavailable_reason() is None else None
             decoder.use_ops(
                 model,
                 LayerOps(rms_norm=w8a8.rms_norm, rotate=w8a8.rotate, gated=w8a8.gated, chunk_attention=attention),

@@ -146,15 +146,46 @@ def rotate(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 def chunk_attention(
-    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tokens: int, offset: int, window: int, scale: float
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    tokens: int,
+    offset: int,
+    window: int,
+    scale: float,
 ) -> torch.Tensor:
-    """The attention of one row's block of new tokens in one call of the kernel (:data:`fast_path.ChunkAttention`):
-    scores and softmax in float32 from bfloat16 pairs (AVX512-BF16), the values weighed in float32, the output
-    rounded once. Against ``scaled_dot_product_attention``, whose CPU kernel rounds the probabilities to bfloat16
-    before weighing the values, the output differs by at most a bfloat16 rounding; 4-5x faster for chunks of 16-256
-    tokens over 500-1,500 columns (``bench/chunk_attention.py``). Inputs must be bfloat16 with head size a multiple
-    of 64 (the caller checks)."""
-    return kernel().chunk_attention(queries, keys, values, tokens, offset, window, scale)
+    """The attention of one row's block of ``tokens`` new tokens in one call of the kernel: ``queries`` ``[M, D]``
+    (the query heads of one key head stacked, row ``m`` token ``m % tokens``, at key column ``offset + m % tokens``),
+    ``keys``/``values`` ``[L, D]``; returns ``[M, D]``. Scores and softmax in float32 from bfloat16 pairs
+    (AVX512-BF16), the values weighed in float32, the output rounded once: against ``scaled_dot_product_attention``,
+    whose CPU kernel rounds the probabilities to bfloat16 before weighing the values, it differs by at most a bfloat16
+    rounding, in 0.23-0.45x its time for decode steps and chunks of 16-256 tokens over 256-1,536 columns
+    (``bench/chunk_attention.py``). Inputs must be bfloat16 with head size a multiple of 64 (the caller checks)."""
+    groups = queries.shape[0] // tokens
+    out = queries.new_empty(queries.shape)
+    view = out.view(groups, tokens, -1).transpose(0, 1)[None]  # [1, S, G, D]
+    query = queries.view(groups, tokens, -1).transpose(0, 1)[None]
+    kernel().chunk_attention(query, keys[None], values[None], _NO_PADDING, 0, offset, window, scale, view)
+    return out
+
+
+def chunk_attention_into(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    starts: torch.Tensor,
+    column0: int,
+    offset: int,
+    window: int,
+    scale: float,
+    out: torch.Tensor,
+) -> None:
+    """:data:`fast_path.ChunkAttention` on the kernel: several left-padded rows' blocks of new tokens, read from and
+    written into strided views (no copies); see :func:`chunk_attention` for the arithmetic."""
+    kernel().chunk_attention(queries, keys, values, starts, column0, offset, window, scale, out)
+
+
+_NO_PADDING = torch.zeros(1, dtype=torch.long)
 
 
 def gated(act: fast_path.Activation, gate_up: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -326,13 +327,15 @@ constexpr int64_t kAttnOutRows = 6;  // query rows per register block of the out
 constexpr int64_t kAttnPartKeys = 128;  // the fewest key columns worth a thread of their own
 
 struct ChunkAttention {
-  const uint32_t* q;  // [M, D / 2] bfloat16 pairs
+  const at::BFloat16* q;  // query row m = g * S + s (head g, token s) at q + s * q_token + g * q_head
   const at::BFloat16* k;
   const at::BFloat16* v;
   int64_t k_stride, v_stride;  // elements between consecutive key (value) rows
   int64_t M, S, L, D, offset, window;
+  int64_t start;  // the row's first key column (a left-padded row's padding comes before it)
   float scale;
-  at::BFloat16* out;  // [M, D]
+  at::BFloat16* out;  // output row m at out + s * out_token + g * out_head
+  int64_t q_token, q_head, out_token, out_head;
 };
 
 // e^x in float32 for x <= 0 (a score minus its row's maximum): 2^n * e^r with |r| <= ln(2) / 2, r's series to the
@@ -359,7 +362,7 @@ inline void row_bounds(const ChunkAttention& a, int64_t m0, int32_t* lo, int32_t
   for (int64_t r = 0; r < kAttnRows; ++r) {
     const int64_t m = m0 + std::min(r, rows - 1), own = a.offset + m % a.S;
     hi[r] = static_cast<int32_t>(std::min(a.L, own + 1));
-    lo[r] = static_cast<int32_t>(a.window > 0 ? std::max<int64_t>(0, own - a.window + 1) : 0);
+    lo[r] = static_cast<int32_t>(std::max(a.start, a.window > 0 ? own - a.window + 1 : 0));
   }
 }
 
@@ -376,7 +379,9 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void attend_part(const Ch
   row_bounds(a, m0, lo, hi);
   for (int64_t t = 0; t < half; ++t) {
     for (int64_t r = 0; r < kAttnRows; ++r) {
-      pairs[t * kAttnRows + r] = a.q[(m0 + std::min(r, rows - 1)) * half + t];
+      const int64_t m = m0 + std::min(r, rows - 1);
+      pairs[t * kAttnRows + r] =
+          reinterpret_cast<const uint32_t*>(a.q + m % a.S * a.q_token + m / a.S * a.q_head)[t];
     }
   }
   const __m512i lo0 = _mm512_load_si512(lo), lo1 = _mm512_load_si512(lo + 16);
@@ -472,7 +477,8 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void merge_parts(const Ch
       weight[p] = m == -INFINITY ? 0.0f : std::exp(m - top);
       sum += weight[p] * totals[p * kAttnRows + r];
     }
-    at::BFloat16* o = a.out + (m0 + r) * a.D;
+    const int64_t m = m0 + r;
+    at::BFloat16* o = a.out + m % a.S * a.out_token + m / a.S * a.out_head;
     for (int64_t d0 = 0; d0 < a.D; d0 += 16) {
       __m512 acc = _mm512_setzero_ps();
       for (int64_t p = 0; p < parts; ++p) {
@@ -487,53 +493,64 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void merge_parts(const Ch
 
 }  // namespace
 
-// softmax(q k^T * scale + causal and window masks) v for one block of a row's new tokens (see ChunkAttention):
-// q [M, D] contiguous, k and v [L, D] with contiguous rows, all bfloat16, D a multiple of 64; returns [M, D].
-// Work is split by blocks of 32 query rows and, where there are fewer blocks than threads (a decode step's few
-// queries), by parts of the key columns whose results are merged. The CPU must have AVX512-BF16 (the caller checks).
-torch::Tensor chunk_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, int64_t tokens, int64_t offset,
-                              int64_t window, double scale) {
-  TORCH_CHECK(q.dim() == 2 && k.dim() == 2 && v.dim() == 2, "chunk_attention: q, k and v must be 2-D");
+// softmax(q k^T * scale + causal and window masks) v for one block of S new tokens of each of B rows (see
+// ChunkAttention), written into out: q and out [B, S, G, D] (G query heads of one key head; any strides but a
+// contiguous last dimension), k and v [B, L, D] with contiguous rows, all bfloat16, D a multiple of 64. Row b reads
+// the key columns from max(0, starts[b] - column0) on (its left padding before; starts in the cache's columns, k's
+// first column being the cache's column0). Work is split by rows, blocks of 32 query rows and, where there are
+// fewer blocks than threads (a decode step's few queries), by parts of the key columns whose results are merged. The
+// CPU must have AVX512-BF16 (the caller checks).
+void chunk_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor starts, int64_t column0,
+                     int64_t offset, int64_t window, double scale, torch::Tensor out) {
+  TORCH_CHECK(q.dim() == 4 && out.sizes() == q.sizes() && k.dim() == 3 && v.dim() == 3,
+              "chunk_attention: q and out must be [B, S, G, D], k and v [B, L, D]");
   TORCH_CHECK(q.scalar_type() == torch::kBFloat16 && k.scalar_type() == torch::kBFloat16 &&
-                  v.scalar_type() == torch::kBFloat16, "chunk_attention: q, k and v must be bfloat16");
-  const int64_t M = q.size(0), D = q.size(1), L = k.size(0);
-  TORCH_CHECK(D % 64 == 0 && k.size(1) == D && v.size(1) == D && v.size(0) == L,
+                  v.scalar_type() == torch::kBFloat16 && out.scalar_type() == torch::kBFloat16,
+              "chunk_attention: q, k, v and out must be bfloat16");
+  const int64_t B = q.size(0), S = q.size(1), G = q.size(2), D = q.size(3), M = S * G, L = k.size(1);
+  TORCH_CHECK(D % 64 == 0 && k.size(2) == D && v.size(2) == D && v.size(1) == L,
               "chunk_attention: the head size must match and be a multiple of 64");
-  TORCH_CHECK(k.stride(1) == 1 && v.stride(1) == 1, "chunk_attention: key and value rows must be contiguous");
-  TORCH_CHECK(tokens > 0 && M % tokens == 0, "chunk_attention: the query rows must be whole heads of `tokens`");
-  TORCH_CHECK(offset >= 0 && offset + tokens <= L, "chunk_attention: the block's tokens must lie in the key columns");
-  const auto queries = q.contiguous();
-  auto out = torch::empty({M, D}, q.options());
-  const ChunkAttention a{reinterpret_cast<const uint32_t*>(queries.data_ptr<at::BFloat16>()),
-                         k.data_ptr<at::BFloat16>(), v.data_ptr<at::BFloat16>(), k.stride(0), v.stride(0), M, tokens,
-                         L, D, offset, window, static_cast<float>(scale), out.data_ptr<at::BFloat16>()};
-  const int64_t items = (M + kAttnRows - 1) / kAttnRows;
-  const int64_t parts = std::max<int64_t>(1, std::min({at::get_num_threads() / items, int64_t{64}, L / kAttnPartKeys}));
-  std::vector<float> outs(items * parts * kAttnRows * D), largest(items * parts * kAttnRows),
-      totals(items * parts * kAttnRows);
-  at::parallel_for(0, items * parts, 1, [&](int64_t w0, int64_t w1) {
+  TORCH_CHECK(k.size(0) == B && v.size(0) == B && starts.numel() == B && starts.scalar_type() == torch::kLong,
+              "chunk_attention: k, v and starts (int64) must have q's rows");
+  TORCH_CHECK(q.stride(3) == 1 && out.stride(3) == 1 && k.stride(2) == 1 && v.stride(2) == 1,
+              "chunk_attention: the last dimension must be contiguous");
+  TORCH_CHECK(S > 0 && offset >= 0 && offset + S <= L, "chunk_attention: the block's tokens must lie in the key columns");
+  const auto first = starts.contiguous();
+  std::vector<ChunkAttention> rows;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t start = std::max<int64_t>(0, first.data_ptr<int64_t>()[b] - column0);
+    TORCH_CHECK(start <= offset, "chunk_attention: a row's first key column must precede its tokens");
+    rows.push_back({q.data_ptr<at::BFloat16>() + b * q.stride(0), k.data_ptr<at::BFloat16>() + b * k.stride(0),
+                    v.data_ptr<at::BFloat16>() + b * v.stride(0), k.stride(1), v.stride(1), M, S, L, D, offset,
+                    window, start, static_cast<float>(scale), out.data_ptr<at::BFloat16>() + b * out.stride(0),
+                    q.stride(1), q.stride(2), out.stride(1), out.stride(2)});
+  }
+  const int64_t items = (M + kAttnRows - 1) / kAttnRows, blocks = B * items;
+  const int64_t parts = std::max<int64_t>(1, std::min({at::get_num_threads() / blocks, int64_t{64}, L / kAttnPartKeys}));
+  const std::unique_ptr<float[]> outs(new float[blocks * parts * kAttnRows * D]),
+      largest(new float[blocks * parts * kAttnRows]), totals(new float[blocks * parts * kAttnRows]);
+  at::parallel_for(0, blocks * parts, 1, [&](int64_t w0, int64_t w1) {
     std::vector<float> scores;
     std::vector<uint32_t> pairs(D / 2 * kAttnRows);
     for (int64_t w = w0; w < w1; ++w) {
-      const int64_t item = w / parts, part = w % parts, m0 = item * kAttnRows;
+      const int64_t block = w / parts, part = w % parts, m0 = block % items * kAttnRows;
+      const ChunkAttention& a = rows[block / items];
       alignas(64) int32_t lo[kAttnRows], hi[kAttnRows];
       row_bounds(a, m0, lo, hi);
       const int64_t first = *std::min_element(lo, lo + kAttnRows), last = *std::max_element(hi, hi + kAttnRows);
       const int64_t width = (last - first + parts - 1) / parts;
       const int64_t begin = std::min(last, first + part * width), end = std::min(last, begin + width);
       scores.resize(std::max<int64_t>(1, end - begin) * kAttnRows);
-      const int64_t at = item * parts + part;
-      attend_part(a, m0, begin, end, scores.data(), pairs.data(), outs.data() + at * kAttnRows * D,
-                  largest.data() + at * kAttnRows, totals.data() + at * kAttnRows);
+      attend_part(a, m0, begin, end, scores.data(), pairs.data(), outs.get() + w * kAttnRows * D,
+                  largest.get() + w * kAttnRows, totals.get() + w * kAttnRows);
     }
   });
-  at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, blocks, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      merge_parts(a, i * kAttnRows, parts, outs.data() + i * parts * kAttnRows * D,
-                  largest.data() + i * parts * kAttnRows, totals.data() + i * parts * kAttnRows);
+      merge_parts(rows[i / items], i % items * kAttnRows, parts, outs.get() + i * parts * kAttnRows * D,
+                  largest.get() + i * parts * kAttnRows, totals.get() + i * parts * kAttnRows);
     }
   });
-  return out;
 }
 
 // How many of PyTorch's threads at::parallel_for runs this extension's work on (1 if it was built without OpenMP).
@@ -554,6 +571,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm of x [A, C] or [A, H, C] with a float32 scale [C] or [H, C]", nogil);
   m.def("rotate", &rotate, "the rotary embedding of heads x [T, H, D] at cos, sin [T, D]", nogil);
   m.def("chunk_attention", &chunk_attention,
-        "softmax(q k^T * scale, causal and window masks) v for a block of one row's new tokens (AVX512-BF16)", nogil);
+        "softmax(q k^T * scale, causal and window masks) v for a block of new tokens of each row (AVX512-BF16)", nogil);
   m.def("gated", &gated, "act(gate) * up for gate_up = [gate | up], act gelu_tanh or silu", nogil);
 }
