@@ -356,84 +356,88 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) inline __m512 exp_nonposi
   return _mm512_scalef_ps(p, n);
 }
 
-// The rows' own key columns: row r (of a work item's 32; rows past M repeat row M - 1) reads [lo[r], hi[r]).
-inline void row_bounds(const ChunkAttention& a, int64_t m0, int32_t* lo, int32_t* hi) {
-  const int64_t rows = std::min(kAttnRows, a.M - m0);
-  for (int64_t r = 0; r < kAttnRows; ++r) {
+// The rows' own key columns: row r (of a work item's R; rows past M repeat row M - 1) reads [lo[r], hi[r]).
+template <int R>
+void row_bounds(const ChunkAttention& a, int64_t m0, int32_t* lo, int32_t* hi) {
+  const int64_t rows = std::min<int64_t>(R, a.M - m0);
+  for (int64_t r = 0; r < R; ++r) {
     const int64_t m = m0 + std::min(r, rows - 1), own = a.offset + m % a.S;
     hi[r] = static_cast<int32_t>(std::min(a.L, own + 1));
     lo[r] = static_cast<int32_t>(std::max(a.start, a.window > 0 ? own - a.window + 1 : 0));
   }
 }
 
-// One work item: query rows [m0, m0 + 32) against the keys [first, last) (a part of the rows' columns). Leaves per
-// row the largest scaled score (-inf where the part holds none of the row's columns), the sum of e^(score - largest)
-// and the values weighed by those, unnormalized: out [32, D] float32.
-// scores: [last - first, 32] float32 scratch; pairs: [D / 2, 32] scratch for the rows' query pairs, lane-major.
+// One work item: query rows [m0, m0 + R) (R = 16 or 32: one or two vectors of lanes; 16 where a block has few
+// query rows, a decode step's) against the keys [first, last) (a part of the rows' columns). Leaves per row the
+// largest scaled score (-inf where the part holds none of the row's columns), the sum of e^(score - largest) and
+// the values weighed by those, unnormalized: out [R, D] float32.
+// scores: [last - first, R] float32 scratch; pairs: [D / 2, R] scratch for the rows' query pairs, lane-major.
+template <int R>
 __attribute__((target("avx512f,avx512bw,avx512bf16"))) void attend_part(const ChunkAttention& a, int64_t m0,
                                                                         int64_t first, int64_t last, float* scores,
                                                                         uint32_t* pairs, float* out, float* largest,
                                                                         float* total) {
-  const int64_t rows = std::min(kAttnRows, a.M - m0), half = a.D / 2;
-  alignas(64) int32_t lo[kAttnRows], hi[kAttnRows];
-  row_bounds(a, m0, lo, hi);
+  constexpr int QV = R / 16;
+  const int64_t rows = std::min<int64_t>(R, a.M - m0), half = a.D / 2;
+  alignas(64) int32_t lo[R], hi[R];
+  row_bounds<R>(a, m0, lo, hi);
   for (int64_t t = 0; t < half; ++t) {
-    for (int64_t r = 0; r < kAttnRows; ++r) {
-      const int64_t m = m0 + std::min(r, rows - 1);
-      pairs[t * kAttnRows + r] =
-          reinterpret_cast<const uint32_t*>(a.q + m % a.S * a.q_token + m / a.S * a.q_head)[t];
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t m = m0 + std::min<int64_t>(r, rows - 1);
+      pairs[t * R + r] = reinterpret_cast<const uint32_t*>(a.q + m % a.S * a.q_token + m / a.S * a.q_head)[t];
     }
   }
-  const __m512i lo0 = _mm512_load_si512(lo), lo1 = _mm512_load_si512(lo + 16);
-  const __m512i hi0 = _mm512_load_si512(hi), hi1 = _mm512_load_si512(hi + 16);
+  __m512i low[QV], high[QV];
+  __m512 top[QV], sum[QV];
+  for (int v = 0; v < QV; ++v) {
+    low[v] = _mm512_load_si512(lo + 16 * v);
+    high[v] = _mm512_load_si512(hi + 16 * v);
+    top[v] = _mm512_set1_ps(-INFINITY);
+    sum[v] = _mm512_setzero_ps();
+  }
   const __m512 scale = _mm512_set1_ps(a.scale), minus_inf = _mm512_set1_ps(-INFINITY);
-  __m512 max0 = minus_inf, max1 = minus_inf;
   for (int64_t j = first; j < last; j += kAttnKeys) {
     const int32_t* key[kAttnKeys];
     for (int64_t kk = 0; kk < kAttnKeys; ++kk) {  // past the last key: the last again (computed, not kept)
       key[kk] = reinterpret_cast<const int32_t*>(a.k + std::min(j + kk, last - 1) * a.k_stride);
     }
-    __m512 acc0[kAttnKeys], acc1[kAttnKeys];
-    for (int64_t kk = 0; kk < kAttnKeys; ++kk) acc0[kk] = acc1[kk] = _mm512_setzero_ps();
+    __m512 acc[QV][kAttnKeys];
+    for (int v = 0; v < QV; ++v) {
+      for (int64_t kk = 0; kk < kAttnKeys; ++kk) acc[v][kk] = _mm512_setzero_ps();
+    }
     for (int64_t t = 0; t < half; ++t) {
-      const __m512bh q0 = (__m512bh)_mm512_loadu_si512(pairs + t * kAttnRows);
-      const __m512bh q1 = (__m512bh)_mm512_loadu_si512(pairs + t * kAttnRows + 16);
+      __m512bh query[QV];
+      for (int v = 0; v < QV; ++v) query[v] = (__m512bh)_mm512_loadu_si512(pairs + t * R + 16 * v);
       for (int64_t kk = 0; kk < kAttnKeys; ++kk) {
         const __m512bh kb = (__m512bh)_mm512_set1_epi32(key[kk][t]);
-        acc0[kk] = _mm512_dpbf16_ps(acc0[kk], q0, kb);
-        acc1[kk] = _mm512_dpbf16_ps(acc1[kk], q1, kb);
+        for (int v = 0; v < QV; ++v) acc[v][kk] = _mm512_dpbf16_ps(acc[v][kk], query[v], kb);
       }
     }
     for (int64_t kk = 0; kk < std::min(kAttnKeys, last - j); ++kk) {
       const __m512i col = _mm512_set1_epi32(static_cast<int32_t>(j + kk));
-      const __mmask16 in0 = _mm512_cmpge_epi32_mask(col, lo0) & _mm512_cmplt_epi32_mask(col, hi0);
-      const __mmask16 in1 = _mm512_cmpge_epi32_mask(col, lo1) & _mm512_cmplt_epi32_mask(col, hi1);
-      const __m512 s0 = _mm512_mask_mul_ps(minus_inf, in0, acc0[kk], scale);
-      const __m512 s1 = _mm512_mask_mul_ps(minus_inf, in1, acc1[kk], scale);
-      float* row = scores + (j + kk - first) * kAttnRows;
-      _mm512_storeu_ps(row, s0);
-      _mm512_storeu_ps(row + 16, s1);
-      max0 = _mm512_max_ps(max0, s0);
-      max1 = _mm512_max_ps(max1, s1);
+      float* row = scores + (j + kk - first) * R;
+      for (int v = 0; v < QV; ++v) {
+        const __mmask16 in = _mm512_cmpge_epi32_mask(col, low[v]) & _mm512_cmplt_epi32_mask(col, high[v]);
+        const __m512 score = _mm512_mask_mul_ps(minus_inf, in, acc[v][kk], scale);
+        _mm512_storeu_ps(row + 16 * v, score);
+        top[v] = _mm512_max_ps(top[v], score);
+      }
     }
   }
-  __m512 sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps();
   for (int64_t j = first; j < last; ++j) {  // a row's columns outside its bounds weigh 0 (and no NaN from -inf)
     const __m512i col = _mm512_set1_epi32(static_cast<int32_t>(j));
-    const __mmask16 in0 = _mm512_cmpge_epi32_mask(col, lo0) & _mm512_cmplt_epi32_mask(col, hi0);
-    const __mmask16 in1 = _mm512_cmpge_epi32_mask(col, lo1) & _mm512_cmplt_epi32_mask(col, hi1);
-    float* row = scores + (j - first) * kAttnRows;
-    const __m512 e0 = _mm512_maskz_mov_ps(in0, exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(row), max0)));
-    const __m512 e1 = _mm512_maskz_mov_ps(in1, exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(row + 16), max1)));
-    _mm512_storeu_ps(row, e0);
-    _mm512_storeu_ps(row + 16, e1);
-    sum0 = _mm512_add_ps(sum0, e0);
-    sum1 = _mm512_add_ps(sum1, e1);
+    float* row = scores + (j - first) * R;
+    for (int v = 0; v < QV; ++v) {
+      const __mmask16 in = _mm512_cmpge_epi32_mask(col, low[v]) & _mm512_cmplt_epi32_mask(col, high[v]);
+      const __m512 e = _mm512_maskz_mov_ps(in, exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(row + 16 * v), top[v])));
+      _mm512_storeu_ps(row + 16 * v, e);
+      sum[v] = _mm512_add_ps(sum[v], e);
+    }
   }
-  _mm512_storeu_ps(largest, max0);
-  _mm512_storeu_ps(largest + 16, max1);
-  _mm512_storeu_ps(total, sum0);
-  _mm512_storeu_ps(total + 16, sum1);
+  for (int v = 0; v < QV; ++v) {
+    _mm512_storeu_ps(largest + 16 * v, top[v]);
+    _mm512_storeu_ps(total + 16 * v, sum[v]);
+  }
   for (int64_t d0 = 0; d0 < a.D; d0 += 64) {
     for (int64_t r0 = 0; r0 < rows; r0 += kAttnOutRows) {
       int64_t lane[kAttnOutRows];
@@ -449,7 +453,7 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void attend_part(const Ch
           const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(value + 16 * c));
           vals[c] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
         }
-        const float* p = scores + (j - first) * kAttnRows;
+        const float* p = scores + (j - first) * R;
         for (int64_t rr = 0; rr < kAttnOutRows; ++rr) {
           const __m512 w = _mm512_set1_ps(p[lane[rr]]);
           for (int c = 0; c < 4; ++c) acc[rr][c] = _mm512_fmadd_ps(w, vals[c], acc[rr][c]);
@@ -464,25 +468,26 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void attend_part(const Ch
 
 // The output rows [m0, m0 + rows) from the parts' results: each part's sums and values rescaled to the largest
 // score over all parts, added, divided, rounded to bfloat16 once.
+template <int R>
 __attribute__((target("avx512f,avx512bw,avx512bf16"))) void merge_parts(const ChunkAttention& a, int64_t m0,
                                                                         int64_t parts, const float* outs,
                                                                         const float* largest, const float* totals) {
-  const int64_t rows = std::min(kAttnRows, a.M - m0);
+  const int64_t rows = std::min<int64_t>(R, a.M - m0);
   for (int64_t r = 0; r < rows; ++r) {
     float top = -INFINITY;
-    for (int64_t p = 0; p < parts; ++p) top = std::max(top, largest[p * kAttnRows + r]);
+    for (int64_t p = 0; p < parts; ++p) top = std::max(top, largest[p * R + r]);
     float weight[64], sum = 0.0f;  // parts <= 64
     for (int64_t p = 0; p < parts; ++p) {
-      const float m = largest[p * kAttnRows + r];
+      const float m = largest[p * R + r];
       weight[p] = m == -INFINITY ? 0.0f : std::exp(m - top);
-      sum += weight[p] * totals[p * kAttnRows + r];
+      sum += weight[p] * totals[p * R + r];
     }
     const int64_t m = m0 + r;
     at::BFloat16* o = a.out + m % a.S * a.out_token + m / a.S * a.out_head;
     for (int64_t d0 = 0; d0 < a.D; d0 += 16) {
       __m512 acc = _mm512_setzero_ps();
       for (int64_t p = 0; p < parts; ++p) {
-        const float* part = outs + (p * kAttnRows + r) * a.D + d0;
+        const float* part = outs + (p * R + r) * a.D + d0;
         acc = _mm512_fmadd_ps(_mm512_set1_ps(weight[p]), _mm512_loadu_ps(part), acc);
       }
       const __m256bh rounded = _mm512_cvtneps_pbh(_mm512_mul_ps(acc, _mm512_set1_ps(1.0f / sum)));
@@ -492,6 +497,38 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void merge_parts(const Ch
 }
 
 }  // namespace
+
+// The work of chunk_attention for blocks of R query rows.
+template <int R>
+void attend_rows(const std::vector<ChunkAttention>& rows, int64_t M, int64_t D, int64_t L) {
+  const int64_t B = static_cast<int64_t>(rows.size());
+  const int64_t items = (M + R - 1) / R, blocks = B * items;
+  const int64_t parts = std::max<int64_t>(1, std::min({at::get_num_threads() / blocks, int64_t{64}, L / kAttnPartKeys}));
+  const std::unique_ptr<float[]> outs(new float[blocks * parts * R * D]),
+      largest(new float[blocks * parts * R]), totals(new float[blocks * parts * R]);
+  at::parallel_for(0, blocks * parts, 1, [&](int64_t w0, int64_t w1) {
+    std::vector<float> scores;
+    std::vector<uint32_t> pairs(D / 2 * R);
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t block = w / parts, part = w % parts, m0 = block % items * R;
+      const ChunkAttention& a = rows[block / items];
+      alignas(64) int32_t lo[R], hi[R];
+      row_bounds<R>(a, m0, lo, hi);
+      const int64_t first = *std::min_element(lo, lo + R), last = *std::max_element(hi, hi + R);
+      const int64_t width = (last - first + parts - 1) / parts;
+      const int64_t begin = std::min(last, first + part * width), end = std::min(last, begin + width);
+      scores.resize(std::max<int64_t>(1, end - begin) * R);
+      attend_part<R>(a, m0, begin, end, scores.data(), pairs.data(), outs.get() + w * R * D,
+                  largest.get() + w * R, totals.get() + w * R);
+    }
+  });
+  at::parallel_for(0, blocks, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      merge_parts<R>(rows[i / items], i % items * R, parts, outs.get() + i * parts * R * D,
+                  largest.get() + i * parts * R, totals.get() + i * parts * R);
+    }
+  });
+}
 
 // softmax(q k^T * scale + causal and window masks) v for one block of S new tokens of each of B rows (see
 // ChunkAttention), written into out: q and out [B, S, G, D] (G query heads of one key head; any strides but a
@@ -525,34 +562,12 @@ void chunk_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::T
                     window, start, static_cast<float>(scale), out.data_ptr<at::BFloat16>() + b * out.stride(0),
                     q.stride(1), q.stride(2), out.stride(1), out.stride(2)});
   }
-  const int64_t items = (M + kAttnRows - 1) / kAttnRows, blocks = B * items;
-  const int64_t parts = std::max<int64_t>(1, std::min({at::get_num_threads() / blocks, int64_t{64}, L / kAttnPartKeys}));
-  const std::unique_ptr<float[]> outs(new float[blocks * parts * kAttnRows * D]),
-      largest(new float[blocks * parts * kAttnRows]), totals(new float[blocks * parts * kAttnRows]);
-  at::parallel_for(0, blocks * parts, 1, [&](int64_t w0, int64_t w1) {
-    std::vector<float> scores;
-    std::vector<uint32_t> pairs(D / 2 * kAttnRows);
-    for (int64_t w = w0; w < w1; ++w) {
-      const int64_t block = w / parts, part = w % parts, m0 = block % items * kAttnRows;
-      const ChunkAttention& a = rows[block / items];
-      alignas(64) int32_t lo[kAttnRows], hi[kAttnRows];
-      row_bounds(a, m0, lo, hi);
-      const int64_t first = *std::min_element(lo, lo + kAttnRows), last = *std::max_element(hi, hi + kAttnRows);
-      const int64_t width = (last - first + parts - 1) / parts;
-      const int64_t begin = std::min(last, first + part * width), end = std::min(last, begin + width);
-      scores.resize(std::max<int64_t>(1, end - begin) * kAttnRows);
-      attend_part(a, m0, begin, end, scores.data(), pairs.data(), outs.get() + w * kAttnRows * D,
-                  largest.get() + w * kAttnRows, totals.get() + w * kAttnRows);
-    }
-  });
-  at::parallel_for(0, blocks, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      merge_parts(rows[i / items], i % items * kAttnRows, parts, outs.get() + i * parts * kAttnRows * D,
-                  largest.get() + i * parts * kAttnRows, totals.get() + i * parts * kAttnRows);
-    }
-  });
+  if (M <= 16) {
+    attend_rows<16>(rows, M, D, L);
+  } else {
+    attend_rows<32>(rows, M, D, L);
+  }
 }
-
 // How many of PyTorch's threads at::parallel_for runs this extension's work on (1 if it was built without OpenMP).
 int64_t parallel_threads() {
   std::vector<std::atomic<bool>> seen(at::get_num_threads());
