@@ -71,18 +71,13 @@ class PartTimer:
             ops, rotate=self.timed("element-wise", ops.rotate), gated=self.timed("element-wise", ops.gated)
         )
         decoder.lm_head = self.timed("LM head", decoder.lm_head)
-        attend, attend_own = decoder._attend, decoder._attend_own
+        attend = decoder._attend
 
         def timed_attend(layer: Any, qk: torch.Tensor, v: torch.Tensor, size: int, *rest: Any) -> torch.Tensor:
             part = "chunk attention" if qk.shape[0] > size else "decode attention"
             return self.timed(part, attend)(layer, qk, v, size, *rest)
 
-        def timed_own(layer: Any, qk: torch.Tensor, v: torch.Tensor, cache: Any, blocks: Any, starts: Any) -> Any:
-            part = "chunk attention" if qk.shape[0] > starts.shape[0] else "decode attention"  # the ops' attention
-            return self.timed(part, attend_own)(layer, qk, v, cache, blocks, starts)
-
         decoder._attend = timed_attend
-        decoder._attend_own = timed_own
         decoder.forward = self.timed("forward", decoder.forward)
 
     def timed(self, part: str, fn: Callable[..., Any]) -> Callable[..., Any]:

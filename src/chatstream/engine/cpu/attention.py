@@ -8,11 +8,15 @@ queries, each reading the columns up to its own last query and, in a sliding-win
 window on: the causal mask's upper triangle and the columns outside every window are never computed (a 1,536-token
 prompt's prefill in bf16: 0.74× the time of one masked call, ``bench/prefill.py``). A row's allowed columns are the
 same either way, so the result is the same attention.
+
+Where the layer ops bring their own attention (the w8a8 extension's, :func:`attend_in_place`), a group whose rows
+hold all of the step's new tokens (:func:`full_rows`: decode steps, a prompt's chunks) runs it instead, on the same
+blocks' columns, each row from its own first column.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -68,3 +72,52 @@ def grouped(mask: torch.Tensor, groups: int) -> torch.Tensor:
     if mask.shape[2] > 1 and groups > 1:
         mask = mask.repeat(1, 1, groups, 1)
     return mask
+
+
+def full_rows(mask: torch.Tensor, new: int) -> torch.Tensor | None:
+    """Each row's first column (its left padding before), where every row of the ``[B, L]`` padding mask is padding
+    then tokens and holds all ``new`` new tokens (a decode step, a prompt's chunk); None otherwise (a prefill group
+    whose shorter rows are padded among the new tokens)."""
+    length = mask.shape[1]
+    starts = length - mask.sum(dim=1)
+    if int(starts.max()) > length - new:
+        return None
+    if not bool((torch.arange(length, device=mask.device) >= starts[:, None]).eq(mask).all()):
+        return None
+    return starts
+
+
+def attend_in_place(
+    attend: Callable[..., None],
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    blocks: Sequence[AttentionBlock],
+    starts: torch.Tensor,
+    window: int,
+    scale: float,
+) -> torch.Tensor:
+    """The attention of queries ``q`` ``[B, S, H, D]`` (rotated) over the cache's ``keys``/``values``
+    ``[B, Hkv, L, D]`` (the ``S`` new columns last) through ``attend``
+    (:data:`chatstream.engine.cpu.fast_path.ChunkAttention`), block by block, rows reading from ``starts``; returns
+    ``[B, S, H, D]``, the layout the output projection reads."""
+    _, new, heads, _ = q.shape
+    groups = heads // keys.shape[1]
+    first_column = keys.shape[2] - new  # the first new token's column
+    out = torch.empty_like(q)
+    for kv in range(keys.shape[1]):
+        query_heads = slice(kv * groups, (kv + 1) * groups)
+        for block in blocks:
+            tokens = slice(block.first, block.last)
+            attend(
+                q[:, tokens, query_heads],
+                keys[:, kv, block.start : block.end],
+                values[:, kv, block.start : block.end],
+                starts,
+                block.start,
+                first_column + block.first - block.start,
+                window,
+                scale,
+                out[:, tokens, query_heads],
+            )
+    return out

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from chatstream.engine.cpu.attention import AttentionBlock, attention_blocks
+from chatstream.engine.cpu.attention import AttentionBlock, attend_in_place, attention_blocks, full_rows
 from chatstream.engine.cpu.fast_path import (
     ONE_PLUS_WEIGHT_NORMS,
     Activation,
@@ -237,7 +237,8 @@ class FusedDecoder:
         x = F.embedding(_flat([part.input_ids for part in parts]), self.embed_weight)
         if self.embed_scale is not None:
             x = x * self.embed_scale
-        starts = [self._own_attention_starts(part.mask, new) for part, (_, new) in zip(parts, shapes, strict=True)]
+        own = self.ops.chunk_attention is not None  # groups that may run it: their rows' first columns, else None
+        starts = [full_rows(part.mask, new) if own else None for part, (_, new) in zip(parts, shapes, strict=True)]
         for index, layer in enumerate(self.layers):
             attention = [
                 (part.cache, blocks[layer.sliding_window], first)
@@ -283,11 +284,8 @@ class FusedDecoder:
         attended, start = [], 0
         for (size, new), (cache, blocks, starts) in zip(shapes, attention, strict=True):
             end = start + size * new
-            cache_layer = cache.buffered[index]
-            if starts is not None and qk.dtype == torch.bfloat16 and self.head_dim % 64 == 0:
-                attended.append(self._attend_own(layer, qk[start:end], v[start:end], cache_layer, blocks, starts))
-            else:
-                attended.append(self._attend(layer, qk[start:end], v[start:end], size, cache_layer, blocks))
+            own = starts if qk.dtype == torch.bfloat16 and self.head_dim % 64 == 0 else None
+            attended.append(self._attend(layer, qk[start:end], v[start:end], size, cache.buffered[index], blocks, own))
             start = end
         h = layer.o_proj(_rows(attended))
         if norms.post_attention is not None:
@@ -306,14 +304,21 @@ class FusedDecoder:
         size: int,
         cache_layer: BufferedLayer,
         blocks: list[AttentionBlock],
+        starts: torch.Tensor | None,
     ) -> torch.Tensor:
         """One group's attention: ``qk`` ``[B*S, Hq + Hkv, D]`` (rotated), ``v`` ``[B*S, Hkv*D]``; the new keys and
-        values are appended to ``cache_layer``. Returns ``[B*S, Hq*D]``."""
+        values are appended to ``cache_layer``. Returns ``[B*S, Hq*D]``. With ``starts`` (the rows' first columns)
+        the ops' own attention runs, else ``scaled_dot_product_attention`` per block."""
         tokens = qk.shape[0]
         new = tokens // size
         k = qk[:, self.num_heads :].view(size, new, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(size, new, self.num_kv_heads, self.head_dim).transpose(1, 2)
         keys, values = cache_layer.update(k, v)
+        if starts is not None and self.ops.chunk_attention is not None:
+            q_rows = qk[:, : self.num_heads].view(size, new, self.num_heads, self.head_dim)
+            window = layer.sliding_window or 0
+            out = attend_in_place(self.ops.chunk_attention, q_rows, keys, values, blocks, starts, window, layer.scaling)
+            return out.view(tokens, -1)
         # [B, Hkv, G, S, D]: query head h = kv * G + g; a block's queries are stacked per key head as [G * S_block]
         q = (
             qk[:, : self.num_heads]
@@ -330,58 +335,6 @@ class FusedDecoder:
             outputs.append(attended.view(size, self.num_kv_heads, self.groups, block.last - block.first, self.head_dim))
         attended = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=3)
         return attended.view(size, self.num_heads, new, self.head_dim).transpose(1, 2).reshape(tokens, -1)
-
-    def _own_attention_starts(self, mask: torch.Tensor, new: int) -> torch.Tensor | None:
-        """Each row's first column where a group may run the ops' own attention (None where it may not): its rows'
-        padding is a prefix of their columns and every row has all ``new`` tokens (a decode step, a prompt's chunk;
-        not a prefill group whose shorter rows are padded among the new tokens)."""
-        if self.ops.chunk_attention is None:
-            return None
-        length = mask.shape[1]
-        starts = length - mask.sum(dim=1)
-        if int(starts.max()) > length - new:
-            return None
-        if not bool((torch.arange(length, device=mask.device) >= starts[:, None]).eq(mask).all()):
-            return None
-        return starts
-
-    def _attend_own(
-        self,
-        layer: _Layer,
-        qk: torch.Tensor,
-        v: torch.Tensor,
-        cache_layer: BufferedLayer,
-        blocks: list[AttentionBlock],
-        starts: torch.Tensor,
-    ) -> torch.Tensor:
-        """:meth:`_attend` through the ops' ``chunk_attention`` for a group whose rows start at column ``starts``
-        (the causal and window masks follow from the columns; the blocks give the columns each block reads)."""
-        attend = self.ops.chunk_attention
-        assert attend is not None
-        size = starts.shape[0]
-        new = qk.shape[0] // size
-        k = qk[:, self.num_heads :].view(size, new, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        keys, values = cache_layer.update(k, v.view(size, new, self.num_kv_heads, self.head_dim).transpose(1, 2))
-        first_column = keys.shape[2] - new  # the first new token's column
-        q = qk[:, : self.num_heads].view(size, new, self.num_heads, self.head_dim)
-        out = q.new_empty((size, new, self.num_heads, self.head_dim))  # the layout o_proj reads: [B * S, H * D]
-        window = layer.sliding_window or 0
-        for kv in range(self.num_kv_heads):
-            heads = slice(kv * self.groups, (kv + 1) * self.groups)
-            for block in blocks:
-                tokens = slice(block.first, block.last)
-                attend(
-                    q[:, tokens, heads],
-                    keys[:, kv, block.start : block.end],
-                    values[:, kv, block.start : block.end],
-                    starts,
-                    block.start,
-                    first_column + block.first - block.start,
-                    window,
-                    layer.scaling,
-                    out[:, tokens, heads],
-                )
-        return out.view(size * new, -1)
 
     def _rotary(self, kind: str, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq, scaling = self.rope[kind]
