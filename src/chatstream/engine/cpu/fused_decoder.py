@@ -237,7 +237,9 @@ class FusedDecoder:
         x = F.embedding(_flat([part.input_ids for part in parts]), self.embed_weight)
         if self.embed_scale is not None:
             x = x * self.embed_scale
-        own = self.ops.chunk_attention is not None  # groups that may run it: their rows' first columns, else None
+        # the ops' own attention (bfloat16, head sizes in 64s): for groups whose rows hold all the new tokens, their
+        # rows' first columns (else None: scaled_dot_product_attention)
+        own = self.ops.chunk_attention is not None and x.dtype == torch.bfloat16 and self.head_dim % 64 == 0
         starts = [full_rows(part.mask, new) if own else None for part, (_, new) in zip(parts, shapes, strict=True)]
         for index, layer in enumerate(self.layers):
             attention = [
@@ -284,8 +286,9 @@ class FusedDecoder:
         attended, start = [], 0
         for (size, new), (cache, blocks, starts) in zip(shapes, attention, strict=True):
             end = start + size * new
-            own = starts if qk.dtype == torch.bfloat16 and self.head_dim % 64 == 0 else None
-            attended.append(self._attend(layer, qk[start:end], v[start:end], size, cache.buffered[index], blocks, own))
+            attended.append(
+                self._attend(layer, qk[start:end], v[start:end], size, cache.buffered[index], blocks, starts)
+            )
             start = end
         h = layer.o_proj(_rows(attended))
         if norms.post_attention is not None:
