@@ -310,19 +310,19 @@ torch::Tensor gated(torch::Tensor gate_up, const std::string& act) {
   return h.mul_(up);
 }
 
-// Attention of a block of new tokens of one row against its cache (a prefill chunk), on CPUs with AVX512-BF16.
-// Queries q [M, D] are the block's S tokens for each query head of one key head, stacked head by head (row m is token
-// m % S); keys and values [L, D] are the cache columns the block may read, the first at column `start`; row m's token
-// sits at column start + offset + m % S and reads the columns up to its own and, with a window, the last `window` of
-// them. Scores are dot products of bfloat16 pairs added up in float32 (VDPBF16PS), the softmax is float32 and so are
-// the probabilities that weigh the values (widened from bfloat16, exactly); the output is rounded to bfloat16 once.
-// Work items are blocks of kAttnRows query rows: one reads every key of its rows' union of columns, so the key and
-// value rows it loads serve 32 queries (four heads' 8 tokens, or one head's 32).
+// Attention of a block of new tokens of each row of a group against its cache (decode steps, prompt chunks), on CPUs
+// with AVX512-BF16. A row's query rows m = g * S + s are its block's S tokens for each of the G query heads of one key
+// head (read in place from the decoder's strided buffer); keys and values [L, D] are the cache columns the block may
+// read; token s sits at key column offset + s and reads the columns from the row's start (its left padding before)
+// up to its own and, with a window, the last `window` of them. Scores are dot products of bfloat16 pairs added up in
+// float32 (VDPBF16PS), the softmax is float32 and so are the probabilities that weigh the values (widened from
+// bfloat16, exactly); the output is rounded to bfloat16 once.
+// Work items are blocks of 32 query rows (two zmm of lanes; 16 where a block has no more): one reads every key of its
+// rows' union of columns, so the key and value rows it loads serve 32 queries (four heads' 8 tokens, or one head's 32).
 
 namespace {
 
-constexpr int64_t kAttnRows = 32;  // query rows per work item: two zmm of lanes
-constexpr int64_t kAttnKeys = 12;  // keys per register block of scores (2 x 12 accumulators)
+constexpr int64_t kAttnKeys = 12;  // keys per register block of scores (up to 2 x 12 accumulators)
 constexpr int64_t kAttnOutRows = 6;  // query rows per register block of the output (6 x 4 accumulators)
 constexpr int64_t kAttnPartKeys = 128;  // the fewest key columns worth a thread of their own
 
