@@ -16,10 +16,12 @@ blocks' columns, each row from its own first column.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from chatstream.engine.cpu.fast_path import ChunkAttention
 
 QUERY_BLOCK = 256
 """New tokens per block when a group runs at least twice as many in one forward."""
@@ -88,7 +90,7 @@ def full_rows(mask: torch.Tensor, new: int) -> torch.Tensor | None:
 
 
 def attend_in_place(
-    attend: Callable[..., None],
+    attend: ChunkAttention,
     q: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
@@ -99,7 +101,7 @@ def attend_in_place(
 ) -> torch.Tensor:
     """The attention of queries ``q`` ``[B, S, H, D]`` (rotated) over the cache's ``keys``/``values``
     ``[B, Hkv, L, D]`` (the ``S`` new columns last) through ``attend``
-    (:data:`chatstream.engine.cpu.fast_path.ChunkAttention`), block by block, rows reading from ``starts``; returns
+    block by block, rows reading from ``starts``; returns
     ``[B, S, H, D]``, the layout the output projection reads."""
     _, new, heads, _ = q.shape
     groups = heads // keys.shape[1]

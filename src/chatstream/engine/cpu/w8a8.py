@@ -67,10 +67,8 @@ def unavailable_reason() -> str | None:
 
 def attention_unavailable_reason() -> str | None:
     """Why :func:`chunk_attention` cannot run on this machine (None when it can)."""
-    reason = unavailable_reason()
-    if reason is None and any(flag not in _cpu_flags() for flag in ATTENTION_CPU_FLAGS):
-        reason = "this CPU lacks avx512_bf16"
-    return reason
+    missing = [flag for flag in ATTENTION_CPU_FLAGS if flag not in _cpu_flags()]
+    return unavailable_reason() or (f"this CPU lacks {', '.join(missing)}" if missing else None)
 
 
 def unsupported_shape(n: int, k: int) -> str | None:

@@ -449,10 +449,7 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void attend_part(const Ch
       for (int64_t j = first; j < last; ++j) {
         const at::BFloat16* value = a.v + j * a.v_stride + d0;
         __m512 vals[4];
-        for (int c = 0; c < 4; ++c) {
-          const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(value + 16 * c));
-          vals[c] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-        }
+        for (int c = 0; c < 4; ++c) vals[c] = load16(value + 16 * c);
         const float* p = scores + (j - first) * R;
         for (int64_t rr = 0; rr < kAttnOutRows; ++rr) {
           const __m512 w = _mm512_set1_ps(p[lane[rr]]);
@@ -490,20 +487,18 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void merge_parts(const Ch
         const float* part = outs + (p * R + r) * a.D + d0;
         acc = _mm512_fmadd_ps(_mm512_set1_ps(weight[p]), _mm512_loadu_ps(part), acc);
       }
-      const __m256bh rounded = _mm512_cvtneps_pbh(_mm512_mul_ps(acc, _mm512_set1_ps(1.0f / sum)));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + d0), (__m256i)rounded);
+      store16(o + d0, _mm512_mul_ps(acc, _mm512_set1_ps(1.0f / sum)));
     }
   }
 }
-
-}  // namespace
 
 // The work of chunk_attention for blocks of R query rows.
 template <int R>
 void attend_rows(const std::vector<ChunkAttention>& rows, int64_t M, int64_t D, int64_t L) {
   const int64_t B = static_cast<int64_t>(rows.size());
   const int64_t items = (M + R - 1) / R, blocks = B * items;
-  const int64_t parts = std::max<int64_t>(1, std::min({at::get_num_threads() / blocks, int64_t{64}, L / kAttnPartKeys}));
+  const int64_t parts =
+      std::max<int64_t>(1, std::min({at::get_num_threads() / blocks, int64_t{64}, L / kAttnPartKeys}));
   const std::unique_ptr<float[]> outs(new float[blocks * parts * R * D]),
       largest(new float[blocks * parts * R]), totals(new float[blocks * parts * R]);
   at::parallel_for(0, blocks * parts, 1, [&](int64_t w0, int64_t w1) {
@@ -518,25 +513,27 @@ void attend_rows(const std::vector<ChunkAttention>& rows, int64_t M, int64_t D, 
       const int64_t width = (last - first + parts - 1) / parts;
       const int64_t begin = std::min(last, first + part * width), end = std::min(last, begin + width);
       scores.resize(std::max<int64_t>(1, end - begin) * R);
-      attend_part<R>(a, m0, begin, end, scores.data(), pairs.data(), outs.get() + w * R * D,
-                  largest.get() + w * R, totals.get() + w * R);
+      attend_part<R>(a, m0, begin, end, scores.data(), pairs.data(), outs.get() + w * R * D, largest.get() + w * R,
+                     totals.get() + w * R);
     }
   });
   at::parallel_for(0, blocks, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       merge_parts<R>(rows[i / items], i % items * R, parts, outs.get() + i * parts * R * D,
-                  largest.get() + i * parts * R, totals.get() + i * parts * R);
+                     largest.get() + i * parts * R, totals.get() + i * parts * R);
     }
   });
 }
+
+}  // namespace
 
 // softmax(q k^T * scale + causal and window masks) v for one block of S new tokens of each of B rows (see
 // ChunkAttention), written into out: q and out [B, S, G, D] (G query heads of one key head; any strides but a
 // contiguous last dimension), k and v [B, L, D] with contiguous rows, all bfloat16, D a multiple of 64. Row b reads
 // the key columns from max(0, starts[b] - column0) on (its left padding before; starts in the cache's columns, k's
-// first column being the cache's column0). Work is split by rows, blocks of 32 query rows and, where there are
-// fewer blocks than threads (a decode step's few queries), by parts of the key columns whose results are merged. The
-// CPU must have AVX512-BF16 (the caller checks).
+// first column being the cache's column0). Work is split by rows, blocks of 32 (or 16) query rows and, where there
+// are fewer blocks than threads (a decode step's few queries), by parts of the key columns whose results are merged.
+// The CPU must have AVX512-BF16 (the caller checks).
 void chunk_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor starts, int64_t column0,
                      int64_t offset, int64_t window, double scale, torch::Tensor out) {
   TORCH_CHECK(q.dim() == 4 && out.sizes() == q.sizes() && k.dim() == 3 && v.dim() == 3,
@@ -551,7 +548,8 @@ void chunk_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::T
               "chunk_attention: k, v and starts (int64) must have q's rows");
   TORCH_CHECK(q.stride(3) == 1 && out.stride(3) == 1 && k.stride(2) == 1 && v.stride(2) == 1,
               "chunk_attention: the last dimension must be contiguous");
-  TORCH_CHECK(S > 0 && offset >= 0 && offset + S <= L, "chunk_attention: the block's tokens must lie in the key columns");
+  TORCH_CHECK(S > 0 && offset >= 0 && offset + S <= L,
+              "chunk_attention: the block's tokens must lie in the key columns");
   const auto first = starts.contiguous();
   std::vector<ChunkAttention> rows;
   for (int64_t b = 0; b < B; ++b) {
