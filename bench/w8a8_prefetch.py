@@ -133,7 +133,7 @@ def engine_round(engine: LLMEngine, ids: Callable[[int], list[int]], tag: str, s
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--level", choices=["kernel", "engine", "both"], default="both")
-    parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 16, 24, 64])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 24, 64])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--calls", type=int, default=9)
     parser.add_argument("--steps", type=int, default=20, help="decode steps timed per engine case and round")

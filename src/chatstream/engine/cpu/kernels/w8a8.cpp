@@ -90,8 +90,8 @@ void quantize_block(const In* x, int8_t* values, float* scale, int32_t* start) {
 // Rows [m0, m0 + MT) of one block of 16 output channels: the block's weights are loaded once per 4 inputs and used
 // by every row of the tile. With `next` (the block's first tile), the next block's weights are prefetched into L1,
 // 512 bytes per block of inputs. A step reads each layer's weights from memory once, and without it the hardware's
-// own prefetch left the tiles waiting for them at 8-64 rows (bench/w8a8_prefetch.py: 0.65-0.83x the time then, and
-// 1.03-1.08x with the weights already in the caches).
+// own prefetch left the tiles waiting for them at 4-64 rows (bench/w8a8_prefetch.py: 0.65-0.88x the time then, and
+// 1.03-1.14x with the weights already in the caches). One row keeps up with the memory without it (1.04x with it).
 template <int MT, typename Out>
 void tile(const uint8_t* w, const uint8_t* next, const QuantizedRows& rows, int64_t m0, __m512 wscale, __m512 bias,
           Out* out, int64_t N) {
@@ -145,7 +145,7 @@ void run(const In* x, int64_t M, int64_t K, const uint8_t* weights, const float*
       const __m512 ws = _mm512_loadu_ps(wscale + j * kBlockN);
       const __m512 bs = bias ? _mm512_loadu_ps(bias + j * kBlockN) : _mm512_setzero_ps();
       Out* o = out + j * kBlockN;
-      const uint8_t* next = CHATSTREAM_W8A8_PREFETCH && j + 1 < j1 ? w + K * kBlockN : nullptr;
+      const uint8_t* next = CHATSTREAM_W8A8_PREFETCH && M > 1 && j + 1 < j1 ? w + K * kBlockN : nullptr;
       int64_t m0 = 0;
       for (; m0 + 8 <= M; m0 += 8, next = nullptr) tile<8>(w, next, rows, m0, ws, bs, o, N);
       if (m0 < M) kLastTile<Out>[M - m0](w, next, rows, m0, ws, bs, o, N);
