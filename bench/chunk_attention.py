@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
 
 from bench.report import print_markdown, write_json  # noqa: E402
+from bench.stats import median_call_s  # noqa: E402
 from chatstream.engine.cpu import w8a8  # noqa: E402
 
 SHAPES = [  # (new tokens, key columns, window): decode steps, then chunks early and late in a long prompt
@@ -45,13 +46,9 @@ SHAPES = [  # (new tokens, key columns, window): decode steps, then chunks early
 
 
 def _median_ms(fn: Any, calls: int) -> float:
+    """The median milliseconds of ``calls`` calls of ``fn``, after one warm-up call."""
     fn()
-    times = []
-    for _ in range(calls):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return 1000 * statistics.median(times)
+    return median_call_s(fn, calls) * 1e3
 
 
 def _inputs(tokens: int, columns: int, window: int, groups: int, head_dim: int) -> dict[str, Any]:

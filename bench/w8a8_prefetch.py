@@ -36,6 +36,7 @@ sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
 
 from bench.engine_throughput import load  # noqa: E402
 from bench.report import print_markdown, write_json  # noqa: E402
+from bench.stats import median_call_s  # noqa: E402
 from bench.w8a8_kernel import SHAPES  # noqa: E402
 from chatstream.config import EngineConfig, SamplingParams  # noqa: E402
 from chatstream.engine.base import GenerationRequest  # noqa: E402
@@ -59,13 +60,9 @@ def build(name: str) -> Any:
 
 
 def median_ms(fn: Callable[[], Any], calls: int) -> float:
+    """The median milliseconds of ``calls`` calls of ``fn``, after one warm-up call."""
     fn()
-    times = []
-    for _ in range(calls):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1e3
+    return median_call_s(fn, calls) * 1e3
 
 
 Case = Callable[[Any], Any]
