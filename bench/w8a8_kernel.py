@@ -9,8 +9,9 @@ activations, so a row's result would depend on the other rows: not used by the e
 Random weights of each shape (the LM head 262,144 x 640, q/k/v 1,536 x 640, o 640 x 1,024, gate/up 4,096 x 640,
 down 640 x 2,048); each round times every kernel in turn (order rotating between rounds) on the same input, the
 median of ``--calls`` calls; the table shows the median over rounds and each kernel's time over bf16's. Also the
-rate at which one core issues VPDPBUSD and VDPBF16PS (24 independent sums), the arithmetic roof of both kernels.
-Results go to bench/results/w8a8_kernel.json.
+rate at which one core issues VPDPBUSD (and VDPBF16PS where the CPU has AVX512-BF16) with 16 independent sums in
+registers, the arithmetic roof of the w8a8 products (and of the extension's attention): a loop compiled here with
+PyTorch's extension builder (≈ 20 s the first time). Results go to bench/results/w8a8_kernel.json.
 """
 
 from __future__ import annotations
@@ -61,6 +62,71 @@ def kernels(weight: torch.Tensor) -> dict[str, Callable[[torch.Tensor], torch.Te
     }
 
 
+ROOF_SOURCE = r"""
+#include <torch/extension.h>
+#include <immintrin.h>
+#include <chrono>
+
+// 16 sums in registers, one instruction each per iteration (inline assembly, so that the compiler neither folds
+// nor copies them); the operands come from the run-time seed.
+#define SEED(i) _mm512_set1_epi32(seed + i)
+#define ROOF(NAME, INSTRUCTION)                                                                            \
+  double NAME(int64_t iterations, int64_t seed) {                                                        \
+    __m512i a0 = SEED(0), a1 = SEED(1), a2 = SEED(2), a3 = SEED(3), a4 = SEED(4), a5 = SEED(5), a6 = SEED(6),      \
+            a7 = SEED(7), a8 = SEED(8), a9 = SEED(9), a10 = SEED(10), a11 = SEED(11), a12 = SEED(12),            \
+            a13 = SEED(13), a14 = SEED(14), a15 = SEED(15);                                                      \
+    const __m512i w = _mm512_set1_epi32(0x3F803F80 + seed), x = _mm512_set1_epi32(0x3F803F81 + seed);     \
+    const auto start = std::chrono::steady_clock::now();                                                 \
+    for (int64_t n = 0; n < iterations; ++n) {                                                           \
+      asm(INSTRUCTION " %[w], %[x], %[a0]\n\t" INSTRUCTION " %[w], %[x], %[a1]\n\t"                    \
+          INSTRUCTION " %[w], %[x], %[a2]\n\t" INSTRUCTION " %[w], %[x], %[a3]\n\t"                    \
+          INSTRUCTION " %[w], %[x], %[a4]\n\t" INSTRUCTION " %[w], %[x], %[a5]\n\t"                    \
+          INSTRUCTION " %[w], %[x], %[a6]\n\t" INSTRUCTION " %[w], %[x], %[a7]"                          \
+          : [a0] "+v"(a0), [a1] "+v"(a1), [a2] "+v"(a2), [a3] "+v"(a3), [a4] "+v"(a4), [a5] "+v"(a5),     \
+            [a6] "+v"(a6), [a7] "+v"(a7)                                                                 \
+          : [w] "v"(w), [x] "v"(x));                                                                     \
+      asm(INSTRUCTION " %[w], %[x], %[a8]\n\t" INSTRUCTION " %[w], %[x], %[a9]\n\t"                    \
+          INSTRUCTION " %[w], %[x], %[a10]\n\t" INSTRUCTION " %[w], %[x], %[a11]\n\t"                  \
+          INSTRUCTION " %[w], %[x], %[a12]\n\t" INSTRUCTION " %[w], %[x], %[a13]\n\t"                  \
+          INSTRUCTION " %[w], %[x], %[a14]\n\t" INSTRUCTION " %[w], %[x], %[a15]"                        \
+          : [a8] "+v"(a8), [a9] "+v"(a9), [a10] "+v"(a10), [a11] "+v"(a11), [a12] "+v"(a12),              \
+            [a13] "+v"(a13), [a14] "+v"(a14), [a15] "+v"(a15)                                            \
+          : [w] "v"(w), [x] "v"(x));                                                                     \
+    }                                                                                                    \
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(); \
+    const __m512i all = _mm512_or_si512(                                                                 \
+        _mm512_or_si512(_mm512_or_si512(_mm512_or_si512(a0, a1), _mm512_or_si512(a2, a3)),               \
+                        _mm512_or_si512(_mm512_or_si512(a4, a5), _mm512_or_si512(a6, a7))),              \
+        _mm512_or_si512(_mm512_or_si512(_mm512_or_si512(a8, a9), _mm512_or_si512(a10, a11)),             \
+                        _mm512_or_si512(_mm512_or_si512(a12, a13), _mm512_or_si512(a14, a15))));         \
+    volatile int sink = _mm512_reduce_or_epi32(all);                                                     \
+    (void)sink;                                                                                          \
+    return iterations * 16 / seconds;                                                                    \
+  }
+
+ROOF(vnni_rate, "vpdpbusd")
+ROOF(bf16_rate, "vdpbf16ps")
+"""
+"""Two loops of 16 independent sums of one instruction each; the VDPBF16PS one is called only where the CPU has it."""
+
+
+def roof(seconds: float = 0.5) -> dict[str, float]:
+    """Instructions per second one thread issues: VPDPBUSD, and VDPBF16PS where the CPU has AVX512-BF16."""
+    from torch.utils.cpp_extension import load_inline
+
+    has_bf16 = w8a8.attention_unavailable_reason() is None
+    functions = ["vnni_rate", *(["bf16_rate"] if has_bf16 else [])]
+    module = load_inline(name="chatstream_bench_roof", cpp_sources=[ROOF_SOURCE], functions=functions,
+                         extra_cflags=["-O2", "-mavx512f"],
+                         verbose=False)  # fmt: skip
+    rates = {}
+    for name in functions:
+        fn = getattr(module, name)
+        iterations = max(1000, int(fn(100_000, 1) * seconds / 16))  # a first call sizes the timed one
+        rates[name.replace("_rate", "")] = max(fn(iterations, r + 2) for r in range(3))
+    return {{"vnni": "vpdpbusd_per_s", "bf16": "vdpbf16ps_per_s"}[k]: v for k, v in rates.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32])
@@ -98,7 +164,9 @@ def main() -> None:
     meta = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "torch": torch.__version__, "threads": args.threads,
             "rounds": args.rounds, "calls": args.calls, "machine": platform.processor() or platform.machine(),
             "load_average": os.getloadavg()[0]}  # fmt: skip
-    write_json(args.out, "w8a8_kernel.json", {"meta": meta, "results": results})
+    rates = roof()
+    print("one thread issues " + ", ".join(f"{name} {rate / 1e9:.2f} x 10^9" for name, rate in rates.items()))
+    write_json(args.out, "w8a8_kernel.json", {"meta": meta, "roof": rates, "results": results})
 
 
 if __name__ == "__main__":
