@@ -96,10 +96,6 @@ def kernel_cases(modules: dict[str, Any], rows: list[int], generator: torch.Gene
     return cases
 
 
-def _steps_ms(engine: LLMEngine, steps: int) -> float:
-    return median_ms(engine.step, steps)
-
-
 def engine_round(engine: LLMEngine, ids: Callable[[int], list[int]], tag: str, steps: int) -> dict[str, float]:
     """One round on one engine: decode steps at 8 and 32 rows, and 8 rows with chunks of each size."""
     out: dict[str, float] = {}
@@ -110,7 +106,7 @@ def engine_round(engine: LLMEngine, ids: Callable[[int], list[int]], tag: str, s
             engine.add_request(GenerationRequest(f"{tag}-{batch}-{i}", "", streams, prompt_token_ids=ids(60)))
         for _ in range(12):  # every stream prefilled and decoding
             engine.step()
-        out[f"engine decode, {batch} rows"] = _steps_ms(engine, steps)
+        out[f"engine decode, {batch} rows"] = median_ms(engine.step, steps)
         if batch == 8:
             joiner = SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True)
             engine.add_request(GenerationRequest(f"{tag}-joiner", "", joiner, prompt_token_ids=ids(1600)))
@@ -119,7 +115,7 @@ def engine_round(engine: LLMEngine, ids: Callable[[int], list[int]], tag: str, s
                 engine.step()
             for chunk in CHUNKS:
                 pacer.max_tokens = chunk
-                out[f"engine 8 rows + chunk of {chunk}"] = _steps_ms(engine, 4)
+                out[f"engine 8 rows + chunk of {chunk}"] = median_ms(engine.step, 4)
             pacer.max_tokens = 256
         engine.abort_all()
         for _ in range(3):
@@ -158,6 +154,10 @@ def main() -> None:
                 engines[name] = LLMEngine(model, tokenizer, config)
             w8a8.kernel = original  # type: ignore[assignment]
             vocab = int(model.config.vocab_size)
+
+            def ids(n: int) -> list[int]:
+                return torch.randint(300, vocab, (n,), generator=generator).tolist()
+
         gc.collect()
         for round_ in range(args.rounds + 1):  # round 0 warms up
             order = BUILDS if round_ % 2 == 0 else tuple(reversed(BUILDS))
@@ -168,7 +168,6 @@ def main() -> None:
                         record(case, name, ms)
                 if engines:
                     w8a8.kernel = lambda name=name: modules[name]  # type: ignore[assignment]  # calls made per step
-                    ids = lambda n: torch.randint(300, vocab, (n,), generator=generator).tolist()  # noqa: E731
                     for case, ms in engine_round(engines[name], ids, f"r{round_}-{name}", args.steps).items():
                         if round_:
                             record(case, name, ms)
