@@ -234,8 +234,14 @@ async def test_engine_serves_with_w8a8(make_tiny_engine: Any) -> None:
 @needs_kernel
 def test_the_kernel_lets_other_python_threads_run_while_it_computes() -> None:
     forward = w8a8.w8a8_linear(*quantize_int8(_weight(65536, 640)), None)
-    x = torch.randn(64, 640)
-    forward(x)
+    rows = 64
+    while True:  # sized on this machine, so that each call takes well over 10 ms however fast the CPU
+        x = torch.randn(rows, 640)
+        started = time.perf_counter()
+        forward(x)
+        if time.perf_counter() - started > 0.03 or rows >= 4096:
+            break
+        rows *= 2
     calls: list[float] = []
     done = threading.Event()
 
