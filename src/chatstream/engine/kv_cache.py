@@ -234,15 +234,17 @@ def _place(
     keys: torch.Tensor, values: torch.Tensor, pieces: Sequence[tuple[tuple[torch.Tensor, torch.Tensor], int]], pad: int
 ) -> None:
     """Write ``pieces`` (``((keys [H, m, D], values), n)``: their first ``n`` columns) one after the other into
-    ``keys``/``values`` ``[H, capacity, D]`` from column ``pad`` on; the ``pad`` columns before are zeroed."""
+    ``keys``/``values`` ``[H, capacity, D]`` from column ``pad`` on; the ``pad`` columns before are zeroed. One
+    ``torch.cat`` into the destination per tensor: a conversation's sixth turn has a dozen pieces in each of 18
+    layers, and a copy call per piece cost as much again as the copying."""
     if pad:
         keys[:, :pad].zero_()  # padding columns are masked, but must hold finite values
         values[:, :pad].zero_()
-    column = pad
-    for (key, value), n in pieces:
-        keys[:, column : column + n].copy_(key[:, :n])
-        values[:, column : column + n].copy_(value[:, :n])
-        column += n
+    if not pieces:
+        return
+    end = pad + sum(n for _, n in pieces)
+    torch.cat([key[:, :n] for (key, _), n in pieces], dim=1, out=keys[:, pad:end])
+    torch.cat([value[:, :n] for (_, value), n in pieces], dim=1, out=values[:, pad:end])
 
 
 def _gather(tensor: torch.Tensor, rows: torch.Tensor, trim_left: int, cap: int) -> torch.Tensor:
