@@ -24,11 +24,12 @@ DEFAULT_CACHE = Path(os.environ.get("CHATSTREAM_BENCH_CACHE", Path.home() / ".ca
 GEMMA_TEMPLATE = BENCH_DIR / "gemma_chat_template.jinja"
 
 KINDS = ("ours", "vllm", "original", "llamacpp")
-DTYPES = ("bf16", "fp32", "int4", "int4bf16", "w8a8bf16", "q4km")
+DTYPES = ("bf16", "bf16torch", "fp32", "int4", "int4bf16", "w8a8bf16", "q4km")
 """``int4``: ours with weight-only int4 linear layers for decoding rows on the fp32 checkpoint (prefill in fp32);
 ``int4bf16``: the same on the bf16 checkpoint (what ``--weight-quantization int4`` gets by default on a CPU with fast
 bf16); ``w8a8bf16``: ours with ``--weight-quantization w8a8`` (int8 weights and activations for decoding rows) on the
-bf16 checkpoint; ``q4km``: the GGUF's own Q4_K_M weights."""
+bf16 checkpoint; ``bf16torch``: ours on the bf16 checkpoint with ``--cpu-kernels off`` (PyTorch's norms, rotary
+embedding, MLP gate and attention: the bf16 engine before round 15); ``q4km``: the GGUF's own Q4_K_M weights."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ ALL_SERVERS = (
     ServerSpec("ours", "int4", ("openai", "native")),
     ServerSpec("ours", "int4bf16", ("openai", "native")),
     ServerSpec("ours", "w8a8bf16", ("openai", "native")),
+    ServerSpec("ours", "bf16torch", ("openai", "native")),
     ServerSpec("llamacpp", "q4km", ("openai",)),
 )
 
@@ -122,8 +124,9 @@ def build_command(spec: ServerSpec, options: LaunchOptions, port: int) -> tuple[
     return argv + list(options.extra_args), env
 
 
-_OURS_QUANTIZED = {"int4": ("fp32", "int4"), "int4bf16": ("bf16", "int4"), "w8a8bf16": ("bf16", "w8a8")}
-"""The checkpoint dtype and the weight quantization of ours' quantized servers."""
+_OURS_VARIANTS = {"int4": ("fp32", "int4"), "int4bf16": ("bf16", "int4"), "w8a8bf16": ("bf16", "w8a8"),
+                  "bf16torch": ("bf16", None)}  # fmt: skip
+"""The checkpoint dtype and the weight quantization of ours' servers whose name is not a dtype."""
 
 
 def _ours_command(spec: ServerSpec, options: LaunchOptions, port: int) -> list[str]:
@@ -135,9 +138,10 @@ def _ours_command(spec: ServerSpec, options: LaunchOptions, port: int) -> list[s
     if options.mock:
         argv += ["--mock"]
     else:
-        base, quantization = _OURS_QUANTIZED.get(spec.dtype, (spec.dtype, None))
+        base, quantization = _OURS_VARIANTS.get(spec.dtype, (spec.dtype, None))
         argv += ["--model", str(options.model_dir), "--dtype", base]
         argv += ["--weight-quantization", quantization] if quantization else []
+        argv += ["--cpu-kernels", "off"] if spec.dtype == "bf16torch" else []
     if options.max_prefill_tokens is not None:
         argv += ["--max-prefill-tokens", str(options.max_prefill_tokens)]
     if options.max_decode_slowdown is not None:

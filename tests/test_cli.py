@@ -174,7 +174,7 @@ def test_no_fused_decoder_reaches_the_engine_config(tiny_model_dir: Path) -> Non
         assert chat_stream.engine_config.fused_decoder is fused
 
 
-def test_prefill_budget_slowdown_and_weight_quantization_reach_the_engine_config(tiny_model_dir: Path) -> None:
+def test_prefill_budget_slowdown_quantization_and_cpu_kernels_reach_the_engine_config(tiny_model_dir: Path) -> None:
     argv = ["chat", "--model", str(tiny_model_dir), "--device", "cpu", "--dtype", "fp32"]
     cases = (
         ([], 256, 2.5, None),
@@ -192,7 +192,12 @@ def test_prefill_budget_slowdown_and_weight_quantization_reach_the_engine_config
         assert chat_stream.engine_config.max_prefill_tokens == budget
         assert chat_stream.engine_config.max_decode_slowdown == slowdown
         assert chat_stream.engine_config.weight_quantization == quantization
-    bad_values = (["--max-prefill-tokens", "0"], ["--weight-quantization", "int3"], ["--max-decode-slowdown", "0.5"])
+    for value, setting in (("auto", None), ("on", True), ("off", False)):
+        args = build_parser().parse_args([*argv, "--cpu-kernels", value])
+        assert cli.build_chat_stream(args, max_concurrency=1, max_queue_size=0, reject_as_http_error=False
+                                     ).engine_config.cpu_kernels is setting  # fmt: skip
+    bad_values = (["--max-prefill-tokens", "0"], ["--weight-quantization", "int3"], ["--max-decode-slowdown", "0.5"],
+                  ["--cpu-kernels", "yes"])  # fmt: skip
     for bad in bad_values:
         with pytest.raises(SystemExit):
             build_parser().parse_args([*argv, *bad])

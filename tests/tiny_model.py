@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from chatstream.config import SamplingParams
 from chatstream.engine.base import Delta, FinishReason, RequestStream
@@ -153,3 +153,19 @@ def reference(model: Any, prompt_ids: list[int], max_new_tokens: int) -> list[in
     with torch.inference_mode():
         out = model.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=max_new_tokens)
     return out[0, len(prompt_ids) :].tolist()
+
+
+def tiny_gemma(
+    vocab: int, layer_types: tuple[str, ...] = ("sliding_attention", "full_attention", "sliding_attention")
+) -> Gemma3ForCausalLM:
+    """A tiny random Gemma-3 in bfloat16 with heads of 64 (the kernel extension's attention takes them) and a window
+    of 24; the same weights every call."""
+    config = Gemma3TextConfig(
+        vocab_size=vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=64, sliding_window=24, max_position_embeddings=1024,
+        layer_types=list(layer_types), initializer_range=0.3,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(11)
+        return Gemma3ForCausalLM(config).eval().to(torch.bfloat16)

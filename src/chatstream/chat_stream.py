@@ -99,6 +99,9 @@ class ChatStream:
         weight_quantization: None, "int8", "int4" or "w8a8": the fused CPU decoder decodes (w8a8: also prefills)
             with weights quantized at load time (``--weight-quantization``; off by default; docs/performance.md shows
             speed and quality).
+        cpu_kernels: the fused CPU decoder's norms, rotary embedding, MLP gate and attention in the compiled
+            extension (``--cpu-kernels``; None: with w8a8 and for bfloat16 models where it can run; True: always;
+            False: PyTorch's operators; ``EngineConfig.cpu_kernels``).
         max_body_bytes: the largest request body accepted (default 1 MiB); longer ones get 413 before they are
             read whole.
         fair_queue: serve the waiting line fairly across users (default); False: first come, first served.
@@ -172,6 +175,7 @@ class ChatStream:
         max_prefill_tokens: int = EngineConfig.max_prefill_tokens,
         max_decode_slowdown: float | None = EngineConfig.max_decode_slowdown,
         weight_quantization: str | None = None,
+        cpu_kernels: bool | None = None,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         fair_queue: bool = True,
         max_running_per_user: int | None = None,
@@ -225,6 +229,7 @@ class ChatStream:
             max_prefill_tokens=max_prefill_tokens,
             max_decode_slowdown=max_decode_slowdown,
             weight_quantization=weight_quantization,
+            cpu_kernels=cpu_kernels,
         )
         self.client_roles = ClientRoles.from_config(client_roles)
         self.chat_prompt_clazz = chat_prompt_clazz or default_prompt_class(tokenizer, use_mock_response)

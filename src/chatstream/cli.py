@@ -28,6 +28,7 @@ from chatstream.cli_engines import (
 )
 from chatstream.cli_options import (
     API_KEYS_ENV,
+    CPU_KERNELS,
     DEFAULT_MAX_BODY_BYTES,
     LOG_LEVELS,
     ModelOptionError,
@@ -267,6 +268,7 @@ def build_chat_stream(
         max_prefill_tokens=args.max_prefill_tokens,
         max_decode_slowdown=args.max_decode_slowdown or None,
         weight_quantization=args.weight_quantization,
+        cpu_kernels=CPU_KERNELS[args.cpu_kernels],
         devices=getattr(args, "devices", None),
         **common,
     )

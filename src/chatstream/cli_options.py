@@ -71,12 +71,23 @@ def add_model_options(parser: argparse.ArgumentParser, default_log_level: str) -
         help="decode (w8a8: also prefill) with weights quantized at load time by the fused CPU decoder "
         "(default: the model's own)",
     )
+    group.add_argument(
+        "--cpu-kernels",
+        choices=tuple(CPU_KERNELS),
+        default="auto",
+        help="the fused CPU decoder's norms, rotary embedding, MLP gate and attention in the compiled extension: "
+        "auto: with w8a8 and for bfloat16 models where the CPU and a C++ compiler allow; on: always (an error where "
+        "they cannot run); off: PyTorch's operators (default: %(default)s)",
+    )
     group.add_argument("--mock", action="store_true", help="answer with canned text; no model is loaded")
     group.add_argument("--mock-type", choices=("round", "long", "echo"), default="round")
     group.add_argument("--mock-time-per-token", type=_float_at_least(0.0), default=0.02, metavar="SEC")
     group.add_argument("--mock-initial-wait", type=_float_at_least(0.0), default=0.0, metavar="SEC")
     group.add_argument("--log-level", choices=LOG_LEVELS, default=default_log_level)
 
+
+CPU_KERNELS: dict[str, bool | None] = {"auto": None, "on": True, "off": False}
+"""``--cpu-kernels`` → ``EngineConfig.cpu_kernels``."""
 
 ENGINE_CHOICES = ("transformers", "vllm", "upstream", "mock")
 

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from chatstream.cli_data import ServeData
+from chatstream.cli_options import CPU_KERNELS
 from chatstream.config import EngineConfig, MockConfig
 from chatstream.ray import EngineSpec, FrontSettings, ReplicaSettings
 from chatstream.ray.launch import default_gpus_per_replica
@@ -25,6 +26,7 @@ def engine_settings(args: argparse.Namespace, model_dir: str | None) -> tuple[En
         max_prefill_tokens=args.max_prefill_tokens,
         max_decode_slowdown=args.max_decode_slowdown or None,
         weight_quantization=args.weight_quantization,
+        cpu_kernels=CPU_KERNELS[args.cpu_kernels],
     )
     if args.mock or model_dir is None:
         mock = MockConfig.from_seed_params({"type": args.mock_type, "time_per_token_sec": args.mock_time_per_token})

@@ -55,6 +55,7 @@ class LLMEngine:
             fused_decoder=self.config.fused_decoder,
             quantization=self.config.weight_quantization,
             quantization_group_size=self.config.quantization_group_size,
+            cpu_kernels=self.config.cpu_kernels,
         )
         kv_bytes_per_token = self.model_runner.kv_bytes_per_token() if self.config.prefix_cache_bytes > 0 else 0
         self.scheduler = Scheduler(self.config, kv_bytes_per_token)

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from chatstream.engine import sampler, structured
+from chatstream.engine.cpu import w8a8
 from chatstream.engine.cpu.fast_path import CpuFastPath, packing_supported
 from chatstream.engine.cpu.fused_decoder import FusedDecoder
 from chatstream.engine.kv_cache import BatchKVCache, DecodeBatch, ForwardGroup, RowKV
@@ -66,6 +67,7 @@ class ModelRunner:
         fused_decoder: bool = True,
         quantization: str | None = None,
         quantization_group_size: int = 32,
+        cpu_kernels: bool | None = None,
     ) -> None:
         self.model = model
         self.fast_path = CpuFastPath.for_model(model) if pack_weights and packing_supported(model) else None
@@ -78,6 +80,8 @@ class ModelRunner:
             self.fused = FusedDecoder.for_model(
                 model, self.transformers_forward, fast_path=self.fast_path, pack=pack_weights
             )
+            if self.fused is not None:
+                self._use_cpu_kernels(model, cpu_kernels, quantization)
             if self.fused is not None and quantization is not None:
                 self.fused.quantize(model, quantization, quantization_group_size)
             elif quantization is not None:
@@ -85,6 +89,29 @@ class ModelRunner:
         self.batches: list[DecodeBatch] = []
         self.group: PrefillGroup | None = None
         self.kept: dict[int, RowKV] = {}
+
+    def _use_cpu_kernels(self, model: Any, setting: bool | None, quantization: str | None) -> None:
+        """Move the fused decoder's element-wise work and attention to the kernel extension where ``setting``
+        (``EngineConfig.cpu_kernels``) asks for it and the probe agrees; before quantizing, so that the probe checks
+        them on the model's own weights."""
+        assert self.fused is not None
+        if setting is False or (setting is None and quantization != "w8a8" and self.fused.dtype != torch.bfloat16):
+            return
+        reason = w8a8.unavailable_reason()
+        if reason is not None:
+            if setting:
+                raise RuntimeError(f"cpu_kernels=True, but the kernel extension cannot run here: {reason}")
+            logger.info("fused decoder: PyTorch's operators (the kernel extension cannot run here: %s)", reason)
+            return
+        mismatch = self.fused.use_checked_ops(model, w8a8.layer_ops(), self.transformers_forward)
+        if mismatch is not None:
+            if setting:
+                raise RuntimeError(f"cpu_kernels=True, but the kernel extension's operations disagree: {mismatch}")
+            logger.warning("fused decoder: PyTorch's operators (with the kernel extension's, %s)", mismatch)
+            return
+        attention = "with" if self.fused.ops.chunk_attention is not None else "without"
+        logger.info("fused decoder: norms, rotary embedding and MLP gate in the kernel extension, %s its attention",
+                    attention)  # fmt: skip
 
     # ---- plans -----------------------------------------------------------------------------------------------------
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 import torch
+from tests.tiny_model import tiny_gemma
 from torch.nn import functional as F
-from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
 from chatstream.engine.cpu import w8a8
 from chatstream.engine.cpu.fast_path import LayerOps
@@ -97,19 +97,6 @@ def test_it_rejects_what_it_cannot_read() -> None:
         w8a8.chunk_attention(q.float(), k.float(), k.float(), 8, 2, 0, 1.0)
 
 
-def _gemma(vocab: int, layer_types: tuple[str, ...] = ("sliding_attention", "full_attention", "sliding_attention")
-           ) -> Gemma3ForCausalLM:
-    config = Gemma3TextConfig(
-        vocab_size=vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=1, head_dim=64, sliding_window=24, max_position_embeddings=1024,
-        layer_types=list(layer_types), initializer_range=0.3,
-        tie_word_embeddings=False,
-    )  # fmt: skip
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(11)
-        return Gemma3ForCausalLM(config).eval().to(torch.bfloat16)
-
-
 def _counting(decoder: FusedDecoder, kernel: Any) -> list[int]:
     """Install ``kernel`` as the decoder's chunk attention (None: none); returns a list that counts its calls."""
     calls: list[int] = []
@@ -145,7 +132,7 @@ def test_the_fused_decoder_runs_a_prompts_chunks_on_it(tiny_tokenizer: Any) -> N
     """A prompt prefilled in chunks past the window, alone and as two rows: logits within bfloat16 rounding of the
     decoder's own attention and the same next tokens; the kernel runs for every layer of every chunk (the last, of
     one token, as a decode step)."""
-    model = _gemma(len(tiny_tokenizer))
+    model = tiny_gemma(len(tiny_tokenizer))
     prompt = torch.randint(3, len(tiny_tokenizer), (90,), generator=torch.Generator().manual_seed(2)).tolist()
     chunks = [prompt[:40], prompt[40:57], prompt[57:89], prompt[89:]]
     plain, fused = FusedDecoder(model), FusedDecoder(model)
@@ -160,7 +147,7 @@ def test_left_padded_rows_decode_on_it_and_a_padded_prefill_does_not(tiny_tokeni
     """Two prompts of 10 and 60 tokens prefilled together (the shorter padded among the new tokens: the decoder's
     own attention), then decoded four steps (each row from its own first column: the kernel); every layer attends
     to every column, so a row reading its padding would differ."""
-    model = _gemma(len(tiny_tokenizer), ("full_attention",) * 3)
+    model = tiny_gemma(len(tiny_tokenizer), ("full_attention",) * 3)
     generator = torch.Generator().manual_seed(4)
     prompts = [torch.randint(3, len(tiny_tokenizer), (n,), generator=generator).tolist() for n in (10, 60)]
     ids = torch.zeros((2, 60), dtype=torch.long)

@@ -28,7 +28,7 @@ import torch
 
 from chatstream.config import WEIGHT_QUANTIZATIONS
 from chatstream.engine.cpu import w8a8
-from chatstream.engine.cpu.fast_path import Forward, LayerOps
+from chatstream.engine.cpu.fast_path import Forward
 
 logger = logging.getLogger(__name__)
 
@@ -38,9 +38,6 @@ INT4_INNER_K_TILES = 1
 EVERY_ROW_MODES = frozenset({"w8a8"})
 """Modes whose kernel also serves prefill rows (faster than the unquantized packed weights at every batch size
 measured); the others serve the decoding rows only."""
-KERNEL_OPS_MODES = frozenset({"w8a8"})
-"""Modes whose kernel extension also runs the RMSNorms, the rotary embedding and the MLP gate (one call each instead
-of PyTorch's few to dozen operators)."""
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,14 +155,12 @@ class QuantizableDecoder(Protocol):
     lm_head: Forward
     decode_rows: DecodeRows
 
-    def use_ops(self, model: Any, ops: LayerOps) -> None: ...
-
 
 def quantize_decoder(decoder: QuantizableDecoder, model: Any, mode: str, group_size: int) -> int:
     """Give the decoder's linear layers (per layer q/k/v, o, gate/up, down; the LM head) quantized weights built from
-    ``model``'s, for its decoding rows (``decoder.decode_rows``) or, in :data:`EVERY_ROW_MODES`, for every row, and in
-    :data:`KERNEL_OPS_MODES` move its RMSNorms, rotary embedding and MLP gate to the kernel's; returns how many linear
-    layers got quantized weights."""
+    ``model``'s, for its decoding rows (``decoder.decode_rows``) or, in :data:`EVERY_ROW_MODES`, for every row;
+    returns how many linear layers got quantized weights. (The RMSNorms, rotary embedding, MLP gate and attention
+    move to the kernel extension's separately: ``EngineConfig.cpu_kernels``.)"""
     replaced = 0
 
     def swap(current: Forward, *linears: torch.nn.Linear) -> Forward:
@@ -185,12 +180,6 @@ def quantize_decoder(decoder: QuantizableDecoder, model: Any, mode: str, group_s
             layer.gate_up = swap(layer.gate_up, mlp.gate_proj, mlp.up_proj)
             layer.down = swap(layer.down, mlp.down_proj)
         decoder.lm_head = swap(decoder.lm_head, model.get_output_embeddings())
-        if mode in KERNEL_OPS_MODES:
-            attention = w8a8.chunk_attention_into if w8a8.attention_unavailable_reason() is None else None
-            decoder.use_ops(
-                model,
-                LayerOps(rms_norm=w8a8.rms_norm, rotate=w8a8.rotate, gated=w8a8.gated, chunk_attention=attention),
-            )
     logger.info("fused decoder: %d linear layers quantized to %s", replaced, mode)
     return replaced
 

@@ -6,9 +6,10 @@ int8 kernel converts every weight to bfloat16 and ends up slower than the unquan
 quantized when the layer runs, one scale per 32 inputs (as llama.cpp's ``Q8_0`` activations), and ``VPDPBUSD`` adds
 64 byte products per instruction. A row's result depends on that row alone, whatever else shares the step. The same
 arithmetic beats the bfloat16 weights at prefill sizes (32–256 rows) too, so the w8a8 mode runs every row on it.
-The mode's RMSNorms, rotary embeddings and MLP gates run in the same extension (:func:`rms_norm`, :func:`rotate`,
-:func:`gated`): one call each, where PyTorch runs a dozen to a few small operators whose overhead at one decoding
-row is more than their arithmetic. Every call lets go of the GIL while it computes, as PyTorch's operators do, so
+The fused decoder's RMSNorms, rotary embeddings and MLP gates run in the same extension (:func:`rms_norm`,
+:func:`rotate`, :func:`gated`; with w8a8 and, by default, for bfloat16 models: ``EngineConfig.cpu_kernels``): one call
+each, where PyTorch runs a dozen to a few small operators whose overhead at one decoding row is more than their
+arithmetic; and on CPUs with AVX512-BF16 its attention (:func:`chunk_attention_into`). Every call lets go of the GIL while it computes, as PyTorch's operators do, so
 the event loop's thread keeps serving while the engine's thread is in the kernel.
 
 The C++ source (``kernels/w8a8.cpp``) is compiled with PyTorch's extension builder the first time a process asks for
@@ -89,11 +90,11 @@ def kernel() -> Any:
     ninja_dir = _ninja_dir()
     if ninja_dir is not None and shutil.which("ninja") is None:  # the pip package's binary, off PATH in a venv
         os.environ["PATH"] = ninja_dir + os.pathsep + os.environ.get("PATH", "")
-    logger.info("w8a8: building or loading the kernel (about 40 s the first time on a machine)")
+    logger.info("kernel extension: building or loading it (about 40 s the first time on a machine)")
     started = time.monotonic()
     module = load(name="chatstream_w8a8", sources=[str(SOURCE)], extra_cflags=COMPILER_FLAGS,
                   extra_ldflags=["-fopenmp"], verbose=False)  # fmt: skip
-    logger.info("w8a8: kernel ready in %.1f s", time.monotonic() - started)
+    logger.info("kernel extension: ready in %.1f s", time.monotonic() - started)
     return module
 
 
@@ -184,6 +185,14 @@ def chunk_attention_into(
 
 
 _NO_PADDING = torch.zeros(1, dtype=torch.long)
+
+
+def layer_ops() -> fast_path.LayerOps:
+    """The fused decoder's element-wise work in the extension (:func:`rms_norm`, :func:`rotate`, :func:`gated`) and,
+    where the CPU has AVX512-BF16, its attention (:func:`chunk_attention_into`); builds or loads the extension."""
+    kernel()
+    attention = chunk_attention_into if attention_unavailable_reason() is None else None
+    return fast_path.LayerOps(rms_norm=rms_norm, rotate=rotate, gated=gated, chunk_attention=attention)
 
 
 def gated(act: fast_path.Activation, gate_up: torch.Tensor) -> torch.Tensor:
