@@ -2,11 +2,15 @@
 
     PYTHONPATH=src python bench/quant_quality.py                      # the embedded Gemma-3-270M, fp32
     PYTHONPATH=src python bench/quant_quality.py --modes int8 int4 --prompts 8 --new-tokens 32
+    PYTHONPATH=src python bench/quant_quality.py --dtype bf16 --modes --cpu-kernels --against-fp32
 
 For each mode: the greedy continuations of a fixed prompt set (bench/prompts.json) through the engine, compared
-with the unquantized ones (identical continuations, tokens matching before the first difference), and the
-perplexity of a fixed text when every token is predicted by the quantized decode path (teacher-forced: row ``i`` of
-one batch holds the first ``i + 1`` tokens). Results go to bench/results/quant_quality.json.
+with the unquantized ones on PyTorch's operators (``cpu_kernels=False``; identical continuations, tokens matching
+before the first difference), and the perplexity of a fixed text when every token is predicted by the quantized
+decode path (teacher-forced: row ``i`` of one batch holds the first ``i + 1`` tokens). ``--cpu-kernels`` adds the
+unquantized model on the kernel extension's norms, rotary embedding, MLP gate and attention (``cpu_kernels=True``).
+Quantized modes run with the engine's default ``cpu_kernels``. ``--against-fp32`` also compares every row's answers
+with the float32 model's (``vs_fp32``). Results go to bench/results/quant_quality.json.
 """
 
 from __future__ import annotations
@@ -81,7 +85,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="model folder or GGUF (default: the embedded Gemma-3-270M)")
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
-    parser.add_argument("--modes", nargs="+", default=["int8", "int4"], choices=WEIGHT_QUANTIZATIONS)
+    parser.add_argument("--modes", nargs="*", default=["int8", "int4"], choices=WEIGHT_QUANTIZATIONS)
+    parser.add_argument("--cpu-kernels", action="store_true", help="add the model on the extension's operations")
+    parser.add_argument("--against-fp32", action="store_true", help="also compare every row with float32's answers")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--text-tokens", type=int, default=128, help="tokens of the perplexity text")
@@ -93,16 +99,28 @@ def main() -> None:
     text_ids = tokenizer.encode(" ".join(data["single"]))[: args.text_tokens]
     results: dict[str, Any] = {}
     reference: list[list[int]] = []
-    for mode in [None, *args.modes]:
+    configs: list[tuple[str, dict[str, Any]]] = [(args.dtype, {"cpu_kernels": False})]
+    configs += [(f"{args.dtype} on the extension's operations", {"cpu_kernels": True})] if args.cpu_kernels else []
+    configs += [(mode, {"weight_quantization": mode}) for mode in args.modes]
+    answers: dict[str, list[list[int]]] = {}
+    for name, options in configs:
         started = time.perf_counter()
-        llm = LLMEngine(model, tokenizer, EngineConfig(prefix_cache_bytes=0, weight_quantization=mode))
+        llm = LLMEngine(model, tokenizer, EngineConfig(prefix_cache_bytes=0, **options))
         got = continuations(llm, prompts, args.new_tokens)
         row: dict[str, Any] = {"perplexity": perplexity(llm, text_ids)}
         reference = reference or got
         row.update(compare(reference, got))
+        answers[name] = got
         row["seconds"] = time.perf_counter() - started
-        results[mode or args.dtype] = row
-        print(mode or args.dtype, {k: round(v, 4) for k, v in row.items()}, flush=True)
+        results[name] = row
+        print(name, {k: round(v, 4) for k, v in row.items()}, flush=True)
+    if args.against_fp32:
+        model, tokenizer = load_model(args.model, dtype="fp32")
+        llm = LLMEngine(model, tokenizer, EngineConfig(prefix_cache_bytes=0, cpu_kernels=False))
+        fp32 = continuations(llm, prompts, args.new_tokens)
+        for name, got in answers.items():
+            results[name]["vs_fp32"] = compare(fp32, got)
+            print(name, "against float32:", {k: round(v, 4) for k, v in results[name]["vs_fp32"].items()})
     meta = {"model": args.model or "embedded Gemma-3-270M", "dtype": args.dtype, "prompts": len(prompts)}
     meta.update(new_tokens=args.new_tokens, text_tokens=len(text_ids), torch=torch.__version__)
     meta.update(time=time.strftime("%Y-%m-%dT%H:%M:%S"), load_average=os.getloadavg()[0])

@@ -178,9 +178,10 @@ class EngineConfig:
             bfloat16 activations) attention in the kernel extension that ``"w8a8"`` compiles (x86-64 with
             AVX512-VNNI, a C++ compiler and ``ninja``; about 40 s the first time on a machine): one call each where
             PyTorch runs a few to a dozen operators, and an attention that reads each row's columns in place.
-            None (the default): with ``"w8a8"`` and for bfloat16 models, where the extension can run (the fused
-            decoder is probed against transformers with them, and keeps PyTorch's where they disagree); True:
-            also for other dtypes, and an error where the extension cannot run; False: PyTorch's operators always.
+            None (the default): with ``"w8a8"`` and for bfloat16 models, where the extension can run; True: also
+            for other dtypes, and an error where the extension cannot run; False: PyTorch's operators always. The
+            results are PyTorch's but for the last bit of some norms (their float32 sums add up in another order)
+            and the attention's probabilities (float32, not rounded to bfloat16).
     """
 
     context_len: int = 1024

@@ -1,16 +1,15 @@
 """``EngineConfig.cpu_kernels``: which models run their norms, rotary embedding, MLP gate and attention in the kernel
-extension, the probe that guards it, and the same tokens as PyTorch's operators."""
+extension, and the same tokens as PyTorch's operators."""
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import pytest
 import torch
 from tests.tiny_model import PROMPTS, tiny_gemma
 
-from chatstream.engine.cpu import fast_path, w8a8
+from chatstream.engine.cpu import w8a8
 from chatstream.engine.cpu.fast_path import LayerOps
 from chatstream.engine.model_runner import ModelRunner
 
@@ -65,21 +64,3 @@ def test_asking_for_them_where_they_cannot_run_is_an_error(tiny_model: Any, monk
         ModelRunner(tiny_model, cpu_kernels=True)
     runner = ModelRunner(tiny_gemma(512))  # by default: PyTorch's, quietly
     assert runner.fused is not None and runner.fused.ops == LayerOps()
-
-
-@needs_attention
-def test_operations_that_disagree_with_transformers_are_not_used(
-    tiny_tokenizer: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    def wrong_rotate(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        return fast_path.rotate(qk, sin, cos)  # sine and cosine swapped
-
-    monkeypatch.setattr(w8a8, "layer_ops", lambda: LayerOps(rms_norm=w8a8.rms_norm, rotate=wrong_rotate))
-    model = tiny_gemma(len(tiny_tokenizer))
-    with caplog.at_level(logging.WARNING, logger="chatstream.engine.model_runner"):
-        runner = ModelRunner(model)
-    assert runner.fused is not None and runner.fused.ops == LayerOps()
-    assert runner.fused.final_norm.__name__ != "kernel_rms_norm"  # the norms were rebuilt with PyTorch's too
-    assert "PyTorch's operators (with the kernel extension's, its" in caplog.text
-    with pytest.raises(RuntimeError, match="cpu_kernels=True, but the kernel extension's operations disagree"):
-        ModelRunner(model, cpu_kernels=True)

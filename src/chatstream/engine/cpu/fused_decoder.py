@@ -169,16 +169,6 @@ class FusedDecoder:
         for layer, module in zip(self.layers, model.model.layers, strict=True):
             layer.norms = self._norms(module, ops.rms_norm)
 
-    def use_checked_ops(self, model: Any, ops: LayerOps, reference: BatchForward) -> str | None:
-        """:meth:`use_ops` and probe again against ``reference`` (call it before :meth:`quantize`); where they
-        disagree, keep the operations in use before and return what differs."""
-        before = self.ops
-        self.use_ops(model, ops)
-        mismatch = self.probe(reference)
-        if mismatch is not None:
-            self.use_ops(model, before)
-        return mismatch
-
     @property
     def dtype(self) -> torch.dtype:
         """The dtype the decoder computes in (its embedding's)."""

@@ -9,8 +9,9 @@ arithmetic beats the bfloat16 weights at prefill sizes (32–256 rows) too, so t
 The fused decoder's RMSNorms, rotary embeddings and MLP gates run in the same extension (:func:`rms_norm`,
 :func:`rotate`, :func:`gated`; with w8a8 and, by default, for bfloat16 models: ``EngineConfig.cpu_kernels``): one call
 each, where PyTorch runs a dozen to a few small operators whose overhead at one decoding row is more than their
-arithmetic; and on CPUs with AVX512-BF16 its attention (:func:`chunk_attention_into`). Every call lets go of the GIL while it computes, as PyTorch's operators do, so
-the event loop's thread keeps serving while the engine's thread is in the kernel.
+arithmetic; and on CPUs with AVX512-BF16 its attention (:func:`chunk_attention_into`). Every call lets go of the GIL
+while it computes, as PyTorch's operators do, so the event loop's thread keeps serving while the engine's thread is
+in the kernel.
 
 The C++ source (``kernels/w8a8.cpp``) is compiled with PyTorch's extension builder the first time a process asks for
 it (about 40 s; the build is kept in ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``, and reused
