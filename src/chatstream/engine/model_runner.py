@@ -80,36 +80,17 @@ class ModelRunner:
             self.fused = FusedDecoder.for_model(
                 model, self.transformers_forward, fast_path=self.fast_path, pack=pack_weights
             )
-            if self.fused is not None:
-                self._use_cpu_kernels(model, cpu_kernels, quantization)
-            if self.fused is not None and quantization is not None:
+        if self.fused is not None:
+            ops = w8a8.chosen_layer_ops(cpu_kernels, self.fused.dtype, quantization)
+            if ops is not None:
+                self.fused.use_ops(model, ops)
+            if quantization is not None:
                 self.fused.quantize(model, quantization, quantization_group_size)
-            elif quantization is not None:
-                logger.warning("weight quantization needs the fused decoder; the model runs unquantized")
+        elif quantization is not None:
+            logger.warning("weight quantization needs the fused decoder; the model runs unquantized")
         self.batches: list[DecodeBatch] = []
         self.group: PrefillGroup | None = None
         self.kept: dict[int, RowKV] = {}
-
-    def _use_cpu_kernels(self, model: Any, setting: bool | None, quantization: str | None) -> None:
-        """Move the fused decoder's element-wise work and attention to the kernel extension where ``setting``
-        (``EngineConfig.cpu_kernels``) asks for it. They are not probed again: the decoder's probe (PyTorch's
-        operations) checked its arithmetic against transformers, and each operation is tested against PyTorch's (the
-        same roundings, but for the order of the norms' float32 sums and the attention's float32 probabilities);
-        in a bfloat16 Gemma-3 one such last-bit difference moves the probe's logits by up to 2 % of the largest, as
-        much as a bfloat16 forward differs from a float32 one (``bench/quant_quality.py --cpu-kernels``)."""
-        assert self.fused is not None
-        if setting is False or (setting is None and quantization != "w8a8" and self.fused.dtype != torch.bfloat16):
-            return
-        reason = w8a8.unavailable_reason()
-        if reason is not None:
-            if setting:
-                raise RuntimeError(f"cpu_kernels=True, but the kernel extension cannot run here: {reason}")
-            logger.info("fused decoder: PyTorch's operators (the kernel extension cannot run here: %s)", reason)
-            return
-        self.fused.use_ops(model, w8a8.layer_ops())
-        attention = "with" if self.fused.ops.chunk_attention is not None else "without"
-        logger.info("fused decoder: norms, rotary embedding and MLP gate in the kernel extension, %s its attention",
-                    attention)  # fmt: skip
 
     # ---- plans -----------------------------------------------------------------------------------------------------
 

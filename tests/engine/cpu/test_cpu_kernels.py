@@ -64,3 +64,17 @@ def test_asking_for_them_where_they_cannot_run_is_an_error(tiny_model: Any, monk
         ModelRunner(tiny_model, cpu_kernels=True)
     runner = ModelRunner(tiny_gemma(512))  # by default: PyTorch's, quietly
     assert runner.fused is not None and runner.fused.ops == LayerOps()
+
+
+def test_a_build_that_fails_leaves_pytorchs_operators_unless_they_were_asked_for(
+    tiny_model: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def failed_build() -> LayerOps:
+        raise OSError("c++: fatal error: Python.h: No such file or directory")
+
+    monkeypatch.setattr(w8a8, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(w8a8, "layer_ops", failed_build)
+    runner = ModelRunner(tiny_gemma(512))
+    assert runner.fused is not None and runner.fused.ops == LayerOps()
+    with pytest.raises(RuntimeError, match=r"cpu_kernels=True, but the kernel extension did not build: c\+\+: fatal"):
+        ModelRunner(tiny_model, cpu_kernels=True)

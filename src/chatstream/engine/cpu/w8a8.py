@@ -196,6 +196,37 @@ def layer_ops() -> fast_path.LayerOps:
     return fast_path.LayerOps(rms_norm=rms_norm, rotate=rotate, gated=gated, chunk_attention=attention)
 
 
+def chosen_layer_ops(setting: bool | None, dtype: torch.dtype, quantization: str | None) -> fast_path.LayerOps | None:
+    """:func:`layer_ops` where ``setting`` (``EngineConfig.cpu_kernels``) asks for them for a fused decoder computing
+    in ``dtype`` with weights quantized to ``quantization``, else None (PyTorch's operations).
+
+    None: with w8a8 and for bfloat16, where the extension can run and builds (else a log line); True: always, and a
+    RuntimeError where it cannot; False: never. They are not probed like the fused decoder: each operation is tested
+    against PyTorch's (the same roundings, but for the order of the norms' float32 sums and the attention's float32
+    probabilities), and in a bfloat16 Gemma-3 one last-bit difference moves the probe's logits by up to 2 % of the
+    largest, as much as a bfloat16 forward differs from a float32 one (``bench/quant_quality.py --cpu-kernels``)."""
+    if setting is False or (setting is None and quantization != "w8a8" and dtype != torch.bfloat16):
+        return None
+    reason = unavailable_reason()
+    if reason is not None:
+        if setting:
+            raise RuntimeError(f"cpu_kernels=True, but the kernel extension cannot run here: {reason}")
+        logger.info("fused decoder: PyTorch's operators (the kernel extension cannot run here: %s)", reason)
+        return None
+    try:
+        ops = layer_ops()
+    except Exception as exc:  # the build failed (headers, a compiler that cannot target AVX-512, ...)
+        if setting:
+            raise RuntimeError(f"cpu_kernels=True, but the kernel extension did not build: {exc}") from exc
+        logger.warning("fused decoder: PyTorch's operators (the kernel extension did not build: %s)", exc)
+        return None
+    attention = "with" if ops.chunk_attention is not None else "without"
+    logger.info(
+        "fused decoder: norms, rotary embedding and MLP gate in the kernel extension, %s its attention", attention
+    )
+    return ops
+
+
 def gated(act: fast_path.Activation, gate_up: torch.Tensor) -> torch.Tensor:
     """:func:`chatstream.engine.cpu.fast_path.gated` in one call of the extension for the activations it knows (the
     same PyTorch operators, the same values); others run the Python version."""
