@@ -38,7 +38,8 @@ def test_a_bfloat16_model_runs_on_the_extension_and_gives_the_same_tokens(tiny_t
     kernels, plain = ModelRunner(model), ModelRunner(model, cpu_kernels=False)
     assert kernels.fused is not None and plain.fused is not None
     ops = kernels.fused.ops
-    assert (ops.rotate, ops.gated, ops.chunk_attention) == (w8a8.rotate, w8a8.gated, w8a8.chunk_attention_into)
+    attention = w8a8.chunk_attention_into if w8a8.attention_slower_reason() is None else None
+    assert (ops.rotate, ops.gated, ops.chunk_attention) == (w8a8.rotate, w8a8.gated, attention)
     assert kernels.fused.final_norm.__name__ == "kernel_rms_norm"
     assert plain.fused.ops == LayerOps()
     prompts = [tiny_tokenizer.encode(p) for p in PROMPTS[:3]]
@@ -55,7 +56,8 @@ def test_a_float32_model_keeps_pytorchs_operators_unless_asked(tiny_model: Any) 
         asked = ModelRunner(tiny_model, cpu_kernels=True)
         assert asked.fused is not None and asked.fused.ops.rotate is w8a8.rotate
         # where the CPU has it, set, though float32 activations never take it
-        assert (asked.fused.ops.chunk_attention is not None) == (w8a8.attention_unavailable_reason() is None)
+        runs = w8a8.attention_unavailable_reason() is None and w8a8.attention_slower_reason() is None
+        assert (asked.fused.ops.chunk_attention is not None) == runs
 
 
 def test_asking_for_them_where_they_cannot_run_is_an_error(tiny_model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -78,3 +80,15 @@ def test_a_build_that_fails_leaves_pytorchs_operators_unless_they_were_asked_for
     assert runner.fused is not None and runner.fused.ops == LayerOps()
     with pytest.raises(RuntimeError, match=r"cpu_kernels=True, but the kernel extension did not build: c\+\+: fatal"):
         ModelRunner(tiny_model, cpu_kernels=True)
+
+
+@needs_attention
+@pytest.mark.parametrize("tiles", [False, True])
+def test_the_attention_stays_with_pytorch_on_cpus_with_matrix_tiles(
+    tiles: bool, tiny_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    flags = w8a8._cpu_flags() - set(w8a8.TILE_CPU_FLAGS)
+    monkeypatch.setattr(w8a8, "_cpu_flags", lambda: flags | set(w8a8.TILE_CPU_FLAGS) if tiles else flags)
+    runner = ModelRunner(tiny_gemma(len(tiny_tokenizer)))
+    assert runner.fused is not None and runner.fused.ops.rotate is w8a8.rotate
+    assert runner.fused.ops.chunk_attention is (None if tiles else w8a8.chunk_attention_into)

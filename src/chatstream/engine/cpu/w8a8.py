@@ -46,6 +46,10 @@ needs ``libgomp.so.1``, which resolves to the copy PyTorch has already loaded (o
 asks for a fused multiply-add."""
 ATTENTION_CPU_FLAGS = ("avx512_bf16",)
 """What :func:`chunk_attention` needs beyond the linear kernel's flags (its functions are compiled for it alone)."""
+TILE_CPU_FLAGS = ("amx_bf16",)
+"""Where the CPU has these, PyTorch's bfloat16 ``scaled_dot_product_attention`` runs on its matrix tiles (oneDNN) and
+takes 0.3–0.8× the time of :func:`chunk_attention` for prompt chunks of 16–256 tokens and the same for a decode row
+(``bench/chunk_attention.py`` on a Xeon with AMX), so :func:`layer_ops` leaves the attention to PyTorch there."""
 NORM_DTYPES = (torch.float32, torch.bfloat16)
 """The dtypes the kernel's RMSNorm reads and writes (others run PyTorch's)."""
 BLOCK_N, BLOCK_K = 16, 32
@@ -71,6 +75,12 @@ def attention_unavailable_reason() -> str | None:
     """Why :func:`chunk_attention` cannot run on this machine (None when it can)."""
     missing = [flag for flag in ATTENTION_CPU_FLAGS if flag not in _cpu_flags()]
     return unavailable_reason() or (f"this CPU lacks {', '.join(missing)}" if missing else None)
+
+
+def attention_slower_reason() -> str | None:
+    """Why PyTorch's attention is faster than :func:`chunk_attention` on this machine (None where it is not)."""
+    tiles = [flag for flag in TILE_CPU_FLAGS if flag in _cpu_flags()]
+    return f"this CPU has {', '.join(tiles)}, where PyTorch's attention is faster" if tiles else None
 
 
 def unsupported_shape(n: int, k: int) -> str | None:
@@ -190,9 +200,11 @@ _NO_PADDING = torch.zeros(1, dtype=torch.long)
 
 def layer_ops() -> fast_path.LayerOps:
     """The fused decoder's element-wise work in the extension (:func:`rms_norm`, :func:`rotate`, :func:`gated`) and,
-    where the CPU has AVX512-BF16, its attention (:func:`chunk_attention_into`); builds or loads the extension."""
+    where the CPU has AVX512-BF16 but no AMX, its attention (:func:`chunk_attention_into`); builds or loads the
+    extension."""
     kernel()
-    attention = chunk_attention_into if attention_unavailable_reason() is None else None
+    runs = attention_unavailable_reason() is None and attention_slower_reason() is None
+    attention = chunk_attention_into if runs else None
     return fast_path.LayerOps(rms_norm=rms_norm, rotate=rotate, gated=gated, chunk_attention=attention)
 
 
@@ -220,10 +232,9 @@ def chosen_layer_ops(setting: bool | None, dtype: torch.dtype, quantization: str
             raise RuntimeError(f"cpu_kernels=True, but the kernel extension did not build: {exc}") from exc
         logger.warning("fused decoder: PyTorch's operators (the kernel extension did not build: %s)", exc)
         return None
-    attention = "with" if ops.chunk_attention is not None else "without"
-    logger.info(
-        "fused decoder: norms, rotary embedding and MLP gate in the kernel extension, %s its attention", attention
-    )
+    why = attention_unavailable_reason() or attention_slower_reason()
+    attention = "with its attention" if why is None else f"without its attention ({why})"
+    logger.info("fused decoder: norms, rotary embedding and MLP gate in the kernel extension, %s", attention)
     return ops
 
 
