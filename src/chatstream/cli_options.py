@@ -75,7 +75,8 @@ def add_model_options(parser: argparse.ArgumentParser, default_log_level: str) -
         "--cpu-kernels",
         choices=tuple(CPU_KERNELS),
         default="auto",
-        help="the fused CPU decoder's norms, rotary embedding, MLP gate and attention in the compiled extension: "
+        help="the fused CPU decoder's norms, rotary embedding, MLP gate and (without AMX) attention in the compiled "
+        "extension: "
         "auto: with w8a8 and for bfloat16 models where the CPU and a C++ compiler allow; on: always (an error where "
         "they cannot run); off: PyTorch's operators (default: %(default)s)",
     )

@@ -174,8 +174,8 @@ class EngineConfig:
             Smaller weights make decoding faster on CPUs where it reads the weights from memory; the outputs differ
             slightly from the unquantized model's (docs/performance.md).
         quantization_group_size: input channels sharing one int4 scale (32, 64, 128 or 256).
-        cpu_kernels: run the fused decoder's RMSNorms, rotary embedding, MLP gate and (on CPUs with AVX512-BF16, for
-            bfloat16 activations) attention in the kernel extension that ``"w8a8"`` compiles (x86-64 with
+        cpu_kernels: run the fused decoder's RMSNorms, rotary embedding, MLP gate and (on CPUs with AVX512-BF16 but
+            no AMX, for bfloat16 activations) attention in the kernel extension that ``"w8a8"`` compiles (x86-64 with
             AVX512-VNNI, a C++ compiler and ``ninja``; about 40 s the first time on a machine): one call each where
             PyTorch runs a few to a dozen operators, and an attention that reads each row's columns in place.
             None (the default): with ``"w8a8"`` and for bfloat16 models, where the extension can run; True: also
