@@ -100,8 +100,8 @@ class ChatStream:
             with weights quantized at load time (``--weight-quantization``; off by default; docs/performance.md shows
             speed and quality).
         cpu_kernels: the fused CPU decoder's norms, rotary embedding, MLP gate and (on CPUs without AMX)
-            attention in the compiled extension (``--cpu-kernels``; None: with w8a8 and for bfloat16 models where it can run; True: always;
-            False: PyTorch's operators; ``EngineConfig.cpu_kernels``).
+            attention in the compiled extension (``--cpu-kernels``; None: with w8a8 and for bfloat16 models where it
+            can run; True: always; False: PyTorch's operators; ``EngineConfig.cpu_kernels``).
         max_body_bytes: the largest request body accepted (default 1 MiB); longer ones get 413 before they are
             read whole.
         fair_queue: serve the waiting line fairly across users (default); False: first come, first served.

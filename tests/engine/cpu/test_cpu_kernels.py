@@ -38,7 +38,7 @@ def test_a_bfloat16_model_runs_on_the_extension_and_gives_the_same_tokens(tiny_t
     kernels, plain = ModelRunner(model), ModelRunner(model, cpu_kernels=False)
     assert kernels.fused is not None and plain.fused is not None
     ops = kernels.fused.ops
-    attention = w8a8.chunk_attention_into if w8a8.attention_slower_reason() is None else None
+    attention = w8a8.chunk_attention_into if w8a8.attention_unused_reason() is None else None
     assert (ops.rotate, ops.gated, ops.chunk_attention) == (w8a8.rotate, w8a8.gated, attention)
     assert kernels.fused.final_norm.__name__ == "kernel_rms_norm"
     assert plain.fused.ops == LayerOps()
@@ -56,8 +56,7 @@ def test_a_float32_model_keeps_pytorchs_operators_unless_asked(tiny_model: Any) 
         asked = ModelRunner(tiny_model, cpu_kernels=True)
         assert asked.fused is not None and asked.fused.ops.rotate is w8a8.rotate
         # where the CPU has it, set, though float32 activations never take it
-        runs = w8a8.attention_unavailable_reason() is None and w8a8.attention_slower_reason() is None
-        assert (asked.fused.ops.chunk_attention is not None) == runs
+        assert (asked.fused.ops.chunk_attention is not None) == (w8a8.attention_unused_reason() is None)
 
 
 def test_asking_for_them_where_they_cannot_run_is_an_error(tiny_model: Any, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,9 +9,9 @@ arithmetic beats the bfloat16 weights at prefill sizes (32–256 rows) too, so t
 The fused decoder's RMSNorms, rotary embeddings and MLP gates run in the same extension (:func:`rms_norm`,
 :func:`rotate`, :func:`gated`; with w8a8 and, by default, for bfloat16 models: ``EngineConfig.cpu_kernels``): one call
 each, where PyTorch runs a dozen to a few small operators whose overhead at one decoding row is more than their
-arithmetic; and on CPUs with AVX512-BF16 its attention (:func:`chunk_attention_into`). Every call lets go of the GIL
-while it computes, as PyTorch's operators do, so the event loop's thread keeps serving while the engine's thread is
-in the kernel.
+arithmetic; and on CPUs with AVX512-BF16 but no AMX its attention (:func:`chunk_attention_into`). Every call lets
+go of the GIL while it computes, as PyTorch's operators do, so the event loop's thread keeps serving while the
+engine's thread is in the kernel.
 
 The C++ source (``kernels/w8a8.cpp``) is compiled with PyTorch's extension builder the first time a process asks for
 it (about 40 s; the build is kept in ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``, and reused
@@ -77,10 +77,12 @@ def attention_unavailable_reason() -> str | None:
     return unavailable_reason() or (f"this CPU lacks {', '.join(missing)}" if missing else None)
 
 
-def attention_slower_reason() -> str | None:
-    """Why PyTorch's attention is faster than :func:`chunk_attention` on this machine (None where it is not)."""
+def attention_unused_reason() -> str | None:
+    """Why :func:`layer_ops` leaves the attention to PyTorch on this machine (None where it takes the extension's):
+    the CPU cannot run :func:`chunk_attention`, or has :data:`TILE_CPU_FLAGS`, where PyTorch's is faster."""
     tiles = [flag for flag in TILE_CPU_FLAGS if flag in _cpu_flags()]
-    return f"this CPU has {', '.join(tiles)}, where PyTorch's attention is faster" if tiles else None
+    slower = f"this CPU has {', '.join(tiles)}, where PyTorch's attention is faster" if tiles else None
+    return attention_unavailable_reason() or slower
 
 
 def unsupported_shape(n: int, k: int) -> str | None:
@@ -203,8 +205,7 @@ def layer_ops() -> fast_path.LayerOps:
     where the CPU has AVX512-BF16 but no AMX, its attention (:func:`chunk_attention_into`); builds or loads the
     extension."""
     kernel()
-    runs = attention_unavailable_reason() is None and attention_slower_reason() is None
-    attention = chunk_attention_into if runs else None
+    attention = chunk_attention_into if attention_unused_reason() is None else None
     return fast_path.LayerOps(rms_norm=rms_norm, rotate=rotate, gated=gated, chunk_attention=attention)
 
 
@@ -232,7 +233,7 @@ def chosen_layer_ops(setting: bool | None, dtype: torch.dtype, quantization: str
             raise RuntimeError(f"cpu_kernels=True, but the kernel extension did not build: {exc}") from exc
         logger.warning("fused decoder: PyTorch's operators (the kernel extension did not build: %s)", exc)
         return None
-    why = attention_unavailable_reason() or attention_slower_reason()
+    why = attention_unused_reason()
     attention = "with its attention" if why is None else f"without its attention ({why})"
     logger.info("fused decoder: norms, rotary embedding and MLP gate in the kernel extension, %s", attention)
     return ops
