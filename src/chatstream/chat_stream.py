@@ -88,22 +88,18 @@ class ChatStream:
         model_name: the id reported by /v1/models.
         api_keys: when set, the OpenAI endpoints require ``Authorization: Bearer <one of them>``.
         token_sampler, probe_mode_enabled: the original's sampler hooks; accepted and ignored (a warning is logged).
-        fused_decoder: on the CPU, run the model families it supports (Llama, Mistral, Qwen2, Qwen3, Gemma-3)
-            through the engine's fused decoder; False keeps transformers' own forward pass (``chatstream serve
-            --no-fused-decoder``).
+        fused_decoder: run the model families it supports (Llama, Mistral, Qwen2, Qwen3, Gemma-3) through the engine's
+            fused CPU decoder; False keeps transformers' forward pass (``chatstream serve --no-fused-decoder``).
         max_prefill_tokens: prompt tokens (padding included) our engine prefills in one step beside the decode of
             the running streams; a longer prompt is prefilled in chunks (``--max-prefill-tokens``; docs/performance.md).
         max_decode_slowdown: while streams decode, the engine shrinks a prefill chunk so that the step takes at most
             this many times a step without one, more when more users wait for a first token than stream
             (``--max-decode-slowdown``; None: always ``max_prefill_tokens``).
-        weight_quantization: None, "int8", "int4" or "w8a8": the fused CPU decoder decodes (w8a8: also prefills)
-            with weights quantized at load time (``--weight-quantization``; off by default; docs/performance.md shows
-            speed and quality).
-        cpu_kernels: the fused CPU decoder's norms, rotary embedding, MLP gate and (on CPUs without AMX)
-            attention in the compiled extension (``--cpu-kernels``; None: with w8a8 and for bfloat16 models where it
-            can run; True: always; False: PyTorch's operators; ``EngineConfig.cpu_kernels``).
-        max_body_bytes: the largest request body accepted (default 1 MiB); longer ones get 413 before they are
-            read whole.
+        weight_quantization: None, "int8", "int4" or "w8a8": weights quantized at load time for the fused CPU
+            decoder's decode (w8a8: also prefill; ``--weight-quantization``; speed and quality: docs/performance.md).
+        cpu_kernels: the fused CPU decoder's norms, rotary embedding, MLP gate and attention in the compiled extension
+            (``--cpu-kernels``, ``EngineConfig.cpu_kernels``; None: where it pays; True: always; False: never).
+        max_body_bytes: the largest request body accepted (default 1 MiB); a longer one gets 413 before it is read.
         fair_queue: serve the waiting line fairly across users (default); False: first come, first served.
         max_running_per_user: a hard cap on one user's running generations; None (default): each user's fair
             share, kept by the order in which freed slots are handed out (docs/api.md, "Fair queueing").
