@@ -37,6 +37,10 @@ from chatstream.engine.async_engine import TransformersEngine  # noqa: E402
 from chatstream.engine.cpu import w8a8  # noqa: E402
 from chatstream.engine.cpu.fast_path import LayerOps  # noqa: E402
 
+COMPARISONS = {"attention": ("sdpa", "chunk_attention_throughput.json"),
+               "cpu-kernels": ("pytorch", "cpu_kernels_throughput.json")}  # fmt: skip
+"""``--compare``: the name of the way the kernel is measured against, and the results file."""
+
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     model, tokenizer = load("gemma", "bf16", None)
@@ -52,7 +56,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         decoder.ops = dataclasses.replace(decoder.ops, chunk_attention=w8a8.chunk_attention_into)
         variants = {"kernel": decoder.ops, "sdpa": dataclasses.replace(decoder.ops, chunk_attention=None)}
     else:
-        variants = {"kernel": decoder.ops, "pytorch": LayerOps()}
+        variants = {"kernel": decoder.ops, COMPARISONS[args.compare][0]: LayerOps()}
     engine.start()
     try:
         rates: dict[int, dict[str, list[float]]] = {c: {name: [] for name in variants} for c in args.concurrency}
@@ -84,20 +88,19 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--compare", choices=["attention", "cpu-kernels"], default="attention")
+    parser.add_argument("--compare", choices=list(COMPARISONS), default="attention")
     parser.add_argument("--concurrency", nargs="+", type=int, default=[8, 32])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     args = parser.parse_args()
     report = asyncio.run(run(args))
-    other = "sdpa" if args.compare == "attention" else "pytorch"
+    other, name = COMPARISONS[args.compare]
     rows = []
     for c, level in report["levels"].items():
         low, high = level["ratio_range"]
         rows.append([c, f"{level['median'][other]:.1f}", f"{level['median']['kernel']:.1f}",
                      f"{level['ratio_median']:.3f}", f"{low:.3f}–{high:.3f}"])  # fmt: skip
     print_markdown(["chats", f"{other} tok/s", "kernel tok/s", f"kernel / {other} (median)", "range"], rows)
-    name = "chunk_attention_throughput.json" if args.compare == "attention" else "cpu_kernels_throughput.json"
     write_json(ROOT / "bench" / "results", name, report)
 
 

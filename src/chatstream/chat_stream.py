@@ -98,7 +98,7 @@ class ChatStream:
         weight_quantization: None, "int8", "int4" or "w8a8": weights quantized at load time for the fused CPU
             decoder's decode (w8a8: also prefill; ``--weight-quantization``; speed and quality: docs/performance.md).
         cpu_kernels: the fused CPU decoder's norms, rotary embedding, MLP gate and attention in the compiled extension
-            (``--cpu-kernels``, ``EngineConfig.cpu_kernels``; None: where it pays; True: always; False: never).
+            (``--cpu-kernels``; None: with w8a8 and for bf16 models where it runs; True: always; False: never).
         max_body_bytes: the largest request body accepted (default 1 MiB); a longer one gets 413 before it is read.
         fair_queue: serve the waiting line fairly across users (default); False: first come, first served.
         max_running_per_user: a hard cap on one user's running generations; None (default): each user's fair
