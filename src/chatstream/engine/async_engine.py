@@ -165,8 +165,8 @@ class TransformersEngine:
 
     def _run(self) -> None:
         threads = runtime.configure_threads(self.num_threads)
-        if self.llm.model_runner.device.type == "cpu":
-            runtime.keep_freed_memory()
+        if self.llm.model_runner.device.type == "cpu" and runtime.keep_freed_memory():
+            runtime.reserve_memory(self.llm.kv_reserve_bytes)
         logger.info("engine thread started (max_batch_size=%d, threads=%d)", self.config.max_batch_size, threads)
         while not self._stopping:
             self._wake.clear()

@@ -57,8 +57,12 @@ class LLMEngine:
             quantization_group_size=self.config.quantization_group_size,
             cpu_kernels=self.config.cpu_kernels,
         )
-        kv_bytes_per_token = self.model_runner.kv_bytes_per_token() if self.config.prefix_cache_bytes > 0 else 0
-        self.scheduler = Scheduler(self.config, kv_bytes_per_token)
+        kv_bytes_per_token = self.model_runner.kv_bytes_per_token()
+        self.scheduler = Scheduler(self.config, kv_bytes_per_token if self.config.prefix_cache_bytes > 0 else 0)
+        full_batch = self.config.max_batch_size * self.config.context_len * kv_bytes_per_token
+        self.kv_reserve_bytes = self.config.prefix_cache_bytes + full_batch
+        """The memory the engine's KV grows into (``cpu.runtime.reserve_memory``): the prefix cache's budget and a
+        full batch at full context."""
         self.eos_token_ids = eos_token_ids(model, tokenizer)
         self.grammars = LazyGrammarCompiler(tokenizer, self.model_runner.vocab_size, sorted(self.eos_token_ids))
 
