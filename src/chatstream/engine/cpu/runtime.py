@@ -136,6 +136,7 @@ def reserve_memory(default_bytes: int) -> int:
     if default_bytes <= 0 or not _tuned:
         return 0
     _mallopt(_M_TRIM_THRESHOLD, max(_TRIM_THRESHOLD, default_bytes + _RESERVE_PIECE))  # the freed pages stay
+    logger.info("reserving %d MiB of memory for the KV (%s=0 skips this)", default_bytes >> 20, RESERVE_MEMORY_ENV)
     started = time.perf_counter()
     pieces = [torch.empty(min(_RESERVE_PIECE, default_bytes - start), dtype=torch.uint8)
               for start in range(0, default_bytes, _RESERVE_PIECE)]  # fmt: skip
