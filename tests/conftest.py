@@ -18,7 +18,8 @@ torch.set_num_threads(1)
 # The engine thread sets its own thread count (one per physical core unless told otherwise); the tiny test model is
 # faster on one thread, and the suite's engines then don't fight each other for the cores.
 os.environ.setdefault("CHATSTREAM_NUM_THREADS", "1")
-# Each engine would touch its prefix cache's budget (512 MiB) at startup; the suite starts hundreds of them.
+# Each engine would touch its KV reserve (the prefix cache's 512 MiB and a full batch) at startup; the suite starts
+# hundreds of them.
 os.environ.setdefault("CHATSTREAM_RESERVE_MEMORY_MB", "0")
 
 
