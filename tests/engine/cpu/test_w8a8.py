@@ -187,11 +187,40 @@ def test_the_kernels_mlp_gate_is_pytorchs_bitwise(dtype: torch.dtype, name: str)
 
     act = fast_path.activation(ACT2FN[name])
     assert act.kind == {"gelu_pytorch_tanh": "gelu_tanh", "silu": "silu"}[name]
-    gate_up = (torch.randn(5, 2 * 96, generator=torch.Generator().manual_seed(5)) * 3).to(dtype)
+    for width in (96, 40):  # the bfloat16 GELU's own loop takes 16 lanes at a time; 40 runs PyTorch's operators
+        gate_up = (torch.randn(5, 2 * width, generator=torch.Generator().manual_seed(5)) * 3).to(dtype)
+        gate, up = gate_up.chunk(2, dim=-1)
+        expected = ACT2FN[name](gate) * up  # the model's own module
+        assert torch.equal(fast_path.gated(act, gate_up), expected)
+        if dtype is torch.bfloat16 and name == "gelu_pytorch_tanh" and width % 16 == 0:
+            continue  # its own GELU: the test below
+        assert torch.equal(w8a8.gated(act, gate_up), expected)
+
+
+@needs_kernel
+def test_the_kernels_bfloat16_gelu_gate_is_pytorchs_without_its_cancellation() -> None:
+    """The bfloat16 gelu_tanh gate computed in one pass: PyTorch's values where its formula is exact to float32
+    rounding, and nearer the exact GELU than PyTorch's where 1 + tanh(u) cancels (gate below -4)."""
+    from transformers.activations import ACT2FN
+
+    act = fast_path.activation(ACT2FN["gelu_pytorch_tanh"])
+    gate_up = (torch.randn(3, 64, 2 * 256, generator=torch.Generator().manual_seed(7)) * 4).to(torch.bfloat16)
+    gate_up = gate_up[:, ::2]  # a strided view: the kernel reads it through a copy
     gate, up = gate_up.chunk(2, dim=-1)
-    expected = ACT2FN[name](gate) * up  # the model's own module
-    assert torch.equal(fast_path.gated(act, gate_up), expected)
-    assert torch.equal(w8a8.gated(act, gate_up), expected)
+    pytorch = ACT2FN["gelu_pytorch_tanh"](gate) * up
+    got = w8a8.gated(act, gate_up)
+    assert got.shape == pytorch.shape and got.dtype is torch.bfloat16
+    g = gate.double()
+    # 0.5 g (1 + tanh(u)) = g sigmoid(2u); in the sigmoid form even float64 keeps the far negative tail
+    exact_gelu = (g * torch.sigmoid(2 * 0.7978845608028654 * (g + 0.044715 * g**3))).to(torch.bfloat16)
+    exact = (exact_gelu.double() * up.double()).to(torch.bfloat16)  # each rounded once, as the operators round
+    plain = gate >= -4
+    assert (got[plain] == pytorch[plain]).double().mean() >= 0.995
+    ulp = exact.double().abs().clamp_min(1e-30) * 2**-7
+    assert ((got.double() - exact.double()).abs() <= ulp).all()  # within one bfloat16 step of the exact value
+    assert (got != exact).sum() < (pytorch != exact).sum()
+    tail = gate < -4
+    assert tail.any() and (pytorch[tail] == 0).any() and (got[tail] != 0).all()
 
 
 def test_an_activation_the_package_does_not_know_runs_as_the_models_module() -> None:
