@@ -69,16 +69,23 @@ def physical_cores(cpus: set[int] | None = None, sysfs: Path = Path("/sys/device
 
 def default_num_threads() -> int:
     """``$CHATSTREAM_NUM_THREADS`` when set, else the physical cores this process may use."""
-    value = os.environ.get(NUM_THREADS_ENV, "").strip()
-    if value:
-        try:
-            threads = int(value)
-        except ValueError:
-            raise ValueError(f"{NUM_THREADS_ENV}={value!r} must be a positive integer") from None
-        if threads < 1:
-            raise ValueError(f"{NUM_THREADS_ENV}={value!r} must be a positive integer")
-        return threads
-    return physical_cores()
+    threads = _env_int(NUM_THREADS_ENV, 1, "a positive integer")
+    return physical_cores() if threads is None else threads
+
+
+def _env_int(name: str, minimum: int, meaning: str) -> int | None:
+    """``$name`` as a whole number of at least ``minimum`` (None when unset or blank); a ValueError saying it must be
+    ``meaning`` otherwise."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        number = minimum - 1
+    if number < minimum:
+        raise ValueError(f"{name}={value!r} must be {meaning}")
+    return number
 
 
 def configure_threads(num_threads: int | None) -> int:
@@ -123,16 +130,8 @@ def reserve_memory(default_bytes: int) -> int:
     :func:`keep_freed_memory` (otherwise freed memory may go back to the system, and touching it is wasted): 0
     elsewhere.
     """
-    value = os.environ.get(RESERVE_MEMORY_ENV, "").strip()
-    if value:
-        try:
-            default_bytes = int(value) << 20
-        except ValueError:
-            raise ValueError(f"{RESERVE_MEMORY_ENV}={value!r} must be a whole number of MiB") from None
-        if default_bytes < 0:
-            raise ValueError(f"{RESERVE_MEMORY_ENV}={value!r} must be a whole number of MiB")
-    else:
-        default_bytes = min(default_bytes, _free_memory_bytes() // 4)
+    mib = _env_int(RESERVE_MEMORY_ENV, 0, "a whole number of MiB")
+    default_bytes = min(default_bytes, _free_memory_bytes() // 4) if mib is None else mib << 20
     if default_bytes <= 0 or not _tuned:
         return 0
     _mallopt(_M_TRIM_THRESHOLD, max(_TRIM_THRESHOLD, default_bytes + _RESERVE_PIECE))  # the freed pages stay
